@@ -1,0 +1,35 @@
+# Two commands set everything up from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is pinned so pip takes the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEMO   ?= demo-tree
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+demo: venv
+	rm -rf $(DEMO)
+	HF_HUB_OFFLINE=1 $(PY) -m fixtures $(DEMO)
+	@echo; echo '$$ ckpt-tools audit $(DEMO)'
+	-$(VENV)/bin/ckpt-tools audit --no-progress $(DEMO)
+	@echo; echo '$$ ckpt-tools prune --dry-run $(DEMO)'
+	-$(VENV)/bin/ckpt-tools prune --dry-run --no-progress $(DEMO)
+
+bench: venv
+	$(PY) bench/audit_vs_du.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -1,0 +1,217 @@
+"""The ``ckpt-tools`` command line: a thin layer that renders records and plans.
+
+Exit codes: 0 done / healthy, 1 problems found or actions failed, 2 usage error or a
+root that cannot be scanned, 75 a lock is held by another run, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+
+import click
+
+from . import __version__
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+
+
+@dataclass
+class Output:
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    progress: bool = True
+
+    def echo(self, text: str = "") -> None:
+        if not self.json:
+            click.echo(text)
+
+    def note(self, text: str) -> None:
+        """A line for people on stderr (never mixed into --json output)."""
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    def bar(self, total: int, desc: str):
+        """A tqdm bar on stderr, only on a terminal and when wanted; else None."""
+        if not self.progress or self.quiet or not sys.stderr.isatty() or total < 2:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="ckpt", file=sys.stderr, leave=False)
+
+
+def _merge(ctx: click.Context, **local) -> Output:
+    base: Output = ctx.find_object(Output) or Output()
+    return Output(json=base.json or local.get("as_json", False),
+                  quiet=base.quiet or local.get("quiet", False),
+                  verbose=base.verbose or local.get("verbose", False),
+                  progress=base.progress and not local.get("no_progress", False))
+
+
+def output_options(f):
+    """--json, -q, -v and --no-progress, accepted after the subcommand as well as before it."""
+    f = click.option("--no-progress", is_flag=True, help="No progress bar.")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Warnings, details, and tracebacks on failure.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="Only the summary and errors.")(f)
+    f = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")(f)
+    return f
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '1h', '2d', '1w' or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 1h or 2d") from None
+    if value < 0:
+        raise click.BadParameter("a duration cannot be negative")
+    return value
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckpt-tools")
+@output_options
+@click.pass_context
+def cli(ctx, as_json, quiet, verbose, no_progress):
+    """Audit, validate, prune and migrate PEFT/LoRA mixture-of-experts checkpoints."""
+    ctx.obj = Output(json=as_json, quiet=quiet, verbose=verbose, progress=not no_progress)
+
+
+def _scan(out: Output, roots, **kwargs):
+    from .api import scan
+    bar = None
+    state = {}
+
+    def progress(i, total):
+        if "bar" not in state:
+            state["bar"] = out.bar(total, "validating")
+        b = state["bar"]
+        if b is not None:
+            b.update(1)
+
+    try:
+        return scan(*roots, progress=progress, **kwargs)
+    finally:
+        bar = state.get("bar")
+        if bar is not None:
+            bar.close()
+
+
+@cli.command()
+@click.argument("roots", nargs=-1, required=True, type=click.Path())
+@click.option("--min-age", type=Duration(), default="1h", show_default=True,
+              help="A checkpoint whose newest file is younger is in progress.")
+@click.option("--strict", is_flag=True, help="Also exit 1 when any checkpoint is legacy or redundant.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Checkpoints validated in parallel (helps on high-latency storage).")
+@output_options
+@click.pass_context
+def audit(ctx, roots, min_age, strict, jobs, **opts):
+    """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim."""
+    from .records import BROKEN, LEGACY, REDUNDANT
+    from .report import dumps, render_audit
+    out = _merge(ctx, **opts)
+    result = _scan(out, roots, min_age_s=min_age, jobs=jobs)
+    if out.json:
+        click.echo(dumps(result.to_dict()))
+    else:
+        click.echo(render_audit(result, verbose=out.verbose, quiet=out.quiet))
+    counts = result.by_status()
+    if counts[BROKEN] or any(p.is_error for p in result.problems):
+        ctx.exit(EXIT_PROBLEMS)
+    if strict and (counts[LEGACY] or counts[REDUNDANT]):
+        ctx.exit(EXIT_PROBLEMS)
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.option("--deep", is_flag=True, help="Read every tensor: NaN/Inf and a content hash per file.")
+@click.option("--min-age", type=Duration(), default="1h", show_default=True,
+              help="A checkpoint whose newest file is younger is reported in progress.")
+@output_options
+@click.pass_context
+def validate(ctx, checkpoints, deep, min_age, **opts):
+    """Validate the named checkpoints (or every checkpoint under a named directory)."""
+    from .report import dumps, render_validate, validate_doc
+    from .validator import DEEP, FULL
+    out = _merge(ctx, **opts)
+    result = _scan(out, checkpoints, level=DEEP if deep else FULL, min_age_s=min_age)
+    if not result.checkpoints:
+        raise click.ClickException(f"no checkpoint found under {', '.join(checkpoints)}")
+    if out.json:
+        click.echo(dumps(validate_doc(result)))
+    else:
+        text = render_validate(result, verbose=out.verbose, quiet=out.quiet)
+        if text:
+            click.echo(text)
+    bad = any(c.errors for c in result.checkpoints) or any(p.is_error for p in result.problems)
+    ctx.exit(EXIT_PROBLEMS if bad else EXIT_OK)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (imported lazily when they exist)."""
+    import importlib
+    for module in ("ckpt_tools.cli_prune", "ckpt_tools.cli_migrate"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(cli)
+
+
+_register_optional_commands()
+
+
+def main(argv=None) -> int:
+    """Entry point: one clear line and an exit code for every failure, never a traceback."""
+    from .scanner import ScanError
+    verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="ckpt-tools", standalone_mode=False)
+        return rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code if exc.exit_code != 1 else EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("ckpt-tools: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        click.echo("ckpt-tools: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except ScanError as exc:
+        click.echo(f"ckpt-tools: error: {exc}", err=True)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the single top-level handler (SPEC §5.4.6)
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"ckpt-tools: error: {type(exc).__name__}: {exc}"
+                   + ("" if verbose else " (run with -v for the traceback)"), err=True)
+        return EXIT_PROBLEMS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

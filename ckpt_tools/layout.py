@@ -1,0 +1,327 @@
+"""Everything ckpt-tools knows about how DyLoRA-MoE checkpoints are laid out.
+
+This is the one module that names files, directories and state-dict key patterns
+(SPEC §2 and §3). The scanner, validator, pruner and converter ask it; none of
+them spells a file name of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+# --- directory and file names -------------------------------------------------
+
+PEFT_DIR = "peft_adapters"
+MOE_STATE_DIR = "dylo_moe_state"
+EXPERT_DIR_PREFIX = "expert_"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+PEFT_README = "README.md"
+MOE_CONFIG = "config.json"            # inside dylo_moe_state/
+ROUTER_PT = "router.pt"               # inside dylo_moe_state/
+SKILL_LIBRARY = "skill_library.pt"    # inside dylo_moe_state/
+ROUTER_SAFETENSORS = "router.safetensors"   # V5: at the checkpoint root
+ROOT_CONFIG = "config.json"
+BEST_MODEL_DIR = "best_model"
+TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
+# A small state dict of the trainable tensors only (LoRA + router), written by
+# ckpt-tools' own Trainer callback so that Trainer.resume finds a weights file.
+TRAINABLE_STATE = "trainable_state.safetensors"
+
+MERGED_SINGLE = ("model.safetensors", "pytorch_model.bin", "dylo_moe_weights.pt")
+MERGED_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_MERGED_SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
+
+TRAINER_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+                       "training_args.bin")
+_RNG_STATE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_CHECKPOINT_RE = re.compile(r"^tmp-checkpoint-(\d+)?")
+_EXPERT_RE = re.compile(r"^expert_(\d+)$")
+_FLAT_EXPERT_RE = re.compile(r"^expert_(\d+)\.pt$")
+
+# --- defaults (SPEC §3) ----------------------------------------------------------
+
+DEFAULT_LORA_R = 16
+DEFAULT_LORA_ALPHA = 32
+DEFAULT_LORA_DROPOUT = 0.05
+DYLORA_MODEL_TYPE = "dylora-moe"
+PEFT_ONLY_TYPE = "peft_only"
+
+# --- state-dict keys -------------------------------------------------------------
+
+V0_PREFIX = "foundation_model.model."
+V1_PREFIX = "foundation_model.base_model.model."
+FOUNDATION_PREFIX = "foundation_model."
+ROUTER_KEY_PREFIX = "router."
+GATE_WEIGHT = "gate.weight"
+GATE_BIAS = "gate.bias"
+CANONICAL_KEY_PREFIX = "base_model.model."
+# ...q_proj.lora_A.expert_3.weight  (merged state dicts and expert_<i>.pt files)
+_MOE_LORA_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"\.expert_(?P<expert>\d+)(?:\.(?P<param>weight|bias))?$")
+# ...q_proj.lora_A.weight  (PEFT adapter files; PEFT drops the adapter name when saving)
+_PEFT_LORA_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?P<param>weight|bias))?$")
+
+
+class Role(str, Enum):
+    """What a file inside a checkpoint is for."""
+
+    MERGED = "merged-weights"
+    MERGED_INDEX = "merged-index"
+    ADAPTER_CONFIG = "adapter-config"
+    ADAPTER_WEIGHTS = "adapter-weights"
+    FLAT_EXPERT = "flat-expert"
+    PEFT_README = "peft-readme"
+    ROUTER = "router"
+    SKILL_LIBRARY = "skill-library"
+    MOE_CONFIG = "moe-config"
+    ROOT_CONFIG = "root-config"
+    TRAINABLE_STATE = "trainable-state"
+    TRAINER_STATE = "trainer-state"
+    TRAINING_ARGS = "training-args"
+    TOKENIZER = "tokenizer"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class FileRole:
+    role: Role
+    expert: int | None = None
+    nested: bool = False   # PEFT's expert_i/expert_i/ nesting (V5)
+
+    @property
+    def in_peft_tree(self) -> bool:
+        return self.role in PEFT_TREE_ROLES
+
+
+PEFT_TREE_ROLES = frozenset({Role.ADAPTER_CONFIG, Role.ADAPTER_WEIGHTS, Role.FLAT_EXPERT,
+                             Role.ROUTER, Role.SKILL_LIBRARY, Role.MOE_CONFIG, Role.TRAINABLE_STATE})
+
+
+def is_merged_name(name: str) -> bool:
+    return name in MERGED_SINGLE or name in MERGED_INDEX or _MERGED_SHARD_RE.match(name) is not None
+
+
+def role_of(relpath: str) -> FileRole:
+    """The role of a file given its path relative to its checkpoint directory."""
+    parts = relpath.split("/")
+    name = parts[-1]
+    if len(parts) == 1:
+        if name in MERGED_SINGLE or _MERGED_SHARD_RE.match(name):
+            return FileRole(Role.MERGED)
+        if name in MERGED_INDEX:
+            return FileRole(Role.MERGED_INDEX)
+        if name == ROOT_CONFIG:
+            return FileRole(Role.ROOT_CONFIG)
+        if name == ROUTER_SAFETENSORS:
+            return FileRole(Role.ROUTER)
+        if name == TRAINABLE_STATE:
+            return FileRole(Role.TRAINABLE_STATE)
+        if name == "training_args.bin":
+            return FileRole(Role.TRAINING_ARGS)
+        if name in TRAINER_STATE_FILES or _RNG_STATE_RE.match(name):
+            return FileRole(Role.TRAINER_STATE)
+        if name in TOKENIZER_FILES:
+            return FileRole(Role.TOKENIZER)
+        return FileRole(Role.OTHER)
+    top = parts[0]
+    if top == MOE_STATE_DIR and len(parts) == 2:
+        if name == ROUTER_PT:
+            return FileRole(Role.ROUTER)
+        if name == SKILL_LIBRARY:
+            return FileRole(Role.SKILL_LIBRARY)
+        if name == MOE_CONFIG:
+            return FileRole(Role.MOE_CONFIG)
+        return FileRole(Role.OTHER)
+    if top == PEFT_DIR:
+        if len(parts) == 2:
+            m = _FLAT_EXPERT_RE.match(name)
+            if m:
+                return FileRole(Role.FLAT_EXPERT, int(m.group(1)))
+            return FileRole(Role.OTHER)
+        m = _EXPERT_RE.match(parts[1])
+        if not m:
+            return FileRole(Role.OTHER)
+        expert = int(m.group(1))
+        nested = len(parts) == 4 and parts[2] == parts[1]
+        if len(parts) == 3 or nested:
+            if name == ADAPTER_CONFIG:
+                return FileRole(Role.ADAPTER_CONFIG, expert, nested)
+            if name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+                return FileRole(Role.ADAPTER_WEIGHTS, expert, nested)
+            if name == PEFT_README:
+                return FileRole(Role.PEFT_README, expert, nested)
+        return FileRole(Role.OTHER, expert)
+    return FileRole(Role.OTHER)
+
+
+# --- directories -------------------------------------------------------------------
+
+def checkpoint_step(name: str) -> int | None:
+    m = _CHECKPOINT_RE.match(name) or _TMP_CHECKPOINT_RE.match(name)
+    if m and m.group(1) is not None:
+        return int(m.group(1))
+    return None
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return bool(_CHECKPOINT_RE.match(name)) or name == BEST_MODEL_DIR or is_tmp_checkpoint_name(name)
+
+
+def is_tmp_checkpoint_name(name: str) -> bool:
+    return name.startswith(TMP_CHECKPOINT_PREFIX)
+
+
+def marks_checkpoint(names: set[str]) -> bool:
+    """Whether a directory holding entries ``names`` is a checkpoint whatever its name."""
+    if PEFT_DIR in names or ROUTER_SAFETENSORS in names:
+        return True
+    return any(is_merged_name(n) for n in names)
+
+
+# Directories that belong to the checkpoint that holds them; never a checkpoint of their own.
+CHECKPOINT_SUBDIRS = frozenset({PEFT_DIR, MOE_STATE_DIR})
+
+
+# --- state-dict keys -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraKey:
+    module: str      # e.g. model.layers.0.self_attn.q_proj (prefix removed)
+    part: str        # lora_A | lora_B | ...
+    expert: int | None
+    param: str | None
+
+
+def parse_moe_lora_key(key: str) -> LoraKey | None:
+    """A LoRA key of a merged state dict or flat expert file (``….lora_A.expert_3.weight``)."""
+    m = _MOE_LORA_KEY_RE.match(key)
+    if not m:
+        return None
+    return LoraKey(strip_foundation_prefix(m.group("module")), m.group("part"),
+                   int(m.group("expert")), m.group("param"))
+
+
+def parse_peft_lora_key(key: str) -> LoraKey | None:
+    """A LoRA key of a PEFT adapter file (``base_model.model.….lora_A.weight``)."""
+    m = _PEFT_LORA_KEY_RE.match(key)
+    if not m:
+        return None
+    module = m.group("module")
+    if module.startswith(CANONICAL_KEY_PREFIX):
+        module = module[len(CANONICAL_KEY_PREFIX):]
+    return LoraKey(module, m.group("part"), None, m.group("param"))
+
+
+def strip_foundation_prefix(key: str) -> str:
+    for prefix in (V1_PREFIX, V0_PREFIX):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    if key.startswith(FOUNDATION_PREFIX):
+        return key[len(FOUNDATION_PREFIX):]
+    return key
+
+
+def canonical_adapter_key(module: str, part: str, param: str | None = "weight") -> str:
+    return f"{CANONICAL_KEY_PREFIX}{module}.{part}" + (f".{param}" if param else "")
+
+
+def merged_key_kind(keys) -> str:
+    """Which variant a merged state dict's keys belong to: 'v0', 'v1' or 'hf' (plain)."""
+    v0 = v1 = lora = 0
+    for k in keys:
+        if k.startswith(V1_PREFIX):
+            v1 += 1
+        elif k.startswith(V0_PREFIX):
+            v0 += 1
+        if ".lora_" in k:
+            lora += 1
+    if v1:
+        return "v1"
+    if v0:
+        return "v0"
+    return "hf-lora" if lora else "hf"
+
+
+def router_key(key: str) -> str | None:
+    """``router.gate.weight`` → ``gate.weight``; None for a key that is not the router's."""
+    if key.startswith(ROUTER_KEY_PREFIX):
+        return key[len(ROUTER_KEY_PREFIX):]
+    return None
+
+
+# --- configs ------------------------------------------------------------------------
+
+NUM_EXPERTS_KEYS = ("num_experts", "_dylora_num_experts")
+LORA_R_KEYS = ("lora_r", "_dylora_lora_r")
+LORA_ALPHA_KEYS = ("lora_alpha", "_dylora_lora_alpha")
+LORA_DROPOUT_KEYS = ("lora_dropout", "_dylora_lora_dropout")
+
+
+def first_key(config: dict | None, keys) -> object | None:
+    if not isinstance(config, dict):
+        return None
+    for k in keys:
+        if k in config and config[k] is not None:
+            return config[k]
+    return None
+
+
+def is_dylora_config(config: dict | None) -> bool:
+    """A root config.json written for a DyLoRA-MoE checkpoint (including benchmark rewrites)."""
+    if not isinstance(config, dict):
+        return False
+    return (config.get("model_type") == DYLORA_MODEL_TYPE
+            or config.get("_dylora_original_type") == DYLORA_MODEL_TYPE
+            or config.get("checkpoint_type") == PEFT_ONLY_TYPE
+            or any(k.startswith("_dylora_") for k in config))
+
+
+def is_hf_model_config(config: dict | None) -> bool:
+    return isinstance(config, dict) and bool(config.get("architectures")) and not is_dylora_config(config)
+
+
+# --- layout labels --------------------------------------------------------------------
+
+CANONICAL = "canonical"
+CANONICAL_MERGED = "canonical+merged"
+V0, V1, V2, V3, V4, V5 = "v0", "v1", "v2", "v3", "v4", "v5"
+HF_MERGED = "hf-merged"
+UNKNOWN = "unknown"
+LAYOUTS = (CANONICAL, CANONICAL_MERGED, V0, V1, V2, V3, V4, V5, HF_MERGED, UNKNOWN)
+
+# forms of the PEFT tree
+TREE_CANONICAL = "dirs"       # peft_adapters/expert_i/adapter_*
+TREE_NESTED = "nested"        # peft_adapters/expert_i/expert_i/adapter_* (PEFT's own nesting)
+TREE_FLAT = "flat"            # peft_adapters/expert_i.pt
+TREE_NONE = "none"
+
+
+def layout_label(tree_form: str, merged_kind: str | None, has_dylora_root_config: bool) -> str:
+    """Name the variant of SPEC §3 from the PEFT tree's form and the merged weights' keys."""
+    if tree_form == TREE_CANONICAL:
+        return CANONICAL_MERGED if merged_kind else CANONICAL
+    if tree_form == TREE_NESTED:
+        return V5
+    if tree_form == TREE_FLAT:
+        if merged_kind is None:
+            return V4
+        return V3 if has_dylora_root_config else V2
+    if merged_kind == "v0":
+        return V0
+    if merged_kind == "v1":
+        return V1
+    if merged_kind in ("hf", "hf-lora"):
+        return HF_MERGED
+    return UNKNOWN

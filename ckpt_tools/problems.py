@@ -1,0 +1,61 @@
+"""Problems found in data: values, not exceptions (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ERROR = "error"
+WARNING = "warning"
+
+MISSING_FILE = "missing-file"
+TRUNCATED = "truncated"
+BAD_HEADER = "bad-header"
+BAD_JSON = "bad-json"
+BAD_ARCHIVE = "bad-archive"
+UNSAFE_PICKLE = "unsafe-pickle"
+SHAPE_MISMATCH = "shape-mismatch"
+RANK_MISMATCH = "rank-mismatch"
+EXPERT_MISSING = "expert-missing"
+EXPERT_COUNT_MISMATCH = "expert-count-mismatch"
+TARGET_MISMATCH = "target-mismatch"
+DTYPE_UNKNOWN = "dtype-unknown"
+NAN_OR_INF = "nan-or-inf"
+PERMISSION_DENIED = "permission-denied"
+SYMLINK_ESCAPE = "symlink-escape"
+BAD_CONFIG = "bad-config"
+COUNT_UNCONFIRMED = "count-unconfirmed"
+UNREADABLE = "unreadable"
+
+ALL_CODES = (
+    MISSING_FILE, TRUNCATED, BAD_HEADER, BAD_JSON, BAD_ARCHIVE, UNSAFE_PICKLE,
+    SHAPE_MISMATCH, RANK_MISMATCH, EXPERT_MISSING, EXPERT_COUNT_MISMATCH,
+    TARGET_MISMATCH, DTYPE_UNKNOWN, NAN_OR_INF, PERMISSION_DENIED, SYMLINK_ESCAPE,
+    BAD_CONFIG, COUNT_UNCONFIRMED, UNREADABLE,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint. ``path`` is relative to the scan root."""
+
+    code: str
+    path: str
+    message: str
+    severity: str = ERROR
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == ERROR
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "path": self.path, "message": self.message,
+                "severity": self.severity}
+
+
+class FormatError(Exception):
+    """A file that lies about its own format. Carries the problem code it maps to."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,172 @@
+"""Immutable records produced by the scanner and the validator.
+
+Sizes are integers of bytes everywhere; rendering them for people happens in
+``report.py`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .problems import Problem
+
+PEFT_ONLY = "peft-only"
+REDUNDANT = "redundant"
+LEGACY = "legacy"
+BROKEN = "broken"
+IN_PROGRESS = "in-progress"
+STATUSES = (PEFT_ONLY, REDUNDANT, LEGACY, BROKEN, IN_PROGRESS)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One directory entry inside a checkpoint, as ``lstat`` saw it during the scan."""
+
+    relpath: str          # relative to the checkpoint directory, '/'-separated
+    size: int             # st_size (for a symlink: the link itself)
+    allocated: int        # st_blocks * 512: what deleting the last link frees
+    dev: int
+    ino: int
+    nlink: int
+    mtime_ns: int
+    is_symlink: bool = False
+    symlink_target: str | None = None   # absolute, resolved; None when dangling or not a link
+    escapes_root: bool = False          # a symlink whose target lies outside the root
+    target_size: int | None = None      # size of the symlink's target when it stays in the root
+
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        """What must not change between planning and deleting (SPEC §5.4.1)."""
+        return (self.dev, self.ino, self.size, self.mtime_ns)
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """A checkpoint directory as found on disk, before any file is opened."""
+
+    root: str             # the root as given on the command line
+    path: str             # relative to root, '/'-separated; '.' when the root is the checkpoint
+    run: str              # the run directory, relative to root ('.' for the root itself)
+    name: str
+    step: int | None
+    files: tuple[FileRecord, ...]
+    newest_mtime_ns: int
+    tmp_name: bool        # named tmp-checkpoint-*: always in progress
+    unreadable: tuple[str, ...] = ()   # sub-paths the scan could not list (permission)
+
+    @property
+    def abspath(self) -> str:
+        import os
+        return os.path.normpath(os.path.join(self.root, self.path))
+
+    def file(self, relpath: str) -> FileRecord | None:
+        for f in self.files:
+            if f.relpath == relpath:
+                return f
+        return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint with its verdict: status, layout, problems and what prune could free."""
+
+    dir: CheckpointDir
+    status: str
+    layout: str
+    problems: tuple[Problem, ...]
+    merged_files: tuple[str, ...]      # relpaths (to the checkpoint) of merged-weight files
+    num_experts: int | None
+    size_bytes: int = 0
+    reclaimable_bytes: int = 0
+    facts: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def path(self) -> str:
+        return self.dir.path
+
+    @property
+    def run(self) -> str:
+        return self.dir.run
+
+    @property
+    def step(self) -> int | None:
+        return self.dir.step
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.is_error)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "root": self.dir.root,
+            "run": self.run,
+            "step": self.step,
+            "status": self.status,
+            "layout": self.layout,
+            "size_bytes": self.size_bytes,
+            "reclaimable_bytes": self.reclaimable_bytes,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    root: str
+    path: str
+    checkpoints: tuple[Checkpoint, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(c.size_bytes for c in self.checkpoints)
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(c.reclaimable_bytes for c in self.checkpoints)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Everything found under some roots. ``problems`` holds those tied to no checkpoint."""
+
+    roots: tuple[str, ...]
+    runs: tuple[Run, ...]
+    problems: tuple[Problem, ...] = ()
+    total_size_bytes: int | None = None   # with hard links across checkpoints counted once
+
+    @property
+    def checkpoints(self) -> tuple[Checkpoint, ...]:
+        return tuple(c for r in self.runs for c in r.checkpoints)
+
+    def by_status(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for c in self.checkpoints:
+            counts[c.status] += 1
+        return counts
+
+    @property
+    def size_bytes(self) -> int:
+        if self.total_size_bytes is not None:
+            return self.total_size_bytes
+        return sum(r.size_bytes for r in self.runs)
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return sum(r.reclaimable_bytes for r in self.runs)
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "totals": {
+                "checkpoints": len(self.checkpoints),
+                "runs": len(self.runs),
+                "by_status": self.by_status(),
+                "size_bytes": self.size_bytes,
+                "reclaimable_bytes": self.reclaimable_bytes,
+            },
+            "problems": [p.to_dict() for p in self.problems],
+        }

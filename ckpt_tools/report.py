@@ -1,0 +1,126 @@
+"""Render records and plans for people (tables) and machines (JSON). Decides nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import humanize
+
+from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, STATUSES, ScanResult
+
+
+def size_str(n: int) -> str:
+    return humanize.naturalsize(n)
+
+
+def dumps(doc) -> str:
+    return json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+def _run_title(root: str, run: str, multi_root: bool) -> str:
+    title = run if run != "." else os.path.basename(os.path.abspath(root)) or root
+    if multi_root:
+        title = f"{root.rstrip('/')}/{run}" if run != "." else root
+    return title
+
+
+def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> str:
+    lines: list[str] = []
+    multi_root = len(result.roots) > 1
+    if not quiet:
+        for run in result.runs:
+            n = len(run.checkpoints)
+            lines.append(f"{_run_title(run.root, run.path, multi_root)}  "
+                         f"({n} checkpoint{'s' if n != 1 else ''}, {size_str(run.size_bytes)})")
+            rows = [["CHECKPOINT", "STEP", "STATUS", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS"]]
+            for c in run.checkpoints:
+                name = c.path if c.run == "." else os.path.relpath(c.path, c.run) if c.path != "." else "."
+                errors = [p for p in c.problems if p.is_error]
+                warnings = [p for p in c.problems if not p.is_error]
+                probs = ", ".join(sorted({p.code for p in errors}))
+                if warnings and (verbose or not errors):
+                    probs = (probs + "; " if probs else "") + \
+                        ", ".join(sorted({p.code for p in warnings})) + " (warning)"
+                rows.append([name, "" if c.step is None else str(c.step), c.status, c.layout,
+                             size_str(c.size_bytes),
+                             size_str(c.reclaimable_bytes) if c.reclaimable_bytes else "-",
+                             probs or "-"])
+            lines.extend(_table(rows, right={1, 4, 5}))
+            details = [(c, p) for c in run.checkpoints for p in c.problems
+                       if p.is_error or verbose]
+            for c, p in details:
+                lines.append(f"    {p.severity}: {p.path}: {p.code}: {p.message}")
+            lines.append("")
+        for p in result.problems:
+            lines.append(f"{p.severity}: {p.path}: {p.code}: {p.message}")
+        if result.problems:
+            lines.append("")
+    lines.append(footer(result))
+    return "\n".join(lines)
+
+
+def footer(result: ScanResult) -> str:
+    counts = result.by_status()
+    n = len(result.checkpoints)
+    runs = len(result.runs)
+    parts = [f"{n} checkpoint{'s' if n != 1 else ''} in {runs} run{'s' if runs != 1 else ''}",
+             f"{size_str(result.size_bytes)} on disk",
+             f"{size_str(result.reclaimable_bytes)} reclaimable by prune"]
+    for status, label in ((BROKEN, "broken"), (LEGACY, "legacy"), (REDUNDANT, "redundant"),
+                          (IN_PROGRESS, "in progress")):
+        if counts[status]:
+            parts.append(f"{counts[status]} {label}")
+    return ", ".join(parts)
+
+
+def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> str:
+    lines = []
+    for c in result.checkpoints:
+        where = c.path if len(result.roots) == 1 else os.path.join(c.dir.root, c.path)
+        errors = sum(1 for p in c.problems if p.is_error)
+        warns = len(c.problems) - errors
+        head = f"{where}: {c.status} ({c.layout})"
+        if errors or warns:
+            head += f", {errors} error{'s' if errors != 1 else ''}"
+            if warns:
+                head += f", {warns} warning{'s' if warns != 1 else ''}"
+        if not quiet or errors:
+            lines.append(head)
+        for p in c.problems:
+            if p.is_error or verbose or not quiet:
+                lines.append(f"  {p.severity}: {p.path}: {p.code}: {p.message}")
+        hashes = c.facts.get("hashes") if verbose else None
+        if hashes:
+            for rel, digest in sorted(hashes.items()):
+                lines.append(f"  sha256 {digest}  {rel}")
+    for p in result.problems:
+        lines.append(f"{p.severity}: {p.path}: {p.code}: {p.message}")
+    return "\n".join(lines)
+
+
+def validate_doc(result: ScanResult) -> dict:
+    out = []
+    for c in result.checkpoints:
+        d = c.to_dict()
+        d["valid"] = not c.errors
+        d["num_experts"] = c.num_experts
+        if "hashes" in c.facts:
+            d["hashes"] = c.facts["hashes"]
+        out.append(d)
+    return {"checkpoints": out, "valid": all(not c.errors for c in result.checkpoints)
+            and not any(p.is_error for p in result.problems),
+            "problems": [p.to_dict() for p in result.problems]}
+
+
+__all__ = ["render_audit", "render_validate", "footer", "size_str", "dumps", "validate_doc",
+           "STATUSES", "PEFT_ONLY"]

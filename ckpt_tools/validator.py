@@ -1,0 +1,697 @@
+"""Decide what a checkpoint is: its layout, its problems (SPEC §4) and its status (SPEC §1).
+
+Three levels of scrutiny:
+
+- ``headers`` (audit): every file of the PEFT tree and every merged-weight file is
+  checked by its header (safetensors) or archive structure and pickle opcodes
+  (torch.save); configs are parsed. Trainer state files are only looked at.
+- ``full`` (validate): also the archive structure of every torch.save file of the
+  checkpoint, and ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
+- ``deep`` (validate --deep): also every tensor read (NaN/Inf) and a content hash per file.
+
+No tensor data is read and torch is not imported below ``deep``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import layout
+from .formats import safetensors_header as st
+from .formats import torchsave
+from .layout import Role
+from .problems import (BAD_CONFIG, BAD_JSON, COUNT_UNCONFIRMED, ERROR, EXPERT_COUNT_MISMATCH,
+                       EXPERT_MISSING, MISSING_FILE, PERMISSION_DENIED, RANK_MISMATCH,
+                       SHAPE_MISMATCH, SYMLINK_ESCAPE, TARGET_MISMATCH, UNREADABLE, WARNING,
+                       FormatError, Problem)
+from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
+                      FileRecord)
+
+MISSING_TENSOR = "missing-tensor"
+HEADERS, FULL, DEEP = "headers", "full", "deep"
+_MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor's name, dtype and shape as a header or a pickle declares them."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ExpertInfo:
+    index: int
+    source: str                        # relpath of the weights file
+    modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → part → tensor
+    config: dict | None = None
+    config_path: str | None = None
+
+
+@dataclass
+class Verdict:
+    """What the validator concluded about one checkpoint."""
+
+    layout: str
+    status: str
+    problems: list[Problem]
+    tree_form: str
+    merged_kind: str | None
+    merged_files: tuple[str, ...]
+    num_experts: int | None
+    tree_complete: bool
+    facts: dict
+
+
+class _Ctx:
+    """The state of one validation: where things are and the problems found so far."""
+
+    def __init__(self, ckpt: CheckpointDir, level: str):
+        self.ckpt = ckpt
+        self.level = level
+        self.base = ckpt.abspath
+        self.problems: list[Problem] = []
+        self.by_path = {f.relpath: f for f in ckpt.files}
+        self.roles = {f.relpath: layout.role_of(f.relpath) for f in ckpt.files}
+
+    def rel(self, relpath: str) -> str:
+        """A path relative to the scan root, for reports."""
+        return relpath if self.ckpt.path == "." else f"{self.ckpt.path}/{relpath}"
+
+    def add(self, code: str, relpath: str, message: str, severity: str = ERROR) -> None:
+        self.problems.append(Problem(code, self.rel(relpath), message, severity))
+
+    def abspath(self, relpath: str) -> str:
+        return os.path.join(self.base, *relpath.split("/"))
+
+    def files_with(self, role: Role) -> list[str]:
+        return [p for p, r in self.roles.items() if r.role is role]
+
+    def readable(self, relpath: str, in_tree: bool) -> bool:
+        """Whether a file may be opened: it exists and is no symlink out of the root."""
+        rec = self.by_path.get(relpath)
+        if rec is None:
+            return False
+        if rec.is_symlink:
+            if rec.escapes_root:
+                return False
+            if rec.symlink_target is None:
+                self.add(MISSING_FILE, relpath, "dangling symlink" if in_tree else "dangling symlink",
+                         ERROR if in_tree else WARNING)
+                return False
+        return True
+
+    def os_problem(self, relpath: str, exc: OSError) -> None:
+        if isinstance(exc, PermissionError):
+            self.add(PERMISSION_DENIED, relpath, "permission denied")
+        elif isinstance(exc, FileNotFoundError):
+            self.add(MISSING_FILE, relpath, "file vanished during validation")
+        else:
+            self.add(UNREADABLE, relpath, f"cannot read: {exc.strerror or exc}")
+
+    # --- readers that turn every failure into a problem -------------------------
+
+    def read_json(self, relpath: str) -> dict | None:
+        try:
+            with open(self.abspath(relpath), "rb") as fh:
+                raw = fh.read(_MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            self.os_problem(relpath, exc)
+            return None
+        if len(raw) > _MAX_JSON_BYTES:
+            self.add(BAD_JSON, relpath, f"larger than {_MAX_JSON_BYTES} bytes")
+            return None
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            self.add(BAD_JSON, relpath, "not UTF-8 text")
+            return None
+        except RecursionError:
+            self.add(BAD_JSON, relpath, "JSON nested too deeply")
+            return None
+        except ValueError as exc:
+            self.add(BAD_JSON, relpath, f"invalid JSON: {exc}")
+            return None
+        if not isinstance(value, dict):
+            self.add(BAD_JSON, relpath, f"expected a JSON object, found {type(value).__name__}")
+            return None
+        return value
+
+    def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
+        rec = self.by_path[relpath]
+        try:
+            header = st.read_header(self.abspath(relpath),
+                                    file_size=None if rec.is_symlink else rec.size)
+        except FormatError as exc:
+            self.add(exc.code, relpath, exc.message)
+            return None
+        except OSError as exc:
+            self.os_problem(relpath, exc)
+            return None
+        return {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors}
+
+    def read_torch(self, relpath: str, check_pickle: bool = True):
+        try:
+            return torchsave.inspect_torch_file(self.abspath(relpath), check_pickle=check_pickle)
+        except FormatError as exc:
+            self.add(exc.code, relpath, exc.message)
+        except OSError as exc:
+            self.os_problem(relpath, exc)
+        return None
+
+    def read_tensors(self, relpath: str) -> dict[str, Tensor] | None:
+        """Names, dtypes and shapes of the tensors of a safetensors or torch.save file."""
+        if relpath.endswith(".safetensors"):
+            return self.read_safetensors(relpath)
+        info = self.read_torch(relpath)
+        if info is None:
+            return None
+        flat = torchsave.flatten_tensors(info.obj)
+        return {k: Tensor(v.dtype, tuple(v.shape)) for k, v in flat.items()}
+
+
+def _count(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return value
+    return None
+
+
+# --- adapter configs -------------------------------------------------------------
+
+def _pattern_value(patterns: dict | None, module: str):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module by suffix or regex."""
+    if not patterns:
+        return None
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key):
+            return value
+        try:
+            if re.fullmatch(key, module) or re.fullmatch(rf".*\.{key}", module):
+                return value
+        except re.error:
+            continue
+    return None
+
+
+def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
+    """The fields of adapter_config.json that decide shapes and scaling. True when usable."""
+    ok = True
+
+    def bad(msg: str) -> None:
+        nonlocal ok
+        ok = False
+        ctx.add(BAD_CONFIG, relpath, msg)
+
+    peft_type = cfg.get("peft_type")
+    if peft_type is not None and peft_type != "LORA":
+        bad(f"peft_type is {peft_type!r}, expected 'LORA'")
+    r = cfg.get("r")
+    if _count(r) is None:
+        bad(f"r must be a positive integer, found {r!r}")
+    alpha = cfg.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        bad(f"lora_alpha must be a number, found {alpha!r}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, (str, list)):
+        bad(f"target_modules must be a list or a string, found {type(targets).__name__}")
+    elif isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+        bad("target_modules must hold strings")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key)
+        if pat is not None and not isinstance(pat, dict):
+            bad(f"{key} must be an object, found {type(pat).__name__}")
+        elif isinstance(pat, dict):
+            for k, v in pat.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                    bad(f"{key}[{k!r}] must be a positive number, found {v!r}")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not isinstance(mts, list):
+        bad(f"modules_to_save must be a list, found {type(mts).__name__}")
+    for key in ("use_dora", "lora_bias"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, bool):
+            bad(f"{key} must be true or false, found {v!r}")
+    return ok
+
+
+def _check_with_peft(ctx: _Ctx, relpath: str, cfg: dict) -> None:
+    try:
+        from peft import LoraConfig
+    except Exception:  # noqa: BLE001 - peft is optional for validation
+        return
+    fields = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
+    try:
+        LoraConfig(**fields)
+    except Exception as exc:  # noqa: BLE001 - any refusal by peft is a config problem
+        ctx.add(BAD_CONFIG, relpath, f"peft.LoraConfig refuses it: {str(exc).splitlines()[0]}")
+
+
+def _target_matches(module: str, targets) -> bool:
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return True
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return True
+    last = module.rsplit(".", 1)[-1]
+    return last in targets or any(module.endswith("." + t) or module == t for t in targets)
+
+
+# --- the PEFT tree ----------------------------------------------------------------
+
+def _expert_modules(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor], peft_keys: bool,
+                    expert: int) -> dict[str, dict[str, Tensor]]:
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        lk = layout.parse_peft_lora_key(key) if peft_keys else layout.parse_moe_lora_key(key)
+        if lk is None:
+            continue
+        if not peft_keys and lk.expert != expert:
+            ctx.add(EXPERT_COUNT_MISMATCH, relpath,
+                    f"holds tensor {key!r} of expert {lk.expert}, not expert {expert}")
+            continue
+        part = lk.part + (f".{lk.param}" if lk.param and lk.param != "weight" else "")
+        modules.setdefault(lk.module, {})[part] = t
+    return modules
+
+
+def _check_expert_shapes(ctx: _Ctx, ex: ExpertInfo, default_r: int | None) -> None:
+    cfg = ex.config or {}
+    for module, parts in sorted(ex.modules.items()):
+        a, b = parts.get("lora_A"), parts.get("lora_B")
+        if a is None or b is None:
+            missing = "lora_A" if a is None else "lora_B"
+            ctx.add(MISSING_TENSOR, ex.source, f"{module}: {missing} is missing")
+            continue
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            # conv LoRA and embeddings are not what DyLoRA-MoE trains; only check the rank dims
+            if not a.shape or not b.shape:
+                ctx.add(SHAPE_MISMATCH, ex.source, f"{module}: scalar LoRA tensor")
+            continue
+        if a.shape[0] != b.shape[1]:
+            ctx.add(RANK_MISMATCH, ex.source,
+                    f"{module}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
+            continue
+        expected = _pattern_value(cfg.get("rank_pattern"), module) or cfg.get("r") or default_r
+        if isinstance(expected, int) and not isinstance(expected, bool) and a.shape[0] != expected:
+            ctx.add(RANK_MISMATCH, ex.source,
+                    f"{module}: rank {a.shape[0]} but the adapter config says r={expected}")
+        targets = cfg.get("target_modules")
+        if ex.config is not None and not _target_matches(module, targets):
+            ctx.add(TARGET_MISMATCH, ex.source,
+                    f"{module} is not among the adapter config's target_modules")
+
+
+def _compare_experts(ctx: _Ctx, experts: dict[int, ExpertInfo]) -> None:
+    """All experts must adapt the same modules with the same in/out features."""
+    if len(experts) < 2:
+        return
+    ref_idx = min(experts)
+    ref = experts[ref_idx]
+    for i, ex in sorted(experts.items()):
+        if i == ref_idx:
+            continue
+        mine, theirs = set(ex.modules), set(ref.modules)
+        if mine != theirs:
+            extra, lacking = sorted(mine - theirs), sorted(theirs - mine)
+            detail = []
+            if lacking:
+                detail.append(f"lacks {', '.join(lacking[:3])}{' …' if len(lacking) > 3 else ''}")
+            if extra:
+                detail.append(f"adds {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+            ctx.add(TARGET_MISMATCH, ex.source,
+                    f"expert {i} covers other modules than expert {ref_idx}: {'; '.join(detail)}")
+        for module in sorted(mine & theirs):
+            a, ra = ex.modules[module].get("lora_A"), ref.modules[module].get("lora_A")
+            b, rb = ex.modules[module].get("lora_B"), ref.modules[module].get("lora_B")
+            if a and ra and len(a.shape) == 2 and len(ra.shape) == 2 and a.shape[1] != ra.shape[1]:
+                ctx.add(SHAPE_MISMATCH, ex.source,
+                        f"{module}: lora_A has {a.shape[1]} input features, expert {ref_idx} has {ra.shape[1]}")
+            if b and rb and len(b.shape) == 2 and len(rb.shape) == 2 and b.shape[0] != rb.shape[0]:
+                ctx.add(SHAPE_MISMATCH, ex.source,
+                        f"{module}: lora_B has {b.shape[0]} output features, expert {ref_idx} has {rb.shape[0]}")
+
+
+def _tree_form(ctx: _Ctx) -> str:
+    nested = canonical = flat = False
+    for rel, role in ctx.roles.items():
+        if role.role is Role.FLAT_EXPERT:
+            flat = True
+        elif role.role in (Role.ADAPTER_CONFIG, Role.ADAPTER_WEIGHTS):
+            if role.nested:
+                nested = True
+            else:
+                canonical = True
+    if canonical:
+        return layout.TREE_CANONICAL
+    if nested:
+        return layout.TREE_NESTED
+    if flat:
+        return layout.TREE_FLAT
+    if any(rel.startswith(layout.PEFT_DIR + "/") for rel in ctx.roles):
+        return layout.TREE_CANONICAL  # an emptied or foreign peft_adapters/: judged as canonical
+    return layout.TREE_NONE
+
+
+def _expert_dirs(ctx: _Ctx) -> dict[int, str]:
+    """expert index → the directory (relative) that should hold its adapter files."""
+    dirs: dict[int, str] = {}
+    for rel, role in ctx.roles.items():
+        if role.expert is None or role.role is Role.FLAT_EXPERT:
+            continue
+        parts = rel.split("/")
+        if role.nested:
+            dirs[role.expert] = "/".join(parts[:3])
+        elif role.role in (Role.ADAPTER_CONFIG, Role.ADAPTER_WEIGHTS, Role.PEFT_README, Role.OTHER):
+            dirs.setdefault(role.expert, "/".join(parts[:2]))
+    return dirs
+
+
+def _load_dir_experts(ctx: _Ctx, nested: bool) -> dict[int, ExpertInfo]:
+    experts: dict[int, ExpertInfo] = {}
+    for index, d in sorted(_expert_dirs(ctx).items()):
+        if nested and d.count("/") == 1:
+            d = f"{d}/{d.rsplit('/', 1)[1]}"
+        cfg_rel = f"{d}/{layout.ADAPTER_CONFIG}"
+        weights = [f"{d}/{n}" for n in (layout.ADAPTER_WEIGHTS, layout.ADAPTER_WEIGHTS_BIN)
+                   if f"{d}/{n}" in ctx.by_path]
+        cfg = None
+        if cfg_rel not in ctx.by_path:
+            ctx.add(MISSING_FILE, cfg_rel, f"expert {index} has no {layout.ADAPTER_CONFIG}")
+        elif ctx.readable(cfg_rel, True):
+            cfg = ctx.read_json(cfg_rel)
+            if cfg is not None:
+                if not _check_adapter_config(ctx, cfg_rel, cfg):
+                    cfg = None
+                elif ctx.level in (FULL, DEEP):
+                    _check_with_peft(ctx, cfg_rel, cfg)
+        if not weights:
+            ctx.add(MISSING_FILE, f"{d}/{layout.ADAPTER_WEIGHTS}",
+                    f"expert {index} has no adapter weights")
+            experts[index] = ExpertInfo(index, f"{d}/{layout.ADAPTER_WEIGHTS}", config=cfg,
+                                        config_path=cfg_rel)
+            continue
+        ex = ExpertInfo(index, weights[0], config=cfg, config_path=cfg_rel)
+        if ctx.readable(weights[0], True):
+            tensors = ctx.read_tensors(weights[0])
+            if tensors is not None:
+                ex.modules = _expert_modules(ctx, weights[0], tensors, True, index)
+                if not ex.modules:
+                    ctx.add(MISSING_TENSOR, weights[0], "holds no LoRA tensors")
+        experts[index] = ex
+    return experts
+
+
+def _load_flat_experts(ctx: _Ctx) -> dict[int, ExpertInfo]:
+    experts: dict[int, ExpertInfo] = {}
+    for rel in sorted(ctx.files_with(Role.FLAT_EXPERT)):
+        index = ctx.roles[rel].expert
+        ex = ExpertInfo(index, rel)
+        if ctx.readable(rel, True):
+            tensors = ctx.read_tensors(rel)
+            if tensors is not None:
+                ex.modules = _expert_modules(ctx, rel, tensors, False, index)
+                if not ex.modules:
+                    ctx.add(MISSING_TENSOR, rel, "holds no LoRA tensors")
+        experts[index] = ex
+    return experts
+
+
+def _router_shapes(ctx: _Ctx, rel: str) -> dict[str, Tensor] | None:
+    """gate.weight / gate.bias of a router file, in any of its three forms."""
+    if rel.endswith(".safetensors"):
+        tensors = ctx.read_safetensors(rel)
+        if tensors is None:
+            return None
+        out = {}
+        for k, t in tensors.items():
+            key = layout.router_key(k) or k
+            out[key] = t
+        return out
+    info = ctx.read_torch(rel)
+    if info is None:
+        return None
+    obj = info.obj
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("gate_state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if k != "gate_state_dict"}
+        obj = {f"gate.{k}": v for k, v in obj["gate_state_dict"].items()}
+    flat = torchsave.flatten_tensors(obj) if isinstance(obj, dict) else {}
+    out = {(layout.router_key(k) or k): Tensor(v.dtype, tuple(v.shape)) for k, v in flat.items()}
+    if meta.get("num_experts") is not None:
+        out["__num_experts__"] = meta["num_experts"]
+    return out
+
+
+def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]:
+    """Keys (with shapes where known) of the merged weights; False when unreadable."""
+    keys: dict[str, Tensor] = {}
+    ok = True
+    indexes = [m for m in merged if ctx.roles[m].role is Role.MERGED_INDEX]
+    for idx in indexes:
+        if not ctx.readable(idx, False):
+            continue
+        cfg = ctx.read_json(idx)
+        if cfg is None:
+            ok = False
+            continue
+        wm = cfg.get("weight_map")
+        if not isinstance(wm, dict):
+            ctx.add(BAD_JSON, idx, "no weight_map object")
+            ok = False
+            continue
+        folder = idx.rsplit("/", 1)[0] + "/" if "/" in idx else ""
+        for shard in sorted(set(v for v in wm.values() if isinstance(v, str))):
+            if folder + shard not in ctx.by_path:
+                ctx.add(MISSING_FILE, folder + shard, f"shard named by {idx} is missing")
+                ok = False
+    for m in merged:
+        if ctx.roles[m].role is not Role.MERGED or not ctx.readable(m, False):
+            continue
+        tensors = ctx.read_tensors(m)
+        if tensors is None:
+            ok = False
+            continue
+        keys.update(tensors)
+    return keys, ok
+
+
+def _dir_has(ctx: _Ctx, relpath: str) -> bool:
+    return relpath in ctx.by_path
+
+
+def _parent_moe_state(ckpt: CheckpointDir) -> str | None:
+    """best_model/ keeps its dylo_moe_state/ in the run directory (SPEC §3)."""
+    parent = os.path.dirname(ckpt.abspath)
+    cand = os.path.join(parent, layout.MOE_STATE_DIR)
+    return cand if os.path.isdir(cand) else None
+
+
+def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = 3600,
+                        now: float | None = None) -> Verdict:
+    """Validate one checkpoint directory and classify it."""
+    import time
+    now = time.time() if now is None else now
+    ctx = _Ctx(ckpt, level)
+    facts: dict = {}
+
+    for rel in ckpt.unreadable:
+        ctx.add(PERMISSION_DENIED, rel, "cannot read this entry")
+
+    # symlinks first: a PEFT-tree file that points out of the root is never opened
+    for rec in ckpt.files:
+        if rec.is_symlink and rec.escapes_root:
+            role = ctx.roles[rec.relpath]
+            in_tree = role.in_peft_tree
+            ctx.add(SYMLINK_ESCAPE, rec.relpath,
+                    f"symlink to {rec.symlink_target or 'a missing target'} outside the root",
+                    ERROR if in_tree else WARNING)
+
+    merged = sorted(p for p, r in ctx.roles.items() if r.role in (Role.MERGED, Role.MERGED_INDEX))
+    root_cfg = None
+    if layout.ROOT_CONFIG in ctx.by_path and ctx.readable(layout.ROOT_CONFIG, False):
+        root_cfg = ctx.read_json(layout.ROOT_CONFIG)
+    moe_cfg_rel = f"{layout.MOE_STATE_DIR}/{layout.MOE_CONFIG}"
+    moe_cfg = None
+    if moe_cfg_rel in ctx.by_path and ctx.readable(moe_cfg_rel, True):
+        moe_cfg = ctx.read_json(moe_cfg_rel)
+
+    tree_form = _tree_form(ctx)
+    merged_kind = None
+    merged_tensors: dict[str, Tensor] = {}
+    if merged:
+        merged_tensors, _ = _merged_keys(ctx, merged)
+        merged_kind = layout.merged_key_kind(merged_tensors) if merged_tensors else "unreadable"
+
+    # experts
+    if tree_form == layout.TREE_CANONICAL:
+        experts = _load_dir_experts(ctx, nested=False)
+    elif tree_form == layout.TREE_NESTED:
+        experts = _load_dir_experts(ctx, nested=True)
+    elif tree_form == layout.TREE_FLAT:
+        experts = _load_flat_experts(ctx)
+    else:
+        experts = {}
+    dylora_root = layout.is_dylora_config(root_cfg)
+    run_moe_cfg = None
+    if tree_form in (layout.TREE_FLAT, layout.TREE_NONE) and moe_cfg is None and ckpt.name == layout.BEST_MODEL_DIR:
+        parent = _parent_moe_state(ckpt)
+        if parent:
+            try:
+                with open(os.path.join(parent, layout.MOE_CONFIG), "rb") as fh:
+                    run_moe_cfg = json.loads(fh.read(_MAX_JSON_BYTES))
+            except (OSError, ValueError):
+                run_moe_cfg = None
+    cfg_for_r = moe_cfg or (root_cfg if dylora_root else None) or run_moe_cfg
+    default_r = _count(layout.first_key(cfg_for_r, layout.LORA_R_KEYS))
+    for ex in experts.values():
+        _check_expert_shapes(ctx, ex, default_r if ex.config is None else None)
+    _compare_experts(ctx, experts)
+
+    # router
+    router_rel = None
+    router: dict | None = None
+    if tree_form == layout.TREE_NESTED or layout.ROUTER_SAFETENSORS in ctx.by_path:
+        router_rel = layout.ROUTER_SAFETENSORS
+    if f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}" in ctx.by_path:
+        router_rel = f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}"
+    if router_rel is None and tree_form != layout.TREE_NONE:
+        router_rel = (layout.ROUTER_SAFETENSORS if tree_form == layout.TREE_NESTED
+                      else f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}")
+    if router_rel is not None:
+        if router_rel not in ctx.by_path:
+            if tree_form != layout.TREE_NONE:
+                ctx.add(MISSING_FILE, router_rel, "the router state is missing")
+        elif ctx.readable(router_rel, True):
+            router = _router_shapes(ctx, router_rel)
+            if router is not None and layout.GATE_WEIGHT not in router:
+                ctx.add(MISSING_TENSOR, router_rel, f"no {layout.GATE_WEIGHT} in the router state")
+    skill = f"{layout.MOE_STATE_DIR}/{layout.SKILL_LIBRARY}"
+    if skill in ctx.by_path and ctx.readable(skill, True):
+        ctx.read_torch(skill)
+    if tree_form == layout.TREE_CANONICAL and moe_cfg_rel not in ctx.by_path:
+        ctx.add(MISSING_FILE, moe_cfg_rel, "the MoE config is missing")
+
+    # expert count (SPEC §2)
+    router_rows = None
+    if router and isinstance(router.get(layout.GATE_WEIGHT), Tensor):
+        gw = router[layout.GATE_WEIGHT]
+        if len(gw.shape) == 2:
+            router_rows = gw.shape[0]
+        else:
+            ctx.add(SHAPE_MISMATCH, router_rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
+        gb = router.get(layout.GATE_BIAS)
+        if isinstance(gb, Tensor) and router_rows is not None and gb.shape != (router_rows,):
+            ctx.add(SHAPE_MISMATCH, router_rel,
+                    f"gate.bias has shape {list(gb.shape)}, expected [{router_rows}]")
+    if merged_kind in ("v0", "v1"):
+        gw = merged_tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
+        if gw is not None and len(gw.shape) == 2 and router_rows is None and tree_form == layout.TREE_NONE:
+            router_rows = gw.shape[0]
+    declared = [(moe_cfg_rel, _count(layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
+    declared.append((layout.ROOT_CONFIG, _count(layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
+    if run_moe_cfg is not None:
+        declared.append(("../" + layout.MOE_STATE_DIR + "/" + layout.MOE_CONFIG,
+                         _count(layout.first_key(run_moe_cfg, layout.NUM_EXPERTS_KEYS))))
+    if router and _count(router.get("__num_experts__")):
+        declared.append((router_rel, router["__num_experts__"]))
+    declared = [(p, n) for p, n in declared if n is not None]
+    present = set(experts)
+    if merged_kind in ("v0", "v1") and tree_form == layout.TREE_NONE:
+        for key in merged_tensors:
+            lk = layout.parse_moe_lora_key(key)
+            if lk is not None:
+                present.add(lk.expert)
+    num_experts = None
+    if declared:
+        num_experts = declared[0][1]
+        for p, n in declared[1:]:
+            if n != num_experts:
+                ctx.add(EXPERT_COUNT_MISMATCH, p,
+                        f"says {n} experts, {declared[0][0]} says {num_experts}")
+    elif router_rows is not None:
+        num_experts = router_rows
+    elif present:
+        num_experts = max(present) + 1
+        if tree_form != layout.TREE_NONE:
+            ctx.add(COUNT_UNCONFIRMED, layout.PEFT_DIR,
+                    f"no config or router states the expert count; assuming {num_experts}", WARNING)
+    if num_experts is not None:
+        if router_rows is not None and router_rows != num_experts:
+            ctx.add(EXPERT_COUNT_MISMATCH, router_rel or layout.ROOT_CONFIG,
+                    f"router has {router_rows} rows for {num_experts} experts")
+        for i in range(num_experts):
+            if i not in present and (tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1")):
+                where = layout.PEFT_DIR if tree_form != layout.TREE_NONE else (merged[0] if merged else ".")
+                ctx.add(EXPERT_MISSING, where, f"expert {i} of {num_experts} is missing")
+        extra = sorted(i for i in present if i >= num_experts)
+        if extra:
+            ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,
+                    f"expert(s) {', '.join(map(str, extra))} beyond the {num_experts} declared")
+
+    # files outside the PEFT tree: at 'full' level, the archive structure of each torch file
+    if level in (FULL, DEEP):
+        for rel, role in sorted(ctx.roles.items()):
+            if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
+                if ctx.readable(rel, False):
+                    ctx.read_torch(rel, check_pickle=role.role is not Role.TRAINING_ARGS)
+            elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
+                ctx.read_json(rel)
+    if level == DEEP:
+        from .deep import deep_check
+        facts["hashes"] = deep_check(ctx)
+
+    # completeness and status
+    tree_errors = [p for p in ctx.problems if p.is_error]
+    router_ok = router is not None and router_rows is not None
+    has_config = (moe_cfg is not None or dylora_root or run_moe_cfg is not None
+                  or (tree_form in (layout.TREE_CANONICAL, layout.TREE_NESTED)
+                      and all(e.config is not None for e in experts.values())))
+    tree_complete = (tree_form != layout.TREE_NONE and bool(experts) and router_ok
+                     and num_experts is not None and not tree_errors and has_config)
+    if tree_form == layout.TREE_FLAT and not has_config and merged:
+        ctx.add(BAD_CONFIG, layout.PEFT_DIR,
+                "expert_<i>.pt files with no config recording lora_alpha or the base model: "
+                "migrate this checkpoint before removing its merged weights", WARNING)
+
+    layout_name = layout.layout_label(tree_form, merged_kind if merged else None, dylora_root)
+    if merged_kind == "unreadable":
+        layout_name = layout.layout_label(tree_form, "v1", dylora_root) if tree_form != layout.TREE_NONE \
+            else layout.UNKNOWN
+    if layout.is_hf_model_config(root_cfg) and tree_form == layout.TREE_NONE and merged:
+        layout_name = layout.HF_MERGED
+
+    young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
+    if ckpt.tmp_name or young:
+        status = IN_PROGRESS
+    elif any(p.is_error for p in ctx.problems):
+        status = BROKEN
+    elif tree_complete:
+        status = REDUNDANT if merged else PEFT_ONLY
+    elif merged:
+        status = LEGACY
+    elif tree_form == layout.TREE_FLAT and experts and router_ok:
+        status = PEFT_ONLY
+    else:
+        status = BROKEN
+        ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")
+    facts.update(tree_form=tree_form, merged_kind=merged_kind, router=router_rel,
+                 experts=sorted(experts), root_config=root_cfg, moe_config=moe_cfg,
+                 run_moe_config=run_moe_cfg, young=young)
+    return Verdict(layout=layout_name, status=status, problems=ctx.problems, tree_form=tree_form,
+                   merged_kind=merged_kind, merged_files=tuple(merged), num_experts=num_experts,
+                   tree_complete=tree_complete, facts=facts)
+
+
+def peft_tree_files(ckpt: CheckpointDir) -> list[FileRecord]:
+    """The files whose soundness makes the merged weights redundant."""
+    return [f for f in ckpt.files if layout.role_of(f.relpath).in_peft_tree]

@@ -1,0 +1,282 @@
+"""Read and validate a safetensors header without any framework (SPEC §4).
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON
+(``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``, padded with
+spaces), then the data section. Every way the header can lie has its own message; the
+rules are those of ``safetensors/src/tensor.rs`` plus two it leaves out (duplicate keys
+and unknown entry fields are rejected here).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from ckpt_tools.problems import BAD_HEADER, DTYPE_UNKNOWN, TRUNCATED, FormatError
+
+MAX_HEADER_BYTES = 100_000_000
+FIRST_READ_BYTES = 64 * 1024
+METADATA_KEY = "__metadata__"
+_ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
+_U64 = 1 << 64
+
+#: Bits per element of every dtype safetensors 0.8 knows.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header. ``begin``/``end`` are offsets into the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return (self.numel * DTYPE_BITS[self.dtype] + 7) // 8
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: its tensors in header order and the optional metadata."""
+
+    header_len: int
+    file_size: int
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] | None
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    def get(self, name: str) -> TensorEntry | None:
+        for tensor in self.tensors:
+            if tensor.name == name:
+                return tensor
+        return None
+
+
+def _bad(message: str) -> FormatError:
+    return FormatError(BAD_HEADER, message)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _bad(f"duplicate key {key!r} in header JSON")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str):
+    raise _bad(f"header JSON contains {name}, which is not JSON")
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false arrive as bool, a subclass of int: they are not offsets or dims.
+    return type(value) is int
+
+
+def _parse_entry(name: str, entry: object) -> TensorEntry:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise _bad(f"{where}: entry is {type(entry).__name__}, not an object")
+    if entry.keys() != _ENTRY_FIELDS:
+        missing = sorted(_ENTRY_FIELDS - entry.keys())
+        extra = sorted(entry.keys() - _ENTRY_FIELDS)
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unexpected {', '.join(extra)}" if extra else "") if part)
+        raise _bad(f"{where}: entry must have exactly dtype, shape, data_offsets ({detail})")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise _bad(f"{where}: dtype is {type(dtype).__name__}, not a string")
+    if dtype not in DTYPE_BITS:
+        raise FormatError(DTYPE_UNKNOWN, f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise _bad(f"{where}: shape must be a list of integers, got {shape!r:.80}")
+    if any(d < 0 for d in shape):
+        raise _bad(f"{where}: negative dimension in shape {shape}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise _bad(f"{where}: data_offsets must be two integers, got {offsets!r:.80}")
+    begin, end = offsets
+    if begin < 0 or end >= _U64:
+        raise _bad(f"{where}: data_offsets {offsets} out of range")
+    if begin > end:
+        raise _bad(f"{where}: data_offsets begin {begin} > end {end}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel >= _U64:  # the reference reader computes in u64 and would overflow
+            raise _bad(f"{where}: shape {shape} overflows 64 bits")
+    bits = numel * DTYPE_BITS[dtype]
+    if bits >= _U64:
+        raise _bad(f"{where}: shape {shape} of {dtype} overflows 64 bits")
+    if bits % 8:
+        raise _bad(f"{where}: {numel} elements of {dtype} do not fill a whole number of bytes")
+    if end - begin != bits // 8:
+        raise _bad(f"{where}: data_offsets span {end - begin} bytes but shape {shape} "
+                   f"of {dtype} needs {bits // 8}")
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
+    """Validate the header of a safetensors file of ``file_size`` bytes.
+
+    ``prefix`` holds the file's first bytes, at least 8 + N of them where N is the
+    header length it declares (the whole file is fine). Raises ``FormatError`` with
+    ``truncated``, ``bad-header`` or ``dtype-unknown`` when the file is not valid, and
+    ``ValueError`` when ``prefix`` is shorter than the caller promised.
+    """
+    if file_size < 8:
+        what = "empty file" if file_size == 0 else f"file of {file_size} bytes"
+        raise FormatError(TRUNCATED, f"{what}: no room for the 8-byte header length")
+    if len(prefix) < 8:
+        raise ValueError("prefix must hold at least 8 bytes")
+    (header_len,) = struct.unpack_from("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise _bad(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + header_len > file_size:
+        raise FormatError(TRUNCATED, f"header length {header_len} runs past the end of "
+                                     f"the file ({file_size} bytes)")
+    if len(prefix) < 8 + header_len:
+        raise ValueError(f"prefix holds {len(prefix)} bytes, header needs {8 + header_len}")
+
+    try:
+        text = bytes(prefix[8:8 + header_len]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(f"header is not valid UTF-8 (byte {exc.start})") from None
+    if not text.startswith("{"):
+        raise _bad("header does not start with '{'")
+    try:
+        root = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad("header JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+        raise _bad(f"header is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(root, dict):
+        raise _bad(f"header JSON is {type(root).__name__}, not an object")
+
+    metadata = root.pop(METADATA_KEY, None)
+    if metadata is not None:
+        if not (isinstance(metadata, dict)
+                and all(isinstance(v, str) for v in metadata.values())):
+            raise _bad("__metadata__ must map strings to strings")
+    tensors = tuple(_parse_entry(name, entry) for name, entry in root.items())
+
+    # Offsets must tile the data section: sorted by position, each starts where the last ended.
+    data_end = 0
+    for tensor in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if tensor.begin < data_end:
+            raise _bad(f"tensor {tensor.name!r} at [{tensor.begin}, {tensor.end}) overlaps "
+                       f"the data before offset {data_end}")
+        if tensor.begin > data_end:
+            raise _bad(f"gap of {tensor.begin - data_end} bytes in the data section before "
+                       f"tensor {tensor.name!r}")
+        data_end = tensor.end
+    expected_size = 8 + header_len + data_end
+    if expected_size < file_size:
+        raise _bad(f"{file_size - expected_size} trailing bytes after the last tensor")
+    if expected_size > file_size:
+        raise FormatError(TRUNCATED, f"tensor data ends at byte {expected_size} but the file "
+                                     f"has {file_size} bytes")
+    return SafetensorsHeader(header_len, file_size, tensors, metadata)
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def open_readonly(path: str | os.PathLike) -> int:
+    """Open ``path`` for reading without updating its atime where the OS lets us."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    noatime = getattr(os, "O_NOATIME", 0)
+    if noatime:
+        try:
+            return os.open(path, flags | noatime)
+        except PermissionError as exc:
+            # O_NOATIME is only permitted to the file's owner; anyone else just reads.
+            if exc.errno != errno.EPERM:
+                raise
+    return os.open(path, flags)
+
+
+def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> SafetensorsHeader:
+    """Read and validate the header of the safetensors file at ``path``.
+
+    Reads the first 64 KiB in one ``pread`` and the rest of the header only when it is
+    longer; tensor data is never read. ``file_size`` saves an ``fstat`` when the caller
+    already has it. Raises ``FormatError`` for bad data and ``OSError`` from the OS.
+    """
+    fd = open_readonly(path)
+    try:
+        if file_size is None:
+            file_size = os.fstat(fd).st_size
+        data = _pread_full(fd, min(FIRST_READ_BYTES, file_size), 0)
+        if len(data) >= 8:
+            (header_len,) = struct.unpack_from("<Q", data)
+            needed = 8 + header_len
+            if len(data) < needed <= min(file_size, 8 + MAX_HEADER_BYTES):
+                data += _pread_full(fd, needed - len(data), len(data))
+                if len(data) < needed:
+                    raise FormatError(TRUNCATED, f"file ended at byte {len(data)} while "
+                                                 f"reading a {header_len}-byte header")
+        elif len(data) < min(8, file_size):
+            raise FormatError(TRUNCATED, f"file ended at byte {len(data)}, "
+                                         f"expected {file_size} bytes")
+    finally:
+        os.close(fd)
+    return parse_header(data, file_size)

@@ -27,6 +27,7 @@ ROUTER_SAFETENSORS = "router.safetensors"   # V5: at the checkpoint root
 ROOT_CONFIG = "config.json"
 BEST_MODEL_DIR = "best_model"
 TMP_CHECKPOINT_PREFIX = "tmp-checkpoint-"
+PARENT_DIR = ".."
 # A small state dict of the trainable tensors only (LoRA + router), written by
 # ckpt-tools' own Trainer callback so that Trainer.resume finds a weights file.
 TRAINABLE_STATE = "trainable_state.safetensors"
@@ -134,7 +135,12 @@ def role_of(relpath: str) -> FileRole:
             return FileRole(Role.TRAINER_STATE)
         if name in TOKENIZER_FILES:
             return FileRole(Role.TOKENIZER)
+        m = _FLAT_EXPERT_RE.match(name)
+        if m:  # best_model/ keeps its expert_<i>.pt files at its top level
+            return FileRole(Role.FLAT_EXPERT, int(m.group(1)))
         return FileRole(Role.OTHER)
+    if parts[0] == PARENT_DIR and len(parts) == 3 and parts[1] == MOE_STATE_DIR:
+        parts = parts[1:]  # a run's dylo_moe_state/ seen from its best_model/
     top = parts[0]
     if top == MOE_STATE_DIR and len(parts) == 2:
         if name == ROUTER_PT:

@@ -18,6 +18,18 @@ _SKIP_REASONS = {
 }
 
 
+def skip_reason(c: Checkpoint) -> str:
+    """Why prune leaves ``c`` alone, for people and logs (one line)."""
+    if c.status == BROKEN:
+        codes = sorted({p.code for p in c.errors})
+        return _SKIP_REASONS[BROKEN] + (f" ({', '.join(codes)})" if codes else "")
+    if c.status == IN_PROGRESS:
+        if c.dir.tmp_name:
+            return "in-progress: a tmp-checkpoint-* directory is still being written"
+        return "in-progress: its newest file is younger than --min-age"
+    return _SKIP_REASONS.get(c.status, c.status)
+
+
 @dataclass(frozen=True)
 class PlannedDeletion:
     """One merged-weight file to unlink, with the identity it must still have."""
@@ -28,6 +40,7 @@ class PlannedDeletion:
     record: FileRecord
     frees_bytes: int       # 0 when other hard links keep the data alive
     held_by_links: int     # bytes that stay allocated because of links outside the plan
+    other_links: int = 0   # hard links to this file that the plan does not delete
 
     @property
     def path(self) -> str:
@@ -39,6 +52,7 @@ class Skip:
     root: str
     path: str
     reason: str
+    status: str = ""       # the checkpoint's status when skipped at plan time
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class PrunePlan:
             "deleted": [{"path": d.path, "bytes": d.frees_bytes} for d in self.deletions],
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
             "freed_bytes": self.freed_bytes,
+            "held_bytes": self.held_bytes,
         }
 
 
@@ -73,35 +88,38 @@ def plan_prune(checkpoints) -> PrunePlan:
     """The merged-weight files of ``redundant`` checkpoints, with exact bytes freed.
 
     A file frees its blocks only when every hard link to it is in the plan; what
-    other links keep alive is reported as ``held_by_links``.
+    other links keep alive is reported as ``held_by_links``. Bytes are credited to
+    the last link of a file in plan order, the one whose unlink really frees them.
     """
     candidates: list[tuple[Checkpoint, FileRecord]] = []
     skipped: list[Skip] = []
     for c in checkpoints:
         if c.status != REDUNDANT:
             if c.merged_files:
-                skipped.append(Skip(c.dir.root, c.path, _SKIP_REASONS.get(c.status, c.status)))
+                skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status))
             continue
         for rel in c.merged_files:
             rec = c.dir.file(rel)
             if rec is not None:
                 candidates.append((c, rec))
     links_in_plan: dict[tuple[int, int], int] = {}
-    for _, rec in candidates:
+    last: dict[tuple[int, int], int] = {}
+    for i, (_, rec) in enumerate(candidates):
         if not rec.is_symlink:
             key = (rec.dev, rec.ino)
             links_in_plan[key] = links_in_plan.get(key, 0) + 1
-    credited: set[tuple[int, int]] = set()
+            last[key] = i
     deletions = []
-    for c, rec in candidates:
+    for i, (c, rec) in enumerate(candidates):
         key = (rec.dev, rec.ino)
         if rec.is_symlink:
-            frees, held = rec.allocated, 0
-        elif links_in_plan[key] >= rec.nlink:
-            frees, held = (0 if key in credited else rec.allocated), 0
-            credited.add(key)
+            frees, held, others = rec.allocated, 0, 0
         else:
-            frees, held = 0, (0 if key in credited else rec.allocated)
-            credited.add(key)
-        deletions.append(PlannedDeletion(c.dir.root, c.path, rec.relpath, rec, frees, held))
+            others = max(rec.nlink - links_in_plan[key], 0)
+            credited = last[key] == i
+            if others == 0:
+                frees, held = (rec.allocated if credited else 0), 0
+            else:
+                frees, held = 0, (rec.allocated if credited else 0)
+        deletions.append(PlannedDeletion(c.dir.root, c.path, rec.relpath, rec, frees, held, others))
     return PrunePlan(tuple(deletions), tuple(skipped))

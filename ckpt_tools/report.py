@@ -85,8 +85,12 @@ def footer(result: ScanResult) -> str:
 
 def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> str:
     lines = []
+
+    def full(root: str, rel: str) -> str:
+        return root if rel == "." else os.path.join(root, rel)
+
     for c in result.checkpoints:
-        where = c.path if len(result.roots) == 1 else os.path.join(c.dir.root, c.path)
+        where = full(c.dir.root, c.path)
         errors = sum(1 for p in c.problems if p.is_error)
         warns = len(c.problems) - errors
         head = f"{where}: {c.status} ({c.layout})"
@@ -98,7 +102,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
             lines.append(head)
         for p in c.problems:
             if p.is_error or verbose or not quiet:
-                lines.append(f"  {p.severity}: {p.path}: {p.code}: {p.message}")
+                lines.append(f"  {p.severity}: {full(c.dir.root, p.path)}: {p.code}: {p.message}")
         hashes = c.facts.get("hashes") if verbose else None
         if hashes:
             for rel, digest in sorted(hashes.items()):

@@ -121,10 +121,7 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
     files: list[FileRecord] = []
     nested: list[str] = []
     unreadable: list[str] = []
-    try:
-        newest = os.stat(path, follow_symlinks=False).st_mtime_ns
-    except OSError:
-        newest = 0
+    newest = 0  # files only: a directory's mtime also moves when prune unlinks from it
     pending: list[tuple[str, list[os.DirEntry]]] = [("", entries)]
     while pending:
         prefix, ents = pending.pop()
@@ -136,7 +133,6 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
                     nested.append(e.path)
                     continue
                 try:
-                    newest = max(newest, e.stat(follow_symlinks=False).st_mtime_ns)
                     pending.append((rel + "/", _list(e.path)))
                 except PermissionError:
                     unreadable.append(rel)

@@ -47,6 +47,7 @@ class Tensor:
 class ExpertInfo:
     index: int
     source: str                        # relpath of the weights file
+    loaded: bool = False               # its tensors could be read
     modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → part → tensor
     config: dict | None = None
     config_path: str | None = None
@@ -80,7 +81,11 @@ class _Ctx:
 
     def rel(self, relpath: str) -> str:
         """A path relative to the scan root, for reports."""
-        return relpath if self.ckpt.path == "." else f"{self.ckpt.path}/{relpath}"
+        if relpath == ".":
+            return self.ckpt.path
+        if self.ckpt.path == ".":
+            return relpath
+        return os.path.normpath(f"{self.ckpt.path}/{relpath}").replace(os.sep, "/")
 
     def add(self, code: str, relpath: str, message: str, severity: str = ERROR) -> None:
         self.problems.append(Problem(code, self.rel(relpath), message, severity))
@@ -311,8 +316,25 @@ def _check_expert_shapes(ctx: _Ctx, ex: ExpertInfo, default_r: int | None) -> No
                     f"{module} is not among the adapter config's target_modules")
 
 
+def _target_set(cfg: dict | None):
+    targets = (cfg or {}).get("target_modules")
+    if isinstance(targets, list):
+        return frozenset(targets)
+    return targets
+
+
 def _compare_experts(ctx: _Ctx, experts: dict[int, ExpertInfo]) -> None:
     """All experts must adapt the same modules with the same in/out features."""
+    configured = {i: e for i, e in experts.items() if e.config is not None}
+    if len(configured) > 1:
+        ref_idx = min(configured)
+        ref_targets = _target_set(configured[ref_idx].config)
+        for i, ex in sorted(configured.items()):
+            if i != ref_idx and _target_set(ex.config) != ref_targets:
+                ctx.add(TARGET_MISMATCH, ex.config_path,
+                        f"target_modules {sorted(_target_set(ex.config) or [])} differ from expert "
+                        f"{ref_idx}'s {sorted(ref_targets or [])}")
+    experts = {i: e for i, e in experts.items() if e.loaded and e.modules}
     if len(experts) < 2:
         return
     ref_idx = min(experts)
@@ -404,6 +426,7 @@ def _load_dir_experts(ctx: _Ctx, nested: bool) -> dict[int, ExpertInfo]:
         if ctx.readable(weights[0], True):
             tensors = ctx.read_tensors(weights[0])
             if tensors is not None:
+                ex.loaded = True
                 ex.modules = _expert_modules(ctx, weights[0], tensors, True, index)
                 if not ex.modules:
                     ctx.add(MISSING_TENSOR, weights[0], "holds no LoRA tensors")
@@ -419,6 +442,7 @@ def _load_flat_experts(ctx: _Ctx) -> dict[int, ExpertInfo]:
         if ctx.readable(rel, True):
             tensors = ctx.read_tensors(rel)
             if tensors is not None:
+                ex.loaded = True
                 ex.modules = _expert_modules(ctx, rel, tensors, False, index)
                 if not ex.modules:
                     ctx.add(MISSING_TENSOR, rel, "holds no LoRA tensors")
@@ -452,6 +476,22 @@ def _router_shapes(ctx: _Ctx, rel: str) -> dict[str, Tensor] | None:
     return out
 
 
+def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
+    """Tensor names of a safetensors file whose data is damaged but whose header parses.
+
+    Used only to name the layout of a broken merged file; never to trust it.
+    """
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n > st.MAX_HEADER_BYTES:
+                return {}
+            header = json.loads(fh.read(n))
+        return {k: Tensor("?", ()) for k in header if k != "__metadata__"} if isinstance(header, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
 def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]:
     """Keys (with shapes where known) of the merged weights; False when unreadable."""
     keys: dict[str, Tensor] = {}
@@ -480,20 +520,38 @@ def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]
         tensors = ctx.read_tensors(m)
         if tensors is None:
             ok = False
-            continue
+            tensors = _lenient_safetensors_names(ctx.abspath(m)) if m.endswith(".safetensors") else {}
         keys.update(tensors)
     return keys, ok
 
 
-def _dir_has(ctx: _Ctx, relpath: str) -> bool:
-    return relpath in ctx.by_path
+def _adopt_parent_moe_state(ctx: _Ctx) -> str:
+    """best_model/ keeps its dylo_moe_state/ in the run directory (SPEC §3).
 
-
-def _parent_moe_state(ckpt: CheckpointDir) -> str | None:
-    """best_model/ keeps its dylo_moe_state/ in the run directory (SPEC §3)."""
-    parent = os.path.dirname(ckpt.abspath)
-    cand = os.path.join(parent, layout.MOE_STATE_DIR)
-    return cand if os.path.isdir(cand) else None
+    Returns the relative directory where this checkpoint's MoE state lives.
+    """
+    own = layout.MOE_STATE_DIR
+    if ctx.ckpt.name != layout.BEST_MODEL_DIR or any(
+            p.startswith(own + "/") for p in ctx.by_path):
+        return own
+    parent = os.path.join(os.path.dirname(ctx.base), own)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return own
+    for e in entries:
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            stt = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        rel = f"{layout.PARENT_DIR}/{own}/{e.name}"
+        ctx.by_path[rel] = FileRecord(relpath=rel, size=stt.st_size, allocated=stt.st_blocks * 512,
+                                      dev=stt.st_dev, ino=stt.st_ino, nlink=stt.st_nlink,
+                                      mtime_ns=stt.st_mtime_ns)
+        ctx.roles[rel] = layout.role_of(rel)
+    return f"{layout.PARENT_DIR}/{own}"
 
 
 def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = 3600,
@@ -520,7 +578,8 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     root_cfg = None
     if layout.ROOT_CONFIG in ctx.by_path and ctx.readable(layout.ROOT_CONFIG, False):
         root_cfg = ctx.read_json(layout.ROOT_CONFIG)
-    moe_cfg_rel = f"{layout.MOE_STATE_DIR}/{layout.MOE_CONFIG}"
+    moe_dir = _adopt_parent_moe_state(ctx)
+    moe_cfg_rel = f"{moe_dir}/{layout.MOE_CONFIG}"
     moe_cfg = None
     if moe_cfg_rel in ctx.by_path and ctx.readable(moe_cfg_rel, True):
         moe_cfg = ctx.read_json(moe_cfg_rel)
@@ -529,8 +588,10 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     merged_kind = None
     merged_tensors: dict[str, Tensor] = {}
     if merged:
-        merged_tensors, _ = _merged_keys(ctx, merged)
+        merged_tensors, merged_ok = _merged_keys(ctx, merged)
         merged_kind = layout.merged_key_kind(merged_tensors) if merged_tensors else "unreadable"
+        if not merged_ok:
+            merged_tensors = {k: t for k, t in merged_tensors.items() if t.dtype != "?"}
 
     # experts
     if tree_form == layout.TREE_CANONICAL:
@@ -542,16 +603,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     else:
         experts = {}
     dylora_root = layout.is_dylora_config(root_cfg)
-    run_moe_cfg = None
-    if tree_form in (layout.TREE_FLAT, layout.TREE_NONE) and moe_cfg is None and ckpt.name == layout.BEST_MODEL_DIR:
-        parent = _parent_moe_state(ckpt)
-        if parent:
-            try:
-                with open(os.path.join(parent, layout.MOE_CONFIG), "rb") as fh:
-                    run_moe_cfg = json.loads(fh.read(_MAX_JSON_BYTES))
-            except (OSError, ValueError):
-                run_moe_cfg = None
-    cfg_for_r = moe_cfg or (root_cfg if dylora_root else None) or run_moe_cfg
+    cfg_for_r = moe_cfg or (root_cfg if dylora_root else None)
     default_r = _count(layout.first_key(cfg_for_r, layout.LORA_R_KEYS))
     for ex in experts.values():
         _check_expert_shapes(ctx, ex, default_r if ex.config is None else None)
@@ -562,11 +614,11 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     router: dict | None = None
     if tree_form == layout.TREE_NESTED or layout.ROUTER_SAFETENSORS in ctx.by_path:
         router_rel = layout.ROUTER_SAFETENSORS
-    if f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}" in ctx.by_path:
-        router_rel = f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}"
+    if f"{moe_dir}/{layout.ROUTER_PT}" in ctx.by_path:
+        router_rel = f"{moe_dir}/{layout.ROUTER_PT}"
     if router_rel is None and tree_form != layout.TREE_NONE:
         router_rel = (layout.ROUTER_SAFETENSORS if tree_form == layout.TREE_NESTED
-                      else f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}")
+                      else f"{moe_dir}/{layout.ROUTER_PT}")
     if router_rel is not None:
         if router_rel not in ctx.by_path:
             if tree_form != layout.TREE_NONE:
@@ -575,7 +627,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
             router = _router_shapes(ctx, router_rel)
             if router is not None and layout.GATE_WEIGHT not in router:
                 ctx.add(MISSING_TENSOR, router_rel, f"no {layout.GATE_WEIGHT} in the router state")
-    skill = f"{layout.MOE_STATE_DIR}/{layout.SKILL_LIBRARY}"
+    skill = f"{moe_dir}/{layout.SKILL_LIBRARY}"
     if skill in ctx.by_path and ctx.readable(skill, True):
         ctx.read_torch(skill)
     if tree_form == layout.TREE_CANONICAL and moe_cfg_rel not in ctx.by_path:
@@ -599,9 +651,6 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
             router_rows = gw.shape[0]
     declared = [(moe_cfg_rel, _count(layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
     declared.append((layout.ROOT_CONFIG, _count(layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
-    if run_moe_cfg is not None:
-        declared.append(("../" + layout.MOE_STATE_DIR + "/" + layout.MOE_CONFIG,
-                         _count(layout.first_key(run_moe_cfg, layout.NUM_EXPERTS_KEYS))))
     if router and _count(router.get("__num_experts__")):
         declared.append((router_rel, router["__num_experts__"]))
     declared = [(p, n) for p, n in declared if n is not None]
@@ -627,11 +676,20 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
                     f"no config or router states the expert count; assuming {num_experts}", WARNING)
     if num_experts is not None:
         if router_rows is not None and router_rows != num_experts:
-            ctx.add(EXPERT_COUNT_MISMATCH, router_rel or layout.ROOT_CONFIG,
-                    f"router has {router_rows} rows for {num_experts} experts")
+            if declared:
+                ctx.add(EXPERT_COUNT_MISMATCH, declared[0][0],
+                        f"says {num_experts} experts but the router has {router_rows} rows")
+            else:
+                ctx.add(EXPERT_COUNT_MISMATCH, router_rel,
+                        f"router has {router_rows} rows for {num_experts} experts")
         for i in range(num_experts):
             if i not in present and (tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1")):
-                where = layout.PEFT_DIR if tree_form != layout.TREE_NONE else (merged[0] if merged else ".")
+                if tree_form == layout.TREE_FLAT:
+                    where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}.pt"
+                elif tree_form != layout.TREE_NONE:
+                    where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}"
+                else:
+                    where = merged[0] if merged else "."
                 ctx.add(EXPERT_MISSING, where, f"expert {i} of {num_experts} is missing")
         extra = sorted(i for i in present if i >= num_experts)
         if extra:
@@ -653,7 +711,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     # completeness and status
     tree_errors = [p for p in ctx.problems if p.is_error]
     router_ok = router is not None and router_rows is not None
-    has_config = (moe_cfg is not None or dylora_root or run_moe_cfg is not None
+    has_config = (moe_cfg is not None or dylora_root
                   or (tree_form in (layout.TREE_CANONICAL, layout.TREE_NESTED)
                       and all(e.config is not None for e in experts.values())))
     tree_complete = (tree_form != layout.TREE_NONE and bool(experts) and router_ok
@@ -673,6 +731,8 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
     if ckpt.tmp_name or young:
         status = IN_PROGRESS
+        # half-written is expected while it is written: say what is missing, as warnings
+        ctx.problems = [Problem(p.code, p.path, p.message, WARNING) for p in ctx.problems]
     elif any(p.is_error for p in ctx.problems):
         status = BROKEN
     elif tree_complete:
@@ -686,7 +746,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
         ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")
     facts.update(tree_form=tree_form, merged_kind=merged_kind, router=router_rel,
                  experts=sorted(experts), root_config=root_cfg, moe_config=moe_cfg,
-                 run_moe_config=run_moe_cfg, young=young)
+                 moe_dir=moe_dir, young=young)
     return Verdict(layout=layout_name, status=status, problems=ctx.problems, tree_form=tree_form,
                    merged_kind=merged_kind, merged_files=tuple(merged), num_experts=num_experts,
                    tree_complete=tree_complete, facts=facts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import reprlib
 import struct
 from dataclasses import dataclass
 
@@ -104,11 +105,20 @@ def _bad(message: str) -> FormatError:
     return FormatError(BAD_HEADER, message)
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = 160  # tensor names are long; whole ones read better in messages
+
+
+def _show(value: object) -> str:
+    """A short rendering of a JSON value for a one-line message."""
+    return _repr.repr(value)
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     result: dict = {}
     for key, value in pairs:
         if key in result:
-            raise _bad(f"duplicate key {key!r} in header JSON")
+            raise _bad(f"duplicate key {_show(key)} in header JSON")
         result[key] = value
     return result
 
@@ -123,7 +133,7 @@ def _is_int(value: object) -> bool:
 
 
 def _parse_entry(name: str, entry: object) -> TensorEntry:
-    where = f"tensor {name!r}"
+    where = f"tensor {_show(name)}"
     if not isinstance(entry, dict):
         raise _bad(f"{where}: entry is {type(entry).__name__}, not an object")
     if entry.keys() != _ENTRY_FIELDS:
@@ -137,13 +147,13 @@ def _parse_entry(name: str, entry: object) -> TensorEntry:
     if not isinstance(dtype, str):
         raise _bad(f"{where}: dtype is {type(dtype).__name__}, not a string")
     if dtype not in DTYPE_BITS:
-        raise FormatError(DTYPE_UNKNOWN, f"{where}: unknown dtype {dtype!r}")
+        raise FormatError(DTYPE_UNKNOWN, f"{where}: unknown dtype {_show(dtype)}")
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _bad(f"{where}: shape must be a list of integers, got {shape!r:.80}")
-    if any(d < 0 for d in shape):
-        raise _bad(f"{where}: negative dimension in shape {shape}")
+        raise _bad(f"{where}: shape must be a list of integers, got {_show(shape)}")
+    if any(d < 0 or d >= _U64 for d in shape):
+        raise _bad(f"{where}: dimension out of range in shape {_show(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
-        raise _bad(f"{where}: data_offsets must be two integers, got {offsets!r:.80}")
+        raise _bad(f"{where}: data_offsets must be two integers, got {_show(offsets)}")
     begin, end = offsets
     if begin < 0 or end >= _U64:
         raise _bad(f"{where}: data_offsets {offsets} out of range")
@@ -213,11 +223,11 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
     data_end = 0
     for tensor in sorted(tensors, key=lambda t: (t.begin, t.end)):
         if tensor.begin < data_end:
-            raise _bad(f"tensor {tensor.name!r} at [{tensor.begin}, {tensor.end}) overlaps "
+            raise _bad(f"tensor {_show(tensor.name)} at [{tensor.begin}, {tensor.end}) overlaps "
                        f"the data before offset {data_end}")
         if tensor.begin > data_end:
             raise _bad(f"gap of {tensor.begin - data_end} bytes in the data section before "
-                       f"tensor {tensor.name!r}")
+                       f"tensor {_show(tensor.name)}")
         data_end = tensor.end
     expected_size = 8 + header_len + data_end
     if expected_size < file_size:

@@ -1,0 +1,1181 @@
+"""Inspect ``torch.save`` files without unpickling them (SPEC §4, §5.4 rule 4).
+
+Two containers exist. The zip format (torch >= 1.6): one top-level folder holding
+``data.pkl``, ``data/<key>`` storage records (always ZIP_STORED), ``version``,
+``byteorder``... The legacy format (``_use_new_zipfile_serialization=False``): a
+run of pickles (magic number, protocol version, sys_info, the object, the sorted list
+of storage keys), then per storage an 8-byte little-endian element count and the raw
+bytes.
+
+The object pickle is evaluated by a small symbolic VM: nothing is imported and nothing
+is called. It admits the globals that ``torch.load(weights_only=True)`` admits by
+default (``torch/_weights_only_unpickler.py``) and models those a checkpoint uses:
+dicts, lists, plain values and dense tensors, which become ``TensorRef`` records.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+from ckpt_tools.formats.safetensors_header import open_readonly
+from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
+
+MAX_PICKLE_BYTES = 256 * 1024 * 1024
+
+#: Element size in bytes of every torch dtype (named as ``str(torch.<dtype>)`` minus "torch.").
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
+    "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+    **{f"int{n}": 1 for n in range(1, 8)},
+    **{f"uint{n}": 1 for n in range(1, 8)},
+}
+
+_LEGACY_STORAGES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+}
+_QUANTIZED_STORAGES = {
+    "QInt8Storage": "qint8", "QInt32Storage": "qint32", "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+}
+#: Storage classes a persistent id may name → the dtype of the storage's elements.
+STORAGE_DTYPES: dict[str, str] = {
+    "torch.storage.UntypedStorage": "uint8",
+    **{f"torch.{k}": v for k, v in (_LEGACY_STORAGES | _QUANTIZED_STORAGES).items()},
+    **{f"torch.cuda.{k}": v for k, v in _LEGACY_STORAGES.items()},
+}
+
+_TENSOR_KINDS = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char",
+                 "Byte", "Bool")
+_TENSOR_CLASSES = frozenset(
+    {"torch.Tensor", "torch.nn.parameter.Parameter"}
+    | {f"torch{m}.{k}Tensor" for m in ("", ".cuda") for k in _TENSOR_KINDS}
+    | {f"torch{m}.sparse.{k}Tensor" for m in ("", ".cuda") for k in _TENSOR_KINDS if k != "Bool"}
+)
+_REBUILD_FUNCTIONS = frozenset(f"torch._utils._rebuild_{f}" for f in (
+    "tensor", "tensor_v2", "tensor_v3", "parameter", "parameter_with_state", "qtensor",
+    "sparse_tensor", "meta_tensor_no_storage", "nested_tensor", "wrapper_subclass",
+    "device_tensor_from_numpy", "device_tensor_from_cpu_tensor"))
+
+#: Exactly the globals torch 2.13's ``weights_only=True`` unpickler allows by default.
+ALLOWED_GLOBALS: frozenset[str] = frozenset(
+    {"collections.OrderedDict", "collections.Counter", "torch.serialization._get_layout",
+     "torch.Size", "torch.device", "_codecs.encode", "builtins.bytearray", "builtins.set",
+     "builtins.complex", "torch.storage.TypedStorage", "torch._tensor._rebuild_from_type_v2"}
+    | {f"torch.{d}" for d in DTYPE_SIZES}
+    | set(STORAGE_DTYPES) | _TENSOR_CLASSES | _REBUILD_FUNCTIONS
+    | {f"torch.{q}" for q in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
+                              "per_channel_symmetric", "per_channel_affine_float_qparams")}
+)
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_LEGACY_MAGIC_PICKLE = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little") + b"."
+_ZIP_LOCAL = b"PK\x03\x04"
+_ZIP_CENTRAL = b"PK\x01\x02"
+_ZIP_END = b"PK\x05\x06"
+_ZIP64_END = b"PK\x06\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_MAX_CENTRAL_DIRECTORY = 8 * 1024 * 1024
+_MAX_RECORD_WALK = 1_000_000
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot do better than ~1032:1
+_FIRST_LEGACY_READ = 64 * 1024
+
+# Bounds that keep the VM's memory in proportion to a sane pickle on hostile input.
+_MAX_PUSHES = 10_000_000
+_MAX_MEMO = 2_000_000
+_MAX_MARKS = 1_000
+_MAX_LONG_BYTES = 1024
+_MAX_KEY_TUPLE = 64
+_MAX_DEPTH = 256
+_MAX_UNFOLDED = 10_000_000
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor as the pickle describes it: a view of a storage (offset/stride in elements)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_key: str
+    storage_offset: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def storage_bytes_needed(self) -> int:
+        """Bytes of its storage the tensor reaches, counted from the storage's start."""
+        if self.numel == 0:
+            return 0
+        last = self.storage_offset + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+        return (last + 1) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A bare storage (``torch.save(storage)``); tensors refer to storages by key."""
+
+    key: str
+    dtype: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TorchSymbol:
+    """An allowlisted torch value that is not a tensor: a dtype, a device, a layout."""
+
+    name: str
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class TorchFileInfo:
+    """What a torch.save file holds, found without unpickling it.
+
+    ``obj`` is the object tree (dict / list / tuple / set / str / int / float / complex /
+    bool / None / bytes / ``TensorRef`` / ``TorchSymbol``), or None when the pickle was
+    not checked. ``storages`` maps each referenced storage key to (dtype, bytes present).
+    """
+
+    format: str
+    obj: object
+    storages: dict[str, tuple[str, int]]
+    record_prefix: str = ""
+
+
+class _Short(Exception):
+    """The pickle runs past the bytes at hand."""
+
+
+class _Opaque:
+    """Stands for anything built from an unchecked global (``check_pickle=False``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+_OPAQUE = _Opaque()
+_SCALAR_KEYS = (str, int, float, complex, bytes, type(None))
+
+
+def _bad(message: str) -> FormatError:
+    return FormatError(BAD_ARCHIVE, message)
+
+
+def _show(value) -> str:
+    """A few characters naming a value from a hostile pickle, without walking it."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if isinstance(value, (bool, float, complex, type(None))) or (
+            type(value) is int and value.bit_length() <= 64):
+        return repr(value)
+    if isinstance(value, TorchSymbol):
+        return value.name
+    return f"a {type(value).__name__}"
+
+
+class _PickleVM:
+    """Evaluates one pickle symbolically. Construct, then ``run(pos)``.
+
+    ``strict``: globals outside ``ALLOWED_GLOBALS`` and allowlisted calls that are not
+    modelled raise ``unsafe-pickle``; otherwise they evaluate to an opaque value.
+    ``pid_len``: 5 (zip) or 6 (legacy) for storage persistent ids, 0 to refuse them.
+    """
+
+    def __init__(self, data: bytes, *, strict: bool = True, pid_len: int = 0):
+        self.data = data
+        self.strict = strict
+        self.pid_len = pid_len
+        self.storages: dict[str, StorageRef] = {}
+        self.tensors: list[TensorRef] = []
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+        self.pushes = 0
+        self.pos = 0
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise _Short
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def _unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        (value,) = struct.unpack(fmt, self._take(size))
+        return value
+
+    def _line(self) -> bytes:
+        end = self.data.find(b"\n", self.pos)
+        if end < 0:
+            raise _Short
+        line = self.data[self.pos:end]
+        self.pos = end + 1
+        return line
+
+    def _sized(self, fmt: str) -> bytes:
+        n = self._unpack(fmt)
+        if n < 0:
+            raise _bad(f"negative length {n}")
+        return self._take(n)
+
+    # -- stack ------------------------------------------------------------------------
+
+    def push(self, value) -> None:
+        self.pushes += 1
+        if self.pushes > _MAX_PUSHES:
+            raise _bad(f"pickle builds more than {_MAX_PUSHES} values")
+        self.stack.append(value)
+
+    def pop(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _bad("stack underflow")
+        return self.stack.pop()
+
+    def top(self):
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _bad("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list:
+        if not self.marks:
+            raise _bad("no MARK on the stack")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def memo_put(self, index: int) -> None:
+        if index < 0:
+            raise _bad("negative memo index")
+        if index not in self.memo and len(self.memo) >= _MAX_MEMO:
+            raise _bad(f"memo holds more than {_MAX_MEMO} entries")
+        self.memo[index] = self.top()
+
+    def memo_get(self, index: int) -> None:
+        if index not in self.memo:
+            raise _bad(f"memo index {index} was never stored")
+        self.push(self.memo[index])
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, pos: int = 0) -> tuple[object, int]:
+        """Evaluate the pickle starting at ``pos``; return its value and the end offset."""
+        self.pos = pos
+        data = self.data
+        while True:
+            if self.pos >= len(data):
+                raise _Short
+            at = self.pos
+            code = data[at]
+            self.pos += 1
+            handler = _OPCODES.get(code)
+            if handler is None:
+                raise _bad(f"unknown pickle opcode 0x{code:02x} at byte {at}")
+            try:
+                if handler(self):
+                    return self.pop(), self.pos
+            except (FormatError, _Short):
+                raise
+            except (ValueError, TypeError, OverflowError, struct.error) as exc:
+                raise _bad(f"malformed pickle at byte {at}: {exc}") from None
+
+    # -- symbolic values --------------------------------------------------------------
+
+    def check_key(self, key) -> None:
+        # Keys are hashed: allowing nested tuples would let a pickle make hashing exponential.
+        if isinstance(key, _SCALAR_KEYS) or (not self.strict and isinstance(key, _Opaque)):
+            return
+        if isinstance(key, TorchSymbol) and all(isinstance(a, _SCALAR_KEYS) for a in key.args):
+            return
+        if (isinstance(key, tuple) and len(key) <= _MAX_KEY_TUPLE
+                and all(isinstance(k, _SCALAR_KEYS) for k in key)):
+            return
+        raise _bad(f"unsupported dict key or set item of type {type(key).__name__}")
+
+    def set_items(self, target, items: list) -> None:
+        if len(items) % 2:
+            raise _bad("SETITEMS with an odd number of items")
+        if isinstance(target, _Opaque) and not self.strict:
+            return
+        if not isinstance(target, dict):
+            raise _bad(f"SETITEM on a {type(target).__name__}, not a dict")
+        for i in range(0, len(items), 2):
+            self.check_key(items[i])
+            target[items[i]] = items[i + 1]
+
+    def add_items(self, target, items: list) -> None:
+        if isinstance(target, _Opaque) and not self.strict:
+            return
+        if not isinstance(target, set):
+            raise _bad(f"ADDITEMS on a {type(target).__name__}, not a set")
+        for item in items:
+            self.check_key(item)
+        target.update(items)
+
+    def append_items(self, target, items: list) -> None:
+        if isinstance(target, _Opaque) and not self.strict:
+            return
+        if not isinstance(target, list):
+            raise _bad(f"APPEND on a {type(target).__name__}, not a list")
+        target.extend(items)
+
+    def find_global(self, module: str, name: str):
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        if full in ALLOWED_GLOBALS:
+            return TorchSymbol(full)
+        if self.strict:
+            raise FormatError(UNSAFE_PICKLE, f"pickle needs global {full[:120]}, which is not a "
+                                             "tensor, dict, list or plain value")
+        return _OPAQUE
+
+    def call(self, func, args):
+        """What calling ``func(*args)`` would give, without calling anything."""
+        if isinstance(func, _Opaque):
+            return _OPAQUE
+        if not isinstance(func, TorchSymbol):
+            raise _bad(f"pickle calls a {type(func).__name__}, which is not callable")
+        if not isinstance(args, tuple):
+            raise _bad(f"arguments to {func.name} are a {type(args).__name__}, not a tuple")
+        model = _CALLS.get(func.name)
+        if model is None:
+            if not self.strict:
+                return _OPAQUE
+            raise FormatError(UNSAFE_PICKLE, f"pickle calls {func.name}, which ckpt-tools "
+                                             "does not model (only dense tensors, dicts, "
+                                             "lists and plain values)")
+        try:
+            return model(self, *args)
+        except TypeError:  # wrong number of arguments for the model
+            raise _bad(f"bad arguments to {func.name}: {len(args)} given") from None
+
+    def build(self, inst, state) -> None:
+        # BUILD sets an object's state; for the types modelled here the state carries
+        # nothing a checkpoint reader needs (OrderedDict._metadata, Parameter attributes).
+        if isinstance(inst, (TensorRef, _Opaque)) or not self.strict:
+            return
+        if isinstance(inst, dict) and (state is None or isinstance(state, (dict, tuple))):
+            return
+        raise _bad(f"BUILD on a {type(inst).__name__}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
+            raise _bad(f"persistent id {_show(pid)} is not a storage reference")
+        if len(pid) != self.pid_len:
+            raise _bad(f"storage reference has {len(pid)} fields, expected {self.pid_len}"
+                       if self.pid_len else "storage reference outside the object pickle")
+        storage_type, key, location, numel = pid[1:5]
+        if len(pid) == 6 and pid[5] is not None:
+            raise _bad("legacy storage views are not supported")
+        if not (isinstance(storage_type, TorchSymbol) and storage_type.name in STORAGE_DTYPES):
+            raise _bad(f"storage reference names {_show(storage_type)}, not a storage class")
+        if not isinstance(key, str) or not isinstance(location, (str, bytes)):
+            raise _bad("storage key and location must be strings")
+        if type(numel) is not int or numel < 0:
+            raise _bad(f"storage {_show(key)} has element count {_show(numel)}")
+        if key not in self.storages:
+            dtype = STORAGE_DTYPES[storage_type.name]
+            self.storages[key] = StorageRef(key, dtype, numel * DTYPE_SIZES[dtype])
+        # Like torch: a key seen again means the storage already loaded, with its first dtype.
+        return self.storages[key]
+
+    def rebuild_tensor(self, storage, offset, size, stride, dtype: str | None = None):
+        if not isinstance(storage, StorageRef):
+            raise _bad(f"tensor built on a {type(storage).__name__}, not a storage")
+        if type(offset) is not int or offset < 0:
+            raise _bad(f"tensor storage offset {_show(offset)} is not a non-negative integer")
+        dims = _int_tuple(size, "size")
+        strides = _int_tuple(stride, "stride")
+        if len(dims) != len(strides):
+            raise _bad(f"tensor size {dims} and stride {strides} differ in length")
+        tensor = TensorRef(dtype or storage.dtype, dims, strides, storage.key, offset)
+        self.tensors.append(tensor)
+        return tensor
+
+
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+            type(v) is int and v >= 0 for v in value):
+        raise _bad(f"tensor {what} {_show(value)} is not a tuple of non-negative integers")
+    return tuple(value)
+
+
+def _dtype_of(symbol) -> str:
+    if not (isinstance(symbol, TorchSymbol) and symbol.name.startswith("torch.")
+            and symbol.name[6:] in DTYPE_SIZES):
+        raise _bad(f"{_show(symbol)} is not a torch dtype")
+    return symbol.name[6:]
+
+
+def _as_tensor(value) -> TensorRef:
+    if not isinstance(value, TensorRef):
+        raise _bad(f"parameter data is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _make_dict(vm: _PickleVM, items=()) -> dict:
+    pairs = items.items() if isinstance(items, dict) else items
+    if not isinstance(pairs, (list, tuple, type({}.items()))):
+        raise _bad(f"OrderedDict built from a {type(items).__name__}")
+    result: dict = {}
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise _bad("OrderedDict built from something other than pairs")
+        vm.check_key(pair[0])
+        result[pair[0]] = pair[1]
+    return result
+
+
+def _make_set(vm: _PickleVM, items=()) -> set:
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise _bad(f"set built from a {type(items).__name__}")
+    for item in items:
+        vm.check_key(item)
+    return set(items)
+
+
+def _make_bytes(vm: _PickleVM, source=b"", encoding=None) -> bytes:
+    if isinstance(source, str) and encoding is not None:
+        return _encode(vm, source, encoding)
+    if isinstance(source, bytes) and encoding is None:
+        return source
+    if isinstance(source, list) and encoding is None and all(
+            type(b) is int and 0 <= b < 256 for b in source):
+        return bytes(source)
+    raise _bad("bytearray built from unsupported arguments")
+
+
+def _encode(vm: _PickleVM, text, encoding="utf-8", errors="strict") -> bytes:
+    # Protocol 2 writes bytes as _codecs.encode(str, "latin1"); nothing else is needed.
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1") and errors == "strict"):
+        raise _bad("_codecs.encode with arguments other than (str, 'latin1')")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise _bad("_codecs.encode of text outside latin-1") from None
+
+
+def _make_complex(vm: _PickleVM, real=0.0, imag=0.0) -> complex:
+    if not all(type(v) in (int, float) for v in (real, imag)):
+        raise _bad("complex built from non-numbers")
+    return complex(real, imag)
+
+
+def _make_size(vm: _PickleVM, dims=()) -> tuple:
+    return _int_tuple(dims, "torch.Size")
+
+
+def _make_device(vm: _PickleVM, *args) -> TorchSymbol:
+    if not (1 <= len(args) <= 2 and isinstance(args[0], str)
+            and all(type(a) is int for a in args[1:])):
+        raise _bad("torch.device with arguments other than (type[, index])")
+    return TorchSymbol("torch.device", args)
+
+
+def _rebuild_v1(vm, storage, offset, size, stride):
+    return vm.rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_v2(vm, storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    return vm.rebuild_tensor(storage, offset, size, stride)
+
+
+def _rebuild_v3(vm, storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return vm.rebuild_tensor(storage, offset, size, stride, _dtype_of(dtype))
+
+
+def _rebuild_parameter(vm, data, requires_grad=True, hooks=None, state=None):
+    return _as_tensor(data)
+
+
+def _rebuild_from_type(vm, func, new_type, args, state):
+    if not (isinstance(func, TorchSymbol) and func.name in _REBUILD_FUNCTIONS):
+        raise _bad(f"tensor rebuilt by {_show(func)}, not a rebuild function")
+    if not (isinstance(new_type, TorchSymbol) and new_type.name in _TENSOR_CLASSES):
+        raise _bad(f"tensor rebuilt as {_show(new_type)}, not a tensor class")
+    return _as_tensor(vm.call(func, args))
+
+
+def _new_parameter(vm, data, requires_grad=True):
+    return _as_tensor(data)
+
+
+_CALLS = {
+    "collections.OrderedDict": _make_dict,
+    "collections.Counter": _make_dict,
+    "builtins.set": _make_set,
+    "builtins.bytearray": _make_bytes,
+    "builtins.complex": _make_complex,
+    "_codecs.encode": _encode,
+    "torch.Size": _make_size,
+    "torch.device": _make_device,
+    "torch._utils._rebuild_tensor": _rebuild_v1,
+    "torch._utils._rebuild_tensor_v2": _rebuild_v2,
+    "torch._utils._rebuild_tensor_v3": _rebuild_v3,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.nn.parameter.Parameter": _new_parameter,
+}
+
+
+# -- opcodes: each handler returns True only for STOP ---------------------------------
+
+def _decode_str(raw: bytes):
+    # Python 2 str: text when it is UTF-8 (as torch.load's default encoding would read it).
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+def _text_int(line: bytes):
+    if line == b"00":
+        return False
+    if line == b"01":
+        return True
+    return int(line, 0)
+
+
+def _quoted(line: bytes) -> bytes:
+    if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
+        raise _bad("STRING opcode argument is not quoted")
+    return codecs.escape_decode(line[1:-1])[0]
+
+
+def _long(vm: _PickleVM, fmt: str) -> int:
+    n = vm._unpack(fmt)
+    if not 0 <= n <= _MAX_LONG_BYTES:
+        raise _bad(f"integer of {n} bytes")
+    return int.from_bytes(vm._take(n), "little", signed=True)
+
+
+def _tuple_n(vm: _PickleVM, n: int) -> None:
+    items = [vm.pop() for _ in range(n)][::-1]
+    vm.push(tuple(items))
+
+
+def _stop(vm: _PickleVM) -> bool:
+    return True
+
+
+def _pop(vm: _PickleVM) -> None:
+    if vm.marks and len(vm.stack) == vm.marks[-1]:
+        vm.pop_mark()
+    else:
+        vm.pop()
+
+
+def _pop_mark(vm: _PickleVM) -> None:
+    vm.pop_mark()
+
+
+def _mark(vm: _PickleVM) -> None:
+    if len(vm.marks) >= _MAX_MARKS:
+        raise _bad(f"more than {_MAX_MARKS} nested MARKs")
+    vm.marks.append(len(vm.stack))
+
+
+def _proto(vm: _PickleVM) -> None:
+    version = vm._take(1)[0]
+    if version > 5:
+        raise _bad(f"unsupported pickle protocol {version}")
+
+
+def _frame(vm: _PickleVM) -> None:
+    size = vm._unpack("<Q")
+    if vm.pos + size > len(vm.data):
+        raise _Short
+
+
+def _global(vm: _PickleVM) -> None:
+    module = vm._line().decode("utf-8")
+    name = vm._line().decode("utf-8")
+    vm.push(vm.find_global(module, name))
+
+
+def _stack_global(vm: _PickleVM) -> None:
+    name, module = vm.pop(), vm.pop()
+    if not (isinstance(module, str) and isinstance(name, str)):
+        raise _bad("STACK_GLOBAL with non-string module or name")
+    vm.push(vm.find_global(module, name))
+
+
+def _ext(vm: _PickleVM, fmt: str) -> None:
+    code = vm._unpack(fmt)
+    raise FormatError(UNSAFE_PICKLE, f"pickle needs the global registered as extension "
+                                     f"code {code} (copyreg), which is not allowed")
+
+
+def _reduce(vm: _PickleVM) -> None:
+    args = vm.pop()
+    func = vm.pop()
+    vm.push(vm.call(func, args))
+
+
+def _newobj(vm: _PickleVM) -> None:
+    args = vm.pop()
+    cls = vm.pop()
+    vm.push(vm.call(cls, args))
+
+
+def _newobj_ex(vm: _PickleVM) -> None:
+    kwargs, args, cls = vm.pop(), vm.pop(), vm.pop()
+    if kwargs != {} and not isinstance(cls, _Opaque):
+        raise _bad("NEWOBJ_EX with keyword arguments")
+    vm.push(vm.call(cls, args))
+
+
+def _inst(vm: _PickleVM) -> None:
+    module = vm._line().decode("utf-8")
+    name = vm._line().decode("utf-8")
+    cls = vm.find_global(module, name)
+    vm.push(vm.call(cls, tuple(vm.pop_mark())))
+
+
+def _obj(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    if not items:
+        raise _bad("OBJ without a class")
+    vm.push(vm.call(items[0], tuple(items[1:])))
+
+
+def _build(vm: _PickleVM) -> None:
+    state = vm.pop()
+    vm.build(vm.top(), state)
+
+
+def _persid(vm: _PickleVM) -> None:
+    vm.push(vm.persistent_load(vm._line().decode("ascii")))
+
+
+def _binpersid(vm: _PickleVM) -> None:
+    vm.push(vm.persistent_load(vm.pop()))
+
+
+def _setitem(vm: _PickleVM) -> None:
+    value = vm.pop()
+    key = vm.pop()
+    vm.set_items(vm.top(), [key, value])
+
+
+def _setitems(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    vm.set_items(vm.top(), items)
+
+
+def _dict(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    target: dict = {}
+    vm.set_items(target, items)
+    vm.push(target)
+
+
+def _appends(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    vm.append_items(vm.top(), items)
+
+
+def _append(vm: _PickleVM) -> None:
+    item = vm.pop()
+    vm.append_items(vm.top(), [item])
+
+
+def _additems(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    vm.add_items(vm.top(), items)
+
+
+def _frozenset(vm: _PickleVM) -> None:
+    items = vm.pop_mark()
+    for item in items:
+        vm.check_key(item)
+    vm.push(frozenset(items))
+
+
+def _next_buffer(vm: _PickleVM) -> None:
+    raise _bad("pickle refers to an out-of-band buffer")
+
+
+def _readonly_buffer(vm: _PickleVM) -> None:
+    vm.top()
+
+
+def _text_put(vm: _PickleVM) -> None:
+    vm.memo_put(int(vm._line()))
+
+
+def _text_get(vm: _PickleVM) -> None:
+    vm.memo_get(int(vm._line()))
+
+
+_OPCODES = {
+    ord("("): _mark,
+    ord("."): _stop,
+    ord("0"): _pop,
+    ord("1"): _pop_mark,
+    ord("2"): lambda vm: vm.push(vm.top()),
+    ord("F"): lambda vm: vm.push(float(vm._line())),
+    ord("I"): lambda vm: vm.push(_text_int(vm._line())),
+    ord("J"): lambda vm: vm.push(vm._unpack("<i")),
+    ord("K"): lambda vm: vm.push(vm._take(1)[0]),
+    ord("L"): lambda vm: vm.push(int(vm._line().rstrip(b"L"), 0)),
+    ord("M"): lambda vm: vm.push(vm._unpack("<H")),
+    ord("N"): lambda vm: vm.push(None),
+    ord("P"): _persid,
+    ord("Q"): _binpersid,
+    ord("R"): _reduce,
+    ord("S"): lambda vm: vm.push(_decode_str(_quoted(vm._line()))),
+    ord("T"): lambda vm: vm.push(_decode_str(vm._sized("<i"))),
+    ord("U"): lambda vm: vm.push(_decode_str(vm._sized("<B"))),
+    ord("V"): lambda vm: vm.push(vm._line().decode("raw-unicode-escape")),
+    ord("X"): lambda vm: vm.push(vm._sized("<I").decode("utf-8")),
+    ord("a"): _append,
+    ord("b"): _build,
+    ord("c"): _global,
+    ord("d"): _dict,
+    ord("}"): lambda vm: vm.push({}),
+    ord("e"): _appends,
+    ord("g"): _text_get,
+    ord("h"): lambda vm: vm.memo_get(vm._take(1)[0]),
+    ord("i"): _inst,
+    ord("j"): lambda vm: vm.memo_get(vm._unpack("<I")),
+    ord("l"): lambda vm: vm.push(vm.pop_mark()),
+    ord("]"): lambda vm: vm.push([]),
+    ord("o"): _obj,
+    ord("p"): _text_put,
+    ord("q"): lambda vm: vm.memo_put(vm._take(1)[0]),
+    ord("r"): lambda vm: vm.memo_put(vm._unpack("<I")),
+    ord("s"): _setitem,
+    ord("t"): lambda vm: vm.push(tuple(vm.pop_mark())),
+    ord(")"): lambda vm: vm.push(()),
+    ord("u"): _setitems,
+    ord("G"): lambda vm: vm.push(vm._unpack(">d")),
+    # protocol 2
+    0x80: _proto,
+    0x81: _newobj,
+    0x82: lambda vm: _ext(vm, "<B"),
+    0x83: lambda vm: _ext(vm, "<H"),
+    0x84: lambda vm: _ext(vm, "<i"),
+    0x85: lambda vm: _tuple_n(vm, 1),
+    0x86: lambda vm: _tuple_n(vm, 2),
+    0x87: lambda vm: _tuple_n(vm, 3),
+    0x88: lambda vm: vm.push(True),
+    0x89: lambda vm: vm.push(False),
+    0x8A: lambda vm: vm.push(_long(vm, "<B")),
+    0x8B: lambda vm: vm.push(_long(vm, "<i")),
+    # protocol 3
+    ord("B"): lambda vm: vm.push(vm._sized("<I")),
+    ord("C"): lambda vm: vm.push(vm._sized("<B")),
+    # protocol 4
+    0x8C: lambda vm: vm.push(vm._sized("<B").decode("utf-8")),
+    0x8D: lambda vm: vm.push(vm._sized("<Q").decode("utf-8")),
+    0x8E: lambda vm: vm.push(vm._sized("<Q")),
+    0x8F: lambda vm: vm.push(set()),
+    0x90: _additems,
+    0x91: _frozenset,
+    0x92: _newobj_ex,
+    0x93: _stack_global,
+    0x94: lambda vm: vm.memo_put(len(vm.memo)),
+    0x95: _frame,
+    # protocol 5
+    0x96: lambda vm: vm.push(vm._sized("<Q")),
+    0x97: _next_buffer,
+    0x98: _readonly_buffer,
+}
+
+
+def _check_tree(obj) -> None:
+    """Reject containers that contain themselves, nest deeper than ``_MAX_DEPTH`` or, by
+    sharing subtrees, unfold to more than ``_MAX_UNFOLDED`` nodes for whoever walks them."""
+    measured: dict[int, tuple[int, int]] = {}  # id → (depth, unfolded size)
+    on_path: set[int] = set()
+    work = [(obj, False)]
+    while work:
+        node, leaving = work.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = node
+        elif isinstance(node, TorchSymbol):
+            children = node.args
+        else:
+            continue
+        ident = id(node)
+        if leaving:
+            on_path.discard(ident)
+            depth, size = 1, 1
+            for child in children:
+                child_depth, child_size = measured.get(id(child), (0, 1))
+                depth, size = max(depth, child_depth + 1), size + child_size
+            if depth > _MAX_DEPTH:
+                raise _bad(f"object tree nests deeper than {_MAX_DEPTH} levels")
+            if size > _MAX_UNFOLDED:
+                raise _bad(f"object tree unfolds to more than {_MAX_UNFOLDED} nodes "
+                           "through shared containers")
+            measured[ident] = depth, size
+            continue
+        if ident in on_path:
+            raise _bad("object tree contains a container that contains itself")
+        if ident in measured:
+            continue
+        on_path.add(ident)
+        work.append((node, True))
+        work.extend((c, False) for c in children)
+
+
+def _check_extents(tensors: list[TensorRef], storages: dict[str, StorageRef]) -> None:
+    for tensor in tensors:
+        have = storages[tensor.storage_key].nbytes
+        if tensor.storage_bytes_needed > have:
+            raise _bad(f"tensor of shape {list(tensor.shape)} at offset {tensor.storage_offset} "
+                       f"needs {tensor.storage_bytes_needed} bytes of storage "
+                       f"{_show(tensor.storage_key)}, which has {have}")
+
+
+def _run_pickle(data: bytes, pos: int, *, strict: bool, pid_len: int = 0):
+    vm = _PickleVM(data, strict=strict, pid_len=pid_len)
+    value, end = vm.run(pos)
+    return vm, value, end
+
+
+# -- zip container --------------------------------------------------------------------
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _find_central_directory(fd: int, size: int) -> tuple[int, int, int] | None:
+    """(offset, size, end) of the central directory from the end records, or None."""
+    tail_len = min(size, 22 + 0xFFFF + 20)
+    tail = _pread(fd, tail_len, size - tail_len)
+    at = len(tail)
+    while True:
+        at = tail.rfind(_ZIP_END, 0, at)
+        if at < 0:
+            return None
+        if len(tail) - at >= 22:
+            disk, cd_disk, _, entries, cd_size, cd_offset, comment_len = struct.unpack_from(
+                "<HHHHIIH", tail, at + 4)
+            if at + 22 + comment_len == len(tail):
+                break
+    if disk or cd_disk:
+        raise _bad("multi-disk zip archives are not supported")
+    end = size - len(tail) + at
+    # torch (miniz) always writes zip64 end records, large or not.
+    if at >= 20 and tail[at - 20:at - 16] == _ZIP64_LOCATOR:
+        (end,) = struct.unpack_from("<Q", tail, at - 20 + 8)
+        record = _pread(fd, 56, end) if end + 56 <= size else b""
+        if record[:4] != _ZIP64_END:
+            raise _bad("zip64 end-of-central-directory record is missing")
+        cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
+    elif 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:
+        raise _bad("zip64 end record locator is missing")
+    return cd_offset, cd_size, end
+
+
+def _diagnose_no_end_record(fd: int, size: int) -> FormatError:
+    """Walk the records of a zip that lacks its end record: was it cut short?"""
+    truncated = FormatError(TRUNCATED, f"zip archive is truncated: it ends at byte {size} "
+                                       "without its end-of-central-directory record")
+    pos = 0
+    for _ in range(_MAX_RECORD_WALK):
+        head = _pread(fd, 46, pos)
+        if len(head) < 4:
+            return truncated
+        if head[:4] == _ZIP_LOCAL:
+            if len(head) < 30:
+                return truncated
+            (flags,) = struct.unpack_from("<H", head, 6)
+            (csize,) = struct.unpack_from("<I", head, 18)
+            name_len, extra_len = struct.unpack_from("<HH", head, 26)
+            if csize == 0xFFFFFFFF:
+                csize = _zip64_compressed_size(_pread(fd, extra_len, pos + 30 + name_len))
+            if flags & 0x08 or csize is None:
+                break  # sizes follow the data (torch writes them so): the walk cannot go on
+            pos += 30 + name_len + extra_len + csize
+        elif head[:4] == _ZIP_CENTRAL:
+            if len(head) < 46:
+                return truncated
+            pos += 46 + sum(struct.unpack_from("<HHH", head, 28))
+        elif head[:4] == _ZIP64_END:
+            if len(head) < 12:
+                return truncated
+            pos += 12 + struct.unpack_from("<Q", head, 4)[0]
+        elif head[:4] == _ZIP64_LOCATOR:
+            pos += 20
+        elif head[:4] == _ZIP_END:
+            if len(head) < 22 or pos + 22 + struct.unpack_from("<H", head, 20)[0] > size:
+                return truncated
+            return _bad("zip archive has bytes after its end-of-central-directory record")
+        else:
+            return _bad(f"zip archive has no end record and is corrupt at byte {pos}")
+    return _bad("zip archive has no end-of-central-directory record: it was probably "
+                "truncated (cut short while being written or copied)")
+
+
+def _zip64_compressed_size(extra: bytes) -> int | None:
+    at = 0
+    while at + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, at)
+        if tag == 0x0001 and length >= 16 and at + 20 <= len(extra):
+            return struct.unpack_from("<Q", extra, at + 12)[0]
+        at += 4 + length
+    return None
+
+
+def _check_records(fd: int, infos: list[zipfile.ZipInfo], cd_offset: int) -> None:
+    """Every record's local header and data lie inside the file, in order, not overlapping."""
+    data_end = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        name = info.filename
+        if info.flag_bits & 0x01:
+            raise _bad(f"record {name!r} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise _bad(f"record {name!r} uses compression method {info.compress_type}, "
+                       "which torch cannot read")
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise _bad(f"stored record {name!r} declares {info.file_size} bytes but "
+                       f"occupies {info.compress_size}")
+        if info.compress_type != zipfile.ZIP_STORED and (
+                info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1)):
+            raise _bad(f"record {name!r} claims {info.file_size} bytes from "
+                       f"{info.compress_size} compressed bytes (zip bomb)")
+        if info.header_offset < data_end:
+            raise _bad(f"record {name!r} overlaps the record before it")
+        head = _pread(fd, 30, info.header_offset)
+        if len(head) < 30 or head[:4] != _ZIP_LOCAL:
+            raise _bad(f"record {name!r}: no local header at byte {info.header_offset}")
+        name_len, extra_len = struct.unpack_from("<HH", head, 26)
+        local_name = _pread(fd, name_len, info.header_offset + 30)
+        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
+                                                   else "cp437", "replace"):
+            raise _bad(f"record {name!r}: local header names {_show(local_name)}")
+        data_end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+        if data_end > cd_offset:
+            raise _bad(f"record {name!r} runs into the central directory")
+
+
+def _inspect_zip(fd: int, size: int, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
+    found = _find_central_directory(fd, size)
+    if found is None:
+        raise _diagnose_no_end_record(fd, size)
+    cd_offset, cd_size, cd_end = found
+    if cd_offset + cd_size != cd_end:
+        raise _bad("central directory is not where the end record says it is")
+    if cd_size > _MAX_CENTRAL_DIRECTORY:
+        raise _bad(f"central directory of {cd_size} bytes is too large")
+    with open(fd, "rb", closefd=False) as stream:
+        try:
+            archive = zipfile.ZipFile(stream)
+        except (zipfile.BadZipFile, ValueError, struct.error, EOFError) as exc:
+            raise _bad(f"unreadable zip archive: {exc}") from None
+        with archive:
+            infos = archive.infolist()
+            if not infos:
+                raise _bad("zip archive is empty")
+            records = {info.filename: info for info in infos}
+            if len(records) != len(infos):
+                raise _bad("zip archive holds two records of the same name")
+            prefix = infos[0].filename.split("/", 1)[0]
+            if "/" not in infos[0].filename or any(
+                    not name.startswith(prefix + "/") for name in records):
+                raise _bad("records are not all in one top-level folder")
+            _check_records(fd, infos, cd_offset)
+            pkl = records.get(f"{prefix}/data.pkl")
+            if pkl is None:
+                raise _bad(f"no {prefix}/data.pkl record")
+            if pkl.file_size > max_pickle_bytes:
+                raise _bad(f"data.pkl is {pkl.file_size} bytes, over the "
+                           f"{max_pickle_bytes}-byte limit")
+            try:
+                data = archive.read(pkl)
+            except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError,
+                    ValueError) as exc:
+                raise _bad(f"data.pkl is unreadable: {exc}") from None
+
+    try:
+        vm, obj, _ = _run_pickle(data, 0, strict=check_pickle, pid_len=5)
+    except _Short:
+        raise _bad("data.pkl ends before its STOP opcode") from None
+    storages: dict[str, tuple[str, int]] = {}
+    for key, storage in vm.storages.items():
+        info = records.get(f"{prefix}/data/{key}")
+        if info is None:
+            raise _bad(f"storage record data/{key} is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _bad(f"storage record data/{key} is compressed (torch.save stores storages "
+                       "uncompressed; mmap loading needs that)")
+        if info.file_size < storage.nbytes:
+            raise _bad(f"storage record data/{key} holds {info.file_size} bytes, "
+                       f"the pickle needs {storage.nbytes}")
+        storages[key] = (storage.dtype, info.file_size)
+    _check_extents(vm.tensors, vm.storages)
+    if check_pickle:
+        _check_tree(obj)
+    return TorchFileInfo("zip", obj if check_pickle else None, storages, prefix)
+
+
+# -- legacy container -----------------------------------------------------------------
+
+def _parse_legacy_pickles(data: bytes, check_pickle: bool):
+    not_torch = _bad("neither a zip archive nor a legacy torch.save file")
+    try:
+        _, magic, pos = _run_pickle(data, 0, strict=True)
+    except _Short:
+        if _LEGACY_MAGIC_PICKLE.startswith(data):
+            raise FormatError(TRUNCATED, "file ends inside the legacy magic number") from None
+        raise not_torch from None
+    except FormatError as exc:
+        if exc.code == UNSAFE_PICKLE:  # a plain pickle that torch.load would run
+            raise
+        raise not_torch from None
+    if type(magic) is not int or magic != _LEGACY_MAGIC:
+        raise _bad("neither a zip archive nor a legacy torch.save file (no magic number)")
+    _, protocol, pos = _run_pickle(data, pos, strict=True)
+    if protocol != _LEGACY_PROTOCOL:
+        raise _bad(f"legacy torch.save protocol {_show(protocol)}, expected {_LEGACY_PROTOCOL}")
+    _, sys_info, pos = _run_pickle(data, pos, strict=True)
+    if not isinstance(sys_info, dict):
+        raise _bad("legacy torch.save sys_info is not a dict")
+    vm, obj, pos = _run_pickle(data, pos, strict=check_pickle, pid_len=6)
+    _, keys, pos = _run_pickle(data, pos, strict=True)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise _bad("legacy storage key list is not a list of strings")
+    return vm, obj, keys, pos
+
+
+def _inspect_legacy(fd: int, size: int, check_pickle: bool,
+                    max_pickle_bytes: int) -> TorchFileInfo:
+    want = min(_FIRST_LEGACY_READ, max_pickle_bytes)
+    while True:
+        data = _pread(fd, min(size, want), 0)
+        try:
+            vm, obj, keys, pos = _parse_legacy_pickles(data, check_pickle)
+            break
+        except _Short:
+            if len(data) >= size:
+                raise FormatError(TRUNCATED, f"file ends at byte {size} inside its "
+                                             "pickle data") from None
+            if want >= max_pickle_bytes:
+                raise _bad(f"pickle data exceeds the {max_pickle_bytes}-byte limit") from None
+            want = min(want * 8, max_pickle_bytes)
+
+    if len(set(keys)) != len(keys):
+        raise _bad("legacy storage key list repeats a key")
+    if set(keys) != set(vm.storages):
+        missing = sorted(set(vm.storages) - set(keys)) or sorted(set(keys) - set(vm.storages))
+        raise _bad(f"storage {_show(missing[0])} is referenced but not stored, or stored but "
+                   "not referenced")
+    storages: dict[str, tuple[str, int]] = {}
+    for key in keys:
+        storage = vm.storages[key]
+        head = _pread(fd, 8, pos)
+        if len(head) < 8:
+            raise FormatError(TRUNCATED, f"file ends at byte {size} before storage {_show(key)}")
+        (count,) = struct.unpack("<q", head)
+        nbytes = count * DTYPE_SIZES[storage.dtype]
+        if count < 0 or nbytes != storage.nbytes:
+            raise _bad(f"storage {_show(key)} holds {count} elements, the pickle declared "
+                       f"{storage.nbytes // DTYPE_SIZES[storage.dtype]}")
+        pos += 8 + nbytes
+        if pos > size:
+            raise FormatError(TRUNCATED, f"storage {_show(key)} ends at byte {pos} but the file "
+                                         f"has {size} bytes")
+        storages[key] = (storage.dtype, nbytes)
+    _check_extents(vm.tensors, vm.storages)
+    if check_pickle:
+        _check_tree(obj)
+    return TorchFileInfo("legacy", obj if check_pickle else None, storages)
+
+
+def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
+                       max_pickle_bytes: int = MAX_PICKLE_BYTES) -> TorchFileInfo:
+    """Check a ``torch.save`` file's container and pickle without unpickling it.
+
+    Reads the zip directory and the pickle, never the tensor data. With ``check_pickle``
+    a global that ``torch.load(weights_only=True)`` would refuse, or an allowlisted
+    call this reader does not model, raises ``FormatError`` ``unsafe-pickle``; without
+    it (for files such as ``training_args.bin`` that are never loaded) globals are not
+    judged and ``obj`` is None. Other damage raises ``bad-archive`` or ``truncated``;
+    errors from the OS propagate as ``OSError``.
+    """
+    fd = open_readonly(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise FormatError(TRUNCATED, "empty file")
+        if _pread(fd, 4, 0) == _ZIP_LOCAL:
+            return _inspect_zip(fd, size, check_pickle, max_pickle_bytes)
+        return _inspect_legacy(fd, size, check_pickle, max_pickle_bytes)
+    finally:
+        os.close(fd)
+
+
+def flatten_tensors(obj, *, max_nodes: int = 10_000_000) -> dict[str, TensorRef]:
+    """Map dotted names to the tensors of a state-dict-like tree.
+
+    Nested dict keys and list/tuple indices are joined with '.', in the tree's order:
+    ``{"gate_state_dict": {"weight": t}}`` gives ``{"gate_state_dict.weight": t}``.
+    Raises ``FormatError`` (``bad-archive``) past ``max_nodes`` visited nodes, which
+    bounds the work on trees that share a subtree many times.
+    """
+    out: dict[str, TensorRef] = {}
+    work: list[tuple[str, object]] = [("", obj)]
+    visited = 0
+    while work:
+        name, node = work.pop()
+        visited += 1
+        if visited > max_nodes:
+            raise _bad(f"object tree has more than {max_nodes} nodes")
+        if isinstance(node, TensorRef):
+            out[name] = node
+            continue
+        if isinstance(node, dict):
+            items = list(node.items())
+        elif isinstance(node, (list, tuple)):
+            items = list(enumerate(node))
+        else:
+            continue
+        work.extend((f"{name}.{key}" if name else str(key), value)
+                    for key, value in reversed(items))
+    return out

@@ -1,0 +1,409 @@
+"""Execute a ``PrunePlan``: re-validate, re-check, unlink (SPEC §5.3, §5.4).
+
+A plan is only a promise made at scan time; between the plan and the unlink a trainer
+may rewrite a checkpoint, a user may move a directory, a dedup tool may add hard links.
+So, for each checkpoint of the plan, in plan order and one at a time:
+
+1. its directory is opened as an ``O_DIRECTORY`` fd, walking from the root one component
+   at a time with ``O_NOFOLLOW``: a directory swapped for a symlink is refused, never
+   followed, and every unlink goes through that fd (``os.unlink(name, dir_fd=fd)``), so
+   nothing a path says later can redirect it out of the root;
+2. the directory is re-scanned with the scanner and re-validated with the validator: it
+   must still be ``redundant`` with no error, and the path must still lead to the
+   directory held open (checked before and after the re-scan, and before each unlink);
+3. right before each unlink, the file's identity (device, inode, size, mtime_ns) is read
+   with ``lstat`` through the fd and must equal the plan's and the re-scan's; a symlink
+   is unlinked itself, never its target.
+
+Anything that changed is skipped and said so; nothing else is touched. Bytes freed are
+measured at the unlink: a file frees its blocks when its last link goes.
+
+The checkpoint is validated once before its files go, not before each file: deleting
+one shard of a sharded merged model would make the next validation see a broken index.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import scanner
+from .api import DEFAULT_MIN_AGE_S, classify
+from .pruner import PlannedDeletion, PrunePlan, Skip, skip_reason
+from .records import REDUNDANT, Checkpoint
+from .validator import HEADERS
+
+PLAN, DELETE, SKIP, FAIL = "plan", "delete", "skip", "fail"
+CHANGED = "changed"    # Skip.status of what was skipped at execute time because it changed
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class PruneEvent:
+    """One action, as the log and ``on_event`` see it. ``path`` is relative to ``root``."""
+
+    action: str            # plan | delete | skip | fail
+    root: str
+    path: str
+    bytes: int = 0
+    reason: str = ""
+
+    @property
+    def abspath(self) -> str:
+        root = os.path.abspath(self.root)
+        return root if self.path == "." else os.path.join(root, *self.path.split("/"))
+
+
+@dataclass(frozen=True)
+class Deleted:
+    root: str
+    path: str
+    bytes: int             # what this unlink freed: 0 when other links keep the data
+
+
+@dataclass(frozen=True)
+class Failure:
+    root: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What a prune did (or, from ``from_plan``, what a plan promises to do)."""
+
+    deleted: tuple[Deleted, ...]
+    skipped: tuple[Skip, ...]      # the plan's skips first, then what changed before its unlink
+    failed: tuple[Failure, ...]
+    freed_bytes: int
+    held_bytes: int                # still allocated because of links the prune did not delete
+
+    @classmethod
+    def from_plan(cls, plan: PrunePlan) -> PruneResult:
+        return cls(deleted=tuple(Deleted(d.root, d.path, d.frees_bytes) for d in plan.deletions),
+                   skipped=plan.skipped, failed=(), freed_bytes=plan.freed_bytes,
+                   held_bytes=plan.held_bytes)
+
+    @property
+    def changed(self) -> tuple[Skip, ...]:
+        """What the plan held but the run skipped because it changed since the plan."""
+        return tuple(s for s in self.skipped if s.status == CHANGED)
+
+    @property
+    def ok(self) -> bool:
+        """Everything planned was done."""
+        return not self.failed and not self.changed
+
+    def to_dict(self, *, dry_run: bool = False, with_root: bool = False) -> dict:
+        def item(x, **fields) -> dict:
+            return ({"root": x.root} if with_root else {}) | {"path": x.path} | fields
+
+        return {
+            "dry_run": dry_run,
+            "deleted": [item(d, bytes=d.bytes) for d in self.deleted],
+            "skipped": [item(s, reason=s.reason) for s in self.skipped],
+            "failed": [item(f, reason=f.reason) for f in self.failed],
+            "freed_bytes": self.freed_bytes,
+            "held_bytes": self.held_bytes,
+        }
+
+
+class ActionLog:
+    """``--log FILE``: one JSON object per line, appended and written through per line.
+
+    Each line is one ``write(2)`` on an ``O_APPEND`` fd, so lines of concurrent runs
+    never interleave and a crash loses at most the action in flight.
+    """
+
+    def __init__(self, path: str, *, dry_run: bool = False):
+        self.path = path
+        self.dry_run = dry_run
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def record(self, event: PruneEvent) -> None:
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        line = json.dumps({"time": now.replace("+00:00", "Z"), "action": event.action,
+                           "path": event.abspath, "bytes": event.bytes, "reason": event.reason,
+                           "dry_run": self.dry_run}, ensure_ascii=False)
+        os.write(self._fd, (line + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ActionLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Revalidator:
+    """Re-scan one checkpoint directory with the scanner and re-run the validator on it.
+
+    ``min_age_s`` must be the plan's: a checkpoint written to since the plan is then
+    in progress again. ``clock`` gives "now" at each call.
+    """
+
+    def __init__(self, *, min_age_s: float = DEFAULT_MIN_AGE_S, level: str = HEADERS,
+                 clock: Callable[[], float] = time.time):
+        self.min_age_s = min_age_s
+        self.level = level
+        self.clock = clock
+
+    def __call__(self, root: str, checkpoint: str) -> Checkpoint:
+        root_abs = os.path.abspath(root)
+        path = root_abs if checkpoint == "." else os.path.join(root_abs, *checkpoint.split("/"))
+        # the scanner's own collector, with the original root: symlinks that stay inside the
+        # root are judged exactly as the plan's scan judged them
+        entries = scanner._list(path)
+        ckpt, _ = scanner._collect_checkpoint(root, root_abs, os.path.realpath(root_abs), path, entries)
+        return classify(ckpt, level=self.level, min_age_s=self.min_age_s, now=self.clock())
+
+
+def emit_plan(plan: PrunePlan, *, log: ActionLog | None = None,
+              on_event: Callable[[PruneEvent], None] | None = None) -> None:
+    """Report the plan as events: a ``skip`` per checkpoint left alone, a ``plan`` per file."""
+    for s in plan.skipped:
+        _emit(PruneEvent(SKIP, s.root, s.path, 0, s.reason), log, on_event)
+    for d in plan.deletions:
+        _emit(PruneEvent(PLAN, d.root, d.path, d.frees_bytes, _plan_note(d)), log, on_event)
+
+
+def _plan_note(d: PlannedDeletion) -> str:
+    if d.other_links:
+        return f"held by {d.other_links} other link{'s' if d.other_links != 1 else ''}"
+    return ""
+
+
+def _emit(event: PruneEvent, log: ActionLog | None, on_event) -> None:
+    if log is not None:
+        log.record(event)
+    if on_event is not None:
+        on_event(event)
+
+
+class _Changed(Exception):
+    """Something differs from the plan: skip, and say what."""
+
+
+def _open_dir_nofollow(start_fd: int, parts: list[str], what: str) -> int:
+    """Open ``parts`` below ``start_fd`` one component at a time, never following a symlink."""
+    fd = os.dup(start_fd)
+    for part in parts:
+        if part in ("", ".", ".."):
+            os.close(fd)
+            raise _Changed(f"{what}: unexpected path component {part!r}")
+        try:
+            nfd = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _Changed(f"{what}: {part!r} was replaced by a symlink or a file "
+                               "since the plan; not following it") from None
+            if exc.errno == errno.ENOENT:
+                raise _Changed(f"{what}: {part!r} vanished since the plan") from None
+            raise
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _dir_id(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _describe_change(planned: tuple[int, int, int, int], now: tuple[int, int, int, int]) -> str:
+    dev, ino, size, mtime = planned
+    ndev, nino, nsize, nmtime = now
+    if (dev, ino) != (ndev, nino):
+        return "replaced by another file since the plan"
+    parts = []
+    if size != nsize:
+        parts.append(f"size {size} → {nsize}")
+    if mtime != nmtime:
+        parts.append("modified")
+    return "changed since the plan (" + ", ".join(parts) + ")"
+
+
+class _Accounting:
+    """Bytes freed and held, measured at each unlink from the file's own lstat."""
+
+    def __init__(self) -> None:
+        self.freed = 0
+        self.held: dict[tuple[int, int], int] = {}
+
+    def unlinked(self, st: os.stat_result) -> int:
+        allocated = st.st_blocks * 512
+        key = (st.st_dev, st.st_ino)
+        if stat.S_ISLNK(st.st_mode) or st.st_nlink <= 1:
+            self.held.pop(key, None)
+            self.freed += allocated
+            return allocated
+        self.held[key] = allocated   # another link keeps it, unless a later unlink of ours frees it
+        return 0
+
+
+def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoint] | None = None,
+                  log: ActionLog | None = None,
+                  on_event: Callable[[PruneEvent], None] | None = None) -> PruneResult:
+    """Carry out ``plan``: unlink each planned file that is still what the plan saw.
+
+    ``revalidate(root, checkpoint_path)`` must return the checkpoint as it is now;
+    the default re-scans and re-validates it with a 1 h ``--min-age`` (pass a
+    ``Revalidator`` with the plan's own). Unlinks are sequential, in plan order.
+    Every action is reported to ``log`` and ``on_event`` as it happens. Raises only
+    on bugs; every filesystem failure is a ``Failure`` of the item concerned.
+    """
+    revalidate = revalidate if revalidate is not None else Revalidator()
+    groups: dict[tuple[str, str], list[PlannedDeletion]] = {}
+    for d in plan.deletions:
+        groups.setdefault((d.root, d.checkpoint), []).append(d)
+    deleted: list[Deleted] = []
+    skipped: list[Skip] = list(plan.skipped)
+    failed: list[Failure] = []
+    acct = _Accounting()
+
+    def skip(d: PlannedDeletion, reason: str) -> None:
+        skipped.append(Skip(d.root, d.path, reason, CHANGED))
+        _emit(PruneEvent(SKIP, d.root, d.path, 0, reason), log, on_event)
+
+    def fail(d: PlannedDeletion, reason: str) -> None:
+        failed.append(Failure(d.root, d.path, reason))
+        _emit(PruneEvent(FAIL, d.root, d.path, 0, reason), log, on_event)
+
+    for (root, ckpt), items in groups.items():
+        _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, log, on_event)
+    return PruneResult(tuple(deleted), tuple(skipped), tuple(failed), acct.freed,
+                       sum(acct.held.values()))
+
+
+def _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, log, on_event) -> None:
+    root_abs = os.path.abspath(root)
+    abspath = root_abs if ckpt == "." else os.path.join(root_abs, *ckpt.split("/"))
+    try:
+        root_fd = os.open(root_abs, _DIR_FLAGS)   # the root as named: the user chose to follow it
+    except OSError as exc:
+        for d in items:
+            fail(d, f"cannot open the root: {exc.strerror or exc}")
+        return
+    try:
+        fd = _open_dir_nofollow(root_fd, [] if ckpt == "." else ckpt.split("/"), "checkpoint directory")
+    except _Changed as exc:
+        for d in items:
+            skip(d, str(exc))
+        return
+    except OSError as exc:
+        for d in items:
+            fail(d, f"cannot open the checkpoint directory: {exc.strerror or exc}")
+        return
+    finally:
+        os.close(root_fd)
+    try:
+        dir_id = _dir_id(os.fstat(fd))
+
+        def still_there() -> None:
+            """The checkpoint's path still leads to the directory held open, with no symlink."""
+            try:
+                st = os.lstat(abspath)
+            except OSError:
+                raise _Changed("checkpoint directory moved or vanished since the plan") from None
+            if not stat.S_ISDIR(st.st_mode) or _dir_id(st) != dir_id:
+                raise _Changed("checkpoint directory was moved or replaced since the plan")
+
+        try:
+            still_there()
+            try:
+                fresh = revalidate(root, ckpt)
+            except OSError as exc:
+                raise _Changed(f"cannot re-scan the checkpoint: {exc.strerror or exc}") from None
+            still_there()
+            if fresh.status != REDUNDANT or fresh.errors:
+                raise _Changed(f"no longer redundant: {skip_reason(fresh)}")
+        except _Changed as exc:
+            for d in items:
+                skip(d, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad checkpoint never stops the run (§5.4.6)
+            for d in items:
+                fail(d, f"re-validation failed: {type(exc).__name__}: {exc}")
+            return
+        for d in items:
+            _unlink_one(d, fd, fresh, still_there, acct, deleted, skip, fail, log, on_event)
+    finally:
+        os.close(fd)
+
+
+def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there, acct,
+                deleted, skip, fail, log, on_event) -> None:
+    planned = d.record.identity
+    if d.relpath not in fresh.merged_files:
+        skip(d, "no longer a merged-weight file of a redundant checkpoint")
+        return
+    rec = fresh.dir.file(d.relpath)
+    if rec is None:
+        skip(d, "vanished since the plan")
+        return
+    if rec.identity != planned:
+        skip(d, _describe_change(planned, rec.identity))
+        return
+    *subdirs, name = d.relpath.split("/")
+    try:
+        fd = _open_dir_nofollow(ckpt_fd, subdirs, "directory") if subdirs else ckpt_fd
+    except _Changed as exc:
+        skip(d, str(exc))
+        return
+    except OSError as exc:
+        fail(d, f"cannot open its directory: {exc.strerror or exc}")
+        return
+    try:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            skip(d, "vanished since the plan")
+            return
+        except OSError as exc:
+            fail(d, f"cannot stat: {exc.strerror or exc}")
+            return
+        now = _identity(st)
+        if now != planned:
+            skip(d, _describe_change(planned, now))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            skip(d, "is a directory now")
+            return
+        try:
+            still_there()
+        except _Changed as exc:
+            skip(d, str(exc))
+            return
+        try:
+            os.unlink(name, dir_fd=fd)   # a symlink goes itself; its target is never touched
+        except FileNotFoundError:
+            skip(d, "vanished since the plan")
+            return
+        except OSError as exc:
+            fail(d, f"cannot delete: {exc.strerror or exc}")
+            return
+        freed = acct.unlinked(st)
+        deleted.append(Deleted(d.root, d.path, freed))
+        _emit(PruneEvent(DELETE, d.root, d.path, freed, ""), log, on_event)
+    finally:
+        if fd != ckpt_fd:
+            os.close(fd)
+
+
+__all__ = ["execute_prune", "emit_plan", "PruneResult", "PruneEvent", "Deleted", "Failure",
+           "ActionLog", "Revalidator", "CHANGED", "PLAN", "DELETE", "SKIP", "FAIL"]

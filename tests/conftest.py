@@ -1,0 +1,51 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# The fixture builders live in the repository's top-level ``fixtures`` package, not in ckpt_tools.
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def results_tree(tmp_path_factory):
+    """The fixture results tree, built once per session: ``(root, manifest, now)``.
+
+    ``now`` is taken once, at session start, and every file's mtime is set relative to it
+    (``now - 2 days``; ``manifest.young_files`` at ``now - 60 s``). Pass it to the library's
+    ``now`` parameters; the CLI's real clock agrees with it for the rest of the session
+    (the young checkpoint stays younger than a 1 h ``--min-age`` for 59 minutes).
+    Tests must not modify this tree: copy it first (``shutil.copytree(root, ..., symlinks=True)``).
+    """
+    from fixtures import build_results_tree
+
+    base = tmp_path_factory.mktemp("fixture-tree")
+    root = base / "results"
+    now = float(int(time.time()))
+    manifest = build_results_tree(root, now=now)
+    return root, manifest, now
+
+
+@pytest.fixture
+def make_results_tree(tmp_path):
+    """Factory for a private, mutable copy of the tree (≈3 s each): ``make_results_tree(now=None)``
+    returns ``(root, manifest, now)``. Use it for tests that prune, chmod or otherwise change files."""
+    from fixtures import build_results_tree
+
+    def make(now: float | None = None):
+        now = float(int(time.time())) if now is None else now
+        root = tmp_path / "results"
+        return root, build_results_tree(root, now=now), now
+
+    return make

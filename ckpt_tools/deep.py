@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
+from . import layout
 from .layout import Role
 from .problems import NAN_OR_INF, WARNING
 
@@ -60,7 +61,7 @@ def deep_check(ctx) -> dict[str, str]:
             ctx.os_problem(rel, exc)
             continue
         role = ctx.roles[rel].role
-        if role is Role.TRAINING_ARGS or not rel.endswith(_TENSOR_SUFFIXES):
+        if layout.never_unpickle(rec.name) or not rel.endswith(_TENSOR_SUFFIXES):
             continue
         bad: list[str] = []
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 # --- directory and file names -------------------------------------------------
 
@@ -110,10 +111,21 @@ PEFT_TREE_ROLES = frozenset({Role.ADAPTER_CONFIG, Role.ADAPTER_WEIGHTS, Role.FLA
                              Role.ROUTER, Role.SKILL_LIBRARY, Role.MOE_CONFIG, Role.TRAINABLE_STATE})
 
 
+def is_rng_state_name(name: str) -> bool:
+    return _RNG_STATE_RE.match(name) is not None
+
+
+def never_unpickle(name: str) -> bool:
+    """Trainer files whose pickles legitimately name non-tensor classes (TrainingArguments,
+    numpy RNG state): checked as archives only, never loaded by ckpt-tools."""
+    return name == "training_args.bin" or is_rng_state_name(name)
+
+
 def is_merged_name(name: str) -> bool:
     return name in MERGED_SINGLE or name in MERGED_INDEX or _MERGED_SHARD_RE.match(name) is not None
 
 
+@lru_cache(maxsize=1 << 14)
 def role_of(relpath: str) -> FileRole:
     """The role of a file given its path relative to its checkpoint directory."""
     parts = relpath.split("/")
@@ -186,7 +198,8 @@ def is_checkpoint_name(name: str) -> bool:
 
 
 def is_tmp_checkpoint_name(name: str) -> bool:
-    return name.startswith(TMP_CHECKPOINT_PREFIX)
+    # migrate's own temporary and replaced directories are always in progress too
+    return name.startswith((TMP_CHECKPOINT_PREFIX, MIGRATE_TMP_PREFIX, MIGRATE_OLD_PREFIX))
 
 
 def marks_checkpoint(names: set[str]) -> bool:
@@ -200,6 +213,21 @@ def marks_checkpoint(names: set[str]) -> bool:
 CHECKPOINT_SUBDIRS = frozenset({PEFT_DIR, MOE_STATE_DIR})
 
 
+# --- migrate (SPEC §5.4.5, §5.5) --------------------------------------------------------
+
+# A target checkpoint is written as <parent>/.ckpt-tools-tmp-<name>-<pid>, then renamed into
+# place; a finished target being replaced is parked at .ckpt-tools-old-<name>-<pid> first.
+MIGRATE_TMP_PREFIX = ".ckpt-tools-tmp-"
+MIGRATE_OLD_PREFIX = ".ckpt-tools-old-"
+# Written last into every migrated target: where it came from and what was read.
+MIGRATED_MARKER = ".ckpt-tools-migrated.json"
+# Roles of the files that migrate carries over byte for byte (so that training can resume).
+CARRIED_ROLES = frozenset({Role.TRAINER_STATE, Role.TRAINING_ARGS, Role.TOKENIZER})
+# The legacy router.pt of V2: {"gate_state_dict": {"weight", "bias"}, "num_experts", ...}
+LEGACY_ROUTER_STATE = "gate_state_dict"
+LORA_TASK_TYPE = "CAUSAL_LM"          # DyLoRA-MoE adapts a causal LM
+
+
 # --- state-dict keys -------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -210,6 +238,7 @@ class LoraKey:
     param: str | None
 
 
+@lru_cache(maxsize=1 << 16)  # key names repeat across every checkpoint of a run
 def parse_moe_lora_key(key: str) -> LoraKey | None:
     """A LoRA key of a merged state dict or flat expert file (``….lora_A.expert_3.weight``)."""
     m = _MOE_LORA_KEY_RE.match(key)
@@ -219,6 +248,7 @@ def parse_moe_lora_key(key: str) -> LoraKey | None:
                    int(m.group("expert")), m.group("param"))
 
 
+@lru_cache(maxsize=1 << 16)
 def parse_peft_lora_key(key: str) -> LoraKey | None:
     """A LoRA key of a PEFT adapter file (``base_model.model.….lora_A.weight``)."""
     m = _PEFT_LORA_KEY_RE.match(key)
@@ -237,6 +267,39 @@ def strip_foundation_prefix(key: str) -> str:
     if key.startswith(FOUNDATION_PREFIX):
         return key[len(FOUNDATION_PREFIX):]
     return key
+
+
+def module_path(module: str) -> str:
+    """A LoRA module's path inside the Hugging Face model, from any key form of SPEC §3.
+
+    ``foundation_model.base_model.model.model.layers.0.q_proj`` (V1) → ``model.layers.0.q_proj``;
+    ``foundation_model.model.layers.0.q_proj`` (V0: the HF model itself was ``foundation_model``,
+    so only that segment goes) → ``model.layers.0.q_proj``; ``base_model.model.…`` (PEFT and
+    ``expert_<i>.pt`` keys) loses ``base_model.model.``.
+    """
+    if module.startswith(V1_PREFIX):
+        return module[len(V1_PREFIX):]
+    if module.startswith(FOUNDATION_PREFIX):
+        module = module[len(FOUNDATION_PREFIX):]
+    if module.startswith(CANONICAL_KEY_PREFIX):
+        module = module[len(CANONICAL_KEY_PREFIX):]
+    return module
+
+
+def moe_lora_parts(key: str) -> tuple[str, str, int, str | None] | None:
+    """(HF module path, part, expert, param) of a ``….lora_A.expert_<i>.weight`` key, or None."""
+    m = _MOE_LORA_KEY_RE.match(key)
+    if not m:
+        return None
+    return module_path(m.group("module")), m.group("part"), int(m.group("expert")), m.group("param")
+
+
+def peft_lora_parts(key: str) -> tuple[str, str, str | None] | None:
+    """(HF module path, part, param) of a PEFT adapter key ``base_model.model.….lora_A.weight``."""
+    m = _PEFT_LORA_KEY_RE.match(key)
+    if not m:
+        return None
+    return module_path(m.group("module")), m.group("part"), m.group("param")
 
 
 def canonical_adapter_key(module: str, part: str, param: str | None = "weight") -> str:

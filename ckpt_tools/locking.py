@@ -38,8 +38,8 @@ class LockHeld(Exception):
     def __init__(self, path: str, timeout: float):
         self.path = path
         self.timeout = timeout
-        waited = f"waited {timeout:g} s" if timeout else "did not wait (--lock-timeout 0)"
-        super().__init__(f"another ckpt-tools run holds the lock {path} ({waited})")
+        waited = f" (waited {timeout:g} s)" if timeout else ""
+        super().__init__(f"another ckpt-tools run holds the lock {path}{waited}")
 
 
 def lock_path_for(root: str) -> str:

@@ -701,7 +701,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
         for rel, role in sorted(ctx.roles.items()):
             if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
                 if ctx.readable(rel, False):
-                    ctx.read_torch(rel, check_pickle=role.role is not Role.TRAINING_ARGS)
+                    ctx.read_torch(rel, check_pickle=not layout.never_unpickle(rel.rsplit("/", 1)[-1]))
             elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
                 ctx.read_json(rel)
     if level == DEEP:

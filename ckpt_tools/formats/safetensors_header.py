@@ -238,7 +238,8 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
     return SafetensorsHeader(header_len, file_size, tensors, metadata)
 
 
-def _pread_full(fd: int, size: int, offset: int) -> bytes:
+def pread_full(fd: int, size: int, offset: int) -> bytes:
+    """``os.pread`` until ``size`` bytes or the end of the file."""
     chunks = []
     while size > 0:
         chunk = os.pread(fd, size, offset)
@@ -275,12 +276,12 @@ def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> Saf
     try:
         if file_size is None:
             file_size = os.fstat(fd).st_size
-        data = _pread_full(fd, min(FIRST_READ_BYTES, file_size), 0)
+        data = pread_full(fd, min(FIRST_READ_BYTES, file_size), 0)
         if len(data) >= 8:
             (header_len,) = struct.unpack_from("<Q", data)
             needed = 8 + header_len
             if len(data) < needed <= min(file_size, 8 + MAX_HEADER_BYTES):
-                data += _pread_full(fd, needed - len(data), len(data))
+                data += pread_full(fd, needed - len(data), len(data))
                 if len(data) < needed:
                     raise FormatError(TRUNCATED, f"file ended at byte {len(data)} while "
                                                  f"reading a {header_len}-byte header")

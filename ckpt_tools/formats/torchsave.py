@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-from ckpt_tools.formats.safetensors_header import open_readonly
+from ckpt_tools.formats.safetensors_header import open_readonly, pread_full
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -527,10 +527,6 @@ def _rebuild_from_type(vm, func, new_type, args, state):
     return _as_tensor(vm.call(func, args))
 
 
-def _new_parameter(vm, data, requires_grad=True):
-    return _as_tensor(data)
-
-
 _CALLS = {
     "collections.OrderedDict": _make_dict,
     "collections.Counter": _make_dict,
@@ -546,7 +542,7 @@ _CALLS = {
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
-    "torch.nn.parameter.Parameter": _new_parameter,
+    "torch.nn.parameter.Parameter": _rebuild_parameter,
 }
 
 
@@ -642,12 +638,6 @@ def _reduce(vm: _PickleVM) -> None:
     args = vm.pop()
     func = vm.pop()
     vm.push(vm.call(func, args))
-
-
-def _newobj(vm: _PickleVM) -> None:
-    args = vm.pop()
-    cls = vm.pop()
-    vm.push(vm.call(cls, args))
 
 
 def _newobj_ex(vm: _PickleVM) -> None:
@@ -784,7 +774,7 @@ _OPCODES = {
     ord("G"): lambda vm: vm.push(vm._unpack(">d")),
     # protocol 2
     0x80: _proto,
-    0x81: _newobj,
+    0x81: _reduce,  # NEWOBJ: cls(*args) is all the modelled classes need
     0x82: lambda vm: _ext(vm, "<B"),
     0x83: lambda vm: _ext(vm, "<H"),
     0x84: lambda vm: _ext(vm, "<i"),
@@ -872,22 +862,10 @@ def _run_pickle(data: bytes, pos: int, *, strict: bool, pid_len: int = 0):
 
 # -- zip container --------------------------------------------------------------------
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
-
-
 def _find_central_directory(fd: int, size: int) -> tuple[int, int, int] | None:
     """(offset, size, end) of the central directory from the end records, or None."""
     tail_len = min(size, 22 + 0xFFFF + 20)
-    tail = _pread(fd, tail_len, size - tail_len)
+    tail = pread_full(fd, tail_len, size - tail_len)
     at = len(tail)
     while True:
         at = tail.rfind(_ZIP_END, 0, at)
@@ -904,7 +882,7 @@ def _find_central_directory(fd: int, size: int) -> tuple[int, int, int] | None:
     # torch (miniz) always writes zip64 end records, large or not.
     if at >= 20 and tail[at - 20:at - 16] == _ZIP64_LOCATOR:
         (end,) = struct.unpack_from("<Q", tail, at - 20 + 8)
-        record = _pread(fd, 56, end) if end + 56 <= size else b""
+        record = pread_full(fd, 56, end) if end + 56 <= size else b""
         if record[:4] != _ZIP64_END:
             raise _bad("zip64 end-of-central-directory record is missing")
         cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
@@ -919,7 +897,7 @@ def _diagnose_no_end_record(fd: int, size: int) -> FormatError:
                                        "without its end-of-central-directory record")
     pos = 0
     for _ in range(_MAX_RECORD_WALK):
-        head = _pread(fd, 46, pos)
+        head = pread_full(fd, 46, pos)
         if len(head) < 4:
             return truncated
         if head[:4] == _ZIP_LOCAL:
@@ -929,7 +907,7 @@ def _diagnose_no_end_record(fd: int, size: int) -> FormatError:
             (csize,) = struct.unpack_from("<I", head, 18)
             name_len, extra_len = struct.unpack_from("<HH", head, 26)
             if csize == 0xFFFFFFFF:
-                csize = _zip64_compressed_size(_pread(fd, extra_len, pos + 30 + name_len))
+                csize = _zip64_compressed_size(pread_full(fd, extra_len, pos + 30 + name_len))
             if flags & 0x08 or csize is None:
                 break  # sizes follow the data (torch writes them so): the walk cannot go on
             pos += 30 + name_len + extra_len + csize
@@ -969,30 +947,30 @@ def _check_records(fd: int, infos: list[zipfile.ZipInfo], cd_offset: int) -> Non
     for info in sorted(infos, key=lambda i: i.header_offset):
         name = info.filename
         if info.flag_bits & 0x01:
-            raise _bad(f"record {name!r} is encrypted")
+            raise _bad(f"record {_show(name)} is encrypted")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _bad(f"record {name!r} uses compression method {info.compress_type}, "
+            raise _bad(f"record {_show(name)} uses compression method {info.compress_type}, "
                        "which torch cannot read")
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-            raise _bad(f"stored record {name!r} declares {info.file_size} bytes but "
+            raise _bad(f"stored record {_show(name)} declares {info.file_size} bytes but "
                        f"occupies {info.compress_size}")
         if info.compress_type != zipfile.ZIP_STORED and (
                 info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1)):
-            raise _bad(f"record {name!r} claims {info.file_size} bytes from "
+            raise _bad(f"record {_show(name)} claims {info.file_size} bytes from "
                        f"{info.compress_size} compressed bytes (zip bomb)")
         if info.header_offset < data_end:
-            raise _bad(f"record {name!r} overlaps the record before it")
-        head = _pread(fd, 30, info.header_offset)
+            raise _bad(f"record {_show(name)} overlaps the record before it")
+        head = pread_full(fd, 30, info.header_offset)
         if len(head) < 30 or head[:4] != _ZIP_LOCAL:
-            raise _bad(f"record {name!r}: no local header at byte {info.header_offset}")
+            raise _bad(f"record {_show(name)}: no local header at byte {info.header_offset}")
         name_len, extra_len = struct.unpack_from("<HH", head, 26)
-        local_name = _pread(fd, name_len, info.header_offset + 30)
+        local_name = pread_full(fd, name_len, info.header_offset + 30)
         if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
                                                    else "cp437", "replace"):
-            raise _bad(f"record {name!r}: local header names {_show(local_name)}")
+            raise _bad(f"record {_show(name)}: local header names {_show(local_name)}")
         data_end = info.header_offset + 30 + name_len + extra_len + info.compress_size
         if data_end > cd_offset:
-            raise _bad(f"record {name!r} runs into the central directory")
+            raise _bad(f"record {_show(name)} runs into the central directory")
 
 
 def _inspect_zip(fd: int, size: int, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
@@ -1023,7 +1001,7 @@ def _inspect_zip(fd: int, size: int, check_pickle: bool, max_pickle_bytes: int) 
             _check_records(fd, infos, cd_offset)
             pkl = records.get(f"{prefix}/data.pkl")
             if pkl is None:
-                raise _bad(f"no {prefix}/data.pkl record")
+                raise _bad(f"no {_show(prefix + '/data.pkl')} record")
             if pkl.file_size > max_pickle_bytes:
                 raise _bad(f"data.pkl is {pkl.file_size} bytes, over the "
                            f"{max_pickle_bytes}-byte limit")
@@ -1041,12 +1019,12 @@ def _inspect_zip(fd: int, size: int, check_pickle: bool, max_pickle_bytes: int) 
     for key, storage in vm.storages.items():
         info = records.get(f"{prefix}/data/{key}")
         if info is None:
-            raise _bad(f"storage record data/{key} is missing")
+            raise _bad(f"storage record {_show('data/' + key)} is missing")
         if info.compress_type != zipfile.ZIP_STORED:
-            raise _bad(f"storage record data/{key} is compressed (torch.save stores storages "
-                       "uncompressed; mmap loading needs that)")
+            raise _bad(f"storage record {_show('data/' + key)} is compressed (torch.save stores "
+                       "storages uncompressed; mmap loading needs that)")
         if info.file_size < storage.nbytes:
-            raise _bad(f"storage record data/{key} holds {info.file_size} bytes, "
+            raise _bad(f"storage record {_show('data/' + key)} holds {info.file_size} bytes, "
                        f"the pickle needs {storage.nbytes}")
         storages[key] = (storage.dtype, info.file_size)
     _check_extents(vm.tensors, vm.storages)
@@ -1088,7 +1066,7 @@ def _inspect_legacy(fd: int, size: int, check_pickle: bool,
                     max_pickle_bytes: int) -> TorchFileInfo:
     want = min(_FIRST_LEGACY_READ, max_pickle_bytes)
     while True:
-        data = _pread(fd, min(size, want), 0)
+        data = pread_full(fd, min(size, want), 0)
         try:
             vm, obj, keys, pos = _parse_legacy_pickles(data, check_pickle)
             break
@@ -1109,7 +1087,7 @@ def _inspect_legacy(fd: int, size: int, check_pickle: bool,
     storages: dict[str, tuple[str, int]] = {}
     for key in keys:
         storage = vm.storages[key]
-        head = _pread(fd, 8, pos)
+        head = pread_full(fd, 8, pos)
         if len(head) < 8:
             raise FormatError(TRUNCATED, f"file ends at byte {size} before storage {_show(key)}")
         (count,) = struct.unpack("<q", head)
@@ -1144,7 +1122,7 @@ def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
         size = os.fstat(fd).st_size
         if size == 0:
             raise FormatError(TRUNCATED, "empty file")
-        if _pread(fd, 4, 0) == _ZIP_LOCAL:
+        if pread_full(fd, 4, 0) == _ZIP_LOCAL:
             return _inspect_zip(fd, size, check_pickle, max_pickle_bytes)
         return _inspect_legacy(fd, size, check_pickle, max_pickle_bytes)
     finally:

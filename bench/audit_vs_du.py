@@ -1,0 +1,107 @@
+"""audit vs du -s, side by side in one run, on generated trees of N checkpoints.
+
+For each size: generate the tree (bench/gen_tree.py), warm the cache with one untimed
+pass of each command, then alternate `du -s TREE` and `ckpt-tools audit --json TREE`
+REPS times, whole-process wall time each. Reports median, spread (min-max) and the ratio
+of medians; writes bench/out/audit_vs_du.json and, when matplotlib is there, a PNG chart.
+
+    python bench/audit_vs_du.py --sizes 1000 3000 10000 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from gen_tree import generate  # noqa: E402
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def ckpt_tools_cmd() -> list[str]:
+    exe = shutil.which("ckpt-tools", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "ckpt_tools.cli"]
+
+
+def measure(tree: Path, reps: int, extra: list[str]) -> dict:
+    du = ["du", "-s", str(tree)]
+    ours = ckpt_tools_cmd() + ["audit", "--json", "--no-progress", *extra, str(tree)]
+    timed(du), timed(ours)  # warm the page cache and the dentry cache for both
+    t_du, t_ours = [], []
+    for _ in range(reps):
+        t_du.append(timed(du))
+        t_ours.append(timed(ours))
+    med_du, med_ours = statistics.median(t_du), statistics.median(t_ours)
+    return {"du_s": t_du, "audit_s": t_ours, "du_median": med_du, "audit_median": med_ours,
+            "ratio": med_ours / med_du}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=1, help="passed to audit --jobs")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.workdir))
+    extra = ["--jobs", str(args.jobs)] if args.jobs > 1 else []
+    results = []
+    try:
+        for n in args.sizes:
+            tree = work / f"tree-{n}"
+            info = generate(tree, n)
+            r = measure(tree, args.reps, extra)
+            r.update(checkpoints=n, files=info["files"])
+            results.append(r)
+            print(f"{n:>6} checkpoints {info['files']:>7} files: du {r['du_median']:.3f} s "
+                  f"[{min(r['du_s']):.3f}-{max(r['du_s']):.3f}], audit {r['audit_median']:.3f} s "
+                  f"[{min(r['audit_s']):.3f}-{max(r['audit_s']):.3f}], ratio {r['ratio']:.2f}x",
+                  flush=True)
+            shutil.rmtree(tree)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+           "command": " ".join([sys.executable] + sys.argv), "reps": args.reps, "results": results}
+    (args.out / "audit_vs_du.json").write_text(json.dumps(doc, indent=2))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return 0
+    xs = [r["checkpoints"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [r["du_median"] for r in results], "o-", label="du -s")
+    ax.plot(xs, [r["audit_median"] for r in results], "s-", label="ckpt-tools audit --json")
+    ax.set_xlabel("checkpoints")
+    ax.set_ylabel("wall time, median (s)")
+    ax.set_title("audit vs du on the same tree (warm cache)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "audit_vs_du.png", dpi=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -811,6 +811,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
                     t = t.to(forced_dtype)
                 lora_state[CANONICAL_KEY_PREFIX + name] = t.clone()
     if ensure_tying:
+        # PEFT ties lm_head's copy to the embedding's and reads it from the file as well.
         emb = lora_state[CANONICAL_KEY_PREFIX + emb_name]
         lora_state[CANONICAL_KEY_PREFIX + _OUTPUT_EMBEDDINGS[0]] = emb.clone()
     del m_names_set

@@ -317,7 +317,8 @@ def _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, 
         def still_there() -> None:
             """The checkpoint's path still leads to the directory held open, with no symlink."""
             try:
-                st = os.lstat(abspath)
+                # the root itself may be a symlink the user named; below it, none is followed
+                st = os.stat(abspath) if ckpt == "." else os.lstat(abspath)
             except OSError:
                 raise _Changed("checkpoint directory moved or vanished since the plan") from None
             if not stat.S_ISDIR(st.st_mode) or _dir_id(st) != dir_id:

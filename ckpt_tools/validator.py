@@ -68,6 +68,65 @@ class Verdict:
     facts: dict
 
 
+class _Recorder:
+    """Stands in for a _Ctx while a memoised check runs: it only collects problems."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def add(self, code: str, relpath: str, message: str, severity: str = ERROR) -> None:
+        self.items.append((code, relpath, message, severity))
+
+
+_MEMO: dict = {}
+_MEMO_MAX = 16384
+
+
+def _memoised(ctx, key, keepalive, fn):
+    """Run ``fn(recorder)`` once per ``key`` and replay its value and problems afterwards.
+
+    The checkpoints of a run repeat the same headers and configs; the parsed objects are
+    shared by the readers' caches, so checks on them are keyed by identity. ``keepalive``
+    holds those objects so that their ids stay theirs while the entry lives.
+    """
+    hit = _MEMO.get(key)
+    if hit is None:
+        rec = _Recorder()
+        value = fn(rec)
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        hit = _MEMO[key] = (keepalive, value, tuple(rec.items))
+    for code, rel, msg, sev in hit[2]:
+        ctx.add(code, rel, msg, sev)
+    return hit[1]
+
+
+_JSON_CACHE: dict[bytes, object] = {}
+
+
+def _parse_json(raw: bytes):
+    """JSON object or an error string; memoised on the bytes (configs repeat across a run)."""
+    hit = _JSON_CACHE.get(raw)
+    if hit is not None:
+        return hit
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        value = "not UTF-8 text"
+    except RecursionError:
+        value = "JSON nested too deeply"
+    except ValueError as exc:
+        value = f"invalid JSON: {exc}"
+    else:
+        if not isinstance(value, dict):
+            value = f"expected a JSON object, found {type(value).__name__}"
+    if len(raw) <= 1 << 16:
+        if len(_JSON_CACHE) >= _MEMO_MAX:
+            _JSON_CACHE.clear()
+        _JSON_CACHE[raw] = value
+    return value
+
+
 class _Ctx:
     """The state of one validation: where things are and the problems found so far."""
 
@@ -121,28 +180,25 @@ class _Ctx:
     # --- readers that turn every failure into a problem -------------------------
 
     def read_json(self, relpath: str) -> dict | None:
+        """A JSON object, shared with other readers of the same bytes: never mutate it."""
         try:
-            with open(self.abspath(relpath), "rb") as fh:
-                raw = fh.read(_MAX_JSON_BYTES + 1)
+            fd = st.open_readonly(self.abspath(relpath))
+            try:
+                raw = os.read(fd, _MAX_JSON_BYTES + 1)
+                if len(raw) <= _MAX_JSON_BYTES:
+                    while chunk := os.read(fd, _MAX_JSON_BYTES + 1 - len(raw)):
+                        raw += chunk
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.os_problem(relpath, exc)
             return None
         if len(raw) > _MAX_JSON_BYTES:
             self.add(BAD_JSON, relpath, f"larger than {_MAX_JSON_BYTES} bytes")
             return None
-        try:
-            value = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            self.add(BAD_JSON, relpath, "not UTF-8 text")
-            return None
-        except RecursionError:
-            self.add(BAD_JSON, relpath, "JSON nested too deeply")
-            return None
-        except ValueError as exc:
-            self.add(BAD_JSON, relpath, f"invalid JSON: {exc}")
-            return None
-        if not isinstance(value, dict):
-            self.add(BAD_JSON, relpath, f"expected a JSON object, found {type(value).__name__}")
+        value = _parse_json(raw)
+        if isinstance(value, str):
+            self.add(BAD_JSON, relpath, value)
             return None
         return value
 
@@ -157,7 +213,8 @@ class _Ctx:
         except OSError as exc:
             self.os_problem(relpath, exc)
             return None
-        return {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors}
+        return _memoised(self, ("tensors", id(header)), header,
+                         lambda _: {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors})
 
     def read_torch(self, relpath: str, check_pickle: bool = True):
         try:
@@ -427,7 +484,9 @@ def _load_dir_experts(ctx: _Ctx, nested: bool) -> dict[int, ExpertInfo]:
             tensors = ctx.read_tensors(weights[0])
             if tensors is not None:
                 ex.loaded = True
-                ex.modules = _expert_modules(ctx, weights[0], tensors, True, index)
+                ex.modules = _memoised(
+                    ctx, ("modules", id(tensors), weights[0]), tensors,
+                    lambda rec: _expert_modules(rec, weights[0], tensors, True, index))
                 if not ex.modules:
                     ctx.add(MISSING_TENSOR, weights[0], "holds no LoRA tensors")
         experts[index] = ex
@@ -606,8 +665,13 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     cfg_for_r = moe_cfg or (root_cfg if dylora_root else None)
     default_r = _count(layout.first_key(cfg_for_r, layout.LORA_R_KEYS))
     for ex in experts.values():
-        _check_expert_shapes(ctx, ex, default_r if ex.config is None else None)
-    _compare_experts(ctx, experts)
+        r = default_r if ex.config is None else None
+        _memoised(ctx, ("shapes", id(ex.modules), id(ex.config), r, ex.source, ex.loaded),
+                  (ex.modules, ex.config), lambda rec: _check_expert_shapes(rec, ex, r))
+    key = ("compare",) + tuple((i, id(e.modules), id(e.config), e.loaded, e.source, e.config_path)
+                               for i, e in sorted(experts.items()))
+    _memoised(ctx, key, [(e.modules, e.config) for e in experts.values()],
+              lambda rec: _compare_experts(rec, experts))
 
     # router
     router_rel = None

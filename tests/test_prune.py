@@ -448,6 +448,18 @@ def test_a_link_added_since_the_plan_is_reported_as_held_not_freed(trainer_root)
     assert result.freed_bytes == plan.freed_bytes - alloc
 
 
+def test_a_root_that_is_a_symlink_to_a_checkpoint_is_pruned(trainer_root, tmp_path):
+    root, _, now = trainer_root
+    link = tmp_path / "latest"
+    os.symlink(root / "run_trainer/checkpoint-2", link)   # the user named it: it is followed
+    plan = plan_of(link, now)
+    assert [(d.checkpoint, d.relpath) for d in plan.deletions] == [(".", "model.safetensors")]
+    result = execute(plan)
+    assert result.ok, result
+    assert not (root / "run_trainer/checkpoint-2/model.safetensors").exists()
+    assert os.path.islink(link)
+
+
 def test_execute_reports_to_the_log_and_on_event(trainer_root, tmp_path):
     root, _, now = trainer_root
     plan = plan_of(root, now)

@@ -290,4 +290,30 @@ def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> Saf
                                          f"expected {file_size} bytes")
     finally:
         os.close(fd)
+    return _parse_cached(data, file_size)
+
+
+_CACHE_MAX = 4096
+_cache: dict[tuple[bytes, int], SafetensorsHeader] = {}
+
+
+def _parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
+    """``parse_header`` memoised on the exact header bytes and file size.
+
+    The checkpoints of one run hold byte-identical adapter headers; the parse is a pure
+    function of these two values, and the result is immutable, so it can be shared.
+    Failures are not cached: they are rare and carry their own message.
+    """
+    if len(data) >= 8:
+        (n,) = struct.unpack_from("<Q", data)
+        if n <= 1 << 20:
+            key = (bytes(data[:8 + n]), file_size)
+            hit = _cache.get(key)
+            if hit is not None:
+                return hit
+            header = parse_header(data, file_size)
+            if len(_cache) >= _CACHE_MAX:
+                _cache.pop(next(iter(_cache)))
+            _cache[key] = header
+            return header
     return parse_header(data, file_size)

@@ -394,3 +394,11 @@ def layout_label(tree_form: str, merged_kind: str | None, has_dylora_root_config
     if merged_kind in ("hf", "hf-lora"):
         return HF_MERGED
     return UNKNOWN
+
+
+# --- the Trainer callback (ckpt_tools.integrations.transformers) --------------------------
+
+# It writes a checkpoint's PEFT tree into <checkpoint>/.ckpt-tools-tmp-peft-tree-<pid>/, then
+# renames the parts into place; the shared prefix makes that directory in progress
+# (is_tmp_checkpoint_name), so audit and prune leave it and a half-written tree alone.
+PEFT_TREE_TMP_PREFIX = MIGRATE_TMP_PREFIX + "peft-tree-"

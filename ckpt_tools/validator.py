@@ -694,6 +694,9 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     skill = f"{moe_dir}/{layout.SKILL_LIBRARY}"
     if skill in ctx.by_path and ctx.readable(skill, True):
         ctx.read_torch(skill)
+    # the callback's resume file: part of the PEFT tree (never merged weights), checked by its header
+    if layout.TRAINABLE_STATE in ctx.by_path and ctx.readable(layout.TRAINABLE_STATE, True):
+        ctx.read_safetensors(layout.TRAINABLE_STATE)
     if tree_form == layout.TREE_CANONICAL and moe_cfg_rel not in ctx.by_path:
         ctx.add(MISSING_FILE, moe_cfg_rel, "the MoE config is missing")
 

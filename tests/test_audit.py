@@ -300,3 +300,34 @@ def test_permission_denied_as_another_user(results_tree):
     assert "permission-denied" in codes
     assert doc["checkpoints"][0]["status"] == "broken"
     assert proc.returncode == 1
+
+
+def test_progress_bar_only_on_a_terminal(results_tree):
+    """A bar on stderr when stderr is a terminal; none with --no-progress or into a pipe."""
+    import pty
+    root, _, _ = results_tree
+
+    def stderr_of(*args, tty: bool) -> str:
+        if not tty:
+            return run_cli(*args).stderr
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "ckpt_tools.cli", *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate()
+        os.close(master)
+        json.loads(out)  # stdout stays pure JSON
+        return b"".join(chunks).decode(errors="replace")
+
+    assert "validating" in stderr_of("audit", "--json", str(root), tty=True)
+    assert "validating" not in stderr_of("audit", "--json", "--no-progress", str(root), tty=True)
+    assert stderr_of("audit", "--json", str(root), tty=False) == ""

@@ -37,8 +37,15 @@ class Output:
         """A tqdm bar on stderr, only on a terminal and when wanted; else None."""
         if not self.progress or self.quiet or not sys.stderr.isatty() or total < 2:
             return None
+        import os
         from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="ckpt", file=sys.stderr, leave=False)
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except OSError:
+            size = os.terminal_size((0, 0))
+        # a terminal that reports no size (a bare pty) would get a hidden, zero-width bar
+        return tqdm(total=total, desc=desc, unit="ckpt", file=sys.stderr, leave=False,
+                    ncols=None if size.columns else 80, nrows=None if size.lines else 24)
 
 
 def _merge(ctx: click.Context, **local) -> Output:

@@ -1,0 +1,1351 @@
+"""Migrate checkpoints to the canonical layout (SPEC §2, §5.4 rule 5, §5.5): plan, then execute.
+
+``plan_migrate(src, dst)`` scans SRC and decides, per checkpoint, what ``execute_migrate``
+will do: ``copy`` (canonical; canonical+merged loses its merged weights once they are shown
+to hold the same LoRA tensors as its PEFT tree), ``exact`` (the LoRA and router tensors are
+already in a state dict or in ``expert_<i>.pt`` files: they are re-keyed, never recomputed)
+or ``svd`` (a truly merged model: ``lowrank.extract`` against ``--base-model``). Broken and
+in-progress checkpoints are skipped with their reason; a finished target is skipped after a
+check.
+
+Each target is built under ``<parent>/.ckpt-tools-tmp-<name>-<pid>`` inside DST, every file
+and directory fsynced, validated (it must classify ``peft-only`` with no error) and its
+tensors re-read and compared with what was extracted; only then is it renamed into place
+and the parent directory fsynced. The marker file ``.ckpt-tools-migrated.json``, written
+last, records the identity of every input file: a re-run skips targets whose marker
+matches their source and redoes the rest. The source is only ever read.
+
+``build_conversion`` (the in-memory half) is shared with ``loader.load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import __version__, layout, scanner
+from .layout import Role
+from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
+from .validator import HEADERS, Verdict, validate_checkpoint
+
+METHOD_COPY, METHOD_EXACT, METHOD_SVD = "copy", "exact", "svd"
+ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = "migrate", "skip", "done"
+# --verify: the largest max|Δlogits| / max|logits| accepted. Exact adapters differ from their
+# source only by float rounding (PEFT's unmerged forward against our own hooks, in float32);
+# a low-rank extraction differs by its truncation, which the user chose with --rank/--energy.
+DEFAULT_VERIFY_TOL = {METHOD_COPY: 1e-4, METHOD_EXACT: 1e-4, METHOD_SVD: 1e-2}
+FAULT_ENV = "CKPT_TOOLS_FAULT"
+_MARKER_FORMAT = 1
+
+
+class MigrateError(Exception):
+    """Migration cannot start at all (bad roots, DST inside SRC, ...)."""
+
+
+class CheckpointFailure(Exception):
+    """One checkpoint could not be migrated; the message is one clear line."""
+
+
+# --- options, plan, result ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    link: bool = False                 # hard-link files carried byte for byte instead of copying
+    base_model: str | None = None      # --base-model: a local model dir or a hub id in the cache
+    rank: int | None = None            # --rank (svd)
+    energy: float | None = None        # --energy (svd)
+    device: str = "auto"               # --device (svd)
+    lora_alpha: float | None = None    # --lora-alpha: when no config of the checkpoint or run says
+    verify: bool = False               # --verify: compare logits before committing
+    verify_tol: float | None = None    # None: DEFAULT_VERIFY_TOL per method
+    min_age_s: float = 3600.0
+
+    def tolerance(self, method: str) -> float:
+        return self.verify_tol if self.verify_tol is not None else DEFAULT_VERIFY_TOL[method]
+
+
+@dataclass(frozen=True)
+class MigrateItem:
+    """What will happen to one checkpoint of SRC."""
+
+    source: str                   # relative to SRC ('.' when SRC is the checkpoint)
+    target: str                   # relative to DST
+    layout: str
+    status: str
+    action: str                   # migrate | skip | done
+    method: str | None = None     # copy | exact | svd
+    reason: str | None = None     # why skipped / why it is expected to fail / what 'done' means
+    experts: int | None = None
+    inputs_digest: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class MigratePlan:
+    """Everything ``execute_migrate`` needs; serialisable with ``to_dict``/``from_dict``."""
+
+    src: str
+    dst: str
+    options: MigrateOptions
+    items: tuple[MigrateItem, ...]
+    problems: tuple[dict, ...] = ()     # scan problems tied to no checkpoint
+
+    @property
+    def to_migrate(self) -> tuple[MigrateItem, ...]:
+        return tuple(i for i in self.items if i.action == ACTION_MIGRATE)
+
+    def to_dict(self) -> dict:
+        return {"src": self.src, "dst": self.dst, "options": dataclasses.asdict(self.options),
+                "items": [i.to_dict() for i in self.items], "problems": list(self.problems)}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> MigratePlan:
+        items = tuple(MigrateItem(**(d | {"notes": tuple(d.get("notes", ()))})) for d in doc["items"])
+        return cls(doc["src"], doc["dst"], MigrateOptions(**doc["options"]), items,
+                   tuple(doc.get("problems", ())))
+
+
+@dataclass(frozen=True)
+class MigrateOutcome:
+    source: str
+    target: str
+    outcome: str                        # migrated | skipped | failed
+    method: str | None = None
+    experts: int | None = None
+    max_rel_error: float | None = None  # svd: worst module reconstruction error; exact/copy: 0.0
+    reason: str | None = None
+    module_errors: dict = field(default_factory=dict)
+    verify: dict | None = None          # {"max_abs_diff", "max_rel_diff", "tolerance", "passed"}
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = {"source": self.source, "target": self.target}
+        if self.outcome == "migrated":
+            d |= {"method": self.method, "experts": self.experts,
+                  "max_rel_error": self.max_rel_error}
+            if self.module_errors:
+                d["module_errors"] = self.module_errors
+            if self.verify is not None:
+                d["verify"] = self.verify
+            if self.warnings:
+                d["warnings"] = list(self.warnings)
+        else:
+            d |= {"method": self.method, "reason": self.reason}
+            if self.verify is not None:
+                d["verify"] = self.verify
+        return d
+
+
+@dataclass(frozen=True)
+class MigrateResult:
+    migrated: tuple[MigrateOutcome, ...]
+    skipped: tuple[MigrateOutcome, ...]
+    failed: tuple[MigrateOutcome, ...]
+
+    def to_dict(self) -> dict:
+        return {"migrated": [o.to_dict() for o in self.migrated],
+                "skipped": [o.to_dict() for o in self.skipped],
+                "failed": [o.to_dict() for o in self.failed]}
+
+
+# --- roots -------------------------------------------------------------------------------
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_roots(src: str, dst: str) -> None:
+    """SRC an existing directory; DST not inside SRC and SRC not inside DST."""
+    if not os.path.lexists(src):
+        raise MigrateError(f"{src}: no such file or directory")
+    if not os.path.isdir(src):
+        raise MigrateError(f"{src}: not a directory")
+    if os.path.lexists(dst) and not os.path.isdir(dst):
+        raise MigrateError(f"{dst}: exists and is not a directory")
+    rs = os.path.realpath(src)
+    rd = os.path.realpath(dst)
+    if rs == rd:
+        raise MigrateError(f"DST {dst} is SRC {src}: migrate writes a new tree, never in place")
+    if _inside(rd, rs):
+        raise MigrateError(f"DST {dst} lies inside SRC {src}: choose a DST outside the tree "
+                           "being migrated")
+    if _inside(rs, rd):
+        raise MigrateError(f"SRC {src} lies inside DST {dst}: choose a DST outside the tree "
+                           "being migrated")
+
+
+# --- planning ----------------------------------------------------------------------------
+
+def _method_for(c: Checkpoint) -> tuple[str | None, str | None]:
+    """(method, reason it cannot work) for a checkpoint that is neither broken nor in progress."""
+    lay = c.layout
+    if lay == layout.CANONICAL:
+        return METHOD_COPY, None
+    if lay == layout.CANONICAL_MERGED:
+        if c.facts.get("merged_kind") in ("v0", "v1", "hf", "hf-lora") and c.status == "redundant":
+            return METHOD_COPY, None
+        if c.facts.get("merged_kind") in ("v0", "v1"):
+            return METHOD_EXACT, None
+        return None, "canonical tree is incomplete and the merged weights hold no LoRA tensors"
+    if lay in (layout.V0, layout.V1, layout.V2, layout.V3, layout.V4, layout.V5):
+        return METHOD_EXACT, None
+    if lay == layout.HF_MERGED:
+        return METHOD_SVD, None
+    return None, f"layout {lay!r} cannot be migrated"
+
+
+def _skip_reason(c: Checkpoint) -> str:
+    if c.status == IN_PROGRESS:
+        if c.dir.tmp_name:
+            return "in progress: a temporary checkpoint directory"
+        return "in progress: written to within --min-age"
+    errors = c.errors or c.problems
+    if errors:
+        p = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"broken: {p.code}: {p.path}: {p.message}{more}"
+    return "broken"
+
+
+def _input_files(ckpt: CheckpointDir, verdict_facts: dict) -> list[tuple[str, int, int]]:
+    """(relpath, size, mtime_ns) of every file the migration of ``ckpt`` may read."""
+    files = [(f.relpath, f.size, f.mtime_ns) for f in ckpt.files
+             if not f.name.startswith(".ckpt-tools")]
+    moe_dir = verdict_facts.get("moe_dir") or layout.MOE_STATE_DIR
+    if moe_dir.startswith(layout.PARENT_DIR):
+        parent = os.path.join(ckpt.abspath, *moe_dir.split("/"))
+        try:
+            for e in sorted(os.scandir(parent), key=lambda e: e.name):
+                if e.is_file(follow_symlinks=False):
+                    stt = e.stat(follow_symlinks=False)
+                    files.append((f"{moe_dir}/{e.name}", stt.st_size, stt.st_mtime_ns))
+        except OSError:
+            pass
+    return sorted(files)
+
+
+def _digest(files: list[tuple[str, int, int]]) -> str:
+    return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(), *,
+                 now: float | None = None, jobs: int = 1, progress=None) -> MigratePlan:
+    """Scan SRC and decide what to do with each checkpoint (nothing is written)."""
+    from .api import scan
+    check_roots(src, dst)
+    result = scan(src, min_age_s=options.min_age_s, now=now, jobs=jobs, progress=progress)
+    items = []
+    for c in result.checkpoints:
+        target = c.path
+        if c.status in (BROKEN, IN_PROGRESS):
+            items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
+                                     reason=_skip_reason(c), experts=c.num_experts))
+            continue
+        method, why_not = _method_for(c)
+        if method is None:
+            items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
+                                     reason=why_not, experts=c.num_experts))
+            continue
+        digest = _digest(_input_files(c.dir, c.facts))
+        notes = []
+        experts = c.num_experts
+        if method == METHOD_SVD:
+            experts = 1
+            if not options.base_model:
+                notes.append("needs --base-model (a truly merged model: the LoRA delta is baked in)")
+            if options.rank is None and options.energy is None:
+                notes.append("needs --rank or --energy")
+        state, detail = _target_state(os.path.join(dst, *target.split("/")) if target != "."
+                                      else dst, digest, check=False)
+        if state == "finished":
+            items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_DONE, method,
+                                     reason="already migrated", experts=experts,
+                                     inputs_digest=digest))
+            continue
+        if state == "foreign":
+            notes.append(f"target exists: {detail}")
+        elif state == "stale":
+            notes.append(f"target will be replaced: {detail}")
+        items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_MIGRATE, method,
+                                 experts=experts, inputs_digest=digest, notes=tuple(notes)))
+    return MigratePlan(src=src, dst=dst, options=options, items=tuple(items),
+                       problems=tuple(p.to_dict() for p in result.problems))
+
+
+# --- the target's state ------------------------------------------------------------------
+
+def _read_marker(target_abs: str) -> dict | None:
+    try:
+        with open(os.path.join(target_abs, layout.MIGRATED_MARKER), encoding="utf-8") as fh:
+            doc = json.load(fh)
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _validate_dir(path: str, name: str | None = None) -> tuple[CheckpointDir, Verdict]:
+    """Scan and validate the directory ``path`` as one checkpoint (named ``name``)."""
+    dirs, _ = scanner.find_checkpoints(path)
+    mine = [d for d in dirs if d.path == "."]
+    if not mine:
+        raise CheckpointFailure(f"{path}: not a checkpoint directory")
+    ckpt = mine[0]
+    if name is not None:
+        ckpt = dataclasses.replace(ckpt, name=name, step=layout.checkpoint_step(name),
+                                   tmp_name=layout.is_tmp_checkpoint_name(name))
+    return ckpt, validate_checkpoint(ckpt, level=HEADERS, min_age_s=0.0)
+
+
+def _target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[str, str]:
+    """absent | finished | stale | foreign, with a word on why."""
+    if not os.path.lexists(target_abs):
+        return "absent", ""
+    if os.path.islink(target_abs) or not os.path.isdir(target_abs):
+        return "foreign", "not a directory"
+    try:
+        entries = os.listdir(target_abs)
+    except OSError as exc:
+        return "foreign", f"cannot list it: {exc.strerror or exc}"
+    if not entries:
+        return "absent", "empty directory"
+    marker = _read_marker(target_abs)
+    if marker is None:
+        return "foreign", "it was not written by ckpt-tools migrate (no marker); not overwriting"
+    if marker.get("inputs_digest") != digest:
+        return "stale", "the source changed since it was migrated"
+    if check:
+        try:
+            _, verdict = _validate_dir(target_abs, os.path.basename(target_abs))
+        except (CheckpointFailure, scanner.ScanError) as exc:
+            return "stale", str(exc)
+        errors = [p for p in verdict.problems if p.is_error]
+        if verdict.status != PEFT_ONLY or errors:
+            why = f"{errors[0].code}: {errors[0].message}" if errors else verdict.status
+            return "stale", f"it no longer validates ({why})"
+    return "finished", ""
+
+
+# --- fault injection (tests) ---------------------------------------------------------------
+
+class _Faults:
+    """``CKPT_TOOLS_FAULT=<point>:<n>``: SIGKILL this process at the n-th time ``point`` is hit.
+
+    Points: ``after_write`` (a file of a target written), ``before_rename``, ``after_rename``.
+    """
+
+    def __init__(self, spec: str | None):
+        self.point = None
+        self.n = 0
+        self.count = 0
+        self.lock = threading.Lock()
+        if spec:
+            point, _, n = spec.partition(":")
+            self.point, self.n = point, int(n or 1)
+
+    def hit(self, point: str) -> None:
+        if point != self.point:
+            return
+        with self.lock:
+            self.count += 1
+            if self.count == self.n:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- durable file writing ----------------------------------------------------------------
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(top: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                _fsync_path(p)
+        _fsync_path(dirpath, directory=True)
+
+
+class _Writer:
+    """Writes the files of one target under its temporary directory."""
+
+    def __init__(self, root: str, faults: _Faults, link: bool):
+        self.root = root
+        self.faults = faults
+        self.link = link
+        self.written: dict[str, int] = {}
+        self.warnings: list[str] = []
+
+    def path(self, rel: str) -> str:
+        p = os.path.join(self.root, *rel.split("/"))
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
+    def done(self, rel: str) -> None:
+        self.written[rel] = os.path.getsize(os.path.join(self.root, *rel.split("/")))
+        self.faults.hit("after_write")
+
+    def copy(self, src_abs: str, rel: str, *, allow_link: bool = True) -> None:
+        dst = self.path(rel)
+        if self.link and allow_link:
+            try:
+                os.link(os.path.realpath(src_abs), dst)
+                self.done(rel)
+                return
+            except OSError as exc:
+                if not self.warnings or "hard link" not in self.warnings[-1]:
+                    self.warnings.append(f"cannot hard-link ({exc.strerror or exc}); copied instead")
+        shutil.copyfile(src_abs, dst)      # follows a symlink inside the root: its content
+        try:
+            shutil.copystat(src_abs, dst)  # mode and times: carried files stay byte-and-stat equal
+        except OSError:
+            pass
+        self.done(rel)
+
+    def json(self, rel: str, doc: dict) -> None:
+        with open(self.path(rel), "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        self.done(rel)
+
+    def torch_save(self, rel: str, obj) -> None:
+        import torch
+        torch.save(obj, self.path(rel))
+        self.done(rel)
+
+    def adapter(self, rel_dir: str, tensors: dict, config: dict) -> None:
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+        d = self.path(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, d, metadata={"format": "pt"})
+        self.done(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
+        # exactly the file PEFT writes for this config
+        LoraConfig(**config).save_pretrained(os.path.dirname(d))
+        self.done(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
+
+
+# --- the in-memory conversion (shared with the loader) ------------------------------------
+
+@dataclass
+class ExpertAdapter:
+    """One expert: either tensors (canonical keys) plus LoraConfig kwargs, or PEFT's own files."""
+
+    index: int
+    config: dict                                   # LoraConfig keyword arguments / file content
+    tensors: dict | None = None                    # canonical key -> torch.Tensor
+    adapter_dir: str | None = None                 # a directory PEFT can load as is
+    expected: dict | None = None                   # canonical key -> (dtype name, shape)
+
+    @property
+    def name(self) -> str:
+        return f"{layout.EXPERT_DIR_PREFIX}{self.index}"
+
+
+@dataclass
+class Conversion:
+    """A checkpoint in canonical form, in memory (tensors) or pointing at files to copy."""
+
+    method: str
+    layout: str
+    num_experts: int
+    experts: list[ExpertAdapter]
+    router: dict                        # "gate.weight"/"gate.bias" -> tensor
+    moe_config: dict
+    root_config: dict
+    skill_library: str | None           # absolute path of a file to carry, or None: write {}
+    carried: list[tuple[str, str]]      # (absolute source path, relpath in the target)
+    copy_tree: list[tuple[str, str]] = field(default_factory=list)   # files copied as is
+    warnings: list[str] = field(default_factory=list)
+    module_errors: dict = field(default_factory=dict)
+    max_rel_error: float | None = 0.0
+    lora_bytes: int = 0                 # bytes of tensor data extracted
+    extraction: object | None = None    # lowrank.Extraction for svd
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_canonical_root_config(cfg: dict | None) -> bool:
+    return isinstance(cfg, dict) and cfg.get("model_type") == layout.DYLORA_MODEL_TYPE
+
+
+@dataclass
+class _Source:
+    """What the converter reads of one checkpoint."""
+
+    abspath: str
+    ckpt: CheckpointDir
+    verdict: Verdict
+
+    @property
+    def facts(self) -> dict:
+        return self.verdict.facts
+
+    def abs(self, rel: str) -> str:
+        return os.path.normpath(os.path.join(self.abspath, *rel.split("/")))
+
+    def files_with(self, *roles: Role) -> list[tuple[str, layout.FileRole]]:
+        out = []
+        for f in self.ckpt.files:
+            r = layout.role_of(f.relpath)
+            if r.role in roles:
+                out.append((f.relpath, r))
+        return sorted(out)
+
+    @property
+    def moe_dir(self) -> str:
+        return self.facts.get("moe_dir") or layout.MOE_STATE_DIR
+
+
+def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) -> _Source:
+    """Scan and validate the checkpoint directory at ``path`` (one checkpoint, not a tree)."""
+    dirs, _ = scanner.find_checkpoints(path)
+    mine = [d for d in dirs if d.path == "."]
+    if not mine:
+        raise CheckpointFailure(f"{path}: not a checkpoint directory")
+    verdict = validate_checkpoint(mine[0], level=HEADERS, min_age_s=min_age_s, now=now)
+    return _Source(os.path.abspath(path), mine[0], verdict)
+
+
+# tensors ------------------------------------------------------------------------------
+
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
+def _merged_locations(src: _Source) -> dict:
+    from .tensor_io import locate
+    found = {}
+    for rel, role in src.files_with(Role.MERGED):
+        if rel not in src.verdict.merged_files:
+            continue
+        path = src.abs(rel)
+        found.update(locate(path, wanted=lambda k: ".lora_" in k or k.startswith(
+            layout.ROUTER_KEY_PREFIX)))
+    return found
+
+
+def _group_moe_lora(locs: dict, *, only_expert: int | None = None, where: str) -> dict:
+    """{expert: {canonical key: TensorLocation}} from ``….lora_A.expert_<i>.weight`` keys."""
+    out: dict[int, dict] = {}
+    for key, loc in locs.items():
+        parts = layout.moe_lora_parts(key)
+        if parts is None:
+            continue
+        module, part, expert, param = parts
+        if part not in _LORA_PARTS:
+            raise CheckpointFailure(f"{where}: {key}: {part} (DoRA) is not supported by migrate")
+        if only_expert is not None and expert != only_expert:
+            raise CheckpointFailure(f"{where}: holds {key!r} of expert {expert}, "
+                                    f"not expert {only_expert}")
+        ckey = layout.canonical_adapter_key(module, part, param)
+        out.setdefault(expert, {})[ckey] = dataclasses.replace(loc, name=ckey, key=key)
+    return out
+
+
+def _group_peft_lora(locs: dict) -> dict:
+    out = {}
+    for key, loc in locs.items():
+        parts = layout.peft_lora_parts(key)
+        if parts is None:
+            continue
+        module, part, param = parts
+        ckey = layout.canonical_adapter_key(module, part, param)
+        out[ckey] = dataclasses.replace(loc, name=ckey, key=key)
+    return out
+
+
+def _router_from(locs: dict, *, where: str) -> dict:
+    """gate.weight / gate.bias locations from any of the router key forms."""
+    out = {}
+    for key, loc in locs.items():
+        k = layout.router_key(key) or key
+        if k.startswith(layout.LEGACY_ROUTER_STATE + "."):
+            k = "gate." + k[len(layout.LEGACY_ROUTER_STATE) + 1:]
+        if k in (layout.GATE_WEIGHT, layout.GATE_BIAS):
+            out[k] = dataclasses.replace(loc, name=k, key=key)
+    if layout.GATE_WEIGHT not in out:
+        raise CheckpointFailure(f"{where}: no {layout.GATE_WEIGHT} in the router state")
+    return out
+
+
+# hyperparameters ----------------------------------------------------------------------
+
+def _ranks(expert_locs: dict) -> dict[str, int]:
+    """module → r, from the shapes of lora_A ([r, in]) / lora_embedding_A ([r, vocab])."""
+    ranks = {}
+    for locs in expert_locs.values():
+        for ckey, loc in locs.items():
+            parts = layout.peft_lora_parts(ckey)
+            if parts and parts[1] in ("lora_A", "lora_embedding_A") and loc.shape:
+                ranks.setdefault(parts[0], loc.shape[0])
+    return ranks
+
+
+def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, dict]]:
+    """(path, config) of the DyLoRA configs of a run: its dylo_moe_state/config.json, and the
+    root, MoE and first adapter configs of its other checkpoints (newest first)."""
+    key = (run_dir, own)
+    if cache is not None and key in cache:
+        return cache[key]
+    found: list[tuple[str, dict]] = []
+    p = os.path.join(run_dir, layout.MOE_STATE_DIR, layout.MOE_CONFIG)
+    cfg = _read_json(p)
+    if cfg is not None:
+        found.append((p, cfg))
+    try:
+        names = [e.name for e in os.scandir(run_dir)
+                 if e.is_dir(follow_symlinks=False) and layout.is_checkpoint_name(e.name)
+                 and not layout.is_tmp_checkpoint_name(e.name)]
+    except OSError:
+        names = []
+    names.sort(key=lambda n: (layout.checkpoint_step(n) or -1, n), reverse=True)
+    expert0 = f"{layout.EXPERT_DIR_PREFIX}0"
+    for name in names[:32]:
+        d = os.path.join(run_dir, name)
+        if os.path.realpath(d) == os.path.realpath(own):
+            continue
+        for rel in (layout.ROOT_CONFIG, f"{layout.MOE_STATE_DIR}/{layout.MOE_CONFIG}",
+                    f"{layout.PEFT_DIR}/{expert0}/{layout.ADAPTER_CONFIG}",
+                    f"{layout.PEFT_DIR}/{expert0}/{expert0}/{layout.ADAPTER_CONFIG}"):
+            p = os.path.join(d, *rel.split("/"))
+            cfg = _read_json(p)
+            if cfg is None:
+                continue
+            if rel == layout.ROOT_CONFIG and not layout.is_dylora_config(cfg):
+                continue
+            found.append((p, cfg))
+    if cache is not None:
+        cache[key] = found
+    return found
+
+
+def _cfg_r(cfg: dict) -> int | None:
+    r = cfg.get("r") if "peft_type" in cfg else layout.first_key(cfg, layout.LORA_R_KEYS)
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _cfg_alpha(cfg: dict):
+    a = layout.first_key(cfg, layout.LORA_ALPHA_KEYS)
+    return a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _cfg_dropout(cfg: dict):
+    d = layout.first_key(cfg, layout.LORA_DROPOUT_KEYS)
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def _cfg_base(cfg: dict) -> str | None:
+    for k in ("base_model_name_or_path", "_name_or_path"):
+        v = cfg.get(k)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+@dataclass
+class _Hyper:
+    r: int
+    rank_pattern: dict
+    alpha: float
+    dropout: float
+    base: str | None
+    target_modules: list[str]
+    notes: list[str]
+
+
+def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
+                   run_cache: dict | None) -> _Hyper:
+    """r from the shapes; alpha, dropout and the base model from the configs (SPEC §5.5)."""
+    if not ranks:
+        raise CheckpointFailure("no LoRA tensors found")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
+    notes: list[str] = []
+
+    own: list[tuple[str, dict]] = []
+    moe_cfg = src.facts.get("moe_config")
+    if isinstance(moe_cfg, dict):
+        own.append((f"{src.moe_dir}/{layout.MOE_CONFIG}", moe_cfg))
+    root_cfg = src.facts.get("root_config")
+    if isinstance(root_cfg, dict):
+        own.append((layout.ROOT_CONFIG, root_cfg))
+    for rel, role in src.files_with(Role.ADAPTER_CONFIG):
+        cfg = _read_json(src.abs(rel))
+        if cfg is not None:
+            own.append((rel, cfg))
+    run_dir = os.path.dirname(src.abspath)
+    run = [(os.path.relpath(p, run_dir), c) for p, c in _run_configs(run_dir, src.abspath, run_cache)]
+
+    def pick(getter, what: str, candidates, need_r: bool):
+        for where, cfg in candidates:
+            v = getter(cfg)
+            if v is None:
+                continue
+            cr = _cfg_r(cfg)
+            if need_r and cr is not None and cr != r:
+                continue
+            if need_r and cr is None and where not in [w for w, _ in own]:
+                continue    # a run config that does not say r may be of another setup
+            return v, where
+        return None, None
+
+    alpha, where = pick(_cfg_alpha, "lora_alpha", own, need_r=False)
+    if alpha is None:
+        values = {}
+        for w, cfg in run:
+            a = _cfg_alpha(cfg)
+            if a is not None and _cfg_r(cfg) == r:
+                values.setdefault(a, w)
+        if len(values) == 1:
+            alpha, where = next(iter(values.items()))
+            where = f"the run's {where}"
+        elif len(values) > 1:
+            notes.append(f"the run's configs disagree on lora_alpha ({sorted(values)}); not using them")
+    if alpha is None and options.lora_alpha is not None:
+        alpha, where = options.lora_alpha, "--lora-alpha"
+    if alpha is None:
+        alpha = 2 * r
+        notes.append(f"warning: no config records lora_alpha; guessed lora_alpha = 2·r = {alpha} "
+                     "(the upstream convention; pass --lora-alpha if training used another)")
+    else:
+        if options.lora_alpha is not None and where != "--lora-alpha" and options.lora_alpha != alpha:
+            notes.append(f"warning: --lora-alpha {options.lora_alpha} ignored: {where} says {alpha}")
+        notes.append(f"lora_alpha = {alpha} from {where}")
+    if isinstance(alpha, float) and alpha.is_integer():
+        alpha = int(alpha)
+
+    dropout, _ = pick(_cfg_dropout, "lora_dropout", own + run, need_r=False)
+    if dropout is None:
+        dropout = layout.DEFAULT_LORA_DROPOUT
+    base, _ = pick(_cfg_base, "base_model_name_or_path", own + run, need_r=False)
+    if base is None and options.base_model:
+        base = options.base_model
+    if base is None:
+        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
+                     "(pass --base-model)")
+    targets = None
+    for _, cfg in own:
+        t = cfg.get("target_modules")
+        if isinstance(t, list) and t and all(isinstance(x, str) for x in t):
+            targets = t
+            break
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in ranks})
+    if targets is None or not set(leaves) <= set(targets):
+        targets = leaves
+    return _Hyper(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
+
+
+def _lora_config(h: _Hyper, has_bias: bool) -> dict:
+    return {"r": h.r, "lora_alpha": h.alpha, "lora_dropout": h.dropout,
+            "target_modules": list(h.target_modules), "bias": "none",
+            "task_type": layout.LORA_TASK_TYPE, "base_model_name_or_path": h.base,
+            "rank_pattern": dict(h.rank_pattern), "lora_bias": has_bias, "inference_mode": True}
+
+
+def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
+    cfg = dict(src.facts.get("moe_config") or {})
+    for k, v in extra.items():
+        cfg.setdefault(k, v)
+    cfg.update({"num_experts": num_experts, "lora_r": h.r, "lora_alpha": h.alpha,
+                "lora_dropout": h.dropout, "base_model_name_or_path": h.base,
+                "target_modules": list(h.target_modules)})
+    return cfg
+
+
+def _root_config(num_experts: int, h: _Hyper) -> dict:
+    return {"model_type": layout.DYLORA_MODEL_TYPE, "checkpoint_type": layout.PEFT_ONLY_TYPE,
+            "num_experts": num_experts, "base_model_name_or_path": h.base, "lora_r": h.r,
+            "lora_alpha": h.alpha, "lora_dropout": h.dropout}
+
+
+def _carried(src: _Source, *, exclude_roles=()) -> list[tuple[str, str]]:
+    """Trainer state, tokenizer and other loose files carried byte for byte."""
+    out = []
+    for f in src.ckpt.files:
+        if f.name.startswith(".ckpt-tools"):
+            continue
+        role = layout.role_of(f.relpath).role
+        top = "/" not in f.relpath
+        if role in exclude_roles:
+            continue
+        if role in layout.CARRIED_ROLES or (top and role is Role.OTHER) or (
+                role is Role.OTHER and f.relpath.startswith(layout.MOE_STATE_DIR + "/")):
+            out.append((src.abs(f.relpath), f.relpath))
+    return out
+
+
+# the conversions ----------------------------------------------------------------------
+
+def _tree_experts(src: _Source) -> tuple[dict, dict]:
+    """({expert: {ckey: loc}}, {expert: (adapter dir, adapter_config path)}) of a dirs/nested tree."""
+    from .tensor_io import locate_safetensors
+    expert_locs: dict[int, dict] = {}
+    dirs: dict[int, tuple[str, str]] = {}
+    for rel, role in src.files_with(Role.ADAPTER_WEIGHTS):
+        if not rel.endswith(".safetensors"):
+            raise CheckpointFailure(f"{rel}: adapter_model.bin is not supported; expected "
+                                    "adapter_model.safetensors")
+        expert_locs[role.expert] = _group_peft_lora(locate_safetensors(src.abs(rel)))
+        d = os.path.dirname(src.abs(rel))
+        dirs[role.expert] = (d, os.path.join(d, layout.ADAPTER_CONFIG))
+    return expert_locs, dirs
+
+
+def _flat_experts(src: _Source) -> dict:
+    from .tensor_io import locate_torch
+    out = {}
+    for rel, role in src.files_with(Role.FLAT_EXPERT):
+        locs = locate_torch(src.abs(rel), wanted=lambda k: ".lora_" in k)
+        grouped = _group_moe_lora(locs, only_expert=role.expert, where=rel)
+        out[role.expert] = grouped.get(role.expert, {})
+    return out
+
+
+def _router_locations(src: _Source, merged: dict | None) -> tuple[dict, dict]:
+    """Router tensor locations and the V2 router.pt's metadata (top_k, temperature, ...)."""
+    from .tensor_io import locate
+    meta: dict = {}
+    if merged:
+        rk = {k: v for k, v in merged.items() if layout.router_key(k)}
+        if rk and src.verdict.tree_form == layout.TREE_NONE:
+            return _router_from(rk, where="merged weights"), meta
+    rel = src.facts.get("router")
+    if rel is None:
+        if merged:
+            rk = {k: v for k, v in merged.items() if layout.router_key(k)}
+            if rk:
+                return _router_from(rk, where="merged weights"), meta
+        raise CheckpointFailure("no router state found")
+    path = src.abs(rel)
+    if rel.endswith(".pt"):
+        from .formats import torchsave
+        info = torchsave.inspect_torch_file(path)
+        if isinstance(info.obj, dict) and layout.LEGACY_ROUTER_STATE in info.obj:
+            for k in ("num_experts", "input_size", "top_k", "temperature", "expert_maturity"):
+                v = info.obj.get(k)
+                if isinstance(v, (int, float, str, list)) and not isinstance(v, bool):
+                    meta[k] = v
+    return _router_from(locate(path), where=rel), meta
+
+
+def _check_same(tree: dict, merged: dict, where: str) -> None:
+    """The PEFT tree must hold exactly the merged weights' LoRA tensors, bit for bit."""
+    import torch
+
+    from .tensor_io import read_tensors
+    for e in sorted(tree):
+        a, b = tree[e], merged.get(e, {})
+        if set(a) != set(b):
+            diff = sorted(set(a) ^ set(b))
+            raise CheckpointFailure(f"expert {e}: the PEFT tree and the merged weights hold "
+                                    f"different LoRA modules (e.g. {diff[0]}); not choosing one")
+        ta, tb = read_tensors(a), read_tensors(b)
+        for k in sorted(ta):
+            if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]):
+                raise CheckpointFailure(f"expert {e}: {k} differs between the PEFT tree and "
+                                        f"the merged weights ({where}); not choosing one")
+
+
+def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
+                     run_cache: dict | None = None, check_merged: bool = True) -> Conversion:
+    """Everything a canonical target holds, with LoRA and router tensors read exactly."""
+    from .tensor_io import read_tensors
+    v = src.verdict
+    tree = v.tree_form
+    merged_kind = v.merged_kind
+    merged = _merged_locations(src) if merged_kind in ("v0", "v1") else None
+    merged_experts = _group_moe_lora(merged, where="merged weights") if merged else {}
+
+    if method == METHOD_SVD:
+        return _svd_conversion(src, options)
+
+    warnings: list[str] = []
+    dir_experts: dict = {}
+    if tree in (layout.TREE_CANONICAL, layout.TREE_NESTED):
+        expert_locs, dir_experts = _tree_experts(src)
+    elif tree == layout.TREE_FLAT:
+        expert_locs = _flat_experts(src)
+    else:
+        expert_locs = merged_experts
+    if not expert_locs:
+        raise CheckpointFailure("no LoRA tensors found")
+    if merged_experts and tree != layout.TREE_NONE and check_merged:
+        _check_same(expert_locs, merged_experts, ", ".join(
+            m for m in v.merged_files if layout.role_of(m).role is Role.MERGED))
+    elif merged_kind in ("hf", "hf-lora") and tree != layout.TREE_NONE:
+        warnings.append("merged weights hold no DyLoRA LoRA keys to compare with the PEFT tree; "
+                        "dropped without that check")
+
+    num_experts = v.num_experts or (max(expert_locs) + 1)
+    missing = [i for i in range(num_experts) if i not in expert_locs]
+    if missing:
+        raise CheckpointFailure(f"expert {missing[0]} of {num_experts} has no LoRA tensors")
+
+    router_locs, router_meta = _router_locations(src, merged)
+
+    if method == METHOD_COPY:
+        return _copy_conversion(src, expert_locs, router_locs, num_experts, warnings)
+
+    ranks = _ranks(expert_locs)
+    h = _resolve_hyper(src, ranks, options, run_cache)
+    warnings += h.notes
+    experts = []
+    lora_bytes = 0
+    all_locs = {f"{e}/{k}": loc for e, locs in expert_locs.items() for k, loc in locs.items()}
+    all_locs |= {f"router/{k}": loc for k, loc in router_locs.items()}
+    tensors = read_tensors({k: dataclasses.replace(loc, name=k) for k, loc in all_locs.items()})
+    lora_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    for e in range(num_experts):
+        t = {k: tensors[f"{e}/{k}"] for k in expert_locs[e]}
+        has_bias = any(k.endswith("lora_B.bias") for k in t)
+        if dir_experts and e in dir_experts:
+            cfg = _read_json(dir_experts[e][1]) or _lora_config(h, has_bias)
+            experts.append(ExpertAdapter(e, cfg, tensors=t, adapter_dir=dir_experts[e][0]))
+        else:
+            experts.append(ExpertAdapter(e, _lora_config(h, has_bias), tensors=t))
+    router = {k: tensors[f"router/{k}"] for k in router_locs}
+    extra = {}
+    if "top_k" in router_meta:
+        extra["top_k"] = router_meta["top_k"]
+    if "temperature" in router_meta:
+        extra["temperature"] = router_meta["temperature"]
+    gw = router.get(layout.GATE_WEIGHT)
+    if gw is not None and gw.ndim == 2:
+        extra["hidden_size"] = int(gw.shape[1])
+    skill = os.path.join(src.abspath, *src.moe_dir.split("/"), layout.SKILL_LIBRARY)
+    return Conversion(
+        method=METHOD_EXACT, layout=v.layout, num_experts=num_experts, experts=experts,
+        router=router, moe_config=_moe_config(src, h, num_experts, extra),
+        root_config=_root_config(num_experts, h),
+        skill_library=os.path.normpath(skill) if os.path.isfile(skill) else None,
+        carried=_carried(src), warnings=warnings, max_rel_error=0.0, lora_bytes=lora_bytes)
+
+
+def _copy_conversion(src: _Source, expert_locs: dict, router_locs: dict, num_experts: int,
+                     warnings: list[str]) -> Conversion:
+    """Canonical (and canonical+merged): the tree as it is, minus merged weights."""
+    copy = []
+    root_cfg = src.facts.get("root_config")
+    replace_root = not _is_canonical_root_config(root_cfg)
+    for f in src.ckpt.files:
+        role = layout.role_of(f.relpath).role
+        if role in (Role.MERGED, Role.MERGED_INDEX) or f.name.startswith(".ckpt-tools"):
+            continue
+        if role is Role.ROOT_CONFIG and replace_root:
+            continue
+        copy.append((src.abs(f.relpath), f.relpath))
+    new_root = {}
+    if replace_root:
+        moe = src.facts.get("moe_config") or {}
+        new_root = {"model_type": layout.DYLORA_MODEL_TYPE, "checkpoint_type": layout.PEFT_ONLY_TYPE,
+                    "num_experts": num_experts}
+        for k in ("base_model_name_or_path", "lora_r", "lora_alpha", "lora_dropout"):
+            if k in moe:
+                new_root[k] = moe[k]
+        if root_cfg is not None:
+            warnings.append("config.json is not a DyLoRA-MoE config (rewritten by another tool); "
+                            "replaced with the canonical one")
+    experts = [ExpertAdapter(e, {}, expected={k: (loc.dtype, loc.shape) for k, loc in locs.items()})
+               for e, locs in sorted(expert_locs.items())]
+    return Conversion(method=METHOD_COPY, layout=src.verdict.layout, num_experts=num_experts,
+                      experts=experts, router={}, moe_config={}, root_config=new_root,
+                      skill_library=None, carried=[], copy_tree=copy, warnings=warnings,
+                      max_rel_error=0.0)
+
+
+def resolve_model_dir(path_or_id: str) -> str:
+    """A local model directory, or a hub id resolved from the local Hugging Face cache only."""
+    if os.path.isdir(path_or_id):
+        return os.path.abspath(path_or_id)
+    if os.path.exists(path_or_id):
+        raise CheckpointFailure(f"base model {path_or_id}: not a directory")
+    if path_or_id.count("/") > 1 or path_or_id.startswith((".", "/")):
+        raise CheckpointFailure(f"base model {path_or_id}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_id, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the hub raises several kinds for "not cached"
+        raise CheckpointFailure(f"base model {path_or_id}: not a local directory and not in the "
+                                f"local Hugging Face cache (no network is used; "
+                                f"{type(exc).__name__})") from None
+
+
+def _hidden_size(cfg: dict | None) -> int | None:
+    for c in (cfg or {}, (cfg or {}).get("text_config") or {}):
+        for k in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(c.get(k), int):
+                return c[k]
+    return None
+
+
+def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
+    import torch
+    if not options.base_model:
+        raise CheckpointFailure("a truly merged model: migrate needs --base-model to extract "
+                                "its LoRA delta")
+    if options.rank is None and options.energy is None:
+        raise CheckpointFailure("a truly merged model: give --rank N or --energy F")
+    try:
+        from . import lowrank
+        extract = lowrank.extract
+    except (ImportError, AttributeError):
+        raise CheckpointFailure("low-rank extraction is not available in this build "
+                                "(ckpt_tools.lowrank.extract)") from None
+    base_dir = resolve_model_dir(options.base_model)
+    ex = extract(base_dir, src.abspath, rank=options.rank, energy=options.energy,
+                 device=options.device, base_model_name_or_path=options.base_model)
+    cfg = dict(ex.adapter_config)
+    if not cfg.get("target_modules"):
+        raise CheckpointFailure("the merged model does not differ from the base model in any "
+                                "linear layer: nothing to extract")
+    hidden = _hidden_size(src.facts.get("root_config")) or _hidden_size(
+        _read_json(os.path.join(base_dir, layout.ROOT_CONFIG)))
+    if hidden is None:
+        raise CheckpointFailure("cannot tell the hidden size for the router (no config.json)")
+    # The canonical layout needs a router: one expert, a zero gate (softmax over one expert is 1).
+    router = {layout.GATE_WEIGHT: torch.zeros(1, hidden), layout.GATE_BIAS: torch.zeros(1)}
+    r = int(cfg.get("r") or max(ex.ranks.values(), default=1))
+    h = _Hyper(r, dict(cfg.get("rank_pattern") or {}), cfg.get("lora_alpha", r),
+               float(cfg.get("lora_dropout") or 0.0), options.base_model,
+               sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], list)
+               else cfg["target_modules"], [])
+    moe = {"num_experts": 1, "lora_r": h.r, "lora_alpha": h.alpha, "lora_dropout": h.dropout,
+           "base_model_name_or_path": h.base, "target_modules": h.target_modules,
+           "hidden_size": hidden, "top_k": 1, "extracted": {
+               "method": METHOD_SVD, "rank": options.rank, "energy": options.energy,
+               "max_rel_error": ex.max_rel_error}}
+    expert = ExpertAdapter(0, cfg, tensors=dict(ex.lora_state))
+    return Conversion(
+        method=METHOD_SVD, layout=src.verdict.layout, num_experts=1, experts=[expert],
+        router=router, moe_config=moe, root_config=_root_config(1, h), skill_library=None,
+        carried=_carried(src, exclude_roles=(Role.ROOT_CONFIG,)),
+        warnings=list(getattr(ex, "notes", ())), module_errors=dict(ex.errors),
+        max_rel_error=float(ex.max_rel_error), extraction=ex,
+        lora_bytes=sum(t.numel() * t.element_size() for t in ex.lora_state.values()))
+
+
+# --- writing and checking one target ---------------------------------------------------------
+
+def _write_conversion(conv: Conversion, w: _Writer) -> None:
+    if conv.method == METHOD_COPY:
+        for src_abs, rel in conv.copy_tree:
+            w.copy(src_abs, rel)
+        if conv.root_config:
+            w.json(layout.ROOT_CONFIG, conv.root_config)
+        return
+    peft = layout.PEFT_DIR
+    for ex in conv.experts:
+        rel_dir = f"{peft}/{ex.name}"
+        if conv.method == METHOD_SVD:
+            from . import lowrank
+            lowrank.write_adapter(conv.extraction, w.path(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
+                                  .rsplit(os.sep, 1)[0])
+            w.done(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
+            w.done(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
+        elif ex.adapter_dir is not None:
+            # PEFT's own files (V5, nested): already canonical, carried byte for byte
+            w.copy(os.path.join(ex.adapter_dir, layout.ADAPTER_WEIGHTS),
+                   f"{rel_dir}/{layout.ADAPTER_WEIGHTS}", allow_link=False)
+            w.copy(os.path.join(ex.adapter_dir, layout.ADAPTER_CONFIG),
+                   f"{rel_dir}/{layout.ADAPTER_CONFIG}", allow_link=False)
+        else:
+            w.adapter(rel_dir, ex.tensors, ex.config)
+    moe = layout.MOE_STATE_DIR
+    w.torch_save(f"{moe}/{layout.ROUTER_PT}", {k: v.contiguous() for k, v in conv.router.items()})
+    if conv.skill_library:
+        w.copy(conv.skill_library, f"{moe}/{layout.SKILL_LIBRARY}")
+    else:
+        w.torch_save(f"{moe}/{layout.SKILL_LIBRARY}", {})
+    w.json(f"{moe}/{layout.MOE_CONFIG}", conv.moe_config)
+    w.json(layout.ROOT_CONFIG, conv.root_config)
+    for src_abs, rel in conv.carried:
+        if rel not in w.written:
+            w.copy(src_abs, rel)
+
+
+def _reread_check(conv: Conversion, tmp: str) -> None:
+    """The tensors on disk equal what was extracted, bit for bit and dtype for dtype."""
+    import torch
+    from safetensors.torch import load_file
+
+    def same(a: dict, b: dict, where: str) -> None:
+        if set(a) != set(b):
+            raise CheckpointFailure(f"{where}: written keys differ from the extracted ones")
+        for k in a:
+            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+                raise CheckpointFailure(f"{where}: {k} reads back different from what was written")
+
+    for ex in conv.experts:
+        path = os.path.join(tmp, layout.PEFT_DIR, ex.name, layout.ADAPTER_WEIGHTS)
+        got = load_file(path)
+        if ex.tensors is not None:
+            same(ex.tensors, got, path)
+        elif ex.expected is not None:
+            shapes = {k: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in got.items()}
+            if shapes != {k: (d, tuple(s)) for k, (d, s) in ex.expected.items()}:
+                raise CheckpointFailure(f"{path}: copied adapter differs from its source")
+    if conv.router:
+        got = torch.load(os.path.join(tmp, layout.MOE_STATE_DIR, layout.ROUTER_PT),
+                         weights_only=True, map_location="cpu")
+        same(conv.router, got, "router.pt")
+
+
+def _rmtree(path: str) -> None:
+    def onexc(func, p, exc):
+        if isinstance(exc, FileNotFoundError):
+            return
+        raise exc
+    if os.path.lexists(path):
+        shutil.rmtree(path, onexc=onexc)
+
+
+def clean_stale(parent: str) -> list[str]:
+    """Remove migrate's temporary and parked directories left in ``parent`` by a dead run.
+
+    Callers hold DST's lock, so no live run owns them.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        if e.name.startswith((layout.MIGRATE_TMP_PREFIX, layout.MIGRATE_OLD_PREFIX)) and \
+                e.is_dir(follow_symlinks=False):
+            _rmtree(e.path)
+            removed.append(e.path)
+    if removed:
+        _fsync_path(parent, directory=True)
+    return removed
+
+
+@dataclass
+class _Context:
+    plan: MigratePlan
+    faults: _Faults
+    run_cache: dict = field(default_factory=dict)
+    base_cache: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _target_abs(plan: MigratePlan, item: MigrateItem) -> str:
+    return os.path.abspath(plan.dst if item.target == "." else
+                           os.path.join(plan.dst, *item.target.split("/")))
+
+
+def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
+    t0 = time.monotonic()
+    plan, opts = ctx.plan, ctx.plan.options
+    src_abs = os.path.abspath(plan.src if item.source == "." else
+                              os.path.join(plan.src, *item.source.split("/")))
+    target = _target_abs(plan, item)
+
+    def outcome(kind: str, **kw) -> MigrateOutcome:
+        return MigrateOutcome(item.source, item.target, kind, seconds=time.monotonic() - t0, **kw)
+
+    # the source as it is now, not as it was planned
+    try:
+        src = open_source(src_abs, min_age_s=opts.min_age_s)
+    except scanner.ScanError as exc:
+        raise CheckpointFailure(str(exc)) from None
+    v = src.verdict
+    if v.status in (BROKEN, IN_PROGRESS):
+        probe = Checkpoint(src.ckpt, v.status, v.layout, tuple(v.problems), v.merged_files,
+                           v.num_experts, facts=v.facts)
+        return outcome("skipped", method=item.method, reason=_skip_reason(probe) + " (since the plan)")
+    method, why_not = _method_for(Checkpoint(src.ckpt, v.status, v.layout, tuple(v.problems),
+                                             v.merged_files, v.num_experts, facts=v.facts))
+    if method is None:
+        return outcome("skipped", reason=why_not)
+    digest = _digest(_input_files(src.ckpt, v.facts))
+
+    state, detail = _target_state(target, digest)
+    if state == "finished":
+        return outcome("skipped", method=method, reason="already migrated")
+    if state == "foreign":
+        raise CheckpointFailure(f"target {target} exists: {detail}")
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(target)
+    tmp = os.path.join(parent, f"{layout.MIGRATE_TMP_PREFIX}{name}-{os.getpid()}")
+    _rmtree(tmp)
+    os.mkdir(tmp)
+    try:
+        conv = build_conversion(src, method, opts, run_cache=ctx.run_cache)
+        w = _Writer(tmp, ctx.faults, opts.link)
+        _write_conversion(conv, w)
+        marker = {
+            "format": _MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
+            "source": item.source, "source_path": os.path.realpath(src_abs),
+            "layout": v.layout, "method": method, "experts": conv.num_experts,
+            "max_rel_error": conv.max_rel_error, "inputs_digest": digest,
+            "inputs": [list(x) for x in _input_files(src.ckpt, v.facts)],
+            "written": dict(sorted(w.written.items())),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        w.json(layout.MIGRATED_MARKER, marker)
+        _fsync_tree(tmp)
+        _fsync_path(parent, directory=True)
+
+        # verify before committing: our validator, then the tensors read back
+        _, tv = _validate_dir(tmp, name)
+        errors = [p for p in tv.problems if p.is_error]
+        if errors or tv.status != PEFT_ONLY:
+            why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
+            raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
+        if tv.layout != layout.CANONICAL:
+            raise CheckpointFailure(f"the written checkpoint is {tv.layout}, not canonical")
+        _reread_check(conv, tmp)
+        verify = None
+        if opts.verify:
+            from .loader import verify_conversion
+            verify = verify_conversion(conv, tmp, src, opts, base_cache=ctx.base_cache,
+                                       lock=ctx.lock)
+            if not verify["passed"]:
+                return outcome("failed", method=method, verify=verify,
+                               reason=f"--verify: logits differ by {verify['max_rel_diff']:.3g} "
+                                      f"(relative), above the tolerance {verify['tolerance']:g}")
+
+        ctx.faults.hit("before_rename")
+        if state == "stale":
+            old = os.path.join(parent, f"{layout.MIGRATE_OLD_PREFIX}{name}-{os.getpid()}")
+            _rmtree(old)
+            os.rename(target, old)
+            os.rename(tmp, target)
+            _fsync_path(parent, directory=True)
+            _rmtree(old)
+        else:
+            if os.path.isdir(target):
+                os.rmdir(target)     # absent or an empty directory (checked above)
+            os.rename(tmp, target)
+        _fsync_path(parent, directory=True)
+        ctx.faults.hit("after_rename")
+    finally:
+        _rmtree(tmp)
+    return outcome("migrated", method=method, experts=conv.num_experts,
+                   max_rel_error=conv.max_rel_error, module_errors=conv.module_errors,
+                   verify=verify, warnings=tuple(conv.warnings + w.warnings))
+
+
+# --- execution -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MigrateEvent:
+    kind: str                        # start | done
+    item: MigrateItem
+    outcome: MigrateOutcome | None = None
+
+
+def _ordered(items: list[MigrateItem]) -> tuple[list[MigrateItem], list[MigrateItem]]:
+    """Items whose target holds another target must be done first, one at a time."""
+    targets = [i.target for i in items]
+
+    def holds_other(t: str) -> bool:
+        return any(o != t and (t == "." or o.startswith(t + "/")) for o in targets)
+
+    first = sorted((i for i in items if holds_other(i.target)), key=lambda i: i.target.count("/"))
+    rest = [i for i in items if not holds_other(i.target)]
+    return first, rest
+
+
+def lock_dir_for(plan: MigratePlan) -> str:
+    """Where DST's lock file lives: DST itself, or its parent when DST is a target itself."""
+    dst = os.path.abspath(plan.dst)
+    if any(i.target == "." for i in plan.items):
+        return os.path.dirname(dst)
+    return dst
+
+
+def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
+                    on_event: Callable[[MigrateEvent], None] | None = None,
+                    lock: bool = True, lock_timeout: float = 0.0,
+                    lock_path: str | None = None) -> MigrateResult:
+    """Carry out ``plan``: every item is re-checked against the source as it is now.
+
+    Takes DST's lock exclusively (and SRC's shared, where SRC has one) unless ``lock`` is
+    False; raises ``locking.LockHeld`` when another run holds it.
+    """
+    from contextlib import ExitStack
+    faults = _Faults(os.environ.get(FAULT_ENV))
+    ctx = _Context(plan, faults)
+    migrated: list[MigrateOutcome] = []
+    skipped: list[MigrateOutcome] = []
+    failed: list[MigrateOutcome] = []
+    results_lock = threading.Lock()
+
+    for i in plan.items:
+        if i.action == ACTION_SKIP:
+            skipped.append(MigrateOutcome(i.source, i.target, "skipped", method=i.method,
+                                          reason=i.reason))
+    work = [i for i in plan.items if i.action in (ACTION_MIGRATE, ACTION_DONE)]
+
+    with ExitStack() as stack:
+        dst = os.path.abspath(plan.dst)
+        ldir = lock_dir_for(plan)
+        os.makedirs(ldir, exist_ok=True)
+        if lock:
+            from .locking import root_lock
+            if lock_path is not None:
+                stack.enter_context(root_lock([], lock_timeout, lock_path=lock_path))
+            else:
+                stack.enter_context(root_lock([ldir], lock_timeout))
+                stack.enter_context(root_lock([plan.src], lock_timeout, exclusive=False))
+        for parent in sorted({os.path.dirname(_target_abs(plan, i)) for i in work}):
+            if parent == os.path.dirname(dst) or _inside(parent, dst):
+                clean_stale(parent)
+
+        def run(item: MigrateItem) -> None:
+            if on_event:
+                on_event(MigrateEvent("start", item))
+            try:
+                out = _migrate_one(ctx, item)
+            except CheckpointFailure as exc:
+                out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
+                                     reason=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one checkpoint never stops the others
+                msg = str(exc).splitlines()[0] if str(exc) else ""
+                out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
+                                     reason=f"{type(exc).__name__}: {msg}")
+            with results_lock:
+                {"migrated": migrated, "skipped": skipped, "failed": failed}[out.outcome].append(out)
+            if on_event:
+                on_event(MigrateEvent("done", item, out))
+
+        first, rest = _ordered(work)
+        for item in first:
+            run(item)
+        if jobs > 1 and len(rest) > 1:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(run, rest))
+        else:
+            for item in rest:
+                run(item)
+
+    def key(o: MigrateOutcome):
+        return o.source
+    return MigrateResult(tuple(sorted(migrated, key=key)), tuple(sorted(skipped, key=key)),
+                         tuple(sorted(failed, key=key)))

@@ -853,9 +853,7 @@ def _router_locations(src: _Source, merged: dict | None) -> tuple[dict, dict]:
 
 def _check_same(tree: dict, merged: dict, where: str) -> None:
     """The PEFT tree must hold exactly the merged weights' LoRA tensors, bit for bit."""
-    import torch
-
-    from .tensor_io import read_tensors
+    from .tensor_io import bit_equal, read_tensors
     for e in sorted(tree):
         a, b = tree[e], merged.get(e, {})
         if set(a) != set(b):
@@ -864,7 +862,7 @@ def _check_same(tree: dict, merged: dict, where: str) -> None:
                                     f"different LoRA modules (e.g. {diff[0]}); not choosing one")
         ta, tb = read_tensors(a), read_tensors(b)
         for k in sorted(ta):
-            if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]):
+            if not bit_equal(ta[k], tb[k]):
                 raise CheckpointFailure(f"expert {e}: {k} differs between the PEFT tree and "
                                         f"the merged weights ({where}); not choosing one")
 
@@ -907,7 +905,7 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
     router_locs, router_meta = _router_locations(src, merged)
 
     if method == METHOD_COPY:
-        return _copy_conversion(src, expert_locs, router_locs, num_experts, warnings)
+        return _copy_conversion(src, expert_locs, dir_experts, router_locs, num_experts, warnings)
 
     ranks = _ranks(expert_locs)
     h = _resolve_hyper(src, ranks, options, run_cache)
@@ -944,9 +942,10 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
         carried=_carried(src), warnings=warnings, max_rel_error=0.0, lora_bytes=lora_bytes)
 
 
-def _copy_conversion(src: _Source, expert_locs: dict, router_locs: dict, num_experts: int,
-                     warnings: list[str]) -> Conversion:
+def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_locs: dict,
+                     num_experts: int, warnings: list[str]) -> Conversion:
     """Canonical (and canonical+merged): the tree as it is, minus merged weights."""
+    from .tensor_io import read_tensors
     copy = []
     root_cfg = src.facts.get("root_config")
     replace_root = not _is_canonical_root_config(root_cfg)
@@ -968,10 +967,12 @@ def _copy_conversion(src: _Source, expert_locs: dict, router_locs: dict, num_exp
         if root_cfg is not None:
             warnings.append("config.json is not a DyLoRA-MoE config (rewritten by another tool); "
                             "replaced with the canonical one")
-    experts = [ExpertAdapter(e, {}, expected={k: (loc.dtype, loc.shape) for k, loc in locs.items()})
+    experts = [ExpertAdapter(e, _read_json(dir_experts[e][1]) or {}, adapter_dir=dir_experts[e][0],
+                             expected={k: (loc.dtype, loc.shape) for k, loc in locs.items()})
                for e, locs in sorted(expert_locs.items())]
     return Conversion(method=METHOD_COPY, layout=src.verdict.layout, num_experts=num_experts,
-                      experts=experts, router={}, moe_config={}, root_config=new_root,
+                      experts=experts, router=read_tensors(router_locs), moe_config={},
+                      root_config=new_root,
                       skill_library=None, carried=[], copy_tree=copy, warnings=warnings,
                       max_rel_error=0.0)
 
@@ -1091,11 +1092,13 @@ def _reread_check(conv: Conversion, tmp: str) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from .tensor_io import bit_equal
+
     def same(a: dict, b: dict, where: str) -> None:
         if set(a) != set(b):
             raise CheckpointFailure(f"{where}: written keys differ from the extracted ones")
         for k in a:
-            if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+            if not bit_equal(a[k], b[k]):
                 raise CheckpointFailure(f"{where}: {k} reads back different from what was written")
 
     for ex in conv.experts:
@@ -1114,12 +1117,12 @@ def _reread_check(conv: Conversion, tmp: str) -> None:
 
 
 def _rmtree(path: str) -> None:
-    def onexc(func, p, exc):
-        if isinstance(exc, FileNotFoundError):
+    def onerror(func, p, exc_info):
+        if isinstance(exc_info[1], FileNotFoundError):
             return
-        raise exc
+        raise exc_info[1]
     if os.path.lexists(path):
-        shutil.rmtree(path, onexc=onexc)
+        shutil.rmtree(path, onerror=onerror)
 
 
 def clean_stale(parent: str) -> list[str]:

@@ -202,6 +202,14 @@ def is_tmp_checkpoint_name(name: str) -> bool:
     return name.startswith((TMP_CHECKPOINT_PREFIX, MIGRATE_TMP_PREFIX, MIGRATE_OLD_PREFIX))
 
 
+# ckpt-tools' own lock file: never part of a checkpoint's content or age.
+LOCK_FILE = ".ckpt-tools.lock"
+
+
+def is_own_bookkeeping(name: str) -> bool:
+    return name == LOCK_FILE
+
+
 def marks_checkpoint(names: set[str]) -> bool:
     """Whether a directory holding entries ``names`` is a checkpoint whatever its name."""
     if PEFT_DIR in names or ROUTER_SAFETENSORS in names:

@@ -24,7 +24,9 @@ import stat
 import time
 from collections.abc import Iterable, Iterator
 
-LOCK_NAME = ".ckpt-tools.lock"
+from . import layout
+
+LOCK_NAME = layout.LOCK_FILE
 _POLL_S = 0.05
 
 

@@ -57,7 +57,9 @@ __all__ = ["Decomposition", "decompose", "TensorSource", "Extraction", "extract"
 TOLERANCE = 0.01                 # randomized error ≤ (1 + TOLERANCE) × exact SVD error
 FAILURE_PROBABILITY = 1e-6       # of the probabilistic bound on ‖M‖₂
 _PROBE_COLUMNS = 8
-_PROBE_SCHEDULE = (2, 4, 8)     # probe steps tried in turn; each continues the last
+# Bounds on ‖M‖₂ tried in turn: 0 is ‖M‖_F (free, deterministic); then 2, 4, 8 steps of the
+# probe, each continuing the last.
+_PROBE_SCHEDULE = (0, 2, 4, 8)
 _MAX_POWER_ITERS = 5
 _F32_EPS = float(torch.finfo(torch.float32).eps)
 
@@ -174,6 +176,7 @@ class _Sketch:
         self._probe_steps = 0
         self._nu_sq = math.inf
         self._resid_sq: float | None = None
+        self._leaks: dict[int, float] = {}
 
     def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.sigma[:r].sqrt().to(self.d.device, self.d.dtype)
@@ -188,7 +191,7 @@ class _Sketch:
             if tail > 1e-2 * norm_d_sq:
                 self._resid_sq = tail
             else:
-                self._resid_sq = _fro_norm(self.d - self.q @ self.bt.T) ** 2
+                self._resid_sq = _fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
         return self._resid_sq
 
     def error_sq(self, r: int, norm_d_sq: float) -> float:
@@ -198,17 +201,24 @@ class _Sketch:
         """ρ = ‖M·W_r‖₂: how much of D along the top-r Ritz vectors lies outside Q."""
         if r == 0:
             return 0.0
+        if r in self._leaks:
+            return self._leaks[r]
         top = self.u_small[:, :r] * self.sigma[:r].to(self.d.device, self.d.dtype)[None, :]
-        resid = self.d @ self.w[:, :r] - self.q @ top
-        return float(torch.linalg.matrix_norm(resid.double(), ord=2))
+        resid = torch.addmm(self.d @ self.w[:, :r], self.q, top, alpha=-1)
+        self._leaks[r] = float(torch.linalg.matrix_norm(resid.double(), ord=2))
+        return self._leaks[r]
 
     def nu_bound_sq(self, steps: int) -> float:
-        """An upper bound on ‖M‖₂² that fails with probability FAILURE_PROBABILITY at most.
+        """An upper bound on ‖M‖₂²; ``steps=0`` gives the deterministic ‖M‖²_F.
 
+        With steps > 0 the bound fails with probability FAILURE_PROBABILITY at most:
         ‖(MᵀM)ʲX₀‖²_F ≥ ν^{4j}·χ²₈ for a Gaussian n×8 probe X₀, so on the event χ²₈ ≥ τ
         every j gives ν² ≤ (‖(MᵀM)ʲX₀‖²_F / τ)^{1/(2j)}; the smallest over j is kept.
         More steps continue the same probe.
         """
+        frobenius = self._resid_sq if self._resid_sq is not None else math.inf
+        if steps == 0:
+            return frobenius
         if self._probe is None:
             gen = _generator(self.d.device, self.seed ^ 0x5EED)
             x = torch.randn(self.n, _PROBE_COLUMNS, device=self.d.device, dtype=self.d.dtype,
@@ -231,7 +241,7 @@ class _Sketch:
             j = self._probe_steps
             self._nu_sq = min(self._nu_sq,
                               math.exp((2.0 * self._probe_log - math.log(_TAU)) / (2.0 * j)))
-        return self._nu_sq
+        return min(self._nu_sq, frobenius)
 
     def deficit_bound(self, r: int, norm_d_sq: float, probe_steps: int) -> float:
         """Upper bound on E_r² − E*² (module docstring, step 2)."""

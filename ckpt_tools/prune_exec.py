@@ -160,12 +160,8 @@ class Revalidator:
         self.clock = clock
 
     def __call__(self, root: str, checkpoint: str) -> Checkpoint:
-        root_abs = os.path.abspath(root)
-        path = root_abs if checkpoint == "." else os.path.join(root_abs, *checkpoint.split("/"))
-        # the scanner's own collector, with the original root: symlinks that stay inside the
-        # root are judged exactly as the plan's scan judged them
-        entries = scanner._list(path)
-        ckpt, _ = scanner._collect_checkpoint(root, root_abs, os.path.realpath(root_abs), path, entries)
+        # with the original root: symlinks that stay inside it are judged as the plan's scan did
+        ckpt = scanner.rescan_checkpoint(root, checkpoint)
         return classify(ckpt, level=self.level, min_age_s=self.min_age_s, now=self.clock())
 
 

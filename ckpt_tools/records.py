@@ -57,6 +57,8 @@ class CheckpointDir:
     newest_mtime_ns: int
     tmp_name: bool        # named tmp-checkpoint-*: always in progress
     unreadable: tuple[str, ...] = ()   # sub-paths the scan could not list (permission)
+    dev: int = 0                       # identity of the directory itself, as scanned
+    ino: int = 0
 
     @property
     def abspath(self) -> str:

@@ -126,6 +126,8 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
     while pending:
         prefix, ents = pending.pop()
         for e in ents:
+            if layout.is_own_bookkeeping(e.name):
+                continue
             rel = prefix + e.name
             if _is_real_dir(e):
                 if prefix == "" and e.name not in layout.CHECKPOINT_SUBDIRS:
@@ -150,15 +152,31 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
             files.append(rec)
     files.sort(key=lambda f: f.relpath)
     rel = _rel(path, root_abs)
+    try:
+        dst = os.stat(path, follow_symlinks=False)
+        dev, ino = dst.st_dev, dst.st_ino
+    except OSError:
+        dev = ino = 0
     parent = os.path.dirname(path) if path != root_abs else path
     name = os.path.basename(path) if path != root_abs else os.path.basename(root_real)
     ckpt = CheckpointDir(
         root=root, path=rel, run=_rel(parent, root_abs) if path != root_abs else ".",
         name=name, step=layout.checkpoint_step(name), files=tuple(files),
         newest_mtime_ns=newest, tmp_name=layout.is_tmp_checkpoint_name(name),
-        unreadable=tuple(sorted(unreadable)),
+        unreadable=tuple(sorted(unreadable)), dev=dev, ino=ino,
     )
     return ckpt, nested
+
+
+def rescan_checkpoint(root: str, relpath: str) -> CheckpointDir:
+    """Scan one checkpoint again, exactly as ``find_checkpoints`` saw it under ``root``.
+
+    Used right before acting on a plan. Raises OSError when it cannot be listed.
+    """
+    root_abs = os.path.abspath(root)
+    path = root_abs if relpath == "." else os.path.join(root_abs, *relpath.split("/"))
+    ckpt, _ = _collect_checkpoint(root, root_abs, os.path.realpath(root_abs), path, _list(path))
+    return ckpt
 
 
 def iter_roots(roots) -> Iterator[str]:

@@ -618,18 +618,25 @@ def _seed_for(module: str) -> int:
 
 
 @dataclass
-class _Loaded:
+class _Done:
+    """One linear module, read and decomposed (a, b None: its weight did not change)."""
+
     module: str
-    delta: torch.Tensor | None         # float32 on the device; None when bit-equal
-    out_dtype: torch.dtype
+    dtype: torch.dtype                 # what A/B are stored as
     bias_delta: torch.Tensor | None
-    seconds: float
+    read_s: float = 0.0
+    decompose_s: float = 0.0
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    rank: int = 0
+    error: float = 0.0
+    exact: bool = False
 
 
 def extract(base, merged, *, rank: int | None = None, energy: float | None = None,
             device: str = "auto", out_dtype=None, method: str = "auto",
             tolerance: float = TOLERANCE, base_model_name_or_path: str | None = None,
-            prefetch: bool = True) -> Extraction:
+            prefetch: bool = True, workers: int | None = None) -> Extraction:
     """Extract a LoRA adapter that turns ``base`` into ``merged`` (SPEC §6).
 
     ``base`` and ``merged`` are anything ``TensorSource.open`` takes. Every 2-D ``.weight``
@@ -637,9 +644,11 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     decomposed at ``rank`` (or the smallest rank keeping ``energy`` of it). Changed biases of
     linear layers become ``lora_B.bias`` (``lora_bias=True``); other changed tensors (norms)
     and a changed embedding or ``lm_head`` are copied whole into ``modules_to_save``.
-    Bit-equal tensors and zero deltas are left out. One module is in memory at a time (plus
-    the next one, read ahead when ``prefetch``). A/B are stored in the fine-tune's dtype
-    unless ``out_dtype`` says otherwise.
+    Bit-equal tensors and zero deltas are left out. Modules are read and decomposed by
+    ``workers`` threads (default: one per core on the CPU, each with a single-threaded BLAS;
+    two on a GPU), at most two modules per worker in memory; ``prefetch=False`` means one
+    module at a time. A/B are stored in the fine-tune's dtype unless ``out_dtype`` says
+    otherwise.
     """
     if rank is None and energy is None:
         raise ValueError("give rank, energy, or both")
@@ -691,7 +700,8 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             linear_biases[module] = name
             others.remove(name)
 
-    def load(module: str) -> _Loaded:
+    def process(module: str) -> _Done:
+        """Read one module's weights, decompose its delta: one task of the worker pool."""
         t0 = time.perf_counter()
         wname = linear_weights[module]
         w = msrc.get(real(m_alias, wname))
@@ -702,85 +712,99 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         delta = None
         if not _bit_equal(w, w0):
             delta = w.to(dev, torch.float32) - w0.to(dev, torch.float32)
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"{wname}: NaN or Inf in the weight delta")
         bias_delta = None
         bname = linear_biases.get(module)
         if bname is not None:
             b, b0 = msrc.get(real(m_alias, bname)), bsrc.get(real(b_alias, bname))
             if not _bit_equal(b, b0):
                 bd = b.float() - b0.float()
-                if not torch.isfinite(bd).all():
+                if not bool(torch.isfinite(bd).all()):
                     raise ValueError(f"{bname}: NaN or Inf in the bias delta")
                 if bool((bd != 0).any()):
-                    bias_delta = bd
-        return _Loaded(module, delta, dtype, bias_delta, time.perf_counter() - t0)
+                    bias_delta = bd.to(dtype)
+        t1 = time.perf_counter()
+        done = _Done(module, dtype, bias_delta, read_s=t1 - t0)
+        if delta is not None:
+            dec = decompose(delta, rank=rank, energy=energy, method=method,
+                            tolerance=tolerance, seed=_seed_for(module))
+            if dec is not None:
+                a, b = dec.A.to(dtype), dec.B.to(dtype)
+                if dtype == torch.float32:
+                    done.error = dec.rel_error
+                else:    # the error of the factors as stored
+                    done.error = (_fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
+                                  / _fro_norm(delta))
+                done.a, done.b, done.rank, done.exact = a.cpu(), b.cpu(), dec.rank, dec.exact_used
+        done.decompose_s = time.perf_counter() - t1
+        return done
 
     lora_state: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     ranks: dict[str, int] = {}
-    bias_deltas: dict[str, tuple[torch.Tensor, torch.dtype]] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
     out_features: dict[str, int] = {}
     skipped: list[str] = []
     fallbacks = 0
-    t_load = t_wait = t_decompose = 0.0
+    t_read = t_decompose = 0.0
 
+    # CPU: one single-threaded BLAS per worker and as many workers as cores, each worker
+    # reading and decomposing whole modules. Small matrices gain little from a threaded BLAS,
+    # and its barriers stall badly on a shared machine. GPU: two workers, so that reading the
+    # next module overlaps the kernels of this one.
+    if workers is None:
+        workers = 2 if dev.type == "cuda" else max(1, torch.get_num_threads())
+    workers = workers if prefetch else 1
+    saved_threads = torch.get_num_threads()
+    if dev.type == "cpu" and workers > 1:
+        torch.set_num_threads(1)
     modules = list(linear_weights)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowrank-read") if prefetch else None
     try:
-        pending: Future | None = pool.submit(load, modules[0]) if pool and modules else None
-        for i, module in enumerate(modules):
-            t0 = time.perf_counter()
-            if pool is not None:
-                item = pending.result()
-                pending = pool.submit(load, modules[i + 1]) if i + 1 < len(modules) else None
-            else:
-                item = load(module)
-            t_wait += time.perf_counter() - t0
-            t_load += item.seconds
-            t0 = time.perf_counter()
-            dec = None
-            if item.delta is not None:
-                if not bool(torch.isfinite(item.delta).all()):
-                    raise ValueError(f"{linear_weights[module]}: NaN or Inf in the weight delta")
-                dec = decompose(item.delta, rank=rank, energy=energy, method=method,
-                                tolerance=tolerance, seed=_seed_for(module))
-            out_features[module] = meta(msrc, m_alias, linear_weights[module])[1][0]
-            if dec is not None:
-                a = dec.A.to(item.out_dtype)
-                b = dec.B.to(item.out_dtype)
-                if item.out_dtype == torch.float32:
-                    err = dec.rel_error
-                else:
-                    err = _fro_norm(item.delta - b.float() @ a.float()) / _fro_norm(item.delta)
-                lora_state[_lora_key(module, "lora_A", "weight")] = a.cpu()
-                lora_state[_lora_key(module, "lora_B", "weight")] = b.cpu()
-                errors[module] = err
-                ranks[module] = dec.rank
-                fallbacks += int(dec.exact_used)
-            if item.bias_delta is not None:
-                bias_deltas[module] = (item.bias_delta, item.out_dtype)
-                if dec is None:
-                    # A bias-only change still needs a LoRA layer to carry lora_B.bias.
-                    n_in = meta(msrc, m_alias, linear_weights[module])[1][1]
-                    lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
-                        1, n_in, dtype=item.out_dtype)
-                    lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
-                        out_features[module], 1, dtype=item.out_dtype)
-                    errors[module] = 0.0
-                    ranks[module] = 1
-            elif dec is None:
-                skipped.append(module)
-            del item
-            t_decompose += time.perf_counter() - t0
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
+            # At most 2 modules per worker in flight: memory stays bounded by the module size.
+            futures: dict[int, Future] = {}
+            ahead = 2 * workers
+            for i in range(min(ahead, len(modules))):
+                futures[i] = pool.submit(process, modules[i])
+            for i, module in enumerate(modules):
+                done = futures.pop(i).result()
+                if i + ahead < len(modules):
+                    futures[i + ahead] = pool.submit(process, modules[i + ahead])
+                t_read += done.read_s
+                t_decompose += done.decompose_s
+                shape = meta(msrc, m_alias, linear_weights[module])[1]
+                out_features[module] = shape[0]
+                if done.a is not None:
+                    lora_state[_lora_key(module, "lora_A", "weight")] = done.a
+                    lora_state[_lora_key(module, "lora_B", "weight")] = done.b
+                    errors[module] = done.error
+                    ranks[module] = done.rank
+                    fallbacks += int(done.exact)
+                if done.bias_delta is not None:
+                    bias_deltas[module] = done.bias_delta.cpu()
+                    if done.a is None:
+                        # A bias-only change still needs a LoRA layer to carry lora_B.bias.
+                        lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
+                            1, shape[1], dtype=done.dtype)
+                        lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
+                            shape[0], 1, dtype=done.dtype)
+                        errors[module] = 0.0
+                        ranks[module] = 1
+                elif done.a is None:
+                    skipped.append(module)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        for f in futures.values():
+            f.cancel()
+        torch.set_num_threads(saved_threads)
 
     lora_bias = bool(bias_deltas)
     if lora_bias:
         for module in ranks:
             bd = bias_deltas.get(module)
             dtype = lora_state[_lora_key(module, "lora_B", "weight")].dtype
-            bias = bd[0].to(dtype) if bd else torch.zeros(out_features[module], dtype=dtype)
+            bias = bd.to(dtype) if bd is not None else torch.zeros(out_features[module],
+                                                                    dtype=dtype)
             lora_state[_lora_key(module, "lora_B", "bias")] = bias.cpu()
         no_base_bias = [m for m in ranks if m not in linear_biases]
         if no_base_bias:
@@ -866,8 +890,8 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         max_rel_error=max(errors.values(), default=0.0), skipped=tuple(skipped),
         modules_to_save=tuple(sorted(changed_modules)), exact_fallbacks=fallbacks,
         missing=missing, extra=extra, notes=tuple(notes),
-        timings={"total_s": total, "read_s": t_load, "read_wait_s": t_wait,
-                 "decompose_s": t_decompose},
+        timings={"total_s": total, "read_s": t_read, "decompose_s": t_decompose,
+                 "workers": workers},
         device=str(dev))
 
 

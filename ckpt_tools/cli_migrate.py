@@ -1,0 +1,196 @@
+"""``ckpt-tools migrate SRC DST``: convert checkpoints to the canonical layout (SPEC §5.5).
+
+A thin layer: plan (``converter.plan_migrate``) → show → execute (``converter.execute_migrate``)
+→ report. Every decision lives in the converter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .converter import (ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP, MigrateError, MigrateEvent,
+                        MigrateOptions, MigratePlan, MigrateResult, execute_migrate, plan_migrate)
+
+
+def _where(root: str, rel: str) -> str:
+    return root if rel == "." else os.path.join(root, rel)
+
+
+def render_plan(plan: MigratePlan, *, verbose: bool = False, quiet: bool = False) -> str:
+    todo = [i for i in plan.items if i.action == ACTION_MIGRATE]
+    done = [i for i in plan.items if i.action == ACTION_DONE]
+    skip = [i for i in plan.items if i.action == ACTION_SKIP]
+    by_method: dict[str, int] = {}
+    for i in todo:
+        by_method[i.method] = by_method.get(i.method, 0) + 1
+    methods = ", ".join(f"{n} {m}" for m, n in sorted(by_method.items()))
+    lines = [f"Plan: migrate {len(todo)} checkpoint{'s' if len(todo) != 1 else ''}"
+             + (f" ({methods})" if methods else "")
+             + f" from {plan.src} to {plan.dst}; {len(done)} already migrated, {len(skip)} skipped."]
+    if quiet:
+        return "\n".join(lines)
+    if todo:
+        w0 = max(len(i.source) for i in todo)
+        w1 = max(len(i.layout) for i in todo)
+        for i in todo:
+            experts = f"{i.experts} expert{'s' if i.experts != 1 else ''}" if i.experts else ""
+            lines.append(f"  {i.source.ljust(w0)}  {i.layout.ljust(w1)}  {i.method:<5}  {experts}")
+            for n in i.notes:
+                lines.append(f"      note: {n}")
+    if done and verbose:
+        lines.append("Already migrated (checked again before being skipped):")
+        lines.extend(f"  {i.source}" for i in done)
+    if skip:
+        lines.append("Skipped:")
+        for i in skip:
+            lines.append(f"  {i.source}: {i.reason}")
+    for p in plan.problems:
+        lines.append(f"{p['severity']}: {p['path']}: {p['code']}: {p['message']}")
+    return "\n".join(lines)
+
+
+def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = False,
+                  quiet: bool = False) -> str:
+    lines = []
+    if not quiet:
+        for o in result.migrated:
+            experts = f"{o.experts} expert{'s' if o.experts != 1 else ''}"
+            head = f"migrated  {o.source} -> {_where(plan.dst, o.target)}  ({o.method}, {experts}"
+            if o.method == "svd" and o.max_rel_error is not None:
+                head += f", worst relative error {o.max_rel_error:.3g}"
+            lines.append(head + ")")
+            if o.module_errors and (verbose or o.method == "svd"):
+                width = max(len(m) for m in o.module_errors)
+                worst = max(o.module_errors, key=o.module_errors.get)
+                for m, e in sorted(o.module_errors.items()):
+                    lines.append(f"      {m.ljust(width)}  {e:.3g}" + ("  (worst)" if m == worst else ""))
+            if o.verify:
+                v = o.verify
+                lines.append(f"      verify: max |Δlogits| {v['max_abs_diff']:.3g}, relative "
+                             f"{v['max_rel_diff']:.3g} (tolerance {v['tolerance']:g}): "
+                             f"{'passed' if v['passed'] else 'FAILED'}")
+            for w in o.warnings:
+                if verbose or w.startswith("warning"):
+                    lines.append(f"      {w}")
+        for o in result.skipped:
+            if verbose or o.reason == "already migrated":
+                lines.append(f"skipped   {o.source}: {o.reason}")
+    for o in result.failed:
+        lines.append(f"failed    {o.source}: {o.reason}")
+        if verbose and o.verify:
+            lines.append(f"      verify: {o.verify}")
+    lines.append(f"Done: {len(result.migrated)} migrated, {len(result.skipped)} skipped, "
+                 f"{len(result.failed)} failed.")
+    return "\n".join(lines)
+
+
+def dry_run_doc(plan: MigratePlan) -> dict:
+    def item(i):
+        d = {"source": i.source, "target": i.target, "layout": i.layout, "method": i.method,
+             "experts": i.experts}
+        if i.notes:
+            d["notes"] = list(i.notes)
+        return d
+    return {"dry_run": True,
+            "planned": [item(i) for i in plan.items if i.action == ACTION_MIGRATE],
+            "migrated": [],
+            "skipped": [{"source": i.source, "target": i.target, "method": i.method,
+                         "reason": i.reason} for i in plan.items if i.action != ACTION_MIGRATE],
+            "failed": []}
+
+
+def register(cli: click.Group) -> None:
+    """Add ``migrate`` to the ``ckpt-tools`` group (called by ``cli._register_optional_commands``)."""
+    from .cli import EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, _merge, output_options
+
+    @cli.command()
+    @click.argument("src", type=click.Path())
+    @click.argument("dst", type=click.Path())
+    @click.option("--dry-run", is_flag=True, help="Show what would be done; write nothing.")
+    @click.option("--link", is_flag=True,
+                  help="Hard-link files carried byte for byte (canonical checkpoints, trainer "
+                       "state) instead of copying them.")
+    @click.option("--base-model", metavar="PATH_OR_ID",
+                  help="Base model: a local model directory or a hub id in the local Hugging "
+                       "Face cache (truly merged checkpoints; --verify).")
+    @click.option("--rank", type=click.IntRange(1), help="LoRA rank of a low-rank extraction.")
+    @click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
+                  help="Smallest rank keeping this share of each delta's squared singular values.")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                  show_default=True, help="Where the low-rank extraction runs.")
+    @click.option("--lora-alpha", type=float,
+                  help="lora_alpha when no config of the checkpoint or its run records it "
+                       "(default then: 2·r, with a warning).")
+    @click.option("--verify", is_flag=True,
+                  help="Load every written expert with peft and compare logits with the source.")
+    @click.option("--verify-tol", type=click.FloatRange(0), default=None,
+                  help="Largest relative logit difference accepted "
+                       "[default: 1e-4 exact/copy, 1e-2 svd].")
+    @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+                  help="Checkpoints migrated in parallel.")
+    @click.option("--min-age", type=Duration(), default="1h", show_default=True,
+                  help="A checkpoint whose newest file is younger is in progress: skipped.")
+    @click.option("--lock", "lock_path", type=click.Path(),
+                  help="Lock file to hold instead of DST/.ckpt-tools.lock.")
+    @click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
+                  help="Seconds to wait for another run's lock.")
+    @output_options
+    @click.pass_context
+    def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, device, lora_alpha,
+                verify, verify_tol, jobs, min_age, lock_path, lock_timeout, **opts):
+        """Convert every non-canonical checkpoint under SRC into the canonical layout under DST.
+
+        Relative paths are mirrored; canonical checkpoints are copied (or hard-linked with
+        --link); broken and in-progress ones are skipped. Each target is written under a
+        temporary name, verified, then renamed into place: a re-run after a crash finishes
+        the job. Exit 0 when all was done, 1 when any checkpoint failed.
+        """
+        from .locking import LockError, LockHeld
+        from .report import dumps
+        out = _merge(ctx, **opts)
+        options = MigrateOptions(link=link, base_model=base_model, rank=rank, energy=energy,
+                                 device=device, lora_alpha=lora_alpha, verify=verify,
+                                 verify_tol=verify_tol, min_age_s=min_age)
+        try:
+            plan = plan_migrate(src, dst, options, jobs=jobs)
+        except MigrateError as exc:
+            click.echo(f"ckpt-tools: error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+        if dry_run:
+            if out.json:
+                click.echo(dumps(dry_run_doc(plan)))
+            else:
+                click.echo(render_plan(plan, verbose=out.verbose, quiet=out.quiet))
+                click.echo("Dry run: nothing written.")
+            ctx.exit(EXIT_OK)
+        if not out.json and not out.quiet:
+            click.echo(render_plan(plan, verbose=out.verbose, quiet=True))
+        work = sum(1 for i in plan.items if i.action != ACTION_SKIP)
+        bar = out.bar(work, "migrating")
+
+        def on_event(e: MigrateEvent) -> None:
+            if e.kind == "done":
+                if bar is not None:
+                    bar.update(1)
+                elif out.verbose and e.outcome is not None and not out.json:
+                    out.note(f"{e.outcome.outcome}: {e.item.source}")
+
+        try:
+            result = execute_migrate(plan, jobs=jobs, on_event=on_event,
+                                     lock_timeout=lock_timeout, lock_path=lock_path)
+        except LockHeld as exc:
+            click.echo(f"ckpt-tools: {exc}", err=True)
+            ctx.exit(EXIT_LOCKED)
+        except LockError as exc:
+            click.echo(f"ckpt-tools: error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+        finally:
+            if bar is not None:
+                bar.close()
+        if out.json:
+            click.echo(dumps({"dry_run": False} | result.to_dict()))
+        else:
+            click.echo(render_result(result, plan, verbose=out.verbose, quiet=out.quiet))
+        ctx.exit(EXIT_PROBLEMS if result.failed else EXIT_OK)

@@ -24,13 +24,12 @@ from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
 from .problems import (BAD_CONFIG, BAD_JSON, COUNT_UNCONFIRMED, ERROR, EXPERT_COUNT_MISMATCH,
-                       EXPERT_MISSING, MISSING_FILE, PERMISSION_DENIED, RANK_MISMATCH,
+                       EXPERT_MISSING, MISSING_FILE, MISSING_TENSOR, PERMISSION_DENIED, RANK_MISMATCH,
                        SHAPE_MISMATCH, SYMLINK_ESCAPE, TARGET_MISMATCH, UNREADABLE, WARNING,
                        FormatError, Problem)
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
                       FileRecord)
 
-MISSING_TENSOR = "missing-tensor"
 HEADERS, FULL, DEEP = "headers", "full", "deep"
 _MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -164,8 +163,7 @@ class _Ctx:
             if rec.escapes_root:
                 return False
             if rec.symlink_target is None:
-                self.add(MISSING_FILE, relpath, "dangling symlink" if in_tree else "dangling symlink",
-                         ERROR if in_tree else WARNING)
+                self.add(MISSING_FILE, relpath, "dangling symlink", ERROR if in_tree else WARNING)
                 return False
         return True
 
@@ -817,8 +815,3 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     return Verdict(layout=layout_name, status=status, problems=ctx.problems, tree_form=tree_form,
                    merged_kind=merged_kind, merged_files=tuple(merged), num_experts=num_experts,
                    tree_complete=tree_complete, facts=facts)
-
-
-def peft_tree_files(ckpt: CheckpointDir) -> list[FileRecord]:
-    """The files whose soundness makes the merged weights redundant."""
-    return [f for f in ckpt.files if layout.role_of(f.relpath).in_peft_tree]

@@ -21,15 +21,20 @@ test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: venv
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) $(DEMO)-outside
 	HF_HUB_OFFLINE=1 $(PY) -m fixtures $(DEMO)
 	@echo; echo '$$ ckpt-tools audit $(DEMO)'
 	-$(VENV)/bin/ckpt-tools audit --no-progress $(DEMO)
 	@echo; echo '$$ ckpt-tools prune --dry-run $(DEMO)'
 	-$(VENV)/bin/ckpt-tools prune --dry-run --no-progress $(DEMO)
+	rm -rf $(DEMO)-migrated
+	@echo; echo '$$ ckpt-tools migrate --base-model $(DEMO)-outside/base-models/llama $(DEMO) $(DEMO)-migrated'
+	-HF_HUB_OFFLINE=1 $(VENV)/bin/ckpt-tools migrate --no-progress --base-model $(DEMO)-outside/base-models/llama $(DEMO) $(DEMO)-migrated
+	@echo; echo '$$ ckpt-tools audit -q $(DEMO)-migrated'
+	-$(VENV)/bin/ckpt-tools audit -q --no-progress --min-age 0 $(DEMO)-migrated
 
 bench: venv
 	$(PY) bench/audit_vs_du.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) build *.egg-info
+	rm -rf $(VENV) $(DEMO) $(DEMO)-outside $(DEMO)-migrated build *.egg-info

@@ -104,11 +104,7 @@ def _load_checkpoint(ckpt: Path, base):
         router = torch.load(ckpt / layout.MOE_STATE_DIR / layout.ROUTER_PT, weights_only=True)
         return model, router
     loaded = ckpt_tools.load_checkpoint(str(ckpt), base)
-    if isinstance(loaded, tuple):
-        return loaded
-    model = getattr(loaded, "model", None) or getattr(loaded, "peft_model", None) or loaded
-    router = getattr(loaded, "router_state_dict", None) or getattr(loaded, "router_state", None)
-    return model, router
+    return loaded.model, loaded.router_state
 
 
 def test_the_last_checkpoint_reproduces_every_expert_and_the_router_exactly(run):

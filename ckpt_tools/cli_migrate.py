@@ -6,6 +6,7 @@ A thin layer: plan (``converter.plan_migrate``) → show → execute (``converte
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -57,7 +58,8 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
     if not quiet:
         for o in result.migrated:
             experts = f"{o.experts} expert{'s' if o.experts != 1 else ''}"
-            head = f"migrated  {o.source} -> {_where(plan.dst, o.target)}  ({o.method}, {experts}"
+            head = (f"migrated  {_where(plan.src, o.source)} -> {_where(plan.dst, o.target)}  "
+                    f"({o.method}, {experts}")
             if o.method == "svd" and o.max_rel_error is not None:
                 head += f", worst relative error {o.max_rel_error:.3g}"
             lines.append(head + ")")
@@ -76,11 +78,13 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
                     lines.append(f"      {w}")
         for o in result.skipped:
             if verbose or o.reason == "already migrated":
-                lines.append(f"skipped   {o.source}: {o.reason}")
+                lines.append(f"skipped   {_where(plan.src, o.source)}: {o.reason}")
     for o in result.failed:
-        lines.append(f"failed    {o.source}: {o.reason}")
+        lines.append(f"failed    {_where(plan.src, o.source)}: {o.reason}")
         if verbose and o.verify:
             lines.append(f"      verify: {o.verify}")
+        if verbose and o.detail:
+            lines.extend("      " + line for line in o.detail.rstrip().splitlines())
     lines.append(f"Done: {len(result.migrated)} migrated, {len(result.skipped)} skipped, "
                  f"{len(result.failed)} failed.")
     return "\n".join(lines)
@@ -99,6 +103,39 @@ def dry_run_doc(plan: MigratePlan) -> dict:
             "skipped": [{"source": i.source, "target": i.target, "method": i.method,
                          "reason": i.reason} for i in plan.items if i.action != ACTION_MIGRATE],
             "failed": []}
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool):
+    """transformers/peft progress bars and advice are noise on migrate's output (-v keeps them)."""
+    if verbose:
+        yield
+        return
+    import logging
+    import warnings
+    saved = {}
+    try:
+        from transformers.utils import logging as hf_logging
+        saved["verbosity"] = hf_logging.get_verbosity()
+        saved["bars"] = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    peft_logger = logging.getLogger("peft")
+    level = peft_logger.level
+    peft_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        peft_logger.setLevel(level)
+        if saved:
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity(saved["verbosity"])
+            if saved["bars"]:
+                hf_logging.enable_progress_bar()
 
 
 def register(cli: click.Group) -> None:
@@ -147,6 +184,9 @@ def register(cli: click.Group) -> None:
         temporary name, verified, then renamed into place: a re-run after a crash finishes
         the job. Exit 0 when all was done, 1 when any checkpoint failed.
         """
+        # no network, ever: hub ids resolve from the local cache only (SPEC §5.5)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from .locking import LockError, LockHeld
         from .report import dumps
         out = _merge(ctx, **opts)
@@ -178,8 +218,9 @@ def register(cli: click.Group) -> None:
                     out.note(f"{e.outcome.outcome}: {e.item.source}")
 
         try:
-            result = execute_migrate(plan, jobs=jobs, on_event=on_event,
-                                     lock_timeout=lock_timeout, lock_path=lock_path)
+            with quiet_libraries(out.verbose):
+                result = execute_migrate(plan, jobs=jobs, on_event=on_event,
+                                         lock_timeout=lock_timeout, lock_path=lock_path)
         except LockHeld as exc:
             click.echo(f"ckpt-tools: {exc}", err=True)
             ctx.exit(EXIT_LOCKED)

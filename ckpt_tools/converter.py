@@ -131,6 +131,7 @@ class MigrateOutcome:
     verify: dict | None = None          # {"max_abs_diff", "max_rel_diff", "tolerance", "passed"}
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
+    detail: str | None = field(default=None, compare=False)   # a traceback, for -v
 
     def to_dict(self) -> dict:
         d = {"source": self.source, "target": self.target}
@@ -755,12 +756,33 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
     leaves = sorted({m.rsplit(".", 1)[-1] for m in ranks})
     if targets is None or not set(leaves) <= set(targets):
         targets = leaves
+    if not _full_grid(list(ranks)):
+        # only some layers were adapted: leaf names would make PEFT adapt them all
+        import re
+        return _Hyper(r, rank_pattern, alpha, float(dropout), base,
+                      "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$", notes)
     return _Hyper(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
 
 
+def _full_grid(modules: list[str]) -> bool:
+    """Whether the modules are every layer 0..n-1 times every kind (then leaf names are exact)."""
+    import re
+    by_kind: dict[str, set[int]] = {}
+    for m in modules:
+        found = re.search(r"\.(\d+)\.", m)
+        kind = m if found is None else m[:found.start()] + ".#." + m[found.end():]
+        by_kind.setdefault(kind, set()).add(-1 if found is None else int(found.group(1)))
+    layer_sets = {frozenset(v) for v in by_kind.values()}
+    if len(layer_sets) != 1:
+        return False
+    layers = next(iter(layer_sets))
+    return layers == {-1} or layers == frozenset(range(len(layers)))
+
+
 def _lora_config(h: _Hyper, has_bias: bool) -> dict:
+    targets = h.target_modules if isinstance(h.target_modules, str) else list(h.target_modules)
     return {"r": h.r, "lora_alpha": h.alpha, "lora_dropout": h.dropout,
-            "target_modules": list(h.target_modules), "bias": "none",
+            "target_modules": targets, "bias": "none",
             "task_type": layout.LORA_TASK_TYPE, "base_model_name_or_path": h.base,
             "rank_pattern": dict(h.rank_pattern), "lora_bias": has_bias, "inference_mode": True}
 
@@ -771,7 +793,8 @@ def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
         cfg.setdefault(k, v)
     cfg.update({"num_experts": num_experts, "lora_r": h.r, "lora_alpha": h.alpha,
                 "lora_dropout": h.dropout, "base_model_name_or_path": h.base,
-                "target_modules": list(h.target_modules)})
+                "target_modules": h.target_modules if isinstance(h.target_modules, str)
+                else list(h.target_modules)})
     return cfg
 
 
@@ -828,27 +851,23 @@ def _router_locations(src: _Source, merged: dict | None) -> tuple[dict, dict]:
     """Router tensor locations and the V2 router.pt's metadata (top_k, temperature, ...)."""
     from .tensor_io import locate
     meta: dict = {}
-    if merged:
-        rk = {k: v for k, v in merged.items() if layout.router_key(k)}
-        if rk and src.verdict.tree_form == layout.TREE_NONE:
-            return _router_from(rk, where="merged weights"), meta
     rel = src.facts.get("router")
-    if rel is None:
-        if merged:
-            rk = {k: v for k, v in merged.items() if layout.router_key(k)}
-            if rk:
-                return _router_from(rk, where="merged weights"), meta
-        raise CheckpointFailure("no router state found")
-    path = src.abs(rel)
-    if rel.endswith(".pt"):
+    if rel is not None and rel.endswith(".pt") and os.path.isfile(src.abs(rel)):
         from .formats import torchsave
-        info = torchsave.inspect_torch_file(path)
+        info = torchsave.inspect_torch_file(src.abs(rel))
         if isinstance(info.obj, dict) and layout.LEGACY_ROUTER_STATE in info.obj:
             for k in ("num_experts", "input_size", "top_k", "temperature", "expert_maturity"):
                 v = info.obj.get(k)
                 if isinstance(v, (int, float, str, list)) and not isinstance(v, bool):
                     meta[k] = v
-    return _router_from(locate(path), where=rel), meta
+    rk = {k: v for k, v in (merged or {}).items() if layout.router_key(k)}
+    # a merged state dict without a PEFT tree is the checkpoint's own router (best_model/'s
+    # run-level router.pt is the run's latest, not necessarily the best step's)
+    if rk and (src.verdict.tree_form == layout.TREE_NONE or rel is None):
+        return _router_from(rk, where="merged weights"), meta
+    if rel is None:
+        raise CheckpointFailure("no router state found")
+    return _router_from(locate(src.abs(rel)), where=rel), meta
 
 
 def _check_same(tree: dict, merged: dict, where: str) -> None:
@@ -871,14 +890,13 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
                      run_cache: dict | None = None, check_merged: bool = True) -> Conversion:
     """Everything a canonical target holds, with LoRA and router tensors read exactly."""
     from .tensor_io import read_tensors
+    if method == METHOD_SVD:
+        return _svd_conversion(src, options)
     v = src.verdict
     tree = v.tree_form
     merged_kind = v.merged_kind
     merged = _merged_locations(src) if merged_kind in ("v0", "v1") else None
     merged_experts = _group_moe_lora(merged, where="merged weights") if merged else {}
-
-    if method == METHOD_SVD:
-        return _svd_conversion(src, options)
 
     warnings: list[str] = []
     dir_experts: dict = {}
@@ -1149,9 +1167,7 @@ def clean_stale(parent: str) -> list[str]:
 class _Context:
     plan: MigratePlan
     faults: _Faults
-    run_cache: dict = field(default_factory=dict)
-    base_cache: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    run_cache: dict = field(default_factory=dict)   # run dir -> its configs (lora_alpha lookup)
 
 
 def _target_abs(plan: MigratePlan, item: MigrateItem) -> str:
@@ -1226,12 +1242,12 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
         verify = None
         if opts.verify:
             from .loader import verify_conversion
-            verify = verify_conversion(conv, tmp, src, opts, base_cache=ctx.base_cache,
-                                       lock=ctx.lock)
+            verify = verify_conversion(conv, tmp, src, opts)
             if not verify["passed"]:
-                return outcome("failed", method=method, verify=verify,
-                               reason=f"--verify: logits differ by {verify['max_rel_diff']:.3g} "
-                                      f"(relative), above the tolerance {verify['tolerance']:g}")
+                why = verify.get("error") or (
+                    f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
+                    f"tolerance {verify['tolerance']:g}")
+                return outcome("failed", method=method, verify=verify, reason=f"--verify: {why}")
 
         ctx.faults.hit("before_rename")
         if state == "stale":
@@ -1330,9 +1346,11 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                 out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
                                      reason=str(exc))
             except Exception as exc:  # noqa: BLE001 - one checkpoint never stops the others
+                import traceback
                 msg = str(exc).splitlines()[0] if str(exc) else ""
                 out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
-                                     reason=f"{type(exc).__name__}: {msg}")
+                                     reason=f"{type(exc).__name__}: {msg}",
+                                     detail=traceback.format_exc())
             with results_lock:
                 {"migrated": migrated, "skipped": skipped, "failed": failed}[out.outcome].append(out)
             if on_event:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from . import layout
-from .converter import (METHOD_COPY, METHOD_EXACT, METHOD_SVD, CheckpointFailure, Conversion,
+from .converter import (METHOD_COPY, METHOD_SVD, CheckpointFailure, Conversion,
                         ExpertAdapter, MigrateOptions, _method_for, build_conversion, open_source,
                         resolve_model_dir)
 from .records import BROKEN, Checkpoint
@@ -102,16 +101,17 @@ def base_from_merged(src, *, dtype=torch.float32):
 def _check_loaded(model, ex: ExpertAdapter, want: dict) -> None:
     """The adapter holds exactly the checkpoint's LoRA keys, with the checkpoint's values."""
     from peft import get_peft_model_state_dict
-    got = get_peft_model_state_dict(model, adapter_name=ex.name)
+    got = get_peft_model_state_dict(model, adapter_name=ex.name, save_embedding_layers=False)
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     if missing or unexpected:
         raise CheckpointLoadError(f"{ex.name}: LoRA keys do not fit the base model: "
                                   f"{len(missing)} missing (e.g. {missing[:1]}), "
                                   f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    from .tensor_io import bit_equal
     for k, t in want.items():
         g = got[k].detach().to("cpu")
-        if g.shape != t.shape or not torch.equal(g.to(t.dtype), t):
+        if not bit_equal(g.to(t.dtype), t):
             raise CheckpointLoadError(f"{ex.name}: {k} was not loaded as stored")
 
 
@@ -128,7 +128,7 @@ def attach_experts(base, experts: list[ExpertAdapter]):
     model = None
     for ex in experts:
         name = ex.name
-        if ex.adapter_dir is not None and ex.tensors is None:
+        if ex.adapter_dir is not None:      # PEFT's own files: PEFT's own loader
             if model is None:
                 model = PeftModel.from_pretrained(base, ex.adapter_dir, adapter_name=name)
             else:
@@ -266,14 +266,48 @@ def _random_ids(vocab: int) -> torch.Tensor:
 
 
 def _diff(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
+        return float("nan"), float("nan")
     abs_diff = float((ref - out).abs().max())
     scale = float(ref.abs().max()) or 1.0
     return abs_diff, abs_diff / scale
 
 
-def _verify_base(src, options: MigrateOptions, lock: threading.Lock | None):
+def check_base_matches(base, src, *, sample: int = 16) -> None:
+    """The base model given is the one the checkpoint was trained on: a sample of the base
+    weights stored in its merged state dict (the smallest tensors, which include the norms,
+    and a few ``….base_layer.weight`` of LoRA modules) equal the model's, cast to the stored
+    dtype. Reads those few tensors only."""
+    from .tensor_io import locate, read_tensors
+    candidates = {}
+    for rel in src.verdict.merged_files:
+        if layout.role_of(rel).role is not layout.Role.MERGED:
+            continue
+        for key, loc in locate(src.abs(rel)).items():
+            if ".lora_" in key or layout.router_key(key):
+                continue
+            name = layout.module_path(key).replace(".base_layer.", ".")
+            candidates[name] = dataclasses.replace(loc, name=name, key=key)
+    by_size = sorted(candidates.values(), key=lambda loc: (loc.nbytes, loc.name))
+    chosen = by_size[:sample] + [loc for loc in by_size if ".base_layer." in (loc.key or "")][:4]
+    locs = {loc.name: loc for loc in chosen}
+    for name, stored in read_tensors(locs).items():
+        try:
+            mine = base.get_parameter(name).detach().to("cpu")
+        except AttributeError:
+            raise CheckpointFailure(f"--verify: the base model has no parameter {name}: "
+                                    "it is not the model this checkpoint was trained on") from None
+        if mine.shape != stored.shape or not torch.equal(mine.to(stored.dtype), stored):
+            raise CheckpointFailure(f"--verify: {name} of the base model differs from the base "
+                                    "weights stored in the checkpoint: wrong --base-model?")
+
+
+def _verify_base(src, options: MigrateOptions):
     if options.base_model:
-        return load_base_model(options.base_model, dtype=torch.float32)
+        base = load_base_model(options.base_model, dtype=torch.float32)
+        if src.verdict.merged_kind in ("v0", "v1"):
+            check_base_matches(base, src)
+        return base
     base = base_from_merged(src) if src.verdict.merged_kind in ("v0", "v1") else None
     if base is None:
         raise CheckpointFailure("--verify needs --base-model here (no base weights with a model "
@@ -281,8 +315,7 @@ def _verify_base(src, options: MigrateOptions, lock: threading.Lock | None):
     return base
 
 
-def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOptions, *,
-                      base_cache: dict | None = None, lock: threading.Lock | None = None) -> dict:
+def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOptions) -> dict:
     """Load each written expert with PEFT onto the base model and compare its logits with the
     source's: base + the source's LoRA tensors (exact, copy), or the merged model (svd)."""
     from peft import PeftModel
@@ -311,7 +344,7 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
         worst_abs, worst_rel = _diff(ref, out)
         per_expert[targets[0].name] = worst_rel
     else:
-        base = _verify_base(src, options, lock)
+        base = _verify_base(src, options)
         ids = _random_ids(base.config.vocab_size)
         refs = {}
         for ex in conv.experts:
@@ -325,9 +358,14 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
                 out = model(input_ids=ids).logits.float()
             a, r = _diff(refs[ex.name], out)
             per_expert[ex.name] = r
-            worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
-    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "tolerance": tol,
-            "passed": worst_rel <= tol, "experts": per_expert}
+            worst_abs = a if a != a else max(worst_abs, a)
+            worst_rel = r if r != r else max(worst_rel, r)
+    finite = all(v == v for v in per_expert.values()) and worst_abs == worst_abs
+    doc = {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "tolerance": tol,
+           "passed": finite and worst_rel <= tol, "experts": per_expert}
+    if not finite:
+        doc["error"] = "non-finite logits (NaN or Inf in the weights?)"
+    return doc
 
 
 def _read_adapter_config(adapter_dir: str) -> dict:
@@ -338,4 +376,4 @@ def _read_adapter_config(adapter_dir: str) -> dict:
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "CheckpointLoadError", "load_base_model",
            "attach_experts", "verify_conversion", "hooked_logits", "base_from_merged",
-           "METHOD_EXACT"]
+           "check_base_matches"]

@@ -13,7 +13,7 @@ A/B, with its own scale, against the true delta; optionally the exact SVD's erro
 
 mergekit-extract-lora 0.1.5 runs from its own venv, ``bench/.venv-mergekit`` (made here when
 missing: ``python3.11 -m venv``, ``pip install mergekit==0.1.5 torch==2.13.0 matplotlib``), or
-from ``--mergekit-bin``. Results go to ``bench/out/``: JSON, a markdown table and a PNG when
+from ``--mergekit-python``. Results go to ``bench/out/``: JSON, a markdown table and a PNG when
 matplotlib is in that venv.
 """
 
@@ -111,32 +111,44 @@ def build_models(work: Path, size: str, rank: int, dtype_name: str, noise: float
 
 # ----------------------------------------------------------------------------- tools
 
-def ensure_mergekit(bin_path: str | None) -> Path:
-    if bin_path:
-        return Path(bin_path)
-    exe = MERGEKIT_VENV / "bin" / "mergekit-extract-lora"
-    if not exe.exists():
+def ensure_mergekit(python: str | None) -> str:
+    """The Python that has mergekit: the given one, or the bench venv (made when missing)."""
+    if python:
+        return python
+    exe = MERGEKIT_VENV / "bin" / "python"
+    if not (MERGEKIT_VENV / "bin" / "mergekit-extract-lora").exists():
         print(f"creating {MERGEKIT_VENV} ({' '.join(MERGEKIT_PINS)})", file=sys.stderr)
         subprocess.run(["python3.11", "-m", "venv", str(MERGEKIT_VENV)], check=True)
-        subprocess.run([str(MERGEKIT_VENV / "bin" / "pip"), "install", "-q", *MERGEKIT_PINS],
-                       check=True)
-    return exe
+        subprocess.run([str(exe), "-m", "pip", "install", "-q", *MERGEKIT_PINS], check=True)
+    return str(exe)
 
 
-def run_timed(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd`` once; wall seconds and the peak RSS of that child alone (wait4)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    proc.returncode = rc
-    if rc != 0:
-        sys.stderr.write(out.decode(errors="replace")[-4000:])
-        raise SystemExit(f"{cmd[0]} exited {rc}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+# Runs one command and reports its wall time and rusage. It is a small process of its own:
+# a child started straight from this (large) process would inherit its peak RSS at exec.
+LAUNCHER = r"""
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+out = proc.stdout.read()
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - t0
+rc = os.waitstatus_to_exitcode(status)
+json.dump({"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "rc": rc,
+           "cpu_s": usage.ru_utime + usage.ru_stime,
+           "tail": out.decode(errors="replace")[-4000:] if rc else ""}, open(sys.argv[1], "w"))
+"""
+
+
+def run_timed(cmd: list[str], env: dict, scratch: Path) -> dict:
+    """Run ``cmd`` once: wall seconds, CPU seconds and the peak RSS of that process alone."""
+    report = scratch / "run.json"
+    subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *cmd], env=env, check=True)
+    result = json.loads(report.read_text())
+    if result.pop("rc") != 0:
+        sys.stderr.write(result["tail"])
+        raise SystemExit(f"{cmd[0]} failed")
+    result.pop("tail")
+    return result
 
 
 def dir_bytes(path: Path) -> int:
@@ -281,40 +293,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=None, help="where models and adapters go")
-    p.add_argument("--mergekit-bin", default=None, help="mergekit-extract-lora to use")
+    p.add_argument("--mergekit-python", default=None,
+                   help="a Python with mergekit installed (default: bench/.venv-mergekit)")
     p.add_argument("--exact", action="store_true", help="also compute each module's exact SVD error")
     p.add_argument("--label", default="", help="suffix for the output file names")
+    p.add_argument("--out-dir", type=Path, default=OUT, help="where the results go")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed first run of each tool (the models were just written, "
+                        "so they are in the page cache already)")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.size == "2b" else "float32")
     work = args.work or OUT / f"lowrank-work-{args.size}-{dtype}"
     work.mkdir(parents=True, exist_ok=True)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"lowrank_vs_mergekit-{args.size}-{args.device}{('-' + args.label) if args.label else ''}"
+    partial = out_dir / f"{stem}.samples.json"
 
-    mergekit = ensure_mergekit(args.mergekit_bin)
+    mergekit_py = ensure_mergekit(args.mergekit_python)
     t0 = time.perf_counter()
     base_dir, merged_dir = build_models(work, args.size, args.rank, dtype, args.noise, args.seed,
                                         args.device)
     print(f"models ready in {time.perf_counter() - t0:.1f} s: {base_dir}, {merged_dir}",
           file=sys.stderr)
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out_ck, out_mk = work / "adapter-ckpt-tools", work / "adapter-mergekit"
     ck_cmd = [sys.executable, "-m", "ckpt_tools.lowrank", str(base_dir), str(merged_dir),
               str(out_ck), "--rank", str(args.rank), "--device", args.device, "--json"]
-    mk_cmd = [str(mergekit), "--model", str(merged_dir), "--base-model", str(base_dir),
+    mk_cmd = [mergekit_py, "-m", "mergekit.scripts.extract_lora", "--model", str(merged_dir), "--base-model", str(base_dir),
               "--out-path", str(out_mk), "--max-rank", str(args.rank), "--no-copy-tokenizer",
               "--quiet"] + (["--cuda"] if args.device == "cuda" else [])
     tools = {"ckpt_tools": ck_cmd, "mergekit": mk_cmd}
     samples: dict[str, list] = {k: [] for k in tools}
-    for name, cmd in tools.items():          # warm the page cache and the imports, untimed
-        run_timed(cmd, env)
+    if not args.no_warmup:
+        for name, cmd in tools.items():      # warm the page cache and the imports, untimed
+            run_timed(cmd, env, work)
     for rep in range(args.reps):
         order = list(tools) if rep % 2 == 0 else list(reversed(tools))
         for name in order:
-            s = run_timed(tools[name], env)
+            s = run_timed(tools[name], env, work)
             samples[name].append(s)
             print(f"rep {rep} {name}: {s['wall_s']:.2f} s, {s['peak_rss_mb']:.0f} MB",
                   file=sys.stderr)
+            partial.write_text(json.dumps(samples, indent=1))  # survives a timeout
 
     ck_json = subprocess.run(ck_cmd, env=env, capture_output=True, text=True, check=True).stdout
     ck_summary = json.loads(ck_json)
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         err_ratio["mergekit_vs_exact_max"] = max(v["rel_error"] / v["exact_rel_error"]
                                                  for v in mk_err.values())
     import torch
-    mk_version = subprocess.run([str(mergekit.parent / "python"), "-c",
+    mk_version = subprocess.run([mergekit_py, "-c",
                                  "import importlib.metadata as m; print(m.version('mergekit'))"],
                                 capture_output=True, text=True).stdout.strip() or "?"
     params = sum(math.prod(shape) for shape in _shapes(merged_dir))
@@ -351,11 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         "per_module_error_ratio": ratios,
         "per_module": {m: {"ckpt_tools": ck_err[m], "mergekit": mk_err[m]} for m in ck_err},
     }
-    stem = f"lowrank_vs_mergekit-{args.size}-{args.device}{('-' + args.label) if args.label else ''}"
-    json_path, md_path, png_path = (OUT / f"{stem}.json", OUT / f"{stem}.md", OUT / f"{stem}.png")
+    json_path, md_path, png_path = (out_dir / f"{stem}.json", out_dir / f"{stem}.md",
+                                    out_dir / f"{stem}.png")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))
-    chart = subprocess.run([str(mergekit.parent / "python"), "-c", CHART, str(json_path),
+    chart = subprocess.run([mergekit_py, "-c", CHART, str(json_path),
                             str(png_path)], capture_output=True, text=True)
     if chart.returncode != 0:
         print("no chart (matplotlib not available next to mergekit)", file=sys.stderr)

@@ -6,21 +6,24 @@ makes PEFT's scale 1, so B·A is (to the certified tolerance) the best rank-r ap
 
 How a module is decomposed (``decompose``, ``method="auto"``):
 
-1. A randomized subspace iteration (Gaussian start, QR after every product, oversampling
-   p = max(8, r/2)) gives an orthonormal basis Q of k = r + p columns and the Ritz values
-   σ̃ of QᵀD. Its rank-r truncation has error² E_r² = ‖D‖² − Σ_{i≤r} σ̃_i², computed exactly.
-2. The best possible error² is E*² = ‖D‖² − Σ_{i≤r} σ_i²; only its deficit δ = E_r² − E*²
-   is unknown. With M = (I − QQᵀ)D we have DᵀD = (QᵀD)ᵀ(QᵀD) + MᵀM, and Ky Fan's maximum
-   principle bounds δ ≤ r·min_λ max{(1+λ)ρ², (1+1/λ)ν² − g}, with ρ = ‖M·W_r‖₂ (how far the
-   top Ritz vectors still leak), g = σ̃_r² − σ̃_{r+1}² (the gap the sketch sees) and ν = ‖M‖₂;
-   also δ ≤ r·ν² and δ ≤ ‖M‖²_F. ρ and g are computed exactly. ν gets an upper bound that
-   holds except with probability 1e-6 over a separate Gaussian probe X (s = 8 columns):
-   ‖(MᵀM)ʲX‖²_F ≥ ν^{4j}·χ²₈, and P(χ²₈ < τ) = 1e-6 fixes τ.
-3. The result is accepted when E_r ≤ 1.01·√(E_r² − δ_bound), i.e. it is provably within 1%
-   of the exact SVD's error (with that probability, in exact arithmetic), or when E_r is at
-   float32 rounding level. Otherwise more power iterations are run (up to 5) and, failing
-   that, the exact ``torch.linalg.svd`` is used. Flat spectra with no gap at r are the case
-   that falls back.
+1. A randomized subspace iteration (Gaussian start, QR after every product, k = r + p columns
+   with p = max(8, r/2), one power iteration) gives an orthonormal basis Q and the Ritz
+   values σ̃ of QᵀD. Its rank-r truncation has error² E_r² = ‖D‖² − Σ_{i≤r} σ̃_i², computed
+   exactly (directly, as ‖D − QQᵀD‖², where the subtraction of norms would cancel).
+2. The best possible error² is E*² = ‖D‖² − Σ_{i≤r} σ_i²; only the deficit δ = E_r² − E*²
+   is unknown. With M = (I − QQᵀ)D, DᵀD = (QᵀD)ᵀ(QᵀD) + MᵀM exactly, and Ky Fan's maximum
+   principle (split any r-frame into its part along the top Ritz vectors W_r and the rest)
+   bounds δ ≤ r·min_λ max{(1+λ)ρ², (1+1/λ)ν² − g}, where ρ = ‖M·W_r‖₂ (how much of D along
+   W_r the basis still misses), g = σ̃_r² − σ̃_{r+1}² (the gap the sketch sees) and ν = ‖M‖₂;
+   also δ ≤ r·ν² and δ ≤ ‖M‖²_F. ρ and g are computed. For ν, ‖M‖_F is tried first (free and
+   deterministic); when that is too coarse, a Gaussian probe X of 8 columns gives a bound
+   that fails with probability 1e-6 at most: ‖(MᵀM)ʲX‖²_F ≥ ν^{4j}·χ²₈ and P(χ²₈ < τ) = 1e-6.
+3. The result is accepted when E_r ≤ 1.01·√(E_r² − δ_bound), i.e. when it is proven within
+   1% of the exact SVD's error (in exact arithmetic), or when E_r is at float32 rounding
+   level. Otherwise up to two more power iterations, then a wider sketch (k = 4r + 16, which
+   brings ν under the gap of a steadily decaying spectrum) and, failing all that, the exact
+   ``torch.linalg.svd``. Spectra with no gap at r (a flat noise floor, heavy tails) are what
+   falls back; so are matrices too small for a sketch to pay (3k > min(out, in)).
 
 ``--energy e`` picks the smallest r with Σ_{i≤r} σ_i² ≥ e·‖D‖²; the randomized choice is
 accepted only when the same bound proves that r − 1 does not reach e.
@@ -35,12 +38,11 @@ import json
 import math
 import mmap
 import os
-import re
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,14 +363,15 @@ def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | N
             guess = min(cap, 2 * guess)
         if r is None:
             break
-        for _ in range(iters):
+        for attempt in range(iters):
+            if attempt:
+                sketch.iterate()
+                if target is not None:
+                    hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
+                    r = min(hit, cap) if hit is not None else r
             if method == "randomized" or sketch.certify(r, norm_d_sq, tolerance, floor_sq, target):
                 a, b = sketch.factors(r)
                 return finish(a, b, r, sketch.error_sq(r, norm_d_sq), False)
-            sketch.iterate()
-            if target is not None:
-                hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
-                r = min(hit, cap) if hit is not None else r
         guess = r
     return exact()
 
@@ -408,6 +411,18 @@ class _SafetensorsFile:
         return torch.frombuffer(self._mm, dtype=dtype, count=e.numel,
                                 offset=self.data_start + e.begin).view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from this process (they stay in the page cache), so
+        that resident memory does not grow with the model. Views of it must be unused."""
+        e = self.entries[name]
+        if self._mm is None or e.end == e.begin:
+            return
+        page = mmap.PAGESIZE
+        start = -(-(self.data_start + e.begin) // page) * page
+        end = (self.data_start + e.end) // page * page
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
 
 class _TorchFile:
     """A torch.save'd state dict, opened with ``weights_only=True, mmap=True`` (SPEC §4)."""
@@ -427,6 +442,9 @@ class _TorchFile:
     def tensor(self, name: str) -> torch.Tensor:
         return self.entries[name]
 
+    def release(self, name: str) -> None:
+        pass
+
 
 class _DictFile:
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
@@ -439,6 +457,9 @@ class _DictFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.entries[name]
+
+    def release(self, name: str) -> None:
+        pass
 
 
 def _open_weights_file(path: Path):
@@ -506,6 +527,10 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """The tensor, as stored (a zero-copy view for safetensors and mmapped .bin files)."""
         return self._where[name].tensor(name)
+
+    def release(self, name: str) -> None:
+        """Done with ``name``: its memory-mapped pages may leave this process."""
+        self._where[name].release(name)
 
     def ties_embeddings(self) -> bool:
         """Does this model use its input embedding as lm_head?"""
@@ -613,6 +638,13 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """float32 on ``dev``; a half-precision tensor crosses to a GPU before it is widened."""
+    if dev.type != "cpu" and t.element_size() < 4:
+        return t.to(dev).float()
+    return t.to(dev, torch.float32)
+
+
 def _seed_for(module: str) -> int:
     return zlib.crc32(module.encode("utf-8"))
 
@@ -709,11 +741,15 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         dtype = forced_dtype or w.dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        delta = None
-        if not _bit_equal(w, w0):
-            delta = w.to(dev, torch.float32) - w0.to(dev, torch.float32)
-            if not bool(torch.isfinite(delta).all()):
+        # The delta is formed on the device; a bit-equal pair gives an all-zero delta, which
+        # decompose() leaves out. Only a non-finite delta needs a look at the bits.
+        delta = _to_device(w, dev) - _to_device(w0, dev)
+        if not bool(torch.isfinite(delta).all()):
+            if not _bit_equal(w, w0):
                 raise ValueError(f"{wname}: NaN or Inf in the weight delta")
+            delta = None
+        msrc.release(real(m_alias, wname))
+        bsrc.release(real(b_alias, wname))
         bias_delta = None
         bname = linear_biases.get(module)
         if bname is not None:
@@ -751,51 +787,71 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
 
     # CPU: one single-threaded BLAS per worker and as many workers as cores, each worker
     # reading and decomposing whole modules. Small matrices gain little from a threaded BLAS,
-    # and its barriers stall badly on a shared machine. GPU: two workers, so that reading the
-    # next module overlaps the kernels of this one.
+    # and its barriers stall badly on a shared machine. GPU: up to 8 workers, since reading
+    # (page faults, bf16 → float32, host-to-device copies) is what takes the time there.
     if workers is None:
-        workers = 2 if dev.type == "cuda" else max(1, torch.get_num_threads())
+        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else max(
+            1, torch.get_num_threads())
     workers = workers if prefetch else 1
     saved_threads = torch.get_num_threads()
     if dev.type == "cpu" and workers > 1:
         torch.set_num_threads(1)
+    if dev.type == "cuda":
+        # torch loads its CUDA linear-algebra backends lazily, and that first load is not
+        # thread-safe ("lazy wrapper should be called at most once"): do it here, once.
+        probe = torch.eye(2, device=dev)
+        torch.linalg.qr(probe)
+        torch.linalg.svd(probe)
+        torch.linalg.matrix_norm(probe.double(), ord=2)
     modules = list(linear_weights)
+    futures: dict[int, Future] = {}
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
-            # At most 2 modules per worker in flight: memory stays bounded by the module size.
-            futures: dict[int, Future] = {}
-            ahead = 2 * workers
-            for i in range(min(ahead, len(modules))):
-                futures[i] = pool.submit(process, modules[i])
-            for i, module in enumerate(modules):
-                done = futures.pop(i).result()
-                if i + ahead < len(modules):
-                    futures[i + ahead] = pool.submit(process, modules[i + ahead])
-                t_read += done.read_s
-                t_decompose += done.decompose_s
-                shape = meta(msrc, m_alias, linear_weights[module])[1]
-                out_features[module] = shape[0]
-                if done.a is not None:
-                    lora_state[_lora_key(module, "lora_A", "weight")] = done.a
-                    lora_state[_lora_key(module, "lora_B", "weight")] = done.b
-                    errors[module] = done.error
-                    ranks[module] = done.rank
-                    fallbacks += int(done.exact)
-                if done.bias_delta is not None:
-                    bias_deltas[module] = done.bias_delta.cpu()
-                    if done.a is None:
-                        # A bias-only change still needs a LoRA layer to carry lora_B.bias.
-                        lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
-                            1, shape[1], dtype=done.dtype)
-                        lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
-                            shape[0], 1, dtype=done.dtype)
-                        errors[module] = 0.0
-                        ranks[module] = 1
-                elif done.a is None:
-                    skipped.append(module)
+            try:
+                # At most 2 modules per worker in flight: memory stays bounded by module size.
+                ahead = 2 * workers
+                for i in range(min(ahead, len(modules))):
+                    futures[i] = pool.submit(process, modules[i])
+                for i, module in enumerate(modules):
+                    done = futures.pop(i).result()
+                    if i + ahead < len(modules):
+                        futures[i + ahead] = pool.submit(process, modules[i + ahead])
+                    t_read += done.read_s
+                    t_decompose += done.decompose_s
+                    shape = meta(msrc, m_alias, linear_weights[module])[1]
+                    out_features[module] = shape[0]
+                    if done.a is not None:
+                        lora_state[_lora_key(module, "lora_A", "weight")] = done.a
+                        lora_state[_lora_key(module, "lora_B", "weight")] = done.b
+                        errors[module] = done.error
+                        ranks[module] = done.rank
+                        fallbacks += int(done.exact)
+                    if done.bias_delta is not None:
+                        bias_deltas[module] = done.bias_delta.cpu()
+                        if done.a is None:
+                            # A bias-only change still needs a LoRA layer for lora_B.bias.
+                            lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
+                                1, shape[1], dtype=done.dtype)
+                            lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
+                                shape[0], 1, dtype=done.dtype)
+                            errors[module] = 0.0
+                            ranks[module] = 1
+                    elif done.a is None:
+                        skipped.append(module)
+                # Non-linear tensors and embeddings: compared by the same workers.
+                def unchanged(name: str) -> bool:
+                    m_real, b_real = real(m_alias, name), real(b_alias, name)
+                    same = _bit_equal(msrc.get(m_real), bsrc.get(b_real))
+                    msrc.release(m_real)
+                    bsrc.release(b_real)
+                    return same
+
+                same_as_base = dict(zip(others, pool.map(unchanged, others)))
+            except BaseException:
+                for f in futures.values():
+                    f.cancel()
+                raise
     finally:
-        for f in futures.values():
-            f.cancel()
         torch.set_num_threads(saved_threads)
 
     lora_bias = bool(bias_deltas)
@@ -815,8 +871,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     # Non-linear tensors and embeddings: whole modules go to modules_to_save when any changed.
     changed_modules: list[str] = []
     for name in others:
-        mt, bt = msrc.get(real(m_alias, name)), bsrc.get(real(b_alias, name))
-        if not _bit_equal(mt, bt):
+        if not same_as_base[name]:
             module = _module_of(name)[0]
             if module not in changed_modules:
                 changed_modules.append(module)

@@ -202,14 +202,18 @@ def test_global_options_work_before_and_after_the_command(results_tree):
 
 def test_validate_reports_each_problem_and_exits_1(results_tree):
     root, manifest, _ = results_tree
-    for e in manifest.values():
-        if e.status != "broken" or e.needs_non_root:
-            continue
-        proc = run_cli("validate", "--json", str(root / e.path))
-        assert proc.returncode == 1, e.path
-        doc = json.loads(proc.stdout)
-        codes = {p["code"] for c in doc["checkpoints"] for p in c["problems"]}
+    broken = [e for e in manifest.values() if e.status == "broken" and not e.needs_non_root]
+    proc = run_cli("validate", "--json", *(str(root / e.path) for e in broken))
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert not doc["valid"]
+    found = {os.path.join(c["root"], c["path"]) if c["path"] != "." else c["root"]: c
+             for c in doc["checkpoints"]}
+    for e in broken:
+        c = found[str(root / e.path)]
+        codes = {p["code"] for p in c["problems"]}
         assert e.problem_codes <= codes, (e.path, codes)
+        assert c["valid"] is False
     ok = [e for e in manifest.values() if e.status == "peft-only"][0]
     assert run_cli("validate", str(root / ok.path)).returncode == 0
 

@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -652,6 +653,431 @@ _REAL_ZIP, _REAL_LEGACY = _small_real("zip"), _small_real("legacy")
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_REAL_LEGACY), st.binary(max_size=300)))
 def test_mutated_and_arbitrary_files_give_a_result_or_a_format_error(blob):
     _inspect_bytes(blob, "fuzz.pt")
+
+
+# --- the zip reader: structures parsed from the bytes at hand ----------------------
+
+def _cd_records(blob: bytes) -> list[int]:
+    """Offsets of the central directory records (the directory follows the data)."""
+    out, at = [], len(blob)
+    start = blob.rfind(b"PK\x05\x06")
+    (cd_offset,) = struct.unpack_from("<I", blob, start + 16)
+    at = cd_offset
+    while blob.startswith(b"PK\x01\x02", at):
+        out.append(at)
+        at += 46 + sum(struct.unpack_from("<HHH", blob, at + 28))
+    return out
+
+
+def _plain_zip(tmp_path: Path, **kwargs) -> bytes:
+    """A small zipfile-written archive of a real state dict (no zip64 records)."""
+    src = _save(tmp_path / "src.pt", {"w": torch.ones(2, 3), "b": torch.zeros(2)})
+    return _rezip(src, tmp_path / "plain.pt", **kwargs).read_bytes()
+
+
+def _inspect_blob(tmp_path: Path, blob: bytes, name: str = "x.pt", **kwargs):
+    path = tmp_path / name
+    path.write_bytes(blob)
+    return inspect_torch_file(path, **kwargs)
+
+
+def _blob_code(tmp_path: Path, blob: bytes) -> tuple[str, str]:
+    path = tmp_path / "x.pt"
+    path.write_bytes(blob)
+    with pytest.raises(FormatError) as err:
+        inspect_torch_file(path)
+    return err.value.code, err.value.message
+
+
+def test_archive_comment_is_read_past(tmp_path):
+    blob = _plain_zip(tmp_path)
+    for comment in (b"note", b"x" * 40_000):
+        buf = io.BytesIO(blob)
+        with zipfile.ZipFile(buf, "a") as z:
+            z.comment = comment
+        info = _inspect_blob(tmp_path, buf.getvalue())
+        assert set(info.storages.values()) == {("float32", 24), ("float32", 8)}
+
+
+def test_comment_hiding_another_end_record_is_refused(tmp_path):
+    blob = _plain_zip(tmp_path)
+    end = blob.rfind(b"PK\x05\x06")
+    fake = blob[end:end + 22] + b"zz"  # an end record whose own comment would not fit
+    forged = bytearray(blob[:end + 22] + fake)
+    struct.pack_into("<H", forged, end + 20, len(fake))  # the real record's comment
+    assert _zipfile_directory(bytes(forged)) is None  # zipfile takes the fake one
+    code, message = _blob_code(tmp_path, bytes(forged))
+    assert code == BAD_ARCHIVE and "comment" in message
+
+
+def test_directory_record_running_past_the_directory_is_refused(tmp_path):
+    blob = bytearray(_plain_zip(tmp_path))
+    last = _cd_records(blob)[-1]
+    struct.pack_into("<H", blob, last + 32, 500)  # a comment longer than what is left
+    assert zipfile.ZipFile(io.BytesIO(blob)).testzip() is None  # zipfile cuts it silently
+    code, message = _blob_code(tmp_path, bytes(blob))
+    assert code == BAD_ARCHIVE and "runs past" in message
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("signature", "bad magic number"),
+    ("version", "version 6.4"),
+    ("utf-8 name", "unreadable zip archive"),
+    ("extra field", "corrupt extra field"),
+    ("zip64 extra", "zip64 extra field"),
+    ("short directory", "truncated central directory"),
+    ("encrypted", "encrypted"),
+    ("method", "compression method 12"),
+    ("local name", "local header names"),
+    ("local header", "no local header"),
+])
+def test_directory_damage_is_bad_archive(tmp_path, damage, what):
+    blob = bytearray(_plain_zip(tmp_path))
+    first = _cd_records(blob)[0]
+    if damage == "signature":
+        blob[first + 3] ^= 0xFF
+    elif damage == "version":
+        blob[first + 6] = 64  # zipfile raised NotImplementedError, not BadZipFile, here
+    elif damage == "utf-8 name":
+        struct.pack_into("<H", blob, first + 8, 0x800)
+        blob[first + 46] = 0xFF
+    elif damage in ("extra field", "zip64 extra"):
+        name_len = struct.unpack_from("<H", blob, first + 28)[0]
+        at = first + 46 + name_len
+        extra = (struct.pack("<HH", 0x0001, 4) + b"\0" * 4 if damage == "zip64 extra"
+                 else struct.pack("<HH", 0x1234, 9) + b"\0" * 4)
+        blob[at:at] = extra
+        struct.pack_into("<H", blob, first + 30, len(extra))
+        if damage == "zip64 extra":
+            struct.pack_into("<I", blob, first + 24, 0xFFFFFFFF)  # size in the extra field
+        end = blob.rfind(b"PK\x05\x06")
+        struct.pack_into("<I", blob, end + 12, struct.unpack_from("<I", blob, end + 12)[0]
+                         + len(extra))
+    elif damage == "short directory":
+        end = blob.rfind(b"PK\x05\x06")
+        blob[end:end] = b"\0" * 10
+        struct.pack_into("<I", blob, end + 10 + 12,
+                         struct.unpack_from("<I", blob, end + 10 + 12)[0] + 10)
+    elif damage == "encrypted":
+        struct.pack_into("<H", blob, first + 8, 0x01)
+    elif damage == "method":
+        struct.pack_into("<H", blob, first + 10, 12)
+    elif damage == "local name":
+        (offset,) = struct.unpack_from("<I", blob, first + 42)
+        blob[offset + 31] ^= 0x20
+    else:
+        (offset,) = struct.unpack_from("<I", blob, _cd_records(blob)[1] + 42)
+        blob[offset] = 0
+    code, message = _blob_code(tmp_path, bytes(blob))
+    assert code == BAD_ARCHIVE and what in message, message
+
+
+def test_zip64_end_record_must_precede_its_locator(tmp_path, real_files):
+    blob = real_files["state dict", "zip"].read_bytes()
+    end = blob.rfind(b"PK\x05\x06")
+    locator = end - 20
+    assert blob[locator:locator + 4] == b"PK\x06\x07"
+    moved = blob[:locator] + b"\0" * 8 + blob[locator:]  # junk between the two records
+    code, message = _blob_code(tmp_path, moved)
+    assert code == BAD_ARCHIVE and "zip64" in message
+
+
+def test_data_pkl_crc_is_checked(tmp_path, real_files):
+    blob = bytearray(real_files["V2 router", "zip"].read_bytes())
+    first = _cd_records(blob)[0]  # torch writes data.pkl first
+    name_len = struct.unpack_from("<H", blob, first + 28)[0]
+    assert blob[first + 46:first + 46 + name_len].endswith(b"/data.pkl")
+    blob[first + 16] ^= 1
+    code, message = _blob_code(tmp_path, bytes(blob))
+    assert code == BAD_ARCHIVE and "CRC" in message
+
+
+def test_deflated_data_pkl_is_inflated_in_bounds(tmp_path, real_files, monkeypatch):
+    src = real_files["V2 router", "zip"]
+    stored = inspect_torch_file(src)
+    path = _rezip(src, tmp_path / "deflated.pt", compress={"data.pkl"})
+    monkeypatch.setattr(torchsave, "_INFLATE_CHUNK", 7)  # many chunks
+    deflated = inspect_torch_file(path)
+    assert (deflated.obj, deflated.storages) == (stored.obj, stored.storages)
+
+    # A record that declares fewer bytes than its stream holds gives those bytes only.
+    asked = []
+    real = zlib.decompressobj
+
+    class Spy:
+        def __init__(self, *args):
+            self.inner = real(*args)
+
+        def decompress(self, data, max_length=0):
+            asked.append(max_length)
+            return self.inner.decompress(data, max_length)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    blob = bytearray(path.read_bytes())
+    _set_declared_size(blob, path, "data.pkl", 10)
+    monkeypatch.setattr(zlib, "decompressobj", Spy)
+    code, message = _blob_code(tmp_path, bytes(blob))
+    assert code == BAD_ARCHIVE and "CRC" in message
+    assert asked and sum(asked) <= 10 * len(asked) and max(asked) <= 10
+
+
+def _zipfile_directory(blob: bytes):
+    """zipfile's reading of a central directory, or None where it refuses the archive."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            return [(i.filename, i.header_offset, i.compress_type, i.flag_bits, i.CRC,
+                     i.compress_size, i.file_size) for i in z.infolist()]
+    except (zipfile.BadZipFile, ValueError, struct.error, EOFError, NotImplementedError):
+        return None
+
+
+def _our_directory(blob: bytes):
+    f = torchsave._File(-1, len(blob), blob)
+    try:
+        found = torchsave._find_central_directory(f)
+        if found is None or found[0] + found[1] != found[2]:
+            return None
+        entries = torchsave._central_directory(f.get(found[0], found[1]))
+    except FormatError as exc:
+        assert exc.code == BAD_ARCHIVE and "\n" not in exc.message
+        return None
+    return [(name, offset, method, flags, crc, csize, usize)
+            for offset, name, _, flags, method, crc, csize, usize in entries]
+
+
+_PLAIN_ZIP = _small_real("zip")
+_DEFLATED_ZIP = io.BytesIO()
+with zipfile.ZipFile(io.BytesIO(_PLAIN_ZIP)) as _src, \
+        zipfile.ZipFile(_DEFLATED_ZIP, "w") as _dst:
+    for _name in _src.namelist():
+        _dst.writestr(_name, _src.read(_name), zipfile.ZIP_DEFLATED
+                      if _name.endswith("data.pkl") else zipfile.ZIP_STORED)
+    _dst.comment = b"a comment"
+_DEFLATED_ZIP = _DEFLATED_ZIP.getvalue()
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP)))
+def test_directory_parse_agrees_with_zipfile(blob):
+    ours, theirs = _our_directory(blob), _zipfile_directory(blob)
+    if theirs is None:
+        assert ours is None  # nothing zipfile refuses is read
+    elif ours is not None:
+        assert ours == theirs
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP)))
+def test_data_pkl_is_read_as_zipfile_reads_it(blob):
+    read = []
+    real = torchsave._read_record
+
+    def spy(f, entry):
+        read.append((entry[1], real(f, entry)))
+        return read[-1][1]
+
+    path = Path(_WORK.name) / "pkl.pt"
+    path.write_bytes(blob)
+    with mock.patch.object(torchsave, "_read_record", spy):
+        try:
+            inspect_torch_file(path, check_pickle=False)
+        except FormatError:
+            pass
+    for name, data in read:  # what was read, zipfile reads too, and the same
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            assert z.read(name) == data
+
+
+def _outcome(path: Path, check_pickle: bool):
+    try:
+        info = inspect_torch_file(path, check_pickle=check_pickle)
+    except FormatError as exc:
+        return exc.code, exc.message
+    return info.format, repr(info.obj), info.storages, info.record_prefix
+
+
+_SMALL_WINDOWS = dict(_SMALL_FILE=0, _HEAD_READ=64, _TAIL_READ=64, _READ_AHEAD=64,
+                      _INFLATE_CHUNK=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP), _mutations(_REAL_LEGACY)))
+def test_windowed_reads_give_what_one_read_gives(blob):
+    path = Path(_WORK.name) / "windows.pt"
+    path.write_bytes(blob)
+    for check in (True, False):
+        whole = _outcome(path, check)
+        with mock.patch.multiple(torchsave, **_SMALL_WINDOWS):
+            assert _outcome(path, check) == whole
+
+
+def test_large_file_reads_only_what_it_needs(tmp_path):
+    # > 1 MiB; a directory of ~30 KiB (beyond the first tail read); a data.pkl of
+    # ~40 KiB (beyond the first head read); a comment that makes the end record hard to find.
+    obj = {f"layer.{i}.{'x' * 40}": torch.zeros(1) for i in range(300)}
+    obj["big"] = torch.zeros(300_000)
+    path = _save(tmp_path / "large.pt", obj)
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = b"c" * 30_000
+    blob = path.read_bytes()
+    assert len(blob) > 1 << 20
+    with mock.patch.object(torchsave, "_SMALL_FILE", 1 << 30):
+        whole = inspect_torch_file(path)
+    before = _bytes_read()
+    windowed = inspect_torch_file(path)
+    assert _bytes_read() - before < 400_000
+    assert windowed == whole and len(windowed.storages) == 301
+    assert flatten_tensors(windowed.obj)["big"].shape == (300_000,)
+
+
+# --- the data.pkl memo --------------------------------------------------------------
+
+def test_memo_hit_equals_miss(real_files):
+    for (name, fmt), path in real_files.items():
+        torchsave._clear_pickle_cache()
+        miss = inspect_torch_file(path)
+        hit = inspect_torch_file(path)
+        assert hit == miss, name
+        assert _describe_inspected(hit.obj) == _describe_loaded(torch.load(path, weights_only=True))
+        assert len(torchsave._PICKLE_MEMO) == 1
+
+
+def test_memo_hands_every_caller_its_own_tree(tmp_path):
+    shared = [1, 2]
+    path = _save(tmp_path / "s.pt", {"a": shared, "b": shared, "t": (shared, 3), "s": {4},
+                                     "w": torch.ones(2), "d": {"x": [torch.zeros(1)]}})
+    torchsave._clear_pickle_cache()
+    first = inspect_torch_file(path)
+    first.obj["a"].append(99)
+    first.obj["s"].add(5)
+    first.obj["d"]["x"].clear()
+    first.obj["new"] = 1
+    second = inspect_torch_file(path)
+    assert second.obj["a"] == [1, 2] and second.obj["s"] == {4} and "new" not in second.obj
+    assert len(second.obj["d"]["x"]) == 1
+    # Sharing within one tree is kept; immutable leaves are shared between trees.
+    assert second.obj["a"] is second.obj["b"] is second.obj["t"][0]
+    assert second.obj["a"] is not first.obj["a"]
+    assert second.obj["w"] is first.obj["w"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_memo_serves_files_that_differ_only_in_tensor_values(tmp_path, fmt):
+    # As in training: the same parameters, updated in place, saved at each checkpoint (the
+    # legacy format names storages by address, so only the same storages give one pickle).
+    torchsave._clear_pickle_cache()
+    weight, bias = torch.randn(4, 8), torch.randn(4)
+    infos = []
+    for i in range(5):
+        weight.add_(1.0)
+        bias.mul_(2.0)
+        path = tmp_path / f"ckpt-{i}" / "router.pt"
+        path.parent.mkdir()
+        _save(path, {"gate.weight": weight, "gate.bias": bias}, fmt)
+        infos.append(inspect_torch_file(path))
+    assert len(torchsave._PICKLE_MEMO) == 1
+    assert all(info == infos[0] for info in infos)
+
+
+def test_legacy_memo_checks_each_file_past_its_pickles(real_files, tmp_path):
+    blob, storages_at = _legacy_layout(real_files["state dict", "legacy"])
+    torchsave._clear_pickle_cache()
+    inspect_torch_file(real_files["state dict", "legacy"])
+    miscounted = bytearray(blob)
+    struct.pack_into("<q", miscounted, storages_at,
+                     struct.unpack_from("<q", miscounted, storages_at)[0] + 1)
+    (tmp_path / "count.pt").write_bytes(miscounted)
+    (tmp_path / "cut.pt").write_bytes(blob[:-1])
+    assert _code(tmp_path / "count.pt") == BAD_ARCHIVE
+    assert _code(tmp_path / "cut.pt") == TRUNCATED
+    assert len(torchsave._PICKLE_MEMO) == 1  # both were memo hits
+
+
+def test_container_checks_run_on_a_memo_hit(tmp_path, real_files):
+    src = real_files["state dict", "zip"]
+    inspect_torch_file(src)  # its data.pkl is now memoised
+    damaged = {
+        "missing": _rezip(src, tmp_path / "a.pt", lambda r: r.pop("data/1")),
+        "holds": _rezip(src, tmp_path / "b.pt", lambda r: r.update({"data/0": b"x" * 10})),
+        "compressed": _rezip(src, tmp_path / "c.pt", compress={"data/0"}),
+    }
+    crc = bytearray(src.read_bytes())
+    crc[_cd_records(crc)[0] + 16] ^= 1
+    (tmp_path / "d.pt").write_bytes(crc)
+    damaged["CRC"] = tmp_path / "d.pt"
+    for what, path in damaged.items():
+        with pytest.raises(FormatError, match=what) as err:
+            inspect_torch_file(path)
+        assert err.value.code == BAD_ARCHIVE
+
+
+def test_memo_keeps_the_order_of_errors(real_files, tmp_path):
+    src = real_files["state dict", "zip"]
+
+    def past(r):
+        r["data.pkl"] = r["data.pkl"].replace(b"K\x40t", b"K\x02t", 1)
+
+    def past_and_missing(r):
+        past(r)
+        r.pop("data/1")
+
+    only_past = _rezip(src, tmp_path / "a.pt", past)
+    both = _rezip(src, tmp_path / "b.pt", past_and_missing)
+    torchsave._clear_pickle_cache()
+    for path, what in ((both, "is missing"), (only_past, "needs"), (both, "is missing"),
+                       (only_past, "needs")):
+        with pytest.raises(FormatError, match=what):
+            inspect_torch_file(path)
+
+
+@pytest.mark.parametrize("data", [_HASH_BOMB, _LAUGHS, b"\x80\x02cos\nsystem\n.",
+                                  b"\x80\x02X\x10\x00\x00\x00abc"])
+def test_refused_pickles_are_refused_again_from_the_memo(tmp_path, data):
+    path = _zip_archive(tmp_path / "r.pt", data)
+    torchsave._clear_pickle_cache()
+    errors = []
+    for _ in range(2):
+        with pytest.raises(FormatError) as err:
+            inspect_torch_file(path)
+        errors.append((err.value.code, err.value.message))
+    assert errors[0] == errors[1]
+
+
+def test_check_pickle_is_part_of_the_memo_key(tmp_path):
+    path = _zip_archive(tmp_path / "u.pt", b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.")
+    torchsave._clear_pickle_cache()
+    assert inspect_torch_file(path, check_pickle=False).obj is None
+    assert _code(path) == UNSAFE_PICKLE
+    assert inspect_torch_file(path, check_pickle=False).obj is None
+
+
+def test_memo_is_bounded(tmp_path, monkeypatch):
+    memo = torchsave._Memo(max_entries=3, max_weight=800)
+    for i in range(5):
+        memo.put(i, f"v{i}", 10)
+    assert len(memo) == 3 and memo.get(0) is None and memo.get(4) == "v4"
+    memo.get(2)  # now the most recently used
+    memo.put(5, "v5", 10)
+    assert memo.get(3) is None and memo.get(2) == "v2"
+    memo.put(6, "heavy", 101)  # over an eighth of the budget: not kept
+    assert memo.get(6) is None
+    for i in range(10, 20):
+        memo.put(i, "x", 100)
+    assert memo.weight <= 800 and len(memo) <= 3
+    memo.clear()
+    assert len(memo) == 0 and memo.weight == 0
+
+    monkeypatch.setattr(torchsave, "_PICKLE_MEMO", torchsave._Memo(2, 1 << 20))
+    for i in range(4):
+        _zip_archive(tmp_path / f"{i}.pt", b"\x80\x02K%c." % i)
+        assert inspect_torch_file(tmp_path / f"{i}.pt").obj == i
+    assert len(torchsave._PICKLE_MEMO) == 2
+    monkeypatch.setattr(torchsave, "_MEMO_MAX_PICKLE", 3)
+    torchsave._PICKLE_MEMO.clear()
+    assert inspect_torch_file(tmp_path / "0.pt").obj == 0
+    assert len(torchsave._PICKLE_MEMO) == 0  # a pickle over the size limit is not kept
 
 
 # --- no torch ----------------------------------------------------------------------

@@ -407,3 +407,44 @@ def test_cli_writes_an_adapter(attn_bias_models, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert main([str(d / "base"), str(tmp_path / "nowhere"), str(out), "--rank", "4"]) == 1
+
+
+def test_bias_only_change_gets_a_zero_rank_1_layer(tmp_path, ids, baseline_warnings):
+    torch.manual_seed(19)
+    base = LlamaForCausalLM(llama_config(attention_bias=True)).eval()
+    merged = fine_tune(base, ["q_proj"], r=2, seed=20)
+    with torch.no_grad():
+        merged.model.layers[1].self_attn.k_proj.bias.add_(0.5)
+    base.save_pretrained(tmp_path / "base")
+    merged.save_pretrained(tmp_path / "merged")
+    ex = extract(tmp_path / "base", tmp_path / "merged", rank=2, device="cpu")
+    k = "model.layers.1.self_attn.k_proj"
+    assert ex.ranks[k] == 1 and ex.adapter_config["rank_pattern"] == {k: 1}
+    assert not ex.lora_state[f"base_model.model.{k}.lora_A.weight"].any()
+    assert ex.notes == ()           # every target has a bias in the base: no PEFT warning
+    write_adapter(ex, tmp_path / "adapter")
+    model, seen = load_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert_clean_load(tmp_path / "base", tmp_path / "adapter", seen, baseline_warnings)
+    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
+    assert float((le - lm).norm() / (lm - lb).norm()) <= 1e-3
+
+
+def test_bias_delta_next_to_a_biasless_target_is_noted():
+    g = torch.Generator().manual_seed(21)
+    base = {"l.a.weight": torch.randn(8, 6, generator=g), "l.a.bias": torch.zeros(8),
+            "l.b.weight": torch.randn(8, 8, generator=g)}
+    merged = dict(base, **{"l.a.bias": torch.ones(8),
+                           "l.b.weight": base["l.b.weight"] + with_spectrum(8, 8, [1.0])})
+    ex = extract(base, merged, rank=1, device="cpu")
+    assert ex.adapter_config["lora_bias"] is True
+    assert torch.equal(ex.lora_state["base_model.model.l.a.lora_B.bias"], torch.ones(8))
+    assert torch.equal(ex.lora_state["base_model.model.l.b.lora_B.bias"], torch.zeros(8))
+    assert any("no bias in the base" in n for n in ex.notes)
+
+
+def test_worker_count_does_not_change_the_result(attn_bias_models):
+    d, _, _ = attn_bias_models
+    one = extract(d / "base", d / "merged", rank=3, device="cpu", prefetch=False)
+    many = extract(d / "base", d / "merged", rank=3, device="cpu", workers=3)
+    assert one.lora_state.keys() == many.lora_state.keys()
+    assert all(torch.equal(one.lora_state[k], many.lora_state[k]) for k in one.lora_state)

@@ -127,50 +127,58 @@ def _reject_constant(name: str):
     raise _bad(f"header JSON contains {name}, which is not JSON")
 
 
-def _is_int(value: object) -> bool:
-    # JSON true/false arrive as bool, a subclass of int: they are not offsets or dims.
-    return type(value) is int
+def _where(name: str) -> str:
+    return f"tensor {_show(name)}"
 
 
 def _parse_entry(name: str, entry: object) -> TensorEntry:
-    where = f"tensor {_show(name)}"
+    # Every message, and the reprlib rendering of the name in it, is built only on failure:
+    # a valid entry costs its checks and nothing else.
     if not isinstance(entry, dict):
-        raise _bad(f"{where}: entry is {type(entry).__name__}, not an object")
+        raise _bad(f"{_where(name)}: entry is {type(entry).__name__}, not an object")
     if entry.keys() != _ENTRY_FIELDS:
         missing = sorted(_ENTRY_FIELDS - entry.keys())
         extra = sorted(entry.keys() - _ENTRY_FIELDS)
         detail = "; ".join(part for part in (
             f"missing {', '.join(missing)}" if missing else "",
             f"unexpected {', '.join(extra)}" if extra else "") if part)
-        raise _bad(f"{where}: entry must have exactly dtype, shape, data_offsets ({detail})")
+        raise _bad(f"{_where(name)}: entry must have exactly dtype, shape, data_offsets "
+                   f"({detail})")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str):
-        raise _bad(f"{where}: dtype is {type(dtype).__name__}, not a string")
-    if dtype not in DTYPE_BITS:
-        raise FormatError(DTYPE_UNKNOWN, f"{where}: unknown dtype {_show(dtype)}")
-    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-        raise _bad(f"{where}: shape must be a list of integers, got {_show(shape)}")
-    if any(d < 0 or d >= _U64 for d in shape):
-        raise _bad(f"{where}: dimension out of range in shape {_show(shape)}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
-        raise _bad(f"{where}: data_offsets must be two integers, got {_show(offsets)}")
+        raise _bad(f"{_where(name)}: dtype is {type(dtype).__name__}, not a string")
+    dtype_bits = DTYPE_BITS.get(dtype)
+    if dtype_bits is None:
+        raise FormatError(DTYPE_UNKNOWN, f"{_where(name)}: unknown dtype {_show(dtype)}")
+    if not isinstance(shape, list):
+        raise _bad(f"{_where(name)}: shape must be a list of integers, got {_show(shape)}")
+    for dim in shape:
+        if type(dim) is not int:  # JSON true/false arrive as bool, a subclass of int
+            raise _bad(f"{_where(name)}: shape must be a list of integers, got {_show(shape)}")
+    for dim in shape:
+        if dim < 0 or dim >= _U64:
+            raise _bad(f"{_where(name)}: dimension out of range in shape {_show(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and type(offsets[0]) is int and type(offsets[1]) is int):  # not bools either
+        raise _bad(f"{_where(name)}: data_offsets must be two integers, got {_show(offsets)}")
     begin, end = offsets
     if begin < 0 or end >= _U64:
-        raise _bad(f"{where}: data_offsets {offsets} out of range")
+        raise _bad(f"{_where(name)}: data_offsets {offsets} out of range")
     if begin > end:
-        raise _bad(f"{where}: data_offsets begin {begin} > end {end}")
+        raise _bad(f"{_where(name)}: data_offsets begin {begin} > end {end}")
     numel = 1
     for dim in shape:
         numel *= dim
         if numel >= _U64:  # the reference reader computes in u64 and would overflow
-            raise _bad(f"{where}: shape {shape} overflows 64 bits")
-    bits = numel * DTYPE_BITS[dtype]
+            raise _bad(f"{_where(name)}: shape {shape} overflows 64 bits")
+    bits = numel * dtype_bits
     if bits >= _U64:
-        raise _bad(f"{where}: shape {shape} of {dtype} overflows 64 bits")
+        raise _bad(f"{_where(name)}: shape {shape} of {dtype} overflows 64 bits")
     if bits % 8:
-        raise _bad(f"{where}: {numel} elements of {dtype} do not fill a whole number of bytes")
+        raise _bad(f"{_where(name)}: {numel} elements of {dtype} do not fill a whole number "
+                   "of bytes")
     if end - begin != bits // 8:
-        raise _bad(f"{where}: data_offsets span {end - begin} bytes but shape {shape} "
+        raise _bad(f"{_where(name)}: data_offsets span {end - begin} bytes but shape {shape} "
                    f"of {dtype} needs {bits // 8}")
     return TensorEntry(name, dtype, tuple(shape), begin, end)
 
@@ -313,7 +321,7 @@ def _parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
                 return hit
             header = parse_header(data, file_size)
             if len(_cache) >= _CACHE_MAX:
-                _cache.pop(next(iter(_cache)))
+                _cache.clear()  # atomic under threads, unlike popping the oldest entry
             _cache[key] = header
             return header
     return parse_header(data, file_size)

@@ -19,9 +19,11 @@ import _compat_pickle
 import codecs
 import os
 import struct
-import zipfile
+import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
+from operator import itemgetter
 
 from ckpt_tools.formats.safetensors_header import open_readonly, pread_full
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
@@ -860,44 +862,136 @@ def _run_pickle(data: bytes, pos: int, *, strict: bool, pid_len: int = 0):
     return vm, value, end
 
 
-# -- zip container --------------------------------------------------------------------
+# -- reading the file -----------------------------------------------------------------
 
-def _find_central_directory(fd: int, size: int) -> tuple[int, int, int] | None:
-    """(offset, size, end) of the central directory from the end records, or None."""
-    tail_len = min(size, 22 + 0xFFFF + 20)
-    tail = pread_full(fd, tail_len, size - tail_len)
+_SMALL_FILE = 1 << 20  # files up to this size are read whole, in one pread
+_HEAD_READ = 16 * 1024  # larger files: the first read at offset 0 (data.pkl comes first)
+_TAIL_READ = 16 * 1024  # larger files: the first read at the end (end records, most CDs)
+_END_SEARCH = 22 + 0xFFFF + 20  # end record, the longest comment, the zip64 locator
+_READ_AHEAD = 4096  # larger files: a read for a local header takes this much
+_INFLATE_CHUNK = 1 << 20
+
+
+class _File:
+    """The bytes of one open file: all of them (small files), or the windows read so far.
+
+    ``get(offset, n)`` answers like ``pread_full(fd, n, offset)`` (fewer bytes at the end
+    of the file) from the whole file, a kept window or the last read, else reads.
+    """
+
+    __slots__ = ("fd", "size", "data", "windows", "recent")
+
+    def __init__(self, fd: int, size: int, data: bytes | None = None):
+        self.fd = fd
+        self.size = size
+        self.data = data
+        self.windows: list[tuple[int, bytes]] = []
+        self.recent: tuple[int, bytes] = (0, b"")
+
+    def keep(self, offset: int, n: int) -> bytes:
+        """Read ``n`` bytes at ``offset`` and keep them for later ``get`` calls."""
+        window = pread_full(self.fd, n, offset)
+        self.windows.append((offset, window))
+        return window
+
+    def tail(self, n: int) -> bytes:
+        """The last ``n`` bytes of the file."""
+        if self.data is not None:
+            return self.data[len(self.data) - n:]
+        return self.keep(self.size - n, n)
+
+    def get(self, offset: int, n: int) -> bytes:
+        if self.data is not None:
+            return self.data[offset:offset + n]
+        end = min(offset + n, self.size)
+        for start, window in (*self.windows, self.recent):
+            if start <= offset and end <= start + len(window):
+                return window[offset - start:end - start]
+        window = pread_full(self.fd, max(n, _READ_AHEAD), offset)
+        self.recent = (offset, window)
+        return window[:n]
+
+
+# -- zip container --------------------------------------------------------------------
+#
+# Parsed here with ``struct`` from the bytes at hand rather than through ``zipfile``: the
+# checks are those ``zipfile`` (CPython 3.11) makes on the way to reading data.pkl, plus
+# the structural ones below, with the same outcomes; ``zipfile``'s leniencies that torch's
+# own reader (miniz) refuses are refused (see ``_central_directory``).
+
+# zipfile.structCentralDir ("<4s4B4HL2L5H2L", 46 bytes) less the fields nothing reads:
+# signature, extract version, flags, method, CRC, compressed size, size, name / extra /
+# comment lengths, local header offset.
+_CD_RECORD = struct.Struct("<4s2xB1xHH4xIIIHHH8xI")
+_U16_PAIR = struct.Struct("<HH")
+_END_RECORD = struct.Struct("<HHHHIIH")  # after the signature
+_STORED, _DEFLATED = 0, 8
+_UTF8_NAME = 0x800
+_MAX_EXTRACT_VERSION = 63  # zipfile.MAX_EXTRACT_VERSION
+
+
+def _unreadable(detail: str) -> FormatError:
+    return _bad(f"unreadable zip archive: {detail}")
+
+
+def _find_end_record(tail: bytes) -> int | None:
+    """Where in ``tail`` the end record is whose comment runs exactly to the end."""
     at = len(tail)
     while True:
         at = tail.rfind(_ZIP_END, 0, at)
         if at < 0:
             return None
-        if len(tail) - at >= 22:
-            disk, cd_disk, _, entries, cd_size, cd_offset, comment_len = struct.unpack_from(
-                "<HHHHIIH", tail, at + 4)
-            if at + 22 + comment_len == len(tail):
-                break
+        if len(tail) - at >= 22 and at + 22 + tail[at + 20] + (tail[at + 21] << 8) == len(tail):
+            return at
+
+
+def _find_central_directory(f: _File) -> tuple[int, int, int] | None:
+    """(offset, size, end) of the central directory from the end records, or None."""
+    size = f.size
+    full = min(size, _END_SEARCH)
+    tail_len = full if f.data is not None else min(full, _TAIL_READ)
+    while True:
+        tail = f.tail(tail_len)
+        at = _find_end_record(tail)
+        if at is not None or tail_len >= full:
+            break
+        tail_len = full  # an archive comment longer than the first read: look further
+    if at is None:
+        return None
+    disk, cd_disk, _, entries, cd_size, cd_offset, comment_len = _END_RECORD.unpack_from(
+        tail, at + 4)
     if disk or cd_disk:
         raise _bad("multi-disk zip archives are not supported")
+    if comment_len and tail.find(_ZIP_END, at + 1) >= 0:
+        # zipfile and miniz would take the last signature for the end record; no torch
+        # archive has a comment, let alone one that makes the end record ambiguous.
+        raise _bad("zip archive comment holds another end-of-central-directory signature")
     end = size - len(tail) + at
     # torch (miniz) always writes zip64 end records, large or not.
-    if at >= 20 and tail[at - 20:at - 16] == _ZIP64_LOCATOR:
-        (end,) = struct.unpack_from("<Q", tail, at - 20 + 8)
-        record = pread_full(fd, 56, end) if end + 56 <= size else b""
+    if at >= 20 and tail.startswith(_ZIP64_LOCATOR, at - 20):
+        locator_end = end
+        zip64_disk, end, disks = struct.unpack_from("<IQI", tail, at - 16)
+        record = f.get(end, 56) if end + 56 <= size else b""
         if record[:4] != _ZIP64_END:
             raise _bad("zip64 end-of-central-directory record is missing")
+        if zip64_disk or disks > 1:
+            raise _bad("multi-disk zip archives are not supported")
+        if end + 56 + 20 != locator_end:
+            raise _bad("zip64 end-of-central-directory record is not just before its locator")
         cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
     elif 0xFFFFFFFF in (cd_size, cd_offset) or entries == 0xFFFF:
         raise _bad("zip64 end record locator is missing")
     return cd_offset, cd_size, end
 
 
-def _diagnose_no_end_record(fd: int, size: int) -> FormatError:
+def _diagnose_no_end_record(f: _File) -> FormatError:
     """Walk the records of a zip that lacks its end record: was it cut short?"""
+    size = f.size
     truncated = FormatError(TRUNCATED, f"zip archive is truncated: it ends at byte {size} "
                                        "without its end-of-central-directory record")
     pos = 0
     for _ in range(_MAX_RECORD_WALK):
-        head = pread_full(fd, 46, pos)
+        head = f.get(pos, 46)
         if len(head) < 4:
             return truncated
         if head[:4] == _ZIP_LOCAL:
@@ -907,7 +1001,7 @@ def _diagnose_no_end_record(fd: int, size: int) -> FormatError:
             (csize,) = struct.unpack_from("<I", head, 18)
             name_len, extra_len = struct.unpack_from("<HH", head, 26)
             if csize == 0xFFFFFFFF:
-                csize = _zip64_compressed_size(pread_full(fd, extra_len, pos + 30 + name_len))
+                csize = _zip64_compressed_size(f.get(pos + 30 + name_len, extra_len))
             if flags & 0x08 or csize is None:
                 break  # sizes follow the data (torch writes them so): the walk cannot go on
             pos += 30 + name_len + extra_len + csize
@@ -941,96 +1035,368 @@ def _zip64_compressed_size(extra: bytes) -> int | None:
     return None
 
 
-def _check_records(fd: int, infos: list[zipfile.ZipInfo], cd_offset: int) -> None:
+def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    """Sizes and offset with the zip64 extra field applied, as ``ZipInfo._decodeExtra``."""
+    at, n = 0, len(extra)
+    while n - at >= 4:
+        tag, length = _U16_PAIR.unpack_from(extra, at)
+        if length + 4 > n - at:
+            raise _unreadable(f"corrupt extra field {tag:04x} (size={length})")
+        if tag == 0x0001:
+            field, end = at + 4, at + 4 + length
+            if usize in (0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):
+                usize, field = _zip64_value(extra, field, end, "file size"), field + 8
+            if csize == 0xFFFFFFFF:
+                csize, field = _zip64_value(extra, field, end, "compressed size"), field + 8
+            if offset == 0xFFFFFFFF:
+                offset = _zip64_value(extra, field, end, "header offset")
+        at += 4 + length
+    return usize, csize, offset
+
+
+def _zip64_value(extra: bytes, at: int, end: int, what: str) -> int:
+    if at + 8 > end:
+        raise _unreadable(f"corrupt zip64 extra field: {what} not found")
+    return struct.unpack_from("<Q", extra, at)[0]
+
+
+def _central_directory(cd: bytes) -> list[tuple]:
+    """The records of a central directory: (offset, name, raw name, flags, method, CRC,
+    compressed size, size) each, ``name`` as ``ZipInfo.filename`` has it.
+
+    ``zipfile`` checks each record's signature and length; it silently cuts a record whose
+    name, extra field or comment runs past the directory's end, which miniz (torch.load)
+    refuses, and so does this.
+    """
+    entries = []
+    pos, n = 0, len(cd)
+    while pos < n:
+        if pos + 46 > n:
+            raise _unreadable("truncated central directory")
+        (sig, version, flags, method, crc, csize, usize, name_len, extra_len, comment_len,
+         offset) = _CD_RECORD.unpack_from(cd, pos)
+        if sig != _ZIP_CENTRAL:
+            raise _unreadable("bad magic number for central directory")
+        name_end = pos + 46 + name_len
+        next_pos = name_end + extra_len + comment_len
+        if next_pos > n:
+            raise _unreadable(f"central directory record {len(entries)} runs past the "
+                              "directory's end")
+        raw = cd[pos + 46:name_end]
+        if raw.isascii():
+            name = raw.decode("ascii")
+        elif flags & _UTF8_NAME:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _unreadable(str(exc)) from None
+        else:
+            name = raw.decode("cp437")
+        if version > _MAX_EXTRACT_VERSION:  # zipfile raised NotImplementedError here
+            raise _unreadable(f"zip file version {version / 10:.1f} is not supported")
+        if extra_len:
+            usize, csize, offset = _zip64_extra(cd[name_end:name_end + extra_len],
+                                                usize, csize, offset)
+        if "\0" in name:  # ZipInfo drops a name's tail from its first NUL
+            name = name[:name.index("\0")]
+        entries.append((offset, name, raw, flags, method, crc, csize, usize))
+        pos = next_pos
+    return entries
+
+
+_OFFSET_OF = itemgetter(0)
+
+
+def _check_records(f: _File, entries: list[tuple], cd_offset: int) -> None:
     """Every record's local header and data lie inside the file, in order, not overlapping."""
+    whole = f.data
     data_end = 0
-    for info in sorted(infos, key=lambda i: i.header_offset):
-        name = info.filename
-        if info.flag_bits & 0x01:
-            raise _bad(f"record {_show(name)} is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise _bad(f"record {_show(name)} uses compression method {info.compress_type}, "
-                       "which torch cannot read")
-        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-            raise _bad(f"stored record {_show(name)} declares {info.file_size} bytes but "
-                       f"occupies {info.compress_size}")
-        if info.compress_type != zipfile.ZIP_STORED and (
-                info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1)):
-            raise _bad(f"record {_show(name)} claims {info.file_size} bytes from "
-                       f"{info.compress_size} compressed bytes (zip bomb)")
-        if info.header_offset < data_end:
-            raise _bad(f"record {_show(name)} overlaps the record before it")
-        head = pread_full(fd, 30, info.header_offset)
-        if len(head) < 30 or head[:4] != _ZIP_LOCAL:
-            raise _bad(f"record {_show(name)}: no local header at byte {info.header_offset}")
-        name_len, extra_len = struct.unpack_from("<HH", head, 26)
-        local_name = pread_full(fd, name_len, info.header_offset + 30)
-        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
-                                                   else "cp437", "replace"):
-            raise _bad(f"record {_show(name)}: local header names {_show(local_name)}")
-        data_end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+    for offset, name, raw, flags, method, _, csize, usize in sorted(entries, key=_OFFSET_OF):
+        if flags & 0x01 or method != _STORED or csize != usize or offset < data_end:
+            _check_record_fields(name, flags, method, csize, usize, offset, data_end)
+        if whole is not None:
+            buf, at = whole, offset
+        else:
+            buf, at = f.get(offset, 30 + len(raw)), 0
+        if len(buf) - at < 30 or not buf.startswith(_ZIP_LOCAL, at):
+            raise _bad(f"record {_show(name)}: no local header at byte {offset}")
+        name_len, extra_len = _U16_PAIR.unpack_from(buf, at + 26)
+        if name_len != len(raw) or not buf.startswith(raw, at + 30):
+            local_name = f.get(offset + 30, name_len)
+            if local_name != raw:  # zipfile compared the name decoded and encoded back
+                raise _bad(f"record {_show(name)}: local header names {_show(local_name)}")
+        data_end = offset + 30 + name_len + extra_len + csize
         if data_end > cd_offset:
             raise _bad(f"record {_show(name)} runs into the central directory")
 
 
-def _inspect_zip(fd: int, size: int, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
-    found = _find_central_directory(fd, size)
+def _check_record_fields(name: str, flags: int, method: int, csize: int, usize: int,
+                         offset: int, data_end: int) -> None:
+    """The checks of a record's directory fields, in order; returns for a sound one."""
+    if flags & 0x01:
+        raise _bad(f"record {_show(name)} is encrypted")
+    if method != _STORED and method != _DEFLATED:
+        raise _bad(f"record {_show(name)} uses compression method {method}, "
+                   "which torch cannot read")
+    if method == _STORED and csize != usize:
+        raise _bad(f"stored record {_show(name)} declares {usize} bytes but "
+                   f"occupies {csize}")
+    if method != _STORED and usize > _MAX_DEFLATE_RATIO * max(csize, 1):
+        raise _bad(f"record {_show(name)} claims {usize} bytes from "
+                   f"{csize} compressed bytes (zip bomb)")
+    if offset < data_end:
+        raise _bad(f"record {_show(name)} overlaps the record before it")
+
+
+def _read_record(f: _File, entry: tuple) -> bytes:
+    """The bytes of a record ``_check_records`` passed, with ``ZipFile.open``'s checks."""
+    offset, name, raw, flags, method, crc, csize, usize = entry
+    what = name.rsplit("/", 1)[-1]
+    if flags & 0x20:
+        raise _bad(f"{what} is unreadable: compressed patched data (flag bit 5)")
+    if flags & 0x40:
+        raise _bad(f"{what} is unreadable: strong encryption (flag bit 6)")
+    head = f.get(offset, 30)
+    (local_flags,) = struct.unpack_from("<H", head, 6)
+    name_len, extra_len = _U16_PAIR.unpack_from(head, 26)
+    if (local_flags ^ flags) & _UTF8_NAME and not raw.isascii():
+        raise _bad(f"{what} is unreadable: its name is encoded differently in the directory "
+                   "and in its local header")
+    start = offset + 30 + name_len + extra_len
+    if method == _STORED:
+        data = f.get(start, csize)
+        if len(data) != csize:  # only a file cut short since its records were checked
+            raise _bad(f"{what} is unreadable: the file ends inside it")
+    else:
+        data = _inflate(f, start, csize, usize, what)
+    if zlib.crc32(data) != crc:
+        raise _bad(f"{what} is unreadable: bad CRC-32 for file {_show(name)}")
+    return data
+
+
+def _inflate(f: _File, start: int, csize: int, usize: int, what: str) -> bytes:
+    """At most ``usize`` bytes inflated from the ``csize`` bytes at ``start``, read and
+    inflated a chunk at a time: never more input or output than that at hand."""
+    decompressor = zlib.decompressobj(-15)
+    parts = []
+    want, pos, end = usize, start, start + csize
+    try:
+        while want > 0 and pos < end:
+            chunk = f.get(pos, min(end - pos, _INFLATE_CHUNK))
+            if not chunk:
+                raise _bad(f"{what} is unreadable: the file ends inside it")
+            pos += len(chunk)
+            out = decompressor.decompress(chunk, want)
+            parts.append(out)
+            want -= len(out)
+            if decompressor.eof:
+                break
+        if want > 0 and not decompressor.eof:
+            parts.append(decompressor.flush()[:want])
+    except zlib.error as exc:
+        raise _bad(f"{what} is unreadable: {exc}") from None
+    return b"".join(parts)
+
+
+def _inspect_zip(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
+    found = _find_central_directory(f)
     if found is None:
-        raise _diagnose_no_end_record(fd, size)
+        raise _diagnose_no_end_record(f)
     cd_offset, cd_size, cd_end = found
     if cd_offset + cd_size != cd_end:
         raise _bad("central directory is not where the end record says it is")
     if cd_size > _MAX_CENTRAL_DIRECTORY:
         raise _bad(f"central directory of {cd_size} bytes is too large")
-    with open(fd, "rb", closefd=False) as stream:
-        try:
-            archive = zipfile.ZipFile(stream)
-        except (zipfile.BadZipFile, ValueError, struct.error, EOFError) as exc:
-            raise _bad(f"unreadable zip archive: {exc}") from None
-        with archive:
-            infos = archive.infolist()
-            if not infos:
-                raise _bad("zip archive is empty")
-            records = {info.filename: info for info in infos}
-            if len(records) != len(infos):
-                raise _bad("zip archive holds two records of the same name")
-            prefix = infos[0].filename.split("/", 1)[0]
-            if "/" not in infos[0].filename or any(
-                    not name.startswith(prefix + "/") for name in records):
-                raise _bad("records are not all in one top-level folder")
-            _check_records(fd, infos, cd_offset)
-            pkl = records.get(f"{prefix}/data.pkl")
-            if pkl is None:
-                raise _bad(f"no {_show(prefix + '/data.pkl')} record")
-            if pkl.file_size > max_pickle_bytes:
-                raise _bad(f"data.pkl is {pkl.file_size} bytes, over the "
-                           f"{max_pickle_bytes}-byte limit")
-            try:
-                data = archive.read(pkl)
-            except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError,
-                    ValueError) as exc:
-                raise _bad(f"data.pkl is unreadable: {exc}") from None
+    entries = _central_directory(f.get(cd_offset, cd_size))
+    if not entries:
+        raise _bad("zip archive is empty")
+    records = {entry[1]: entry for entry in entries}
+    if len(records) != len(entries):
+        raise _bad("zip archive holds two records of the same name")
+    first = entries[0][1]
+    prefix = first.split("/", 1)[0]
+    folder = prefix + "/"
+    if "/" not in first:
+        raise _bad("records are not all in one top-level folder")
+    for name in records:
+        if not name.startswith(folder):
+            raise _bad("records are not all in one top-level folder")
+    _check_records(f, entries, cd_offset)
+    pkl = records.get(f"{prefix}/data.pkl")
+    if pkl is None:
+        raise _bad(f"no {_show(prefix + '/data.pkl')} record")
+    if pkl[7] > max_pickle_bytes:
+        raise _bad(f"data.pkl is {pkl[7]} bytes, over the {max_pickle_bytes}-byte limit")
+    data = _read_record(f, pkl)
 
-    try:
-        vm, obj, _ = _run_pickle(data, 0, strict=check_pickle, pid_len=5)
-    except _Short:
-        raise _bad("data.pkl ends before its STOP opcode") from None
+    obj, refs, late_error = _evaluate_data_pkl(data, check_pickle)
     storages: dict[str, tuple[str, int]] = {}
-    for key, storage in vm.storages.items():
-        info = records.get(f"{prefix}/data/{key}")
-        if info is None:
+    for key, storage in refs.items():
+        entry = records.get(f"{folder}data/{key}")
+        if entry is None:
             raise _bad(f"storage record {_show('data/' + key)} is missing")
-        if info.compress_type != zipfile.ZIP_STORED:
+        if entry[4] != _STORED:
             raise _bad(f"storage record {_show('data/' + key)} is compressed (torch.save stores "
                        "storages uncompressed; mmap loading needs that)")
-        if info.file_size < storage.nbytes:
-            raise _bad(f"storage record {_show('data/' + key)} holds {info.file_size} bytes, "
+        if entry[7] < storage.nbytes:
+            raise _bad(f"storage record {_show('data/' + key)} holds {entry[7]} bytes, "
                        f"the pickle needs {storage.nbytes}")
-        storages[key] = (storage.dtype, info.file_size)
-    _check_extents(vm.tensors, vm.storages)
-    if check_pickle:
-        _check_tree(obj)
-    return TorchFileInfo("zip", obj if check_pickle else None, storages, prefix)
+        storages[key] = (storage.dtype, entry[7])
+    if late_error is not None:
+        raise FormatError(*late_error)
+    return TorchFileInfo("zip", _fresh(obj) if check_pickle else None, storages, prefix)
+
+
+# -- memo of data.pkl evaluations ---------------------------------------------------------
+
+class _Memo:
+    """A bounded, thread-safe LRU map: at most ``max_entries`` entries, and at most
+    ``max_weight`` in total of the weights given to ``put`` (an estimate of bytes held)."""
+
+    def __init__(self, max_entries: int, max_weight: int):
+        self.max_entries = max_entries
+        self.max_weight = max_weight
+        self.weight = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key):
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found[0]
+        return None
+
+    def put(self, key, value, weight: int) -> None:
+        if weight > self.max_weight // 8:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = (value, weight)
+            self.weight += weight
+            while len(self._entries) > self.max_entries or self.weight > self.max_weight:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self.weight -= dropped
+
+    def recent(self) -> list:
+        """The keys, most recently used first."""
+        with self._lock:
+            return list(reversed(self._entries))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.weight = 0
+
+
+_MEMO_MAX_PICKLE = 1 << 20  # larger pickles are evaluated afresh every time
+_MEMO_VALUE_WEIGHT = 128  # bytes counted per value the VM pushed, for the memo's budget
+#: (pickle bytes, strict, pid_len) → evaluation: pid_len 5 for a zip archive's data.pkl,
+#: 6 for the run of pickles that opens a legacy file.
+_PICKLE_MEMO = _Memo(max_entries=4096, max_weight=64 << 20)
+#: Lengths of the pickle runs of the legacy files seen last: where to cut a legacy file's
+#: bytes to look its run up in ``_PICKLE_MEMO`` before evaluating it.
+_LEGACY_RUNS = _Memo(max_entries=16, max_weight=1 << 20)
+
+
+def _clear_pickle_cache() -> None:
+    """Forget every memoised pickle evaluation (tests, benchmarks)."""
+    _PICKLE_MEMO.clear()
+    _LEGACY_RUNS.clear()
+
+
+def _evaluate_data_pkl(data: bytes, strict: bool):
+    """(obj, storages by key, late error) of a zip archive's data.pkl; memoised.
+
+    Raises the ``FormatError`` for a pickle the VM refuses. ``late_error`` is the
+    (code, message) of a failed tensor-extent or object-tree check, which the caller
+    raises after checking the storage records, as a fresh read would order them.
+
+    The evaluation and those checks are a pure function of the pickle's bytes and
+    ``strict``, so the checkpoints of a run, whose router.pt / skill_library.pt /
+    adapter pickles are byte-identical (tensor values live in the storage records, not
+    in data.pkl), share one evaluation. The memoised ``obj`` tree is never handed out:
+    ``_fresh`` gives every caller its own copy of the containers.
+    """
+    key = (data, strict, 5) if len(data) <= _MEMO_MAX_PICKLE else None
+    found = _PICKLE_MEMO.get(key) if key is not None else None
+    if found is None:
+        found, weight = _evaluate_afresh(data, strict)
+        if key is not None:
+            _PICKLE_MEMO.put(key, found, weight)
+    early_error, obj, refs, late_error = found
+    if early_error is not None:
+        raise FormatError(*early_error)
+    return obj, refs, late_error
+
+
+def _evaluate_afresh(data: bytes, strict: bool) -> tuple[tuple, int]:
+    try:
+        vm, obj, _ = _run_pickle(data, 0, strict=strict, pid_len=5)
+    except _Short:
+        return ((BAD_ARCHIVE, "data.pkl ends before its STOP opcode"), None, None, None), len(data)
+    except FormatError as exc:
+        return ((exc.code, exc.message), None, None, None), len(data)
+    late_error = _late_checks(vm, obj, strict)
+    keep = obj if strict and late_error is None else None
+    return (None, keep, vm.storages, late_error), len(data) + _MEMO_VALUE_WEIGHT * vm.pushes
+
+
+def _late_checks(vm: _PickleVM, obj, strict: bool) -> tuple[str, str] | None:
+    """(code, message) where the tensors overrun their storages' declared sizes or the
+    tree (when judged) is cyclic, too deep or too large unfolded; None when sound."""
+    try:
+        _check_extents(vm.tensors, vm.storages)
+        if strict:
+            _check_tree(obj)
+    except FormatError as exc:
+        return exc.code, exc.message
+    return None
+
+
+_ATOMS = frozenset({str, int, float, complex, bool, bytes, type(None), frozenset,
+                    TensorRef, StorageRef, TorchSymbol})
+
+
+def _fresh(node, memo: dict | None = None):
+    """A copy of an object tree's mutable containers (dicts, lists, sets, and tuples that
+    hold them), sharing what the tree shares; immutable leaves are the same objects.
+    Linear in the distinct containers: ``_check_tree`` bounded the depth."""
+    kind = type(node)
+    if kind in _ATOMS:
+        return node
+    if memo is None:
+        memo = {}
+    ident = id(node)
+    done = memo.get(ident)
+    if done is not None:
+        return done
+    atoms = _ATOMS
+    if kind is dict:
+        copy: object = {}
+        memo[ident] = copy
+        for key, value in node.items():
+            copy[key] = value if type(value) in atoms else _fresh(value, memo)
+    elif kind is list:
+        copy = []
+        memo[ident] = copy
+        for value in node:
+            copy.append(value if type(value) in atoms else _fresh(value, memo))
+    elif kind is tuple:
+        items = [value if type(value) in atoms else _fresh(value, memo) for value in node]
+        copy = node if all(a is b for a, b in zip(items, node)) else tuple(items)
+        memo[ident] = copy
+    elif kind is set:
+        copy = set(node)
+        memo[ident] = copy
+    else:
+        return node
+    return copy
 
 
 # -- legacy container -----------------------------------------------------------------
@@ -1062,13 +1428,39 @@ def _parse_legacy_pickles(data: bytes, check_pickle: bool):
     return vm, obj, keys, pos
 
 
-def _inspect_legacy(fd: int, size: int, check_pickle: bool,
-                    max_pickle_bytes: int) -> TorchFileInfo:
+def _legacy_pickles(data: bytes, check_pickle: bool):
+    """``_parse_legacy_pickles`` and the late checks, memoised: (obj, storages by key,
+    storage keys, end of the pickles, late error). Raises ``_Short`` and errors as it does.
+
+    A legacy file's pickles come first and end at the key list's STOP, so the file's
+    bytes up to there are the key; where that is is known only once they are evaluated,
+    so the run lengths seen last are tried. The VM reads nothing past a STOP, so a run
+    that evaluated whole from those bytes evaluates the same from any longer prefix.
+    """
+    for length in _LEGACY_RUNS.recent():
+        if length <= len(data):
+            found = _PICKLE_MEMO.get((data[:length], check_pickle, 6))
+            if found is not None:
+                _LEGACY_RUNS.get(length)
+                return found
+    vm, obj, keys, pos = _parse_legacy_pickles(data, check_pickle)
+    late_error = _late_checks(vm, obj, check_pickle)
+    found = (obj if check_pickle and late_error is None else None, vm.storages, keys, pos,
+             late_error)
+    if pos <= _MEMO_MAX_PICKLE:
+        _PICKLE_MEMO.put((data[:pos], check_pickle, 6), found,
+                         pos + _MEMO_VALUE_WEIGHT * vm.pushes)
+        _LEGACY_RUNS.put(pos, True, 1)
+    return found
+
+
+def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
+    size = f.size
     want = min(_FIRST_LEGACY_READ, max_pickle_bytes)
     while True:
-        data = pread_full(fd, min(size, want), 0)
+        data = f.get(0, min(size, want))
         try:
-            vm, obj, keys, pos = _parse_legacy_pickles(data, check_pickle)
+            obj, refs, keys, pos, late_error = _legacy_pickles(data, check_pickle)
             break
         except _Short:
             if len(data) >= size:
@@ -1080,14 +1472,14 @@ def _inspect_legacy(fd: int, size: int, check_pickle: bool,
 
     if len(set(keys)) != len(keys):
         raise _bad("legacy storage key list repeats a key")
-    if set(keys) != set(vm.storages):
-        missing = sorted(set(vm.storages) - set(keys)) or sorted(set(keys) - set(vm.storages))
+    if set(keys) != set(refs):
+        missing = sorted(set(refs) - set(keys)) or sorted(set(keys) - set(refs))
         raise _bad(f"storage {_show(missing[0])} is referenced but not stored, or stored but "
                    "not referenced")
     storages: dict[str, tuple[str, int]] = {}
     for key in keys:
-        storage = vm.storages[key]
-        head = pread_full(fd, 8, pos)
+        storage = refs[key]
+        head = f.get(pos, 8)
         if len(head) < 8:
             raise FormatError(TRUNCATED, f"file ends at byte {size} before storage {_show(key)}")
         (count,) = struct.unpack("<q", head)
@@ -1100,31 +1492,41 @@ def _inspect_legacy(fd: int, size: int, check_pickle: bool,
             raise FormatError(TRUNCATED, f"storage {_show(key)} ends at byte {pos} but the file "
                                          f"has {size} bytes")
         storages[key] = (storage.dtype, nbytes)
-    _check_extents(vm.tensors, vm.storages)
-    if check_pickle:
-        _check_tree(obj)
-    return TorchFileInfo("legacy", obj if check_pickle else None, storages)
+    if late_error is not None:
+        raise FormatError(*late_error)
+    return TorchFileInfo("legacy", _fresh(obj) if check_pickle else None, storages)
 
 
 def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
                        max_pickle_bytes: int = MAX_PICKLE_BYTES) -> TorchFileInfo:
     """Check a ``torch.save`` file's container and pickle without unpickling it.
 
-    Reads the zip directory and the pickle, never the tensor data. With ``check_pickle``
-    a global that ``torch.load(weights_only=True)`` would refuse, or an allowlisted
-    call this reader does not model, raises ``FormatError`` ``unsafe-pickle``; without
-    it (for files such as ``training_args.bin`` that are never loaded) globals are not
-    judged and ``obj`` is None. Other damage raises ``bad-archive`` or ``truncated``;
-    errors from the OS propagate as ``OSError``.
+    Reads the zip directory and the pickle, never the tensor data: a file of up to
+    1 MiB in one ``pread``, a larger one by its first and last 16 KiB and what else the
+    directory points at. With ``check_pickle`` a global that
+    ``torch.load(weights_only=True)`` would refuse, or an allowlisted call this reader
+    does not model, raises ``FormatError`` ``unsafe-pickle``; without it (for files such
+    as ``training_args.bin`` that are never loaded) globals are not judged and ``obj`` is
+    None. Other damage raises ``bad-archive`` or ``truncated``; errors from the OS
+    propagate as ``OSError``. Evaluations of a zip archive's data.pkl are memoised on its
+    bytes; each call gets its own ``obj`` tree.
     """
     fd = open_readonly(path)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
             raise FormatError(TRUNCATED, "empty file")
-        if pread_full(fd, 4, 0) == _ZIP_LOCAL:
-            return _inspect_zip(fd, size, check_pickle, max_pickle_bytes)
-        return _inspect_legacy(fd, size, check_pickle, max_pickle_bytes)
+        if size <= _SMALL_FILE:
+            data = os.pread(fd, size, 0)
+            if 0 < len(data) < size:
+                data += pread_full(fd, size - len(data), len(data))
+            f = _File(fd, len(data), data)  # a file cut short since fstat: what is there
+        else:
+            f = _File(fd, size)
+            data = f.keep(0, _HEAD_READ)
+        if data[:4] == _ZIP_LOCAL:
+            return _inspect_zip(f, check_pickle, max_pickle_bytes)
+        return _inspect_legacy(f, check_pickle, max_pickle_bytes)
     finally:
         os.close(fd)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 from . import scanner
 from .pruner import plan_prune
@@ -12,6 +13,17 @@ from .records import Checkpoint, CheckpointDir, Run, ScanResult
 from .validator import HEADERS, validate_checkpoint
 
 DEFAULT_MIN_AGE_S = 3600.0
+# Below this many checkpoints, starting worker processes costs more than it saves.
+_MIN_PER_PROCESS = 100
+
+
+def default_jobs() -> int:
+    """Worker processes for validation when the caller says 'auto' (0)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
 
 
 def _size(files, seen: set) -> int:
@@ -40,6 +52,8 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
+    ``jobs`` worker processes validate in parallel (0: one per CPU, at most 8); small
+    scans stay in this process.
     Raises ``scanner.ScanError`` when a root cannot be scanned at all.
     """
     now = time.time() if now is None else now
@@ -50,22 +64,51 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
         found.extend(dirs)
         problems.extend(probs)
 
-    def one(d: CheckpointDir) -> Checkpoint:
-        return classify(d, level=level, min_age_s=min_age_s, now=now)
-
+    if jobs == 0:
+        jobs = default_jobs()
+    jobs = min(jobs, max(1, len(found) // _MIN_PER_PROCESS))
     checkpoints: list[Checkpoint] = []
-    if jobs > 1 and len(found) > 1:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for i, c in enumerate(pool.map(one, found), 1):
-                checkpoints.append(c)
-                if progress:
-                    progress(i, len(found))
+    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+        checkpoints = _classify_in_processes(found, jobs, level, min_age_s, now, progress)
     else:
         for i, d in enumerate(found, 1):
-            checkpoints.append(one(d))
+            checkpoints.append(classify(d, level=level, min_age_s=min_age_s, now=now))
             if progress:
                 progress(i, len(found))
     return assemble(tuple(scanner.iter_roots(roots)), checkpoints, problems)
+
+
+# The work of forked validators: inherited from the parent at fork time, never pickled.
+_WORK: tuple = ()
+
+
+def _classify_one(i: int):
+    found, level, min_age_s, now = _WORK
+    v = validate_checkpoint(found[i], level=level, min_age_s=min_age_s, now=now)
+    return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts, v.facts)
+
+
+def _classify_in_processes(found, jobs, level, min_age_s, now, progress) -> list[Checkpoint]:
+    """Validate in forked worker processes: validation is CPU-bound Python, so threads would
+    share one core. Workers inherit the scanned records and send back only the verdicts."""
+    global _WORK
+    _WORK = (found, level, min_age_s, now)
+    out: list[Checkpoint] = []
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(jobs) as pool:
+            chunk = max(8, min(256, len(found) // (jobs * 8) or 1))
+            for i, (status, lay, probs, merged, n, facts) in enumerate(
+                    pool.imap(_classify_one, range(len(found)), chunksize=chunk)):
+                d = found[i]
+                out.append(Checkpoint(dir=d, status=status, layout=lay, problems=probs,
+                                      merged_files=merged, num_experts=n,
+                                      size_bytes=_size(d.files, set()), facts=facts))
+                if progress:
+                    progress(i + 1, len(found))
+    finally:
+        _WORK = ()
+    return out
 
 
 def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:

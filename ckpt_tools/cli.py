@@ -127,8 +127,8 @@ def _scan(out: Output, roots, **kwargs):
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,
               help="A checkpoint whose newest file is younger is in progress.")
 @click.option("--strict", is_flag=True, help="Also exit 1 when any checkpoint is legacy or redundant.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Checkpoints validated in parallel (helps on high-latency storage).")
+@click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
+              help="Worker processes validating in parallel; 0: one per CPU (at most 8).")
 @output_options
 @click.pass_context
 def audit(ctx, roots, min_age, strict, jobs, **opts):

@@ -273,6 +273,17 @@ def open_readonly(path: str | os.PathLike) -> int:
     return os.open(path, flags)
 
 
+def no_readahead(fd: int) -> None:
+    """Tell the kernel reads will be sparse: a header read of a large file then costs the bytes
+    asked for, not the readahead window around them (measurable on cold network storage)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
+
+
 def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
@@ -284,6 +295,8 @@ def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> Saf
     try:
         if file_size is None:
             file_size = os.fstat(fd).st_size
+        if file_size > FIRST_READ_BYTES:
+            no_readahead(fd)
         data = pread_full(fd, min(FIRST_READ_BYTES, file_size), 0)
         if len(data) >= 8:
             (header_len,) = struct.unpack_from("<Q", data)

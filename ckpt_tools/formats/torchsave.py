@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from operator import itemgetter
 
-from ckpt_tools.formats.safetensors_header import open_readonly, pread_full
+from ckpt_tools.formats.safetensors_header import no_readahead, open_readonly, pread_full
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -1522,6 +1522,7 @@ def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
                 data += pread_full(fd, size - len(data), len(data))
             f = _File(fd, len(data), data)  # a file cut short since fstat: what is there
         else:
+            no_readahead(fd)
             f = _File(fd, size)
             data = f.keep(0, _HEAD_READ)
         if data[:4] == _ZIP_LOCAL:

@@ -28,8 +28,8 @@ demo: venv
 	@echo; echo '$$ ckpt-tools prune --dry-run $(DEMO)'
 	-$(VENV)/bin/ckpt-tools prune --dry-run --no-progress $(DEMO)
 	rm -rf $(DEMO)-migrated
-	@echo; echo '$$ ckpt-tools migrate --base-model $(DEMO)-outside/base-models/llama $(DEMO) $(DEMO)-migrated'
-	-HF_HUB_OFFLINE=1 $(VENV)/bin/ckpt-tools migrate --no-progress --base-model $(DEMO)-outside/base-models/llama $(DEMO) $(DEMO)-migrated
+	@echo; echo '$$ ckpt-tools migrate --base-model $(DEMO)-outside/base-models/llama --rank 4 $(DEMO) $(DEMO)-migrated'
+	-HF_HUB_OFFLINE=1 $(VENV)/bin/ckpt-tools migrate --no-progress --base-model $(DEMO)-outside/base-models/llama --rank 4 $(DEMO) $(DEMO)-migrated
 	@echo; echo '$$ ckpt-tools audit -q $(DEMO)-migrated'
 	-$(VENV)/bin/ckpt-tools audit -q --no-progress --min-age 0 $(DEMO)-migrated
 

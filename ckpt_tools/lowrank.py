@@ -678,9 +678,10 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     and a changed embedding or ``lm_head`` are copied whole into ``modules_to_save``.
     Bit-equal tensors and zero deltas are left out. Modules are read and decomposed by
     ``workers`` threads (default: one per core on the CPU, each with a single-threaded BLAS;
-    two on a GPU), at most two modules per worker in memory; ``prefetch=False`` means one
-    module at a time. A/B are stored in the fine-tune's dtype unless ``out_dtype`` says
-    otherwise.
+    up to 8 on a GPU), at most two modules per worker in memory; ``prefetch=False`` means one
+    module at a time. On the CPU, torch's intra-op thread count is 1 while this runs (it is
+    restored afterwards), so concurrent extractions in one process should not be mixed.
+    A/B are stored in the fine-tune's dtype unless ``out_dtype`` says otherwise.
     """
     if rank is None and energy is None:
         raise ValueError("give rank, energy, or both")
@@ -976,22 +977,28 @@ def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True) -> 
     weights = out / ADAPTER_WEIGHTS
     config_path = out / ADAPTER_CONFIG
     tmp_weights = out / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-    state = {k: v.contiguous() for k, v in extraction.lora_state.items()}
-    save_file(state, str(tmp_weights), metadata={"format": "pt"})
-    if use_peft:
-        from peft import LoraConfig
+    tmp_config = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
+    tmp_dir = out / f".adapter-config.tmp-{os.getpid()}"
+    try:
+        state = {k: v.contiguous() for k, v in extraction.lora_state.items()}
+        save_file(state, str(tmp_weights), metadata={"format": "pt"})
+        if use_peft:
+            from peft import LoraConfig
 
-        tmp_dir = out / f".adapter-config.tmp-{os.getpid()}"
-        tmp_dir.mkdir(exist_ok=True)
-        LoraConfig(**extraction.adapter_config).save_pretrained(str(tmp_dir))
-        os.replace(tmp_dir / ADAPTER_CONFIG, config_path)
-        tmp_dir.rmdir()
-    else:
-        tmp_config = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-        tmp_config.write_text(json.dumps(extraction.adapter_config, indent=2, sort_keys=True)
-                              + "\n", encoding="utf-8")
+            tmp_dir.mkdir(exist_ok=True)
+            LoraConfig(**extraction.adapter_config).save_pretrained(str(tmp_dir))
+            os.replace(tmp_dir / ADAPTER_CONFIG, tmp_config)
+        else:
+            tmp_config.write_text(json.dumps(extraction.adapter_config, indent=2, sort_keys=True)
+                                  + "\n", encoding="utf-8")
+        # The weights go in first: a config never names weights that are not there.
+        os.replace(tmp_weights, weights)
         os.replace(tmp_config, config_path)
-    os.replace(tmp_weights, weights)
+    finally:
+        for leftover in (tmp_weights, tmp_config, *(tmp_dir.iterdir() if tmp_dir.exists() else ())):
+            leftover.unlink(missing_ok=True)
+        if tmp_dir.exists():
+            tmp_dir.rmdir()
     return [weights, config_path]
 
 

@@ -351,6 +351,9 @@ def test_json_config_equals_what_peft_writes(attn_bias_models, tmp_path):
     ex = extract(d / "base", d / "merged", rank=3, device="cpu")
     write_adapter(ex, tmp_path / "peft", use_peft=True)
     write_adapter(ex, tmp_path / "json", use_peft=False)
+    for d in ("peft", "json"):   # nothing but the two files: no temporary left behind
+        assert sorted(p.name for p in (tmp_path / d).iterdir()) == [
+            "adapter_config.json", "adapter_model.safetensors"]
     a = LoraConfig.from_pretrained(str(tmp_path / "peft")).to_dict()
     b = LoraConfig.from_pretrained(str(tmp_path / "json")).to_dict()
     assert a == b

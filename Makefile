@@ -33,8 +33,14 @@ demo: venv
 	@echo; echo '$$ ckpt-tools audit -q $(DEMO)-migrated'
 	-$(VENV)/bin/ckpt-tools audit -q --no-progress --min-age 0 $(DEMO)-migrated
 
+# Benchmarks against their anchors (du, mergekit-extract-lora), results in bench/out/.
+# The GPU comparison is its own run: bench/lowrank_vs_mergekit.py --size 2b --device cuda.
 bench: venv
-	$(PY) bench/audit_vs_du.py
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) bench/audit_vs_du.py --sizes 1000 3000 10000 --reps 5
+	$(PY) bench/inspect_speed.py
+	$(PY) bench/migrate_bytes.py
+	$(PY) bench/lowrank_vs_mergekit.py --size 119m --reps 3 --exact
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(DEMO)-outside $(DEMO)-migrated build *.egg-info

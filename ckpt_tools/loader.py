@@ -60,18 +60,10 @@ def load_base_model(base_model, *, dtype=None):
     return model
 
 
-def base_from_merged(src, *, dtype=torch.float32):
-    """Rebuild the base model of a V0/V1 checkpoint from the base weights inside its merged
-    state dict, with the Hugging Face config.json the checkpoint carries (best_model/, or a
-    benchmark-rewritten config). None when there is no such config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .tensor_io import locate, read_tensors
-    cfg = src.facts.get("root_config")
-    if not isinstance(cfg, dict) or not cfg.get("architectures") or "model_type" not in cfg \
-            or cfg.get("model_type") == layout.DYLORA_MODEL_TYPE:
-        return None
-    config = AutoConfig.from_pretrained(src.abspath, local_files_only=True)
+def _base_weight_locations(src) -> dict:
+    """Where the base model's own weights lie in a V0/V1 merged state dict, by their plain
+    model names (``….q_proj.base_layer.weight`` → ``….q_proj.weight``); LoRA and router left out."""
+    from .tensor_io import locate
     locs = {}
     for rel in src.verdict.merged_files:
         if layout.role_of(rel).role is not layout.Role.MERGED:
@@ -81,7 +73,22 @@ def base_from_merged(src, *, dtype=torch.float32):
                 continue
             name = layout.module_path(key).replace(".base_layer.", ".")
             locs[name] = dataclasses.replace(loc, name=name, key=key)
-    state = read_tensors(locs)
+    return locs
+
+
+def base_from_merged(src, *, dtype=torch.float32):
+    """Rebuild the base model of a V0/V1 checkpoint from the base weights inside its merged
+    state dict, with the Hugging Face config.json the checkpoint carries (best_model/, or a
+    benchmark-rewritten config). None when there is no such config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tensor_io import read_tensors
+    cfg = src.facts.get("root_config")
+    if not isinstance(cfg, dict) or not cfg.get("architectures") or "model_type" not in cfg \
+            or cfg.get("model_type") == layout.DYLORA_MODEL_TYPE:
+        return None
+    config = AutoConfig.from_pretrained(src.abspath, local_files_only=True)
+    state = read_tensors(_base_weight_locations(src))
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(
@@ -278,16 +285,8 @@ def check_base_matches(base, src, *, sample: int = 16) -> None:
     weights stored in its merged state dict (the smallest tensors, which include the norms,
     and a few ``….base_layer.weight`` of LoRA modules) equal the model's, cast to the stored
     dtype. Reads those few tensors only."""
-    from .tensor_io import locate, read_tensors
-    candidates = {}
-    for rel in src.verdict.merged_files:
-        if layout.role_of(rel).role is not layout.Role.MERGED:
-            continue
-        for key, loc in locate(src.abs(rel)).items():
-            if ".lora_" in key or layout.router_key(key):
-                continue
-            name = layout.module_path(key).replace(".base_layer.", ".")
-            candidates[name] = dataclasses.replace(loc, name=name, key=key)
+    from .tensor_io import read_tensors
+    candidates = _base_weight_locations(src)
     by_size = sorted(candidates.values(), key=lambda loc: (loc.nbytes, loc.name))
     chosen = by_size[:sample] + [loc for loc in by_size if ".base_layer." in (loc.key or "")][:4]
     locs = {loc.name: loc for loc in chosen}

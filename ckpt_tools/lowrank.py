@@ -424,29 +424,9 @@ class _SafetensorsFile:
             self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-class _TorchFile:
-    """A torch.save'd state dict, opened with ``weights_only=True, mmap=True`` (SPEC §4)."""
-
-    def __init__(self, path: Path):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                      for v in state.values()):
-            raise ValueError(f"{path}: not a flat state dict of tensors")
-        self.path = path
-        self.entries = dict(state)
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        t = self.entries[name]
-        return t.dtype, tuple(t.shape)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.entries[name]
-
-    def release(self, name: str) -> None:
-        pass
-
-
 class _DictFile:
+    """Tensors already in memory (or memory-mapped): nothing to release."""
+
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
         self.path = None
         self.entries = dict(tensors)
@@ -460,6 +440,18 @@ class _DictFile:
 
     def release(self, name: str) -> None:
         pass
+
+
+class _TorchFile(_DictFile):
+    """A torch.save'd state dict, opened with ``weights_only=True, mmap=True`` (SPEC §4)."""
+
+    def __init__(self, path: Path):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                      for v in state.values()):
+            raise ValueError(f"{path}: not a flat state dict of tensors")
+        super().__init__(state)
+        self.path = path
 
 
 def _open_weights_file(path: Path):

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import ckpt_tools
-from ckpt_tools.cli import main
 from ckpt_tools.validator import DEEP, FULL
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import math
 import os
 import struct
 import threading
@@ -120,10 +121,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def storage_bytes_needed(self) -> int:

@@ -1,4 +1,4 @@
-"""Bytes read and peak memory of ``migrate`` on large V1 checkpoints (SPEC §8).
+"""Bytes read and peak memory of ``migrate`` on large V1 checkpoints.
 
     .venv/bin/python bench/migrate_bytes.py [--sizes 0.25,0.5,1,2] [--bin-size 1]
                                             [--workdir /tmp/ckpt-bench] [--keep]

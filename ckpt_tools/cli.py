@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - the single top-level handler (SPEC §5.4.6)
+    except Exception as exc:  # noqa: BLE001 - the single top-level handler
         if verbose:
             traceback.print_exc()
         click.echo(f"ckpt-tools: error: {type(exc).__name__}: {exc}"

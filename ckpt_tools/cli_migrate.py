@@ -1,4 +1,4 @@
-"""``ckpt-tools migrate SRC DST``: convert checkpoints to the canonical layout (SPEC §5.5).
+"""``ckpt-tools migrate SRC DST``: convert checkpoints to the canonical layout.
 
 A thin layer: plan (``converter.plan_migrate``) → show → execute (``converter.execute_migrate``)
 → report. Every decision lives in the converter.
@@ -184,7 +184,7 @@ def register(cli: click.Group) -> None:
         temporary name, verified, then renamed into place: a re-run after a crash finishes
         the job. Exit 0 when all was done, 1 when any checkpoint failed.
         """
-        # no network, ever: hub ids resolve from the local cache only (SPEC §5.5)
+        # no network, ever: hub ids resolve from the local cache only
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from .locking import LockError, LockHeld

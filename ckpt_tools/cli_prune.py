@@ -1,4 +1,4 @@
-"""``ckpt-tools prune``: delete the merged weights of redundant checkpoints (SPEC §5.3).
+"""``ckpt-tools prune``: delete the merged weights of redundant checkpoints.
 
 A thin layer: lock → scan → ``plan_prune`` → show → confirm → ``execute_prune`` → report.
 Every decision lives in ``pruner`` and ``prune_exec``; this module renders and asks.

@@ -1,4 +1,4 @@
-"""Migrate checkpoints to the canonical layout (SPEC §2, §5.4 rule 5, §5.5): plan, then execute.
+"""Migrate checkpoints to the canonical layout: plan, then execute.
 
 ``plan_migrate(src, dst)`` scans SRC and decides, per checkpoint, what ``execute_migrate``
 will do: ``copy`` (canonical; canonical+merged loses its merged weights once they are shown
@@ -679,7 +679,7 @@ class _Hyper:
 
 def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
                    run_cache: dict | None) -> _Hyper:
-    """r from the shapes; alpha, dropout and the base model from the configs (SPEC §5.5)."""
+    """r from the shapes; alpha, dropout and the base model from the configs."""
     if not ranks:
         raise CheckpointFailure("no LoRA tensors found")
     r = Counter(ranks.values()).most_common(1)[0][0]

@@ -1,8 +1,8 @@
 """Everything ckpt-tools knows about how DyLoRA-MoE checkpoints are laid out.
 
-This is the one module that names files, directories and state-dict key patterns
-(SPEC §2 and §3). The scanner, validator, pruner and converter ask it; none of
-them spells a file name of its own.
+This is the one module that names files, directories and state-dict key patterns: the
+canonical layout and every variant found in the wild. The scanner, validator, pruner and
+converter ask it; none of them spells a file name of its own.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _TMP_CHECKPOINT_RE = re.compile(r"^tmp-checkpoint-(\d+)?")
 _EXPERT_RE = re.compile(r"^expert_(\d+)$")
 _FLAT_EXPERT_RE = re.compile(r"^expert_(\d+)\.pt$")
 
-# --- defaults (SPEC §3) ----------------------------------------------------------
+# --- defaults -------------------------------------------------------------
 
 DEFAULT_LORA_R = 16
 DEFAULT_LORA_ALPHA = 32
@@ -221,7 +221,7 @@ def marks_checkpoint(names: set[str]) -> bool:
 CHECKPOINT_SUBDIRS = frozenset({PEFT_DIR, MOE_STATE_DIR})
 
 
-# --- migrate (SPEC §5.4.5, §5.5) --------------------------------------------------------
+# --- migrate --------------------------------------------------------
 
 # A target checkpoint is written as <parent>/.ckpt-tools-tmp-<name>-<pid>, then renamed into
 # place; a finished target being replaced is parked at .ckpt-tools-old-<name>-<pid> first.
@@ -278,7 +278,7 @@ def strip_foundation_prefix(key: str) -> str:
 
 
 def module_path(module: str) -> str:
-    """A LoRA module's path inside the Hugging Face model, from any key form of SPEC §3.
+    """A LoRA module's path inside the Hugging Face model, from any of the key forms.
 
     ``foundation_model.base_model.model.model.layers.0.q_proj`` (V1) → ``model.layers.0.q_proj``;
     ``foundation_model.model.layers.0.q_proj`` (V0: the HF model itself was ``foundation_model``,
@@ -386,7 +386,7 @@ TREE_NONE = "none"
 
 
 def layout_label(tree_form: str, merged_kind: str | None, has_dylora_root_config: bool) -> str:
-    """Name the variant of SPEC §3 from the PEFT tree's form and the merged weights' keys."""
+    """Name the layout variant from the PEFT tree's form and the merged weights' keys."""
     if tree_form == TREE_CANONICAL:
         return CANONICAL_MERGED if merged_kind else CANONICAL
     if tree_form == TREE_NESTED:

@@ -1,4 +1,4 @@
-"""Load any recognised checkpoint as a PEFT model with every expert (SPEC §7), and check
+"""Load any recognised checkpoint as a PEFT model with every expert, and check
 migrated targets by their logits (``migrate --verify``).
 
 ``load_checkpoint(path, base_model)`` reads the canonical layout directly and converts every
@@ -176,7 +176,7 @@ def _router_and_config(conv: Conversion, src) -> tuple[dict, dict]:
 def load_checkpoint(path, base_model, *, lora_alpha: float | None = None,
                     rank: int | None = None, energy: float | None = None, device: str = "auto",
                     dtype=None) -> LoadedCheckpoint:
-    """Load the checkpoint at ``path`` (any layout of SPEC §3) onto ``base_model``.
+    """Load the checkpoint at ``path`` (any recognised layout) onto ``base_model``.
 
     ``base_model``: a local model directory, a hub id in the local Hugging Face cache, or a
     built ``PreTrainedModel`` (which PEFT then modifies in place). ``lora_alpha`` is used only

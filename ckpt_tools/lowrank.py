@@ -1,4 +1,4 @@
-"""Low-rank extraction: turn a fine-tune's weight deltas into a PEFT LoRA adapter (SPEC §6).
+"""Low-rank extraction: turn a fine-tune's weight deltas into a PEFT LoRA adapter.
 
 For a linear module with base weight W0 and fine-tuned weight W, D = W − W0 (float32) is
 approximated by B·A with A = diag(√s_r)·V_rᵀ and B = U_r·diag(√s_r); ``lora_alpha = r``
@@ -443,7 +443,7 @@ class _DictFile:
 
 
 class _TorchFile(_DictFile):
-    """A torch.save'd state dict, opened with ``weights_only=True, mmap=True`` (SPEC §4)."""
+    """A torch.save'd state dict, opened with ``weights_only=True, mmap=True``."""
 
     def __init__(self, path: Path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -661,7 +661,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             device: str = "auto", out_dtype=None, method: str = "auto",
             tolerance: float = TOLERANCE, base_model_name_or_path: str | None = None,
             prefetch: bool = True, workers: int | None = None) -> Extraction:
-    """Extract a LoRA adapter that turns ``base`` into ``merged`` (SPEC §6).
+    """Extract a LoRA adapter that turns ``base`` into ``merged``.
 
     ``base`` and ``merged`` are anything ``TensorSource.open`` takes. Every 2-D ``.weight``
     of a module that is not an embedding or ``lm_head`` is a linear layer: its delta is
@@ -1001,7 +1001,7 @@ def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True) -> 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ckpt_tools.lowrank",
-        description="Extract a LoRA adapter from a fine-tuned model and its base (SPEC §6).")
+        description="Extract a LoRA adapter from a fine-tuned model and its base.")
     p.add_argument("base", help="base model directory, weights file or cached hub id")
     p.add_argument("merged", help="fine-tuned (merged) model, same forms")
     p.add_argument("out", help="directory for adapter_model.safetensors + adapter_config.json")

@@ -1,4 +1,4 @@
-"""Problems found in data: values, not exceptions (SPEC §4)."""
+"""Problems found in data: values, not exceptions."""
 
 from __future__ import annotations
 

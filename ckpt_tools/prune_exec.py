@@ -1,4 +1,4 @@
-"""Execute a ``PrunePlan``: re-validate, re-check, unlink (SPEC §5.3, §5.4).
+"""Execute a ``PrunePlan``: re-validate, re-check, unlink.
 
 A plan is only a promise made at scan time; between the plan and the unlink a trainer
 may rewrite a checkpoint, a user may move a directory, a dedup tool may add hard links.

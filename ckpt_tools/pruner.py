@@ -1,4 +1,4 @@
-"""Plan the deletion of redundant merged weights (SPEC §5.3).
+"""Plan the deletion of redundant merged weights.
 
 Planning is pure: it reads records and returns a ``PrunePlan``. Executing a plan is
 in ``prune_exec``; it re-validates and re-checks every file right before unlinking.

@@ -1,4 +1,4 @@
-"""Read single tensors out of large weight files, touching only their bytes (SPEC §3, §8).
+"""Read single tensors out of large weight files, touching only their bytes.
 
 The pure readers (``formats.safetensors_header``, ``formats.torchsave``) say where every
 tensor lives without importing torch; this module turns such a location into a tensor

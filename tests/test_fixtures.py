@@ -20,7 +20,7 @@ from fixtures import LAYOUTS, STATUSES, Manifest
 from fixtures.__main__ import main as fixtures_main
 from fixtures.dylora import build_base, expert_name
 
-SPEC_CODES = frozenset({
+DOCUMENTED_CODES = frozenset({
     "missing-file", "truncated", "bad-header", "bad-json", "bad-archive", "unsafe-pickle", "shape-mismatch",
     "rank-mismatch", "expert-missing", "expert-count-mismatch", "target-mismatch", "dtype-unknown",
     "nan-or-inf", "permission-denied", "symlink-escape",
@@ -84,11 +84,11 @@ def test_manifest_covers_every_layout_status_and_problem_code(tree):
     assert {e.layout for e in manifest.values()} >= set(LAYOUTS) - {"unknown"}
     assert {e.status for e in manifest.values()} == set(STATUSES)
     codes = set().union(*(e.problem_codes | e.deep_problem_codes for e in manifest.values()))
-    assert codes == SPEC_CODES
+    assert codes == DOCUMENTED_CODES
     from ckpt_tools import problems
 
-    assert SPEC_CODES <= set(problems.ALL_CODES)
-    for code in SPEC_CODES:
+    assert DOCUMENTED_CODES <= set(problems.ALL_CODES)
+    for code in DOCUMENTED_CODES:
         assert manifest.with_code(code), code
     assert any(" " in e.run for e in manifest.values())
     assert any(not e.run.isascii() for e in manifest.values())
@@ -401,7 +401,7 @@ def _broken(manifest: Manifest, code: str):
 def test_every_broken_checkpoint_still_holds_merged_weights(tree):
     root, manifest, _ = tree
     broken = manifest.with_status("broken", deep=True)
-    assert len(broken) >= len(SPEC_CODES)
+    assert len(broken) >= len(DOCUMENTED_CODES)
     for e in broken:
         assert e.merged_files and all((root / m).is_file() for m in e.merged_files)
 

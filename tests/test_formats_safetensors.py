@@ -1,4 +1,4 @@
-"""The framework-free safetensors header reader (SPEC §4) against real and hostile files."""
+"""The framework-free safetensors header reader against real and hostile files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""torch.save files inspected without unpickling (SPEC §4, §5.4 rule 4)."""
+"""torch.save files inspected without unpickling."""
 
 from __future__ import annotations
 

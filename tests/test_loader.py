@@ -1,4 +1,4 @@
-"""``ckpt_tools.load_checkpoint`` (SPEC §7) on every layout of the fixture tree."""
+"""``ckpt_tools.load_checkpoint`` on every layout of the fixture tree."""
 
 from __future__ import annotations
 

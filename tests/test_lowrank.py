@@ -1,4 +1,4 @@
-"""Low-rank extraction (SPEC §6): decompositions against the exact SVD, and adapters that PEFT
+"""Low-rank extraction: decompositions against the exact SVD, and adapters that PEFT
 loads onto the base and that reproduce the fine-tune.
 
 Fine-tunes are made the way they are made in the wild: a PEFT LoRA on a tiny Llama built from

@@ -1,4 +1,4 @@
-"""``ckpt-tools migrate`` (SPEC §5.4 rule 5, §5.5) on every layout of the fixture tree.
+"""``ckpt-tools migrate`` on every layout of the fixture tree.
 
 The expectations are computed from the source files with this module's own readers (plain
 ``torch.load`` / ``safetensors``) and the fixture manifest's true hyperparameters, never

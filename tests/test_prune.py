@@ -1,4 +1,4 @@
-"""``ckpt-tools prune``: deletes exactly the redundant merged weights, and nothing it must not (SPEC §5.3, §5.4).
+"""``ckpt-tools prune``: deletes exactly the redundant merged weights, and nothing it must not.
 
 Every test works on a private copy of the session's fixture tree (or of a few of its runs).
 """
@@ -31,7 +31,7 @@ LOCK_NAME = ".ckpt-tools.lock"
 
 
 def effective_status(entry) -> str:
-    """The status the validator must find here: root ignores file modes (SPEC fixture note)."""
+    """The status the validator must find here: root ignores file modes (see the manifest)."""
     return entry.status_as_root if os.geteuid() == 0 else entry.status
 
 

@@ -1,4 +1,4 @@
-"""Read and validate a safetensors header without any framework (SPEC §4).
+"""Read and validate a safetensors header without any framework.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON
 (``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {str: str}}``, padded with

@@ -1,4 +1,4 @@
-"""Inspect ``torch.save`` files without unpickling them (SPEC §4, §5.4 rule 4).
+"""Inspect ``torch.save`` files without unpickling them.
 
 Two containers exist. The zip format (torch >= 1.6): one top-level folder holding
 ``data.pkl``, ``data/<key>`` storage records (always ZIP_STORED), ``version``,

@@ -4,7 +4,7 @@ Why a callback cannot simply stop the merged save: ``Trainer._maybe_log_save_eva
 calls ``_save_checkpoint`` (which writes ``model.safetensors``, the optimizer, the RNG
 states, ``trainer_state.json`` and rotates old checkpoints) and only then
 ``callback_handler.on_save``. So ``PeftOnlyCheckpointCallback.on_save`` writes the canonical
-PEFT tree of SPEC §2 next to what the Trainer wrote, validates it with the project's own
+canonical PEFT tree next to what the Trainer wrote, validates it with the project's own
 validator, and only then removes the merged weights, through the same plan/execute path
 that ``ckpt-tools prune`` uses.
 
@@ -237,7 +237,7 @@ def write_peft_tree(model: nn.Module, directory: str, *,
                     get_skill_library: Callable = default_skill_library,
                     config_extra: Mapping | Callable | None = None,
                     save_embedding_layers: bool = False) -> WrittenTree:
-    """Write the canonical PEFT tree of ``model`` (SPEC §2) into the existing ``directory``.
+    """Write the canonical PEFT tree of ``model`` into the existing ``directory``.
 
     Everything is written under ``directory/.peft_tree.tmp-<pid>/``, fsynced, then renamed
     into place part by part (replacing any previous version of those parts), the root
@@ -483,7 +483,7 @@ class PeftOnlyTrainer(PeftOnlyResumeMixin, Trainer):
 # --------------------------------------------------------------------------- the callback
 
 class PeftOnlyCheckpointCallback(TrainerCallback):
-    """Make every Trainer checkpoint PEFT-only (SPEC §2), safely.
+    """Make every Trainer checkpoint PEFT-only, safely.
 
     In ``on_save`` (which the Trainer calls after it has written its checkpoint) it writes the
     PEFT tree with ``write_peft_tree``, validates the checkpoint with the project's validator

@@ -1,7 +1,8 @@
-"""The library's front door: scan roots into records (SPEC §7)."""
+"""The library's front door: scan roots into records."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 from . import scanner
 from .pruner import plan_prune
+from .problems import Problem
 from .records import Checkpoint, CheckpointDir, Run, ScanResult
 from .validator import HEADERS, validate_checkpoint
 
@@ -52,63 +54,155 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
-    ``jobs`` worker processes validate in parallel (0: one per CPU, at most 8); small
-    scans stay in this process.
+    ``jobs`` worker processes scan and validate in parallel (0: one per CPU, at most 8);
+    small scans stay in this process. The result is the same for every ``jobs``.
     Raises ``scanner.ScanError`` when a root cannot be scanned at all.
     """
     now = time.time() if now is None else now
+    if jobs == 0:
+        jobs = default_jobs()
+    # A scan allocates many small objects and frees few: the cyclic collector would walk
+    # the growing heap again and again (and, in forked workers, copy every page it touches).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+            return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
+        return _scan_here(roots, level, min_age_s, now, progress)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _scan_here(roots, level, min_age_s, now, progress) -> ScanResult:
     found: list[CheckpointDir] = []
     problems = []
     for root in scanner.iter_roots(roots):
         dirs, probs = scanner.find_checkpoints(root)
         found.extend(dirs)
         problems.extend(probs)
-
-    if jobs == 0:
-        jobs = default_jobs()
-    jobs = min(jobs, max(1, len(found) // _MIN_PER_PROCESS))
     checkpoints: list[Checkpoint] = []
-    if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
-        checkpoints = _classify_in_processes(found, jobs, level, min_age_s, now, progress)
-    else:
-        for i, d in enumerate(found, 1):
-            checkpoints.append(classify(d, level=level, min_age_s=min_age_s, now=now))
-            if progress:
-                progress(i, len(found))
+    for i, d in enumerate(found, 1):
+        checkpoints.append(classify(d, level=level, min_age_s=min_age_s, now=now))
+        if progress:
+            progress(i, len(found))
     return assemble(tuple(scanner.iter_roots(roots)), checkpoints, problems)
 
 
-# The work of forked validators: inherited from the parent at fork time, never pickled.
+# --- scanning and validating in forked worker processes ------------------------------
+#
+# The parent walks each root down to the checkpoint directories without listing those
+# (scanner.walk with a delegate): what is left, the subtree of each checkpoint, is a unit
+# of work. Workers, forked once the units are known, inherit them; each walks its units'
+# subtrees (lstat of every file), validates the checkpoints found, and sends back plain
+# tuples, which the parent turns into records in the units' order. Problems of the walk
+# keep their place, so the result equals that of jobs=1.
+
+# The work of forked workers: inherited from the parent at fork time, never pickled.
 _WORK: tuple = ()
 
 
-def _classify_one(i: int):
-    found, level, min_age_s, now = _WORK
-    v = validate_checkpoint(found[i], level=level, min_age_s=min_age_s, now=now)
-    return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts, v.facts)
+def _plan(roots) -> tuple[list, list]:
+    """(walks, units): per root, (root, root_abs, root_real, items) where items are what its walk
+    yielded (problems, checkpoints it had to list itself, delegated paths); each unit is
+    (root index, item) for an item that needs a worker."""
+    walks = []
+    units = []
+    for r, root in enumerate(scanner.iter_roots(roots)):
+        root_abs, root_real, first = scanner._roots(root)
+        items = list(scanner.walk(root, root_abs, root_real, [(root_abs, first)],
+                                  delegate=scanner.delegable))
+        walks.append((root, root_abs, root_real, items))
+        units.extend((r, item) for item in items if not isinstance(item, Problem))
+    return walks, units
 
 
-def _classify_in_processes(found, jobs, level, min_age_s, now, progress) -> list[Checkpoint]:
-    """Validate in forked worker processes: validation is CPU-bound Python, so threads would
-    share one core. Workers inherit the scanned records and send back only the verdicts."""
+def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now) -> tuple:
+    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
+    return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
+            _size(ckpt.files, set()), v.facts)
+
+
+def _run_unit(i: int) -> list:
+    """Unit ``i``: [Problem | (checkpoint values, verdict)] in walk order."""
+    walks, units, level, min_age_s, now = _WORK
+    r, item = units[i]
+    if isinstance(item, CheckpointDir):  # listed by the parent already
+        return [(None, _verdict_of(item, level, min_age_s, now))]
+    root, root_abs, root_real, _ = walks[r]
+    out = []
+    for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
+        if isinstance(x, Problem):
+            out.append(x)
+        else:
+            values, ckpt = x
+            out.append((values, _verdict_of(ckpt, level, min_age_s, now)))
+    return out
+
+
+def _run_units(lo_hi: tuple[int, int]) -> list:
+    return [_run_unit(i) for i in range(*lo_hi)]
+
+
+def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
+    status, lay, probs, merged, n, size, facts = verdict
+    return Checkpoint(dir=d, status=status, layout=lay, problems=probs, merged_files=merged,
+                      num_experts=n, size_bytes=size, facts=facts)
+
+
+def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResult:
     global _WORK
-    _WORK = (found, level, min_age_s, now)
-    out: list[Checkpoint] = []
+    walks, units = _plan(roots)
+    jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
+    _WORK = (walks, units, level, min_age_s, now)
     try:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(jobs) as pool:
-            chunk = max(8, min(256, len(found) // (jobs * 8) or 1))
-            for i, (status, lay, probs, merged, n, facts) in enumerate(
-                    pool.imap(_classify_one, range(len(found)), chunksize=chunk)):
-                d = found[i]
-                out.append(Checkpoint(dir=d, status=status, layout=lay, problems=probs,
-                                      merged_files=merged, num_experts=n,
-                                      size_bytes=_size(d.files, set()), facts=facts))
-                if progress:
-                    progress(i + 1, len(found))
+        if jobs > 1:
+            ctx = multiprocessing.get_context("fork")
+            pool = ctx.Pool(jobs)
+            step = max(4, min(256, len(units) // (jobs * 8) or 1))
+            spans = [(lo, min(lo + step, len(units))) for lo in range(0, len(units), step)]
+            results = (unit for batch in pool.imap(_run_units, spans) for unit in batch)
+        else:
+            pool = None
+            results = (_run_unit(i) for i in range(len(units)))
+        try:
+            return _gather(walks, units, results, progress)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
     finally:
         _WORK = ()
-    return out
+
+
+def _gather(walks, units, results, progress) -> ScanResult:
+    """Splice the units' results into the walks' items, in order."""
+    problems = []
+    checkpoints: list[Checkpoint] = []
+    done = 0
+    total = len(units)
+    u = 0
+    for root, _, _, items in walks:
+        found = []
+        for item in items:
+            if isinstance(item, Problem):
+                problems.append(item)
+                continue
+            r, unit_item = units[u]
+            u += 1
+            for x in next(results):
+                if isinstance(x, Problem):
+                    problems.append(x)
+                    continue
+                values, verdict = x
+                d = unit_item if values is None else scanner.checkpoint_from_rows(values)
+                found.append(_checkpoint(d, verdict))
+                done += 1
+                if progress:
+                    progress(done, max(total, done))
+        found.sort(key=lambda c: scanner.checkpoint_order(c.dir))
+        checkpoints.extend(found)
+    return assemble(tuple(w[0] for w in walks), checkpoints, problems)
 
 
 def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:

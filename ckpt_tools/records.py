@@ -36,12 +36,42 @@ class FileRecord:
 
     @property
     def identity(self) -> tuple[int, int, int, int]:
-        """What must not change between planning and deleting (SPEC §5.4.1)."""
+        """What must not change between planning and deleting."""
         return (self.dev, self.ino, self.size, self.mtime_ns)
 
     @property
     def name(self) -> str:
         return self.relpath.rsplit("/", 1)[-1]
+
+
+_FILE_FIELDS = ("relpath", "size", "allocated", "dev", "ino", "nlink", "mtime_ns", "is_symlink",
+                "symlink_target", "escapes_root", "target_size")
+_new = object.__new__
+_set = object.__setattr__
+
+
+def file_record_from_row(row: tuple) -> FileRecord:
+    """A ``FileRecord`` from its field values in declaration order, as ``FileRecord(*row)``
+    makes it, at a third of the cost (scans build tens of thousands of them)."""
+    rec = _new(FileRecord)
+    _set(rec, "__dict__", dict(zip(_FILE_FIELDS, row)))
+    return rec
+
+
+def file_records_from_rows(rows) -> tuple[FileRecord, ...]:
+    """``tuple(FileRecord(*row) for row in rows)``, fast."""
+    out = []
+    append = out.append
+    for (relpath, size, allocated, dev, ino, nlink, mtime_ns, is_symlink, symlink_target,
+         escapes_root, target_size) in rows:
+        rec = _new(FileRecord)
+        _set(rec, "__dict__", {
+            "relpath": relpath, "size": size, "allocated": allocated, "dev": dev, "ino": ino,
+            "nlink": nlink, "mtime_ns": mtime_ns, "is_symlink": is_symlink,
+            "symlink_target": symlink_target, "escapes_root": escapes_root,
+            "target_size": target_size})
+        append(rec)
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from . import layout
 from .problems import PERMISSION_DENIED, UNREADABLE, Problem
-from .records import CheckpointDir, FileRecord
+from .records import CheckpointDir, FileRecord, file_record_from_row, file_records_from_rows
 
 
 class ScanError(Exception):
@@ -20,36 +20,49 @@ class ScanError(Exception):
 
 
 def _rel(path: str, root: str) -> str:
-    rel = os.path.relpath(path, root)
-    return "." if rel == "." else rel.replace(os.sep, "/")
+    # path is root or lies below it, both as built by the walk (absolute, normalised): a
+    # prefix cut gives what os.path.relpath would, without its abspath calls
+    if path == root:
+        return "."
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if path.startswith(prefix):
+        rel = path[len(prefix):]
+    else:
+        rel = os.path.relpath(path, root)
+    return rel if os.sep == "/" else rel.replace(os.sep, "/")
 
 
 def _inside(path: str, root_real: str) -> bool:
     return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def _file_record(entry: os.DirEntry, relpath: str, root_real: str) -> FileRecord:
-    st = entry.stat(follow_symlinks=False)
+def _symlink_row(entry: os.DirEntry, relpath: str, root_real: str, st) -> tuple:
+    resolved = os.path.realpath(entry.path)
+    escapes = not _inside(resolved, root_real)
     target = None
-    escapes = False
     target_size = None
-    is_link = entry.is_symlink()
-    if is_link:
-        resolved = os.path.realpath(entry.path)
-        escapes = not _inside(resolved, root_real)
-        if os.path.lexists(resolved) and os.path.exists(resolved):
-            target = resolved
-            if not escapes:
-                try:
-                    target_size = os.stat(resolved).st_size
-                except OSError:
-                    target_size = None
-    return FileRecord(
-        relpath=relpath, size=st.st_size, allocated=st.st_blocks * 512,
-        dev=st.st_dev, ino=st.st_ino, nlink=st.st_nlink, mtime_ns=st.st_mtime_ns,
-        is_symlink=is_link, symlink_target=target, escapes_root=escapes,
-        target_size=target_size,
-    )
+    if os.path.lexists(resolved) and os.path.exists(resolved):
+        target = resolved
+        if not escapes:
+            try:
+                target_size = os.stat(resolved).st_size
+            except OSError:
+                target_size = None
+    return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
+            st.st_mtime_ns, True, target, escapes, target_size)
+
+
+def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
+    """A FileRecord's field values, in declaration order, from one ``lstat``."""
+    st = entry.stat(follow_symlinks=False)
+    if entry.is_symlink():
+        return _symlink_row(entry, relpath, root_real, st)
+    return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
+            st.st_mtime_ns, False, None, False, None)
+
+
+def _file_record(entry: os.DirEntry, relpath: str, root_real: str) -> FileRecord:
+    return file_record_from_row(_file_row(entry, relpath, root_real))
 
 
 def _list(path: str) -> list[os.DirEntry]:
@@ -57,55 +70,90 @@ def _list(path: str) -> list[os.DirEntry]:
         return list(it)
 
 
-def find_checkpoints(root: str) -> tuple[list[CheckpointDir], list[Problem]]:
-    """Walk ``root`` and return every checkpoint directory found, plus scan problems.
-
-    Raises ScanError only when the root itself cannot be scanned.
-    """
+def _roots(root: str) -> tuple[str, str, list[os.DirEntry]]:
+    """(absolute root, real root, its entries); raises ScanError when it cannot be scanned."""
     root_abs = os.path.abspath(root)
     if not os.path.lexists(root_abs):
         raise ScanError(f"{root}: no such file or directory")
     if not os.path.isdir(root_abs):
         raise ScanError(f"{root}: not a directory")
     root_real = os.path.realpath(root_abs)
-    checkpoints: list[CheckpointDir] = []
-    problems: list[Problem] = []
     try:
         first = _list(root_abs)
     except PermissionError:
         raise ScanError(f"{root}: permission denied") from None
     except OSError as exc:
         raise ScanError(f"{root}: {exc.strerror or exc}") from None
+    return root_abs, root_real, first
 
-    stack: list[tuple[str, list[os.DirEntry] | None]] = [(root_abs, first)]
+
+def find_checkpoints(root: str) -> tuple[list[CheckpointDir], list[Problem]]:
+    """Walk ``root`` and return every checkpoint directory found, plus scan problems.
+
+    Raises ScanError only when the root itself cannot be scanned.
+    """
+    root_abs, root_real, first = _roots(root)
+    checkpoints: list[CheckpointDir] = []
+    problems: list[Problem] = []
+    for item in walk(root, root_abs, root_real, [(root_abs, first)]):
+        (problems if isinstance(item, Problem) else checkpoints).append(item)
+    checkpoints.sort(key=checkpoint_order)
+    return checkpoints, problems
+
+
+def checkpoint_order(c: CheckpointDir):
+    """The order of ``find_checkpoints``' result: by run, step, path."""
+    return (c.run, c.step if c.step is not None else -1, c.path)
+
+
+def delegable(path: str) -> bool:
+    """Whether ``walk`` may hand the directory at ``path`` to ``delegate`` unlisted: its name
+    alone makes it a checkpoint, so its subtree is one unit of work that another walk of
+    ``[(path, None)]`` yields exactly as this one would have."""
+    name = os.path.basename(path)
+    return layout.is_checkpoint_name(name) and name not in layout.CHECKPOINT_SUBDIRS
+
+
+def walk(root: str, root_abs: str, root_real: str,
+         stack: list[tuple[str, list[os.DirEntry] | None]],
+         delegate=None, rows: bool = False) -> Iterator[CheckpointDir | Problem | str | tuple]:
+    """Depth first from ``stack``, yielding checkpoints and problems in a fixed order.
+
+    With ``delegate`` (a predicate on paths, see ``delegable``), a directory it accepts is
+    yielded as its path instead of being listed: the caller walks that subtree itself,
+    elsewhere, and splices what it yields in at that place. With ``rows`` a checkpoint comes
+    as (its ``collect_rows`` values, the CheckpointDir).
+    """
     while stack:
         path, entries = stack.pop()
         if entries is None:
+            if delegate is not None and delegate(path):
+                yield path
+                continue
             try:
                 entries = _list(path)
             except PermissionError:
-                problems.append(Problem(PERMISSION_DENIED, _rel(path, root_abs),
-                                        "cannot list directory: permission denied"))
+                yield Problem(PERMISSION_DENIED, _rel(path, root_abs),
+                              "cannot list directory: permission denied")
                 continue
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     continue  # vanished during the scan
-                problems.append(Problem(UNREADABLE, _rel(path, root_abs),
-                                        f"cannot list directory: {exc.strerror or exc}"))
+                yield Problem(UNREADABLE, _rel(path, root_abs),
+                              f"cannot list directory: {exc.strerror or exc}")
                 continue
         name = os.path.basename(path) if path != root_abs else os.path.basename(root_real)
         names = {e.name for e in entries}
         is_ckpt = (layout.is_checkpoint_name(name) or layout.marks_checkpoint(names)) \
             and name not in layout.CHECKPOINT_SUBDIRS
         if is_ckpt:
-            ckpt, nested = _collect_checkpoint(root, root_abs, root_real, path, entries)
-            checkpoints.append(ckpt)
+            values, nested = collect_rows(root, root_abs, root_real, path, entries)
+            ckpt = checkpoint_from_rows(values)
+            yield (values, ckpt) if rows else ckpt
             stack.extend((p, None) for p in reversed(nested))
             continue
         subdirs = [e.path for e in entries if _is_real_dir(e)]
         stack.extend((p, None) for p in sorted(subdirs, reverse=True))
-    checkpoints.sort(key=lambda c: (c.run, c.step if c.step is not None else -1, c.path))
-    return checkpoints, problems
 
 
 def _is_real_dir(entry: os.DirEntry) -> bool:
@@ -118,54 +166,87 @@ def _is_real_dir(entry: os.DirEntry) -> bool:
 def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
                         entries: list[os.DirEntry]) -> tuple[CheckpointDir, list[str]]:
     """All files of one checkpoint; directories that are checkpoints themselves are returned."""
-    files: list[FileRecord] = []
+    ckpt, nested = collect_rows(root, root_abs, root_real, path, entries)
+    return checkpoint_from_rows(ckpt), nested
+
+
+def collect_rows(root: str, root_abs: str, root_real: str, path: str,
+                 entries: list[os.DirEntry]) -> tuple[tuple, list[str]]:
+    """``_collect_checkpoint`` as plain values: the CheckpointDir's field values in
+    declaration order, with ``files`` as FileRecord rows (see ``checkpoint_from_rows``);
+    cheap to build and to send between processes."""
+    rows: list[tuple] = []
     nested: list[str] = []
     unreadable: list[str] = []
     newest = 0  # files only: a directory's mtime also moves when prune unlinks from it
+    own = layout.is_own_bookkeeping
+    subdirs = layout.CHECKPOINT_SUBDIRS
     pending: list[tuple[str, list[os.DirEntry]]] = [("", entries)]
     while pending:
         prefix, ents = pending.pop()
         for e in ents:
-            if layout.is_own_bookkeeping(e.name):
+            name = e.name
+            if own(name):
                 continue
-            rel = prefix + e.name
-            if _is_real_dir(e):
-                if prefix == "" and e.name not in layout.CHECKPOINT_SUBDIRS:
+            rel = prefix + name
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if prefix == "" and name not in subdirs:
                     # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
                     nested.append(e.path)
                     continue
                 try:
                     pending.append((rel + "/", _list(e.path)))
-                except PermissionError:
-                    unreadable.append(rel)
                 except OSError:
                     unreadable.append(rel)
                 continue
             try:
-                rec = _file_record(e, rel, root_real)
+                st = e.stat(follow_symlinks=False)
+                if e.is_symlink():
+                    row = _symlink_row(e, rel, root_real, st)
+                else:
+                    row = (rel, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino,
+                           st.st_nlink, st.st_mtime_ns, False, None, False, None)
             except FileNotFoundError:
                 continue
             except OSError:
                 unreadable.append(rel)
                 continue
-            newest = max(newest, rec.mtime_ns)
-            files.append(rec)
-    files.sort(key=lambda f: f.relpath)
+            if row[6] > newest:
+                newest = row[6]
+            rows.append(row)
+    rows.sort()  # by relpath: unique within a checkpoint, so nothing else is compared
     rel = _rel(path, root_abs)
     try:
         dst = os.stat(path, follow_symlinks=False)
         dev, ino = dst.st_dev, dst.st_ino
     except OSError:
         dev = ino = 0
-    parent = os.path.dirname(path) if path != root_abs else path
-    name = os.path.basename(path) if path != root_abs else os.path.basename(root_real)
-    ckpt = CheckpointDir(
-        root=root, path=rel, run=_rel(parent, root_abs) if path != root_abs else ".",
-        name=name, step=layout.checkpoint_step(name), files=tuple(files),
-        newest_mtime_ns=newest, tmp_name=layout.is_tmp_checkpoint_name(name),
-        unreadable=tuple(sorted(unreadable)), dev=dev, ino=ino,
-    )
-    return ckpt, nested
+    if path != root_abs:
+        name = os.path.basename(path)
+        run = _rel(os.path.dirname(path), root_abs)
+    else:
+        name = os.path.basename(root_real)
+        run = "."
+    values = (root, rel, run, name, layout.checkpoint_step(name), tuple(rows), newest,
+              layout.is_tmp_checkpoint_name(name), tuple(sorted(unreadable)), dev, ino)
+    return values, nested
+
+
+_CKPT_FIELDS = ("root", "path", "run", "name", "step", "files", "newest_mtime_ns", "tmp_name",
+                "unreadable", "dev", "ino")
+
+
+def checkpoint_from_rows(values: tuple) -> CheckpointDir:
+    """The CheckpointDir that ``collect_rows`` describes."""
+    fields = dict(zip(_CKPT_FIELDS, values))
+    fields["files"] = file_records_from_rows(fields["files"])
+    ckpt = object.__new__(CheckpointDir)
+    object.__setattr__(ckpt, "__dict__", fields)
+    return ckpt
 
 
 def rescan_checkpoint(root: str, relpath: str) -> CheckpointDir:

@@ -282,20 +282,23 @@ def no_readahead(fd: int) -> None:
             pass
 
 
-def read_header(path: str | os.PathLike, *, file_size: int | None = None) -> SafetensorsHeader:
+def read_header(path: str | os.PathLike, *, file_size: int | None = None,
+                first_read: int = FIRST_READ_BYTES) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
-    Reads the first 64 KiB in one ``pread`` and the rest of the header only when it is
-    longer; tensor data is never read. ``file_size`` saves an ``fstat`` when the caller
-    already has it. Raises ``FormatError`` for bad data and ``OSError`` from the OS.
+    Reads the first ``first_read`` bytes (64 KiB) in one ``pread`` and the rest of the
+    header only when it is longer; tensor data is never read. ``file_size`` saves an
+    ``fstat`` when the caller already has it; a caller that knows the header's likely size
+    may pass it as ``first_read``. Raises ``FormatError`` for bad data and ``OSError`` from
+    the OS.
     """
     fd = open_readonly(path)
     try:
         if file_size is None:
             file_size = os.fstat(fd).st_size
-        if file_size > FIRST_READ_BYTES:
+        if file_size > first_read:
             no_readahead(fd)
-        data = pread_full(fd, min(FIRST_READ_BYTES, file_size), 0)
+        data = pread_full(fd, min(first_read, file_size), 0)
         if len(data) >= 8:
             (header_len,) = struct.unpack_from("<Q", data)
             needed = 8 + header_len

@@ -272,18 +272,23 @@ class _Ctx:
             self.trace.append(("json", relpath, None, value))
         return value
 
-    def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
-        rec = self.by_path[relpath]
+    def _guarded(self, relpath: str, read):
+        """``read()``, with a FormatError or OSError turned into a problem (and None)."""
         try:
-            header = _read_header(self.abspath(relpath), relpath,
-                                  None if rec.is_symlink else rec.size)
+            return read()
         except FormatError as exc:
             self.trace = None
             self.add(exc.code, relpath, exc.message)
-            return None
         except OSError as exc:
             self.trace = None
             self.os_problem(relpath, exc)
+        return None
+
+    def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
+        rec = self.by_path[relpath]
+        header = self._guarded(relpath, lambda: _read_header(
+            self.abspath(relpath), relpath, None if rec.is_symlink else rec.size))
+        if header is None:
             return None
         if self.trace is not None:
             self.trace.append(("st", relpath, None, header))
@@ -291,15 +296,9 @@ class _Ctx:
                          lambda _: {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors})
 
     def read_torch(self, relpath: str, check_pickle: bool = True):
-        try:
-            info = torchsave.inspect_torch_file(self.abspath(relpath), check_pickle=check_pickle)
-        except FormatError as exc:
-            self.trace = None
-            self.add(exc.code, relpath, exc.message)
-            return None
-        except OSError as exc:
-            self.trace = None
-            self.os_problem(relpath, exc)
+        info = self._guarded(relpath, lambda: torchsave.inspect_torch_file(
+            self.abspath(relpath), check_pickle=check_pickle))
+        if info is None:
             return None
         if self.trace is not None:
             token = _torch_token(info)

@@ -437,8 +437,17 @@ class _Writer:
         d = self.path(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, d, metadata={"format": "pt"})
         self.done(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
-        # exactly the file PEFT writes for this config
+        # the file PEFT writes for this config, with target_modules in a stable order: PEFT
+        # keeps them in a set, whose order changes from one process to the next
         LoraConfig(**config).save_pretrained(os.path.dirname(d))
+        cfg_path = os.path.join(os.path.dirname(d), layout.ADAPTER_CONFIG)
+        with open(cfg_path, encoding="utf-8") as fh:
+            written = json.load(fh)
+        if isinstance(written.get("target_modules"), list):
+            written["target_modules"] = sorted(written["target_modules"])
+            with open(cfg_path, "w", encoding="utf-8") as fh:
+                json.dump(written, fh, indent=2, sort_keys=True)
+                fh.write("\n")
         self.done(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
 
 

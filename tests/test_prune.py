@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fixtures.copying import copy_tree
+
 import ckpt_tools.cli_prune as cli_prune
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
@@ -38,33 +40,6 @@ def effective_status(entry) -> str:
 def redundant_merged(manifest) -> set[str]:
     """Root-relative paths of every merged file prune must delete from the fixture tree."""
     return {m for e in manifest.values() if effective_status(e) == "redundant" for m in e.merged_files}
-
-
-def _copy_file(src: str, dst: str) -> None:
-    try:
-        shutil.copy2(src, dst, follow_symlinks=False)
-    except PermissionError:
-        # a mode-000 fixture file when not running as root: same size and mode, unreadable either way
-        st = os.lstat(src)
-        with open(dst, "wb") as fh:
-            fh.truncate(st.st_size)
-        shutil.copystat(src, dst, follow_symlinks=False)
-
-
-def copy_tree(src: Path, dst: Path, only: tuple[str, ...] | None = None) -> Path:
-    """A private copy of the fixture tree (or of some of its top-level dirs), mtimes kept."""
-    dst.mkdir(parents=True, exist_ok=True)
-    names = only if only is not None else tuple(sorted(os.listdir(src)))
-    for name in names:
-        s, d = src / name, dst / name
-        d.parent.mkdir(parents=True, exist_ok=True)
-        if s.is_dir() and not s.is_symlink():
-            shutil.copytree(s, d, symlinks=True, copy_function=_copy_file)
-        else:
-            _copy_file(str(s), str(d))
-    st = os.stat(src)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return dst
 
 
 def listing(root: Path, *, dirs: bool = False, content: bool = False) -> dict[str, tuple]:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_tools import scan
+from fixtures.copying import copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_MARKS = (".ckpt-tools-tmp-", ".ckpt-tools-old-")
@@ -75,22 +76,6 @@ def env_for(fault: str | None = None) -> dict:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _copy_file(src: str, dst: str) -> None:
-    try:
-        shutil.copy2(src, dst, follow_symlinks=False)
-    except PermissionError:
-        # a mode-000 fixture file when not running as root: same size and mode, unreadable either way
-        st = os.lstat(src)
-        with open(dst, "wb") as fh:
-            fh.truncate(st.st_size)
-        shutil.copystat(src, dst, follow_symlinks=False)
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True, copy_function=_copy_file)
-    return dst
-
 
 def file_hashes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     """rel path → (kind, size, mtime_ns, sha256 | link target) of every file and symlink."""

@@ -173,20 +173,14 @@ def validate(ctx, checkpoints, deep, min_age, **opts):
     ctx.exit(EXIT_PROBLEMS if bad else EXIT_OK)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (imported lazily when they exist)."""
-    import importlib
-    for module in ("ckpt_tools.cli_prune", "ckpt_tools.cli_migrate"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(cli)
+def _register_commands() -> None:
+    """prune and migrate live in their own modules; they add themselves to the group."""
+    from . import cli_migrate, cli_prune
+    cli_prune.register(cli)
+    cli_migrate.register(cli)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main(argv=None) -> int:

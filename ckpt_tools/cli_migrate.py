@@ -11,8 +11,10 @@ import os
 
 import click
 
-from .converter import (ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP, MigrateError, MigrateEvent,
-                        MigrateOptions, MigratePlan, MigrateResult, execute_migrate, plan_migrate)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the converter is imported when migrate runs, not when the CLI starts
+    from .converter import MigrateEvent, MigratePlan, MigrateResult
 
 
 def _where(root: str, rel: str) -> str:
@@ -20,6 +22,7 @@ def _where(root: str, rel: str) -> str:
 
 
 def render_plan(plan: MigratePlan, *, verbose: bool = False, quiet: bool = False) -> str:
+    from .converter import ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP
     todo = [i for i in plan.items if i.action == ACTION_MIGRATE]
     done = [i for i in plan.items if i.action == ACTION_DONE]
     skip = [i for i in plan.items if i.action == ACTION_SKIP]
@@ -91,6 +94,7 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
 
 
 def dry_run_doc(plan: MigratePlan) -> dict:
+    from .converter import ACTION_MIGRATE
     def item(i):
         d = {"source": i.source, "target": i.target, "layout": i.layout, "method": i.method,
              "experts": i.experts}
@@ -187,6 +191,8 @@ def register(cli: click.Group) -> None:
         # no network, ever: hub ids resolve from the local cache only
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from .converter import (ACTION_SKIP, MigrateError, MigrateOptions, execute_migrate,
+                                plan_migrate)
         from .locking import LockError, LockHeld
         from .report import dumps
         out = _merge(ctx, **opts)

@@ -84,13 +84,12 @@ def render_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool, verbose:
                 kinds = Counter(skip_reason(c).split(" (")[0] for c in left)
                 for reason, n in sorted(kinds.items()):
                     lines.append(f"  {n:>4}  {reason}")
-                holders = [s for s in plan.skipped]
-                if holders:
+                if plan.skipped:
                     lines.append("  of which hold merged weights:")
-                    for s in holders:
+                    for s in plan.skipped:
                         lines.append(f"    {_where(s.root, s.path, multi_root)}: {s.reason}")
         for p in scan.problems:
-            lines.append(f"{p.severity}: {p.path}: {p.code}: {p.message}")
+            lines.append(p.line())
     return "\n".join(lines)
 
 

@@ -52,6 +52,10 @@ class Problem:
         return {"code": self.code, "path": self.path, "message": self.message,
                 "severity": self.severity}
 
+    def line(self, path: str | None = None) -> str:
+        """The one line a person reads: ``severity: path: code: message``."""
+        return f"{self.severity}: {self.path if path is None else path}: {self.code}: {self.message}"
+
 
 class FormatError(Exception):
     """A file that lies about its own format. Carries the problem code it maps to."""

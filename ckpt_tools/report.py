@@ -74,10 +74,10 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             details = [(c, p) for c in run.checkpoints for p in c.problems
                        if p.is_error or verbose]
             for c, p in details:
-                lines.append(f"    {p.severity}: {p.path}: {p.code}: {p.message}")
+                lines.append("    " + p.line())
             lines.append("")
         for p in result.problems:
-            lines.append(f"{p.severity}: {p.path}: {p.code}: {p.message}")
+            lines.append(p.line())
         if result.problems:
             lines.append("")
     lines.append(footer(result))
@@ -117,13 +117,13 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
             lines.append(head)
         for p in c.problems:
             if p.is_error or verbose or not quiet:
-                lines.append(f"  {p.severity}: {full(c.dir.root, p.path)}: {p.code}: {p.message}")
+                lines.append("  " + p.line(full(c.dir.root, p.path)))
         hashes = c.facts.get("hashes") if verbose else None
         if hashes:
             for rel, digest in sorted(hashes.items()):
                 lines.append(f"  sha256 {digest}  {rel}")
     for p in result.problems:
-        lines.append(f"{p.severity}: {p.path}: {p.code}: {p.message}")
+        lines.append(p.line())
     return "\n".join(lines)
 
 

@@ -206,6 +206,37 @@ def adapter_errors(base_dir: Path, merged_dir: Path, adapter_dir: Path, device: 
 
 # ----------------------------------------------------------------------------- report
 
+# The floor: a process that only starts torch (and CUDA) and reads every tensor of both models
+# onto the device once, with as many reader threads as ckpt-tools uses; no arithmetic, no output.
+FLOOR = r"""
+import json, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+t0 = time.perf_counter()
+import torch
+from safetensors import safe_open
+dev = torch.device(sys.argv[3])
+if dev.type == "cuda":
+    torch.empty(1, device=dev)
+    torch.cuda.synchronize()
+t1 = time.perf_counter()
+files = [safe_open(p, "pt", device="cpu") for p in sys.argv[1:3]]
+keys = list(files[0].keys())
+def read(key):
+    n = 0
+    for f in files:
+        t = f.get_tensor(key).to(dev)
+        n += t.numel() * t.element_size()
+    return n
+workers = int(sys.argv[4])
+with ThreadPoolExecutor(max_workers=workers) as pool:
+    total = sum(pool.map(read, keys))
+if dev.type == "cuda":
+    torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"start_s": t1 - t0, "read_s": t2 - t1, "bytes": total, "workers": workers}))
+"""
+
+
 def summarize(samples: list[dict]) -> dict:
     walls = [s["wall_s"] for s in samples]
     return {"wall_s_median": statistics.median(walls), "wall_s_min": min(walls),
@@ -247,6 +278,23 @@ def markdown(result: dict) -> str:
     if "vs_exact_max" in err_ratio:
         lines.append(f"| per-module error / exact SVD's, max | {err_ratio['vs_exact_max']:.5f} | "
                      f"{err_ratio['mergekit_vs_exact_max']:.5f} | |")
+    fl = result.get("floor")
+    if fl:
+        inner, timings = fl["inner"], ck["internal_timings"]
+        lines += [
+            "", "Against the floor (a process that only starts torch and reads both models once "
+            f"onto `{result['device']}`, {inner['workers']} reader threads, "
+            f"{inner['bytes'] / 1e9:.2f} GB):", "",
+            "| | ckpt-tools | floor | ratio (ckpt-tools / floor) |",
+            "|---|---:|---:|---:|",
+            f"| whole process, median [min–max] (s) | {ck['wall_s_median']:.2f} | "
+            f"{fl['wall_s_median']:.2f} [{fl['wall_s_min']:.2f}–{fl['wall_s_max']:.2f}] | "
+            f"{ck['wall_s_median'] / fl['wall_s_median']:.2f} |",
+            f"| the work itself (s): extraction vs reading | {timings['total_s']:.2f} | "
+            f"{inner['read_s']:.2f} | {timings['total_s'] / inner['read_s']:.2f} |",
+            f"| start-up: interpreter, torch{', CUDA' if result['device'] == 'cuda' else ''} (s) | "
+            f"| {inner['start_s']:.2f} | |",
+        ]
     lines += ["", f"ckpt-tools exact-SVD fallbacks: {result.get('ckpt_fallbacks', 'n/a')}.", "",
               "Reproduce: `" + result["command"] + "`", ""]
     return "\n".join(lines)
@@ -298,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact", action="store_true", help="also compute each module's exact SVD error")
     p.add_argument("--label", default="", help="suffix for the output file names")
     p.add_argument("--out-dir", type=Path, default=OUT, help="where the results go")
+    p.add_argument("--floor", action="store_true",
+                   help="also time a process that only reads both models onto the device")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed first run of each tool (the models were just written, "
                         "so they are in the page cache already)")
@@ -325,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     mk_cmd = [mergekit_py, "-m", "mergekit.scripts.extract_lora", "--model", str(merged_dir), "--base-model", str(base_dir),
               "--out-path", str(out_mk), "--max-rank", str(args.rank), "--no-copy-tokenizer",
               "--quiet"] + (["--cuda"] if args.device == "cuda" else [])
+    floor_workers = min(8, os.cpu_count() or 1) if args.device == "cuda" else (os.cpu_count() or 1)
+    floor_cmd = [sys.executable, "-c", FLOOR, str(base_dir / "model.safetensors"),
+                 str(merged_dir / "model.safetensors"), args.device, str(floor_workers)]
     tools = {"ckpt_tools": ck_cmd, "mergekit": mk_cmd}
+    if args.floor:
+        tools["floor"] = floor_cmd
     samples: dict[str, list] = {k: [] for k in tools}
     if not args.no_warmup:
         for name, cmd in tools.items():      # warm the page cache and the imports, untimed
@@ -339,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             partial.write_text(json.dumps(samples, indent=1))  # survives a timeout
 
+    floor_inner = None
+    if args.floor:
+        floor_inner = json.loads(subprocess.run(floor_cmd, env=env, capture_output=True, text=True,
+                                                check=True).stdout)
     ck_json = subprocess.run(ck_cmd, env=env, capture_output=True, text=True, check=True).stdout
     ck_summary = json.loads(ck_json)
     ck_err = adapter_errors(base_dir, merged_dir, out_ck, args.device, args.exact)
@@ -370,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "mergekit": {**summarize(samples["mergekit"]), "adapter_bytes": dir_bytes(out_mk),
                      "max_rel_error": max(v["rel_error"] for v in mk_err.values())},
         "ckpt_fallbacks": ck_summary["exact_fallbacks"],
+        "floor": ({**summarize(samples["floor"]), "inner": floor_inner} if args.floor else None),
         "error_ratio": err_ratio,
         "per_module_error_ratio": ratios,
         "per_module": {m: {"ckpt_tools": ck_err[m], "mergekit": mk_err[m]} for m in ck_err},

@@ -1,11 +1,11 @@
 """Bytes read and peak memory of ``migrate`` on large V1 checkpoints.
 
-    .venv/bin/python bench/migrate_bytes.py [--sizes 0.25,0.5,1,2] [--bin-size 1]
+    .venv/bin/python bench/migrate_bytes.py [--sizes 0.25,0.5,1,2,4] [--bin-sizes 0.5,1,2]
                                             [--workdir /tmp/ckpt-bench] [--keep]
 
 For each size a V1 checkpoint is generated (the DyLoRA-MoE state dict of a Llama-shaped model:
 large base weights, 4 LoRA experts of r=16 on q_proj/v_proj, a router; ``model.safetensors``,
-plus one ``pytorch_model.bin`` of ``--bin-size`` GB), written straight to disk without holding
+or ``pytorch_model.bin`` for ``--bin-sizes``), written straight to disk without holding
 it in memory, fsynced and dropped from the page cache. It is then migrated by
 ``ckpt-tools``' library in a child process, after a warm-up run that puts Python's own files in
 the page cache. Reported, from ``/proc/<pid>/io`` and ``wait4``:
@@ -19,7 +19,8 @@ the page cache. Reported, from ``/proc/<pid>/io`` and ``wait4``:
 - ``maxrss``: the child's peak resident memory (``VmHWM`` of its own process image);
 
 against the bytes of the tensors extracted (LoRA + router) and the file size. Results go to
-``bench/out/migrate_bytes.json`` and ``bench/out/migrate_bytes.md``.
+``bench/out/migrate_bytes.json``, ``bench/out/migrate_bytes.md`` and, when matplotlib is
+there, ``bench/out/migrate_bytes.png`` (peak RSS and bytes read against the file's size).
 """
 
 from __future__ import annotations
@@ -275,17 +276,67 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chart(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+        return False
+    fig, (ax_rss, ax_read) = plt.subplots(1, 2, figsize=(11, 4))
+    for fmt, marker in (("safetensors", "o"), ("bin", "s")):
+        pts = sorted((r["file_bytes"] / 1e9, r) for r in rows if r["format"] == fmt)
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        label = "model.safetensors" if fmt == "safetensors" else "pytorch_model.bin (zip)"
+        ax_rss.plot(xs, [r["maxrss_bytes"] / 1e6 for _, r in pts], marker=marker,
+                    label=f"peak RSS, {label}")
+        if fmt == "safetensors":
+            ax_rss.plot(xs, [x * 1e3 for x in xs], ":", color="gray",
+                        label="the merged file's size (for scale)")
+        ax_read.plot(xs, [r["read_bytes_migration"] / 1e6 for _, r in pts], marker=marker,
+                     label=f"read from storage, {label}")
+        if fmt == "safetensors":
+            ax_read.plot(xs, [r["extracted_bytes"] / 1e6 for _, r in pts], "k:",
+                         label="tensors extracted")
+            ax_read.plot(xs, [1.2 * r["extracted_bytes"] / 1e6 for _, r in pts], "r--", lw=0.8,
+                         label="1.2 x tensors extracted")
+    ax_rss.set_xlabel("merged file size (GB)")
+    ax_rss.set_ylabel("peak RSS of the migration (MB)")
+    ax_rss.set_ylim(bottom=0)
+    ax_rss.set_title("peak memory against the merged file's size")
+    ax_read.set_xlabel("merged file size (GB)")
+    ax_read.set_ylabel("MB")
+    ax_read.set_title("bytes read from storage (cold cache)")
+    for ax in (ax_rss, ax_read):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="0.25,0.5,1,2", help="safetensors sizes in GB")
-    ap.add_argument("--bin-size", type=float, default=1.0, help="one pytorch_model.bin of this "
-                    "size in GB (0: none)")
+    ap.add_argument("--sizes", default="0.25,0.5,1,2,4", help="safetensors sizes in GB")
+    ap.add_argument("--bin-sizes", default="0.5,1,2", help="pytorch_model.bin sizes in GB "
+                    "(empty: none)")
+    ap.add_argument("--render", action="store_true",
+                    help="only redraw the table and chart from bench/out/migrate_bytes.json")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ckpt-bench-migrate"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--child", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
+        return 0
+    if args.render:
+        rows = json.loads((OUT / "migrate_bytes.json").read_text())
+        (OUT / "migrate_bytes.md").write_text(render(rows))
+        chart(rows, OUT / "migrate_bytes.png")
+        print(render(rows))
         return 0
     sys.path.insert(0, str(REPO))
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -294,13 +345,13 @@ def main(argv=None) -> int:
         rows.append(measure(args.workdir, f"v1-{size:g}GB.safetensors", size, "safetensors",
                             args.keep))
         print(json.dumps(rows[-1]), flush=True)
-    if args.bin_size:
-        rows.append(measure(args.workdir, f"v1-{args.bin_size:g}GB.bin", args.bin_size, "bin",
-                            args.keep))
+    for size in [float(s) for s in args.bin_sizes.split(",") if s]:
+        rows.append(measure(args.workdir, f"v1-{size:g}GB.bin", size, "bin", args.keep))
         print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "migrate_bytes.json").write_text(json.dumps(rows, indent=2) + "\n")
     (OUT / "migrate_bytes.md").write_text(render(rows))
+    chart(rows, OUT / "migrate_bytes.png")
     print(render(rows))
     return 0
 

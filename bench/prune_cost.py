@@ -1,0 +1,128 @@
+"""prune's cost against audit's and against rm, side by side in one run.
+
+On a generated tree (bench/gen_tree.py; a third of the checkpoints redundant, each with a
+merged model.safetensors), each repetition times, alternating the order:
+
+- ``ckpt-tools audit --json TREE`` (the plan's anchor: a plan should cost what an audit costs);
+- ``ckpt-tools prune --dry-run --json --min-age 0 TREE``;
+- ``ckpt-tools prune --yes --json --min-age 0 COPY`` on a fresh copy of the tree;
+- ``rm -f`` of exactly the files that prune deleted, on another fresh copy (execution's
+  anchor: what the unlinks alone cost).
+
+so "execution adds only the unlinks" reads as (prune --yes − dry run) against rm's time.
+Copies are made with ``cp -a`` between timings and dropped afterwards. Writes
+bench/out/prune_cost.{json,md}.
+
+    python bench/prune_cost.py --checkpoints 10000 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from audit_vs_du import ckpt_tools_cmd  # noqa: E402
+from gen_tree import generate  # noqa: E402
+
+
+def timed(cmd: list[str], ok=(0,)) -> tuple[float, bytes]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode not in ok:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-800:]}")
+    return elapsed, proc.stdout
+
+
+def fresh_copy(master: Path, dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    subprocess.run(["cp", "-a", str(master), str(dest)], check=True)
+    subprocess.run(["sync"], check=False)
+    return dest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoints", type=int, default=10000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=HERE / "out")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-prune-", dir=args.workdir))
+    ck = ckpt_tools_cmd()
+    times: dict[str, list[float]] = {"audit": [], "dry-run": [], "prune --yes": [], "rm": []}
+    facts: dict = {}
+    try:
+        master = work / "tree"
+        info = generate(master, args.checkpoints)
+        audit_cmd = ck + ["audit", "--json", "--no-progress", str(master)]
+        dry_cmd = ck + ["prune", "--dry-run", "--json", "--no-progress", "--min-age", "0",
+                        str(master)]
+        timed(audit_cmd, ok=(0, 1))                       # warm the caches, untimed
+        _, out = timed(dry_cmd, ok=(0, 1))
+        plan = json.loads(out)
+        rels = [item["path"] for item in plan["deleted"]]   # relative to the root
+        facts.update(planned_files=len(rels), planned_bytes=plan["freed_bytes"])
+        for rep in range(args.reps):
+            order = ["audit", "dry-run", "prune --yes", "rm"]
+            for what in (order if rep % 2 == 0 else list(reversed(order))):
+                if what == "audit":
+                    t, _ = timed(audit_cmd, ok=(0, 1))
+                elif what == "dry-run":
+                    t, _ = timed(dry_cmd, ok=(0, 1))
+                elif what == "prune --yes":
+                    copy = fresh_copy(master, work / "copy")
+                    t, out = timed(ck + ["prune", "--yes", "--json", "--no-progress", "--min-age",
+                                         "0", str(copy)], ok=(0, 1))
+                    done = json.loads(out)
+                    facts["freed_bytes"] = done["freed_bytes"]
+                    facts["deleted_files"] = len(done["deleted"])
+                    shutil.rmtree(copy)
+                else:
+                    copy = fresh_copy(master, work / "copy")
+                    t, _ = timed(["sh", "-c", 'cd "$1" && shift && exec rm -f -- "$@"', "sh",
+                                  str(copy), *rels])
+                    shutil.rmtree(copy)
+                times[what].append(t)
+                print(f"rep {rep} {what}: {t:.3f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+           "command": " ".join([sys.executable] + (argv if argv is not None else sys.argv)),
+           "checkpoints": args.checkpoints, "files": info["files"], "reps": args.reps,
+           "times": times, "median": med, **facts,
+           "plan_over_audit": med["dry-run"] / med["audit"],
+           "execution_s": med["prune --yes"] - med["dry-run"],
+           "execution_over_rm": (med["prune --yes"] - med["dry-run"]) / med["rm"]}
+    (args.out / "prune_cost.json").write_text(json.dumps(doc, indent=2))
+    lines = [f"# prune cost ({args.checkpoints:,} checkpoints, {info['files']:,} files, "
+             f"{facts['planned_files']:,} merged files planned)", "",
+             "| command | wall time, median [min–max] |", "|---|---:|"]
+    for k, v in times.items():
+        lines.append(f"| {k} | {med[k]:.2f} s [{min(v):.2f}–{max(v):.2f}] |")
+    lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f}. Execution (prune --yes − dry run): "
+              f"{doc['execution_s']:.2f} s, against {med['rm']:.2f} s for rm of the same files "
+              f"({doc['execution_over_rm']:.1f}×). Promised {facts['planned_bytes']:,} bytes; "
+              f"freed {facts.get('freed_bytes', 0):,}."]
+    md = "\n".join(lines) + "\n"
+    (args.out / "prune_cost.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
+import pickle
+import select
+import signal
+import struct
 import time
 from collections.abc import Callable, Iterable
+from itertools import chain
+from operator import itemgetter
 
 from . import scanner
 from .pruner import plan_prune
 from .problems import Problem
-from .records import Checkpoint, CheckpointDir, Run, ScanResult
+from .records import Checkpoint, CheckpointDir, Run, ScanResult, checkpoint_record, file_rows
 from .validator import HEADERS, validate_checkpoint
 
 DEFAULT_MIN_AGE_S = 3600.0
@@ -28,24 +33,37 @@ def default_jobs() -> int:
     return max(1, min(n, 8))
 
 
-def _size(files, seen: set) -> int:
-    total = 0
-    for f in files:
-        key = (f.dev, f.ino)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += f.allocated
-    return total
+_INODE = itemgetter(3, 4)   # FileRecord row fields: dev, ino
+_DEV = itemgetter(3)
+_INO = itemgetter(4)
+_ALLOCATED = itemgetter(2)
+
+
+def _total_size(dirs) -> int:
+    """Allocated bytes of all the files of ``dirs``, a file hard-linked more than once into
+    them counted once (with the size its first link was seen with)."""
+    rows = list(chain.from_iterable(map(file_rows, dirs)))
+    rows.reverse()  # so that the first link seen is the last one written below
+    if len(set(map(_DEV, rows))) <= 1:  # one filesystem: the inode number is the file
+        seen = dict(zip(map(_INO, rows), map(_ALLOCATED, rows)))
+    else:
+        seen = dict(zip(map(_INODE, rows), map(_ALLOCATED, rows)))
+    return sum(seen.values())
+
+
+def _size(ckpt: CheckpointDir) -> int:
+    rows = file_rows(ckpt)
+    if len(set(map(_INODE, rows))) == len(rows):  # no two links to one file
+        return sum(map(_ALLOCATED, rows))
+    return _total_size((ckpt,))
 
 
 def classify(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
              now: float | None = None) -> Checkpoint:
     """Validate one scanned checkpoint directory and return its verdict as a record."""
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
-    return Checkpoint(dir=ckpt, status=v.status, layout=v.layout, problems=tuple(v.problems),
-                      merged_files=v.merged_files, num_experts=v.num_experts,
-                      size_bytes=_size(ckpt.files, set()), facts=v.facts)
+    return checkpoint_record(ckpt, v.status, v.layout, tuple(v.problems), v.merged_files,
+                             v.num_experts, _size(ckpt), facts=v.facts)
 
 
 def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
@@ -66,7 +84,7 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if jobs > 1 and "fork" in multiprocessing.get_all_start_methods():
+        if jobs > 1 and hasattr(os, "fork"):
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
         return _scan_here(roots, level, min_age_s, now, progress)
     finally:
@@ -120,7 +138,7 @@ def _plan(roots) -> tuple[list, list]:
 def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now) -> tuple:
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
     return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
-            _size(ckpt.files, set()), v.facts)
+            _size(ckpt), v.facts)
 
 
 def _run_unit(i: int) -> list:
@@ -146,8 +164,7 @@ def _run_units(lo_hi: tuple[int, int]) -> list:
 
 def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
     status, lay, probs, merged, n, size, facts = verdict
-    return Checkpoint(dir=d, status=status, layout=lay, problems=probs, merged_files=merged,
-                      num_experts=n, size_bytes=size, facts=facts)
+    return checkpoint_record(d, status, lay, probs, merged, n, size, facts=facts)
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResult:
@@ -157,22 +174,156 @@ def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResu
     _WORK = (walks, units, level, min_age_s, now)
     try:
         if jobs > 1:
-            ctx = multiprocessing.get_context("fork")
-            pool = ctx.Pool(jobs)
-            step = max(4, min(256, len(units) // (jobs * 8) or 1))
+            step = max(4, min(256, len(units) // (jobs * 8) or 1),
+                       -(-len(units) // _MAX_SPANS))
             spans = [(lo, min(lo + step, len(units))) for lo in range(0, len(units), step)]
-            results = (unit for batch in pool.imap(_run_units, spans) for unit in batch)
-        else:
-            pool = None
-            results = (_run_unit(i) for i in range(len(units)))
-        try:
-            return _gather(walks, units, results, progress)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            with _Workers(spans, jobs) as batches:
+                return _gather(walks, units, (u for batch in batches for u in batch), progress)
+        return _gather(walks, units, (_run_unit(i) for i in range(len(units))), progress)
     finally:
         _WORK = ()
+
+
+# Workers take spans of units from one pipe (4-byte span numbers, written before they start:
+# a read of 4 bytes takes one whole number, so whoever is free takes the next span) and
+# each writes its results to a pipe of its own, a frame per span: span number, length,
+# pickled list. The parent reads the frames as they come and hands them on in span order.
+
+_FRAME = struct.Struct("<iQ")  # span number (-1: the worker failed), payload length
+_SPAN = struct.Struct("<I")
+# All span numbers are written at once, before the workers start: they must fit in the
+# smallest pipe buffer (one page), and one write of at most PIPE_BUF bytes is atomic.
+_MAX_SPANS = 1024
+
+
+class _Workers:
+    """``with _Workers(spans, jobs) as batches``: forked workers run ``_run_units`` on each
+    span; ``batches`` yields the results span by span, in order. Leaving the block ends the
+    workers, whatever happened."""
+
+    def __init__(self, spans: list[tuple[int, int]], jobs: int):
+        self.spans = spans
+        self.jobs = jobs
+        self.pids: list[int] = []
+        self.fds: list[int] = []
+
+    def __enter__(self):
+        tasks_r, tasks_w = os.pipe()
+        try:
+            try:
+                os.write(tasks_w, b"".join(_SPAN.pack(i) for i in range(len(self.spans))))
+            finally:
+                os.close(tasks_w)
+            for _ in range(self.jobs):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker: never returns
+                    os.close(r)
+                    _worker_main(self.spans, tasks_r, w)
+                os.close(w)
+                self.pids.append(pid)
+                self.fds.append(r)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        finally:
+            os.close(tasks_r)
+        return self._batches()
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)  # done by now, or no longer wanted
+            except OSError:
+                pass
+        for pid in self.pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.pids = []
+
+    def _batches(self):
+        want = len(self.spans)
+        payloads: dict[int, bytes] = {}
+        readers = {fd: _FrameReader(fd) for fd in self.fds}
+        nxt = 0
+        while nxt < want:
+            while nxt in payloads:
+                yield pickle.loads(payloads.pop(nxt))
+                nxt += 1
+            if nxt == want:
+                break
+            if not readers:
+                raise RuntimeError("a worker process ended before its work was done")
+            for fd in select.select(list(readers), (), ())[0]:
+                frames = readers[fd].read()
+                if frames is None:  # end of file: the worker has exited
+                    del readers[fd]
+                    continue
+                for span, payload in frames:
+                    if span < 0:
+                        raise RuntimeError(f"a worker process failed:\n{payload.decode()}")
+                    payloads[span] = payload
+
+
+class _FrameReader:
+    """Frames from one worker's pipe, as whole frames arrive."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def read(self) -> list[tuple[int, bytes]] | None:
+        chunk = os.read(self.fd, 1 << 20)
+        if not chunk:
+            return None
+        buf = self.buf
+        buf += chunk
+        frames = []
+        at = 0
+        while len(buf) - at >= _FRAME.size:
+            span, n = _FRAME.unpack_from(buf, at)
+            end = at + _FRAME.size + n
+            if len(buf) < end:
+                break
+            frames.append((span, bytes(buf[at + _FRAME.size:end])))
+            at = end
+        del buf[:at]
+        return frames
+
+
+def _worker_main(spans, tasks: int, out: int) -> None:
+    """A forked worker's whole life: spans from ``tasks``, frames to ``out``, then _exit."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles ^C
+        while True:
+            raw = os.read(tasks, _SPAN.size)
+            if not raw:
+                break
+            (span,) = _SPAN.unpack(raw)
+            payload = pickle.dumps(_run_units(spans[span]), pickle.HIGHEST_PROTOCOL)
+            _write_all(out, _FRAME.pack(span, len(payload)) + payload)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        code = 1
+        try:
+            import traceback
+            report = traceback.format_exc().encode()
+            _write_all(out, _FRAME.pack(-1, len(report)) + report)
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)  # no atexit handlers, no flushing of the parent's buffers
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _gather(walks, units, results, progress) -> ScanResult:
@@ -212,14 +363,13 @@ def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems
     freed = plan.by_checkpoint()
     runs: dict[tuple[str, str], list[Checkpoint]] = {}
     for c in checkpoints:
-        rec = freed.get((c.dir.root, c.path), 0)
+        d = c.dir
+        rec = freed.get((d.root, d.path), 0) if freed else 0
         if rec:
-            c = Checkpoint(dir=c.dir, status=c.status, layout=c.layout, problems=c.problems,
-                           merged_files=c.merged_files, num_experts=c.num_experts,
-                           size_bytes=c.size_bytes, reclaimable_bytes=rec, facts=c.facts)
-        runs.setdefault((c.dir.root, c.run), []).append(c)
+            c = checkpoint_record(d, c.status, c.layout, c.problems, c.merged_files,
+                                  c.num_experts, c.size_bytes, rec, c.facts)
+        runs.setdefault((d.root, d.run), []).append(c)
     run_records = tuple(Run(root, path, tuple(cs)) for (root, path), cs in runs.items())
-    seen: set = set()
-    total = sum(_size(c.dir.files, seen) for r in run_records for c in r.checkpoints)
+    total = _total_size(c.dir for r in run_records for c in r.checkpoints)
     return ScanResult(roots=roots, runs=run_records, problems=tuple(problems),
                       total_size_bytes=total)

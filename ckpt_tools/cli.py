@@ -7,7 +7,6 @@ root that cannot be scanned, 75 a lock is held by another run, 130 interrupted.
 from __future__ import annotations
 
 import sys
-import traceback
 from dataclasses import dataclass
 
 import click
@@ -93,7 +92,24 @@ class Duration(click.ParamType):
             self.fail(exc.message, param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group. prune and migrate live in their own modules, which add their
+    command to the group (``register``) when it is first asked for: starting ``audit``
+    does not import them. A module that fails to import fails that command, loudly."""
+
+    _MODULES = {"prune": "cli_prune", "migrate": "cli_migrate"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._MODULES))
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in self._MODULES and name not in self.commands:
+            import importlib
+            importlib.import_module(f"{__package__}.{self._MODULES[name]}").register(self)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-tools")
 @output_options
 @click.pass_context
@@ -173,16 +189,6 @@ def validate(ctx, checkpoints, deep, min_age, **opts):
     ctx.exit(EXIT_PROBLEMS if bad else EXIT_OK)
 
 
-def _register_commands() -> None:
-    """prune and migrate live in their own modules; they add themselves to the group."""
-    from . import cli_migrate, cli_prune
-    cli_prune.register(cli)
-    cli_migrate.register(cli)
-
-
-_register_commands()
-
-
 def main(argv=None) -> int:
     """Entry point: one clear line and an exit code for every failure, never a traceback."""
     from .scanner import ScanError
@@ -208,6 +214,7 @@ def main(argv=None) -> int:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the single top-level handler
         if verbose:
+            import traceback
             traceback.print_exc()
         click.echo(f"ckpt-tools: error: {type(exc).__name__}: {exc}"
                    + ("" if verbose else " (run with -v for the traceback)"), err=True)

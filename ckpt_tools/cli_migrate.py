@@ -240,4 +240,9 @@ def register(cli: click.Group) -> None:
             click.echo(dumps({"dry_run": False} | result.to_dict()))
         else:
             click.echo(render_result(result, plan, verbose=out.verbose, quiet=out.quiet))
-        ctx.exit(EXIT_PROBLEMS if result.failed else EXIT_OK)
+        # a directory of SRC that could not be listed: whatever it holds was not migrated
+        unread = [p for p in plan.problems if p.get("severity") == "error"]
+        for p in unread:
+            click.echo(f"ckpt-tools: error: {_where(plan.src, p['path'])}: {p['code']}: "
+                       f"{p['message']}; nothing under it was migrated", err=True)
+        ctx.exit(EXIT_PROBLEMS if result.failed or unread else EXIT_OK)

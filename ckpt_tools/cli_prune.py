@@ -176,6 +176,12 @@ def register(cli: click.Group) -> None:
 
     def _run(ctx, out, roots, dry_run, yes, min_age, jobs, log, multi_root) -> int:
         scan = _scan(out, roots, min_age_s=min_age, jobs=jobs)
+        if out.json or out.quiet:
+            # render_plan lists these on stdout, which --json and cron's -q do not show:
+            # a directory that could not be read must still reach someone
+            for p in scan.problems:
+                if p.is_error:
+                    click.echo(f"ckpt-tools: {p.line()}", err=True)
         plan = plan_prune(scan.checkpoints)
         emit_plan(plan, log=log)
         promised = PruneResult.from_plan(plan)

@@ -15,15 +15,24 @@ and the parent directory fsynced. The marker file ``.ckpt-tools-migrated.json``,
 last, records the identity of every input file: a re-run skips targets whose marker
 matches their source and redoes the rest. The source is only ever read.
 
+A disk that fills up or fails (ENOSPC, EIO, ...) while a target is written or synced fails
+that checkpoint alone, with one line naming the condition and the file as it would have been
+named under DST; the others go on. Its temporary directory is removed (retried past a failed
+unlink; where the file system refuses even that, it stays, hidden, and the next migrate of
+that DST removes it), and so are the run directories made for it alone. A failed fsync of the
+parent after the rename takes the rename back: a target reported failed is never left in place.
+
 ``build_conversion`` (the in-memory half) is shared with ``loader.load_checkpoint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -35,6 +44,7 @@ from dataclasses import dataclass, field
 
 from . import __version__, layout, scanner
 from .layout import Role
+from .problems import FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
 from .validator import HEADERS, Verdict, validate_checkpoint
 
@@ -343,112 +353,283 @@ def _target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[
 # --- fault injection (tests) ---------------------------------------------------------------
 
 class _Faults:
-    """``CKPT_TOOLS_FAULT=<point>:<n>``: SIGKILL this process at the n-th time ``point`` is hit.
+    """Test-only fault injection, set by ``CKPT_TOOLS_FAULT`` (unset in real use: a no-op).
 
-    Points: ``after_write`` (a file of a target written), ``before_rename``, ``after_rename``.
+    ``<point>:<n>`` SIGKILLs this process the n-th time ``point`` is hit. Points:
+    ``after_write`` (a file of a target written), ``before_rename``, ``after_rename``.
+
+    ``<error>@<op>:<n>`` makes the n-th ``op`` fail with a real ``OSError``; ``error`` is
+    ``enospc`` or ``eio``. Ops: ``write`` (each file of a target: it is left cut to half its
+    length, as a full disk leaves it; a hard link is not created), ``fsync`` (each fsync of a
+    target's files and directories and of its parent), ``remove`` (each unlink or rmdir while
+    a failed target's temporary directory is removed).
+
+    Several specs may be given, comma-separated: ``enospc@write:3,eio@remove:1``. Counts run
+    over the whole process, so with ``--jobs 1`` the same n always strikes the same file.
     """
 
+    ERRORS = {"enospc": errno.ENOSPC, "eio": errno.EIO}
+    OPS = ("write", "fsync", "remove")
+
     def __init__(self, spec: str | None):
-        self.point = None
-        self.n = 0
-        self.count = 0
+        self.kills: dict[str, int] = {}
+        self.errors: dict[str, tuple[int, int]] = {}     # op -> (errno, n)
+        self.counts: Counter = Counter()
         self.lock = threading.Lock()
-        if spec:
-            point, _, n = spec.partition(":")
-            self.point, self.n = point, int(n or 1)
+        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+            what, _, n = part.partition(":")
+            count = int(n or 1)
+            if "@" not in what:
+                self.kills[what] = count
+                continue
+            err, _, op = what.partition("@")
+            if err not in self.ERRORS or op not in self.OPS:
+                raise ValueError(f"{FAULT_ENV}: {part!r}: expected <point>:<n> or "
+                                 f"<{'|'.join(self.ERRORS)}>@<{'|'.join(self.OPS)}>:<n>")
+            self.errors[op] = (self.ERRORS[err], count)
+
+    def _nth(self, key: str, n: int) -> bool:
+        with self.lock:
+            self.counts[key] += 1
+            return self.counts[key] == n
 
     def hit(self, point: str) -> None:
-        if point != self.point:
-            return
-        with self.lock:
-            self.count += 1
-            if self.count == self.n:
-                os.kill(os.getpid(), signal.SIGKILL)
+        if point in self.kills and self._nth(point, self.kills[point]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def fail(self, op: str, path: str) -> None:
+        """Raise the injected ``OSError`` if this is the n-th ``op``."""
+        if op in self.errors:
+            code, n = self.errors[op]
+            if self._nth("@" + op, n):
+                raise OSError(code, os.strerror(code), path)
+
+
+_NO_FAULTS = _Faults(None)
+
+
+# --- I/O failures, in words ----------------------------------------------------------------
+
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EIO: "I/O error", errno.EROFS: "read-only file system",
+                   errno.EFBIG: "file too large"}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """What a failed write or fsync means, in words ("no space left on device", "I/O error",
+    ...), or None when ``exc`` is not the storage failing.
+
+    Recognised from an ``OSError``, from safetensors' writer (a ``SafetensorError`` whose text
+    ends in "(os error 28)") and from torch.save writing to a Python file (a ``RuntimeError``
+    raised while the ``OSError`` was being handled).
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None and not isinstance(e, OSError):
+            found = _OS_ERROR_CODE.search(str(e))
+            code = int(found.group(1)) if found else None
+        if code in _STORAGE_ERRORS:
+            return _STORAGE_ERRORS[code]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # --- durable file writing ----------------------------------------------------------------
 
-def _fsync_path(path: str, directory: bool = False) -> None:
+def _fsync_path(path: str, directory: bool = False, faults: _Faults | None = None) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
+        if faults is not None:
+            faults.fail("fsync", path)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _fsync_tree(top: str) -> None:
+def _fsync_tree(top: str, faults: _Faults, shown: Callable[[str], str]) -> None:
+    """fsync every file and directory under ``top``; a failure names the file as ``shown``."""
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p):
-                _fsync_path(p)
-        _fsync_path(dirpath, directory=True)
+        paths = [(os.path.join(dirpath, n), False) for n in filenames] + [(dirpath, True)]
+        for p, is_dir in paths:
+            if not is_dir and os.path.islink(p):
+                continue
+            try:
+                _fsync_path(p, directory=is_dir, faults=faults)
+            except OSError as exc:
+                why = storage_error(exc)
+                if why is None:
+                    raise
+                raise CheckpointFailure(f"{why} syncing {shown(p)}") from None
+
+
+def _remove_tree(path: str, faults: _Faults) -> OSError | None:
+    """Remove ``path`` and everything under it, going on past errors; the first error, or None."""
+    first: OSError | None = None
+
+    def remove(p: str, rm: Callable[[str], None]) -> None:
+        nonlocal first
+        try:
+            faults.fail("remove", p)
+            rm(p)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            first = first or exc
+
+    if not os.path.lexists(path):
+        return None
+    if os.path.islink(path) or not os.path.isdir(path):
+        remove(path, os.unlink)
+        return first
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            remove(os.path.join(dirpath, name), os.unlink)
+        remove(dirpath, os.rmdir)
+    return first if os.path.lexists(path) else None
+
+
+def _discard(path: str, faults: _Faults, shown: str) -> str | None:
+    """Remove a temporary directory, retrying past a failed unlink; None once it is gone, else
+    why it stays (the next migrate of that DST removes it: ``clean_stale``)."""
+    error = None
+    for _ in range(3):
+        error = _remove_tree(path, faults)
+        if error is None:
+            return None
+    why = storage_error(error) or (error.strerror or str(error)).lower()
+    return (f"the temporary directory {shown} could not be removed ({why}: {error.filename}); "
+            "the next migrate of this DST removes it")
 
 
 class _Writer:
-    """Writes the files of one target under its temporary directory."""
+    """Writes the files of one target under its temporary directory.
 
-    def __init__(self, root: str, faults: _Faults, link: bool):
+    A file that cannot be written (a full disk, an I/O error) becomes one ``CheckpointFailure``
+    naming it under ``shown``, the target as the user knows it (not its temporary name).
+    """
+
+    def __init__(self, root: str, faults: _Faults, link: bool, shown: str):
         self.root = root
         self.faults = faults
         self.link = link
+        self.shown = shown
         self.written: dict[str, int] = {}
         self.warnings: list[str] = []
 
-    def path(self, rel: str) -> str:
-        p = os.path.join(self.root, *rel.split("/"))
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        return p
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/"))
+
+    def shown_path(self, path: str) -> str:
+        """``path`` under the temporary directory, as it will be named under the target."""
+        if _inside(path, self.root):
+            return self.shown + path[len(self.root):]
+        return path
 
     def done(self, rel: str) -> None:
-        self.written[rel] = os.path.getsize(os.path.join(self.root, *rel.split("/")))
+        self.written[rel] = os.path.getsize(self._abs(rel))
         self.faults.hit("after_write")
 
+    def _write(self, rels: tuple[str, ...], write: Callable[..., None], *, shared: bool = False) -> None:
+        """``write(*paths)`` creates the files ``rels``.
+
+        ``shared``: the file may be a hard link to a source file, so an injected fault strikes
+        before it is made and never cuts it.
+        """
+        paths = [self._abs(r) for r in rels]
+        failing = paths[0]
+        try:
+            os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+            if shared:
+                self.faults.fail("write", paths[0])
+            write(*paths)
+            for p in [] if shared else paths:
+                failing = p
+                try:
+                    self.faults.fail("write", p)
+                except OSError:
+                    os.truncate(p, os.path.getsize(p) // 2)
+                    raise
+        except Exception as exc:  # noqa: BLE001 - libraries wrap OSError in their own types
+            why = storage_error(exc)
+            if why is None:
+                raise
+            where = getattr(exc, "filename", None)
+            if not (isinstance(where, str) and _inside(where, self.root)):
+                where = failing
+            raise CheckpointFailure(f"{why} writing {self.shown_path(where)}") from None
+        for rel in rels:
+            self.done(rel)
+
     def copy(self, src_abs: str, rel: str, *, allow_link: bool = True) -> None:
-        dst = self.path(rel)
-        if self.link and allow_link:
+        def copy_bytes(dst: str) -> None:
+            shutil.copyfile(src_abs, dst)      # follows a symlink inside the root: its content
+            try:
+                shutil.copystat(src_abs, dst)  # mode and times: carried files stay byte-and-stat equal
+            except OSError:
+                pass
+
+        def link_or_copy(dst: str) -> None:
             try:
                 os.link(os.path.realpath(src_abs), dst)
-                self.done(rel)
-                return
             except OSError as exc:
+                if exc.errno in _STORAGE_ERRORS:    # a copy would fail the same way
+                    raise
                 if not self.warnings or "hard link" not in self.warnings[-1]:
                     self.warnings.append(f"cannot hard-link ({exc.strerror or exc}); copied instead")
-        shutil.copyfile(src_abs, dst)      # follows a symlink inside the root: its content
-        try:
-            shutil.copystat(src_abs, dst)  # mode and times: carried files stay byte-and-stat equal
-        except OSError:
-            pass
-        self.done(rel)
+                copy_bytes(dst)
+
+        if self.link and allow_link:
+            self._write((rel,), link_or_copy, shared=True)
+        else:
+            self._write((rel,), copy_bytes)
 
     def json(self, rel: str, doc: dict) -> None:
-        with open(self.path(rel), "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        self.done(rel)
+        def write(path: str) -> None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        self._write((rel,), write)
 
     def torch_save(self, rel: str, obj) -> None:
         import torch
-        torch.save(obj, self.path(rel))
-        self.done(rel)
+
+        def write(path: str) -> None:
+            # through a Python file: a failed write then carries its OSError (errno), where
+            # torch's own C++ writer only says "unexpected pos"
+            with open(path, "wb") as fh:
+                torch.save(obj, fh)
+        self._write((rel,), write)
 
     def adapter(self, rel_dir: str, tensors: dict, config: dict) -> None:
         from peft import LoraConfig
         from safetensors.torch import save_file
-        d = self.path(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, d, metadata={"format": "pt"})
-        self.done(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
-        # the file PEFT writes for this config, with target_modules in a stable order: PEFT
-        # keeps them in a set, whose order changes from one process to the next
-        LoraConfig(**config).save_pretrained(os.path.dirname(d))
-        cfg_path = os.path.join(os.path.dirname(d), layout.ADAPTER_CONFIG)
-        with open(cfg_path, encoding="utf-8") as fh:
-            written = json.load(fh)
-        if isinstance(written.get("target_modules"), list):
-            written["target_modules"] = sorted(written["target_modules"])
-            with open(cfg_path, "w", encoding="utf-8") as fh:
-                json.dump(written, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-        self.done(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
+
+        def weights(path: str) -> None:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+        def config_file(path: str) -> None:
+            # the file PEFT writes for this config, with target_modules in a stable order: PEFT
+            # keeps them in a set, whose order changes from one process to the next
+            LoraConfig(**config).save_pretrained(os.path.dirname(path))
+            with open(path, encoding="utf-8") as fh:
+                written = json.load(fh)
+            if isinstance(written.get("target_modules"), list):
+                written["target_modules"] = sorted(written["target_modules"])
+                with open(path, "w", encoding="utf-8") as fh:
+                    json.dump(written, fh, indent=2, sort_keys=True)
+                    fh.write("\n")
+
+        self._write((f"{rel_dir}/{layout.ADAPTER_WEIGHTS}",), weights)
+        self._write((f"{rel_dir}/{layout.ADAPTER_CONFIG}",), config_file)
+
+    def extracted_adapter(self, rel_dir: str, extraction) -> None:
+        """A low-rank extraction's adapter_model.safetensors and adapter_config.json."""
+        from . import lowrank
+        self._write((f"{rel_dir}/{layout.ADAPTER_WEIGHTS}", f"{rel_dir}/{layout.ADAPTER_CONFIG}"),
+                    lambda weights, config: lowrank.write_adapter(extraction, os.path.dirname(weights)))
 
 
 # --- the in-memory conversion (shared with the loader) ------------------------------------
@@ -538,6 +719,33 @@ def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) 
         raise CheckpointFailure(f"{path}: not a checkpoint directory")
     verdict = validate_checkpoint(mine[0], level=HEADERS, min_age_s=min_age_s, now=now)
     return _Source(os.path.abspath(path), mine[0], verdict)
+
+
+def _refuse_unsafe_links(src: _Source, root: str, shown: str) -> None:
+    """Migrate reads the files it carries by path: none may be a symlink leading out of
+    ``root`` (SRC; symlinks are never followed out of a root), nor a FIFO or a device
+    (reading one blocks, or never ends). ``shown`` names the checkpoint under SRC."""
+    import stat as _stat
+    root_real = os.path.realpath(root)
+    real = os.path.realpath(src.abspath)
+    if not _inside(real, root_real):
+        raise CheckpointFailure(f"{shown}: now leads to {real}, outside {root} (a directory was "
+                                "replaced by a symlink); migrate never follows a symlink out of SRC")
+    for f in src.ckpt.files:
+        path = src.abs(f.relpath)
+        where = f.relpath if shown == "." else f"{shown}/{f.relpath}"
+        if f.is_symlink:
+            real = os.path.realpath(path)
+            if not _inside(real, root_real):
+                raise CheckpointFailure(f"{where}: a symlink to {real}, outside {root}; "
+                                        "migrate never follows a symlink out of SRC")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue    # a dangling link or a loop: the reader that needs it says so
+        if not (_stat.S_ISREG(mode) or _stat.S_ISDIR(mode)):
+            raise CheckpointFailure(f"{where}: not a regular file (a FIFO, socket or device); "
+                                    "not reading it")
 
 
 # tensors ------------------------------------------------------------------------------
@@ -1088,11 +1296,7 @@ def _write_conversion(conv: Conversion, w: _Writer) -> None:
     for ex in conv.experts:
         rel_dir = f"{peft}/{ex.name}"
         if conv.method == METHOD_SVD:
-            from . import lowrank
-            lowrank.write_adapter(conv.extraction, w.path(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
-                                  .rsplit(os.sep, 1)[0])
-            w.done(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}")
-            w.done(f"{rel_dir}/{layout.ADAPTER_CONFIG}")
+            w.extracted_adapter(rel_dir, conv.extraction)
         elif ex.adapter_dir is not None:
             # PEFT's own files (V5, nested): already canonical, carried byte for byte
             w.copy(os.path.join(ex.adapter_dir, layout.ADAPTER_WEIGHTS),
@@ -1165,10 +1369,15 @@ def clean_stale(parent: str) -> list[str]:
     for e in entries:
         if e.name.startswith((layout.MIGRATE_TMP_PREFIX, layout.MIGRATE_OLD_PREFIX)) and \
                 e.is_dir(follow_symlinks=False):
-            _rmtree(e.path)
-            removed.append(e.path)
+            # one that cannot be removed (a failing disk) stays hidden and never stops the run:
+            # new temporary directories carry this run's pid
+            if _remove_tree(e.path, _NO_FAULTS) is None:
+                removed.append(e.path)
     if removed:
-        _fsync_path(parent, directory=True)
+        try:
+            _fsync_path(parent, directory=True)
+        except OSError:
+            pass    # only the removals' durability: their directories are gone either way
     return removed
 
 
@@ -1182,6 +1391,69 @@ class _Context:
 def _target_abs(plan: MigratePlan, item: MigrateItem) -> str:
     return os.path.abspath(plan.dst if item.target == "." else
                            os.path.join(plan.dst, *item.target.split("/")))
+
+
+def _shown_target(plan: MigratePlan, item: MigrateItem) -> str:
+    """The target as the user named it (DST as given, then the relative path)."""
+    return plan.dst if item.target == "." else os.path.join(plan.dst, *item.target.split("/"))
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    """Remove the directories made for a target that failed, deepest first, while empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+class _SourceChanged(Exception):
+    """A file of the source vanished or changed while it was read: begin that checkpoint again.
+
+    A prune of SRC may delete merged weights between their validation and their read: migrate
+    holds SRC's lock (shared) only where SRC already has a lock file, as it never writes there.
+    """
+
+
+_SOURCE_ATTEMPTS = 3
+
+
+def _source_changed(src: _Source, digest: str) -> bool:
+    """Whether the input files of ``src`` are no longer those ``digest`` was computed from."""
+    try:
+        now = open_source(src.abspath)
+    except Exception:  # noqa: BLE001 - gone or unreadable: it changed
+        return True
+    return _digest(_input_files(now.ckpt, now.verdict.facts)) != digest
+
+
+def _migrate_fresh(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
+    """``_migrate_one``, begun again from the source as it now is when it changed while read."""
+    changed: list[str] = []
+    for _ in range(_SOURCE_ATTEMPTS):
+        try:
+            out = _migrate_one(ctx, item)
+        except _SourceChanged as exc:
+            changed.append(str(exc))
+            continue
+        if changed and out.outcome != "failed":
+            out = dataclasses.replace(out, warnings=out.warnings + (
+                f"note: the source changed while it was read ({changed[-1]}); done again from "
+                "the source as it now is",))
+        return out
+    raise CheckpointFailure(f"the source kept changing while it was read: {changed[-1]}")
 
 
 def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
@@ -1208,6 +1480,7 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
                                              v.merged_files, v.num_experts, facts=v.facts))
     if method is None:
         return outcome("skipped", reason=why_not)
+    _refuse_unsafe_links(src, plan.src, item.source)
     digest = _digest(_input_files(src.ckpt, v.facts))
 
     state, detail = _target_state(target, digest)
@@ -1217,66 +1490,128 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
         raise CheckpointFailure(f"target {target} exists: {detail}")
 
     parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
     name = os.path.basename(target)
     tmp = os.path.join(parent, f"{layout.MIGRATE_TMP_PREFIX}{name}-{os.getpid()}")
+    shown = _shown_target(plan, item)
+    new_dirs = _missing_dirs(parent)
+    try:
+        result = _write_target(ctx, src, method, state, digest, item, target, tmp, shown, outcome)
+    except BaseException as exc:
+        left = _discard(tmp, ctx.faults, os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
+        _remove_empty(new_dirs)
+        reason = str(exc) if isinstance(exc, CheckpointFailure) else None
+        # only an OSError of its own here (mkdir, rename, a read): the writer names the file
+        # of a failed write itself, and other exceptions go up as they are
+        why = storage_error(exc) if reason is None and isinstance(exc, OSError) else None
+        if why is not None:
+            where = getattr(exc, "filename", None)
+            if isinstance(where, str) and _inside(where, tmp):
+                where = shown + where[len(tmp):]
+            reason = f"{why}: {where}" if isinstance(where, str) else f"{why} migrating to {shown}"
+        if reason is None:
+            raise       # a bug: execute_migrate reports it (its traceback with -v)
+        raise CheckpointFailure(reason + (f"; {left}" if left else "")) from None
+    left = _discard(tmp, ctx.faults, tmp)      # a --verify failure leaves it; a success renamed it
+    if result.outcome == "failed":
+        _remove_empty(new_dirs)
+    if left:
+        result = dataclasses.replace(result, warnings=result.warnings + (f"warning: {left}",))
+    return result
+
+
+def _write_target(ctx: _Context, src: _Source, method: str, state: str, digest: str,
+                  item: MigrateItem, target: str, tmp: str, shown: str,
+                  outcome: Callable[..., MigrateOutcome]) -> MigrateOutcome:
+    """Build the target under ``tmp``, verify it, rename it into place: all or nothing."""
+    opts, v = ctx.plan.options, src.verdict
+    parent = os.path.dirname(target)
+    name = os.path.basename(target)
+    os.makedirs(parent, exist_ok=True)
     _rmtree(tmp)
     os.mkdir(tmp)
     try:
         conv = build_conversion(src, method, opts, run_cache=ctx.run_cache)
-        w = _Writer(tmp, ctx.faults, opts.link)
+        w = _Writer(tmp, ctx.faults, opts.link, shown)
         _write_conversion(conv, w)
-        marker = {
-            "format": _MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
-            "source": item.source, "source_path": os.path.realpath(src_abs),
-            "layout": v.layout, "method": method, "experts": conv.num_experts,
-            "max_rel_error": conv.max_rel_error, "inputs_digest": digest,
-            "inputs": [list(x) for x in _input_files(src.ckpt, v.facts)],
-            "written": dict(sorted(w.written.items())),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        w.json(layout.MIGRATED_MARKER, marker)
-        _fsync_tree(tmp)
-        _fsync_path(parent, directory=True)
+    except (OSError, FormatError) as exc:
+        if _source_changed(src, digest):
+            raise _SourceChanged(f"{type(exc).__name__}: {exc}") from exc
+        raise
+    marker = {
+        "format": _MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
+        "source": item.source, "source_path": os.path.realpath(src.abspath),
+        "layout": v.layout, "method": method, "experts": conv.num_experts,
+        "max_rel_error": conv.max_rel_error, "inputs_digest": digest,
+        "inputs": [list(x) for x in _input_files(src.ckpt, v.facts)],
+        "written": dict(sorted(w.written.items())),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    w.json(layout.MIGRATED_MARKER, marker)
+    _fsync_tree(tmp, ctx.faults, w.shown_path)
+    _fsync_dir(parent, ctx.faults, os.path.dirname(shown))
 
-        # verify before committing: our validator, then the tensors read back
-        _, tv = _validate_dir(tmp, name)
-        errors = [p for p in tv.problems if p.is_error]
-        if errors or tv.status != PEFT_ONLY:
-            why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
-            raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
-        if tv.layout != layout.CANONICAL:
-            raise CheckpointFailure(f"the written checkpoint is {tv.layout}, not canonical")
-        _reread_check(conv, tmp)
-        verify = None
-        if opts.verify:
-            from .loader import verify_conversion
-            verify = verify_conversion(conv, tmp, src, opts)
-            if not verify["passed"]:
-                why = verify.get("error") or (
-                    f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
-                    f"tolerance {verify['tolerance']:g}")
-                return outcome("failed", method=method, verify=verify, reason=f"--verify: {why}")
+    # verify before committing: our validator, then the tensors read back
+    _, tv = _validate_dir(tmp, name)
+    errors = [p for p in tv.problems if p.is_error]
+    if errors or tv.status != PEFT_ONLY:
+        why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
+        raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
+    if tv.layout != layout.CANONICAL:
+        raise CheckpointFailure(f"the written checkpoint is {tv.layout}, not canonical")
+    _reread_check(conv, tmp)
+    verify = None
+    if opts.verify:
+        from .loader import verify_conversion
+        verify = verify_conversion(conv, tmp, src, opts)
+        if not verify["passed"]:
+            why = verify.get("error") or (
+                f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
+                f"tolerance {verify['tolerance']:g}")
+            return outcome("failed", method=method, verify=verify, reason=f"--verify: {why}")
 
-        ctx.faults.hit("before_rename")
-        if state == "stale":
-            old = os.path.join(parent, f"{layout.MIGRATE_OLD_PREFIX}{name}-{os.getpid()}")
-            _rmtree(old)
-            os.rename(target, old)
+    ctx.faults.hit("before_rename")
+    old = None
+    warnings = list(conv.warnings + w.warnings)
+    if state == "stale":
+        old = os.path.join(parent, f"{layout.MIGRATE_OLD_PREFIX}{name}-{os.getpid()}")
+        _rmtree(old)
+        os.rename(target, old)
+        try:
             os.rename(tmp, target)
-            _fsync_path(parent, directory=True)
-            _rmtree(old)
-        else:
-            if os.path.isdir(target):
-                os.rmdir(target)     # absent or an empty directory (checked above)
-            os.rename(tmp, target)
-        _fsync_path(parent, directory=True)
-        ctx.faults.hit("after_rename")
-    finally:
-        _rmtree(tmp)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    else:
+        if os.path.isdir(target):
+            os.rmdir(target)     # absent or an empty directory (checked above)
+        os.rename(tmp, target)
+    try:
+        # the rename is what commits the target: a failed fsync of it undoes it, so that what
+        # is reported (failed) is what is on disk (no target, or the old one)
+        _fsync_dir(parent, ctx.faults, os.path.dirname(shown))
+    except BaseException:
+        os.rename(target, tmp)
+        if old is not None:
+            os.rename(old, target)
+        raise
+    ctx.faults.hit("after_rename")
+    if old is not None:
+        left = _discard(old, ctx.faults, old)
+        if left:
+            warnings.append(f"warning: {left}")
     return outcome("migrated", method=method, experts=conv.num_experts,
                    max_rel_error=conv.max_rel_error, module_errors=conv.module_errors,
-                   verify=verify, warnings=tuple(conv.warnings + w.warnings))
+                   verify=verify, warnings=tuple(warnings))
+
+
+def _fsync_dir(path: str, faults: _Faults, shown: str) -> None:
+    try:
+        _fsync_path(path, directory=True, faults=faults)
+    except OSError as exc:
+        why = storage_error(exc)
+        if why is None:
+            raise
+        raise CheckpointFailure(f"{why} syncing the directory {shown or '.'}") from None
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -1350,7 +1685,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
             if on_event:
                 on_event(MigrateEvent("start", item))
             try:
-                out = _migrate_one(ctx, item)
+                out = _migrate_fresh(ctx, item)
             except CheckpointFailure as exc:
                 out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
                                      reason=str(exc))

@@ -33,6 +33,7 @@ class FileRecord:
     symlink_target: str | None = None   # absolute, resolved; None when dangling or not a link
     escapes_root: bool = False          # a symlink whose target lies outside the root
     target_size: int | None = None      # size of the symlink's target when it stays in the root
+    is_regular: bool = True             # a regular file (not a link, FIFO, socket or device)
 
     @property
     def identity(self) -> tuple[int, int, int, int]:
@@ -45,7 +46,7 @@ class FileRecord:
 
 
 _FILE_FIELDS = ("relpath", "size", "allocated", "dev", "ino", "nlink", "mtime_ns", "is_symlink",
-                "symlink_target", "escapes_root", "target_size")
+                "symlink_target", "escapes_root", "target_size", "is_regular")
 _new = object.__new__
 _set = object.__setattr__
 
@@ -63,13 +64,13 @@ def file_records_from_rows(rows) -> tuple[FileRecord, ...]:
     out = []
     append = out.append
     for (relpath, size, allocated, dev, ino, nlink, mtime_ns, is_symlink, symlink_target,
-         escapes_root, target_size) in rows:
+         escapes_root, target_size, is_regular) in rows:
         rec = _new(FileRecord)
         _set(rec, "__dict__", {
             "relpath": relpath, "size": size, "allocated": allocated, "dev": dev, "ino": ino,
             "nlink": nlink, "mtime_ns": mtime_ns, "is_symlink": is_symlink,
             "symlink_target": symlink_target, "escapes_root": escapes_root,
-            "target_size": target_size})
+            "target_size": target_size, "is_regular": is_regular})
         append(rec)
     return tuple(out)
 
@@ -96,10 +97,48 @@ class CheckpointDir:
         return os.path.normpath(os.path.join(self.root, self.path))
 
     def file(self, relpath: str) -> FileRecord | None:
+        if "files" not in self.__dict__:  # built from rows: make only the record asked for
+            for row in self.__dict__["_file_rows"]:
+                if row[0] == relpath:
+                    return file_record_from_row(row)
+            return None
         for f in self.files:
             if f.relpath == relpath:
                 return f
         return None
+
+    def __getattr__(self, name: str):
+        # Reached only for an attribute the instance lacks: ``files`` of a directory that
+        # ``checkpoint_from_rows`` made, which holds the rows and builds the records on
+        # first use (a scan makes tens of thousands and most are never looked at).
+        if name == "files":
+            rows = self.__dict__.get("_file_rows")
+            if rows is not None:
+                files = file_records_from_rows(rows)
+                _set(self, "files", files)
+                return files
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+_CKPT_FIELDS = ("root", "path", "run", "name", "step", "_file_rows", "newest_mtime_ns",
+                "tmp_name", "unreadable", "dev", "ino")
+
+
+def checkpoint_from_rows(values: tuple) -> CheckpointDir:
+    """The ``CheckpointDir`` of the field values ``values``, in declaration order, with
+    ``files`` as FileRecord rows (see ``file_records_from_rows``); its records are built
+    when first asked for."""
+    ckpt = _new(CheckpointDir)
+    _set(ckpt, "__dict__", dict(zip(_CKPT_FIELDS, values)))
+    return ckpt
+
+
+def file_rows(ckpt: CheckpointDir) -> tuple[tuple, ...]:
+    """``ckpt``'s files as FileRecord rows, without building records that do not exist yet."""
+    rows = ckpt.__dict__.get("_file_rows")
+    if rows is None:
+        rows = tuple(tuple(getattr(f, name) for name in _FILE_FIELDS) for f in ckpt.files)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -133,17 +172,33 @@ class Checkpoint:
         return tuple(p for p in self.problems if p.is_error)
 
     def to_dict(self) -> dict:
+        d = self.dir
         return {
-            "path": self.path,
-            "root": self.dir.root,
-            "run": self.run,
-            "step": self.step,
+            "path": d.path,
+            "root": d.root,
+            "run": d.run,
+            "step": d.step,
             "status": self.status,
             "layout": self.layout,
             "size_bytes": self.size_bytes,
             "reclaimable_bytes": self.reclaimable_bytes,
             "problems": [p.to_dict() for p in self.problems],
         }
+
+
+_CHECKPOINT_FIELDS = ("dir", "status", "layout", "problems", "merged_files", "num_experts",
+                      "size_bytes", "reclaimable_bytes", "facts")
+
+
+def checkpoint_record(dir: CheckpointDir, status: str, layout: str, problems: tuple,
+                      merged_files: tuple, num_experts: int | None, size_bytes: int = 0,
+                      reclaimable_bytes: int = 0, facts: dict | None = None) -> Checkpoint:
+    """``Checkpoint(...)`` with these fields, at a fraction of the frozen ``__init__``'s cost."""
+    rec = _new(Checkpoint)
+    _set(rec, "__dict__", dict(zip(_CHECKPOINT_FIELDS, (
+        dir, status, layout, problems, merged_files, num_experts, size_bytes,
+        reclaimable_bytes, {} if facts is None else facts))))
+    return rec
 
 
 @dataclass(frozen=True)

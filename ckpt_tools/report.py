@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import humanize
-
 from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, STATUSES, ScanResult
 
 
 def size_str(n: int) -> str:
+    import humanize  # only tables need it: not imported for --json
     return humanize.naturalsize(n)
 
 

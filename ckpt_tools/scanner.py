@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+from sys import intern
 from collections.abc import Iterator
 
 from . import layout
 from .problems import PERMISSION_DENIED, UNREADABLE, Problem
-from .records import CheckpointDir, FileRecord, file_record_from_row, file_records_from_rows
+from .records import CheckpointDir, FileRecord, checkpoint_from_rows, file_record_from_row
 
 
 class ScanError(Exception):
@@ -49,7 +50,7 @@ def _symlink_row(entry: os.DirEntry, relpath: str, root_real: str, st) -> tuple:
             except OSError:
                 target_size = None
     return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
-            st.st_mtime_ns, True, target, escapes, target_size)
+            st.st_mtime_ns, True, target, escapes, target_size, False)
 
 
 def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
@@ -58,7 +59,7 @@ def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
     if entry.is_symlink():
         return _symlink_row(entry, relpath, root_real, st)
     return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
-            st.st_mtime_ns, False, None, False, None)
+            st.st_mtime_ns, False, None, False, None, entry.is_file(follow_symlinks=False))
 
 
 def _file_record(entry: os.DirEntry, relpath: str, root_real: str) -> FileRecord:
@@ -176,6 +177,7 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
     declaration order, with ``files`` as FileRecord rows (see ``checkpoint_from_rows``);
     cheap to build and to send between processes."""
     rows: list[tuple] = []
+    append = rows.append
     nested: list[str] = []
     unreadable: list[str] = []
     newest = 0  # files only: a directory's mtime also moves when prune unlinks from it
@@ -188,36 +190,38 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
             name = e.name
             if own(name):
                 continue
-            rel = prefix + name
             try:
                 is_dir = e.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
             if is_dir:
-                if prefix == "" and name not in subdirs:
+                if not prefix and name not in subdirs:
                     # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
                     nested.append(e.path)
                     continue
                 try:
-                    pending.append((rel + "/", _list(e.path)))
+                    pending.append((f"{prefix}{name}/", _list(e.path)))
                 except OSError:
-                    unreadable.append(rel)
+                    unreadable.append(prefix + name)
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
+                mtime = st.st_mtime_ns
                 if e.is_symlink():
-                    row = _symlink_row(e, rel, root_real, st)
+                    append(_symlink_row(e, prefix + name, root_real, st))
                 else:
-                    row = (rel, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino,
-                           st.st_nlink, st.st_mtime_ns, False, None, False, None)
+                    # interned: checkpoints repeat their relpaths, so records share them
+                    # (and a worker's results pickle each one once)
+                    append((intern(prefix + name), st.st_size, st.st_blocks * 512, st.st_dev,
+                            st.st_ino, st.st_nlink, mtime, False, None, False, None,
+                            e.is_file(follow_symlinks=False)))
             except FileNotFoundError:
                 continue
             except OSError:
-                unreadable.append(rel)
+                unreadable.append(prefix + name)
                 continue
-            if row[6] > newest:
-                newest = row[6]
-            rows.append(row)
+            if mtime > newest:
+                newest = mtime
     rows.sort()  # by relpath: unique within a checkpoint, so nothing else is compared
     rel = _rel(path, root_abs)
     try:
@@ -234,19 +238,6 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
     values = (root, rel, run, name, layout.checkpoint_step(name), tuple(rows), newest,
               layout.is_tmp_checkpoint_name(name), tuple(sorted(unreadable)), dev, ino)
     return values, nested
-
-
-_CKPT_FIELDS = ("root", "path", "run", "name", "step", "files", "newest_mtime_ns", "tmp_name",
-                "unreadable", "dev", "ino")
-
-
-def checkpoint_from_rows(values: tuple) -> CheckpointDir:
-    """The CheckpointDir that ``collect_rows`` describes."""
-    fields = dict(zip(_CKPT_FIELDS, values))
-    fields["files"] = file_records_from_rows(fields["files"])
-    ckpt = object.__new__(CheckpointDir)
-    object.__setattr__(ckpt, "__dict__", fields)
-    return ckpt
 
 
 def rescan_checkpoint(root: str, relpath: str) -> CheckpointDir:

@@ -15,10 +15,12 @@ No tensor data is read and torch is not imported below ``deep``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from . import layout
 from .formats import safetensors_header as st
@@ -29,9 +31,10 @@ from .problems import (BAD_CONFIG, BAD_JSON, COUNT_UNCONFIRMED, ERROR, EXPERT_CO
                        SHAPE_MISMATCH, SYMLINK_ESCAPE, TARGET_MISMATCH, UNREADABLE, WARNING,
                        FormatError, Problem)
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
-                      FileRecord)
+                      FileRecord, file_rows)
 
 HEADERS, FULL, DEEP = "headers", "full", "deep"
+_RELPATH = itemgetter(0)
 _MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
@@ -127,30 +130,38 @@ def _parse_json(raw: bytes):
     return value
 
 
-_HEADER_HINTS: dict[str, int] = {}
+# relpath → (first read size, header bytes, file size, header) of the header last read there
+_HEADER_HINTS: dict[str, tuple] = {}
 
 
 def _read_header(path: str, relpath: str, file_size: int | None):
-    """``st.read_header`` with the first read sized by the header last read at this relpath:
+    """``st.read_header``, with the first read sized by the header last read at this relpath:
     a run's checkpoints repeat their headers, so it takes one ``pread`` of about its own size
-    rather than 64 KiB. The same bytes are read and checked either way."""
+    rather than 64 KiB, and bytes equal to that header's (same file size) are that header,
+    without hashing them for ``st.parse_cached``. The same bytes are read either way."""
     hint = _HEADER_HINTS.get(relpath)
-    first = st.FIRST_READ_BYTES if hint is None else (hint + 4095) // 4096 * 4096
-    header = st.read_header(path, file_size=file_size, first_read=first)
-    if hint != 8 + header.header_len:
-        if len(_HEADER_HINTS) >= _MEMO_MAX:
-            _HEADER_HINTS.clear()
-        _HEADER_HINTS[relpath] = 8 + header.header_len
+    data, size = st.read_header_bytes(
+        path, file_size=file_size, first_read=st.FIRST_READ_BYTES if hint is None else hint[0])
+    if hint is not None and size == hint[2] and data.startswith(hint[1]):
+        return hint[3]
+    header = st.parse_cached(data, size)
+    end = 8 + header.header_len
+    if len(_HEADER_HINTS) >= _MEMO_MAX:
+        _HEADER_HINTS.clear()
+    _HEADER_HINTS[relpath] = ((end + 4095) // 4096 * 4096, data[:end], size, header)
     return header
 
 
-def _read_json_bytes(path: str) -> bytes:
-    """The file's bytes, or its first _MAX_JSON_BYTES + 1 when it is larger."""
-    fd = st.open_readonly(path)
+def _read_json_bytes(path: str, file_size: int | None) -> bytes:
+    """The file's bytes, or its first _MAX_JSON_BYTES + 1 when it is larger. ``file_size``
+    as for ``st.open_regular``."""
+    fd, size = st.open_regular(path, file_size)
     try:
-        raw = os.read(fd, _MAX_JSON_BYTES + 1)
+        if 0 < size <= _MAX_JSON_BYTES:
+            return st.pread_full(fd, size, 0)  # as big as it was found
+        raw = st.pread_full(fd, _MAX_JSON_BYTES + 1, 0)
         if len(raw) <= _MAX_JSON_BYTES:
-            while chunk := os.read(fd, _MAX_JSON_BYTES + 1 - len(raw)):
+            while chunk := st.pread_full(fd, _MAX_JSON_BYTES + 1 - len(raw), len(raw)):
                 raw += chunk
     finally:
         os.close(fd)
@@ -162,7 +173,7 @@ class _Shape:
     the form of the PEFT tree and where each expert lives. The checkpoints of a run share
     one, so it is worked out once per distinct set of relpaths."""
 
-    __slots__ = ("roles", "merged", "tree_form", "expert_dirs", "flat_experts")
+    __slots__ = ("roles", "merged", "tree_form", "expert_dirs", "flat_experts", "position")
 
     def __init__(self, relpaths: tuple[str, ...]):
         roles = {rel: layout.role_of(rel) for rel in relpaths}
@@ -171,6 +182,7 @@ class _Shape:
                                    if r.role in (Role.MERGED, Role.MERGED_INDEX)))
         self.tree_form = _tree_form_of(roles)
         self.expert_dirs = tuple(sorted(_expert_dirs_of(roles).items()))
+        self.position = {rel: i for i, rel in enumerate(relpaths)}
         self.flat_experts = tuple(sorted(p for p, r in roles.items()
                                          if r.role is Role.FLAT_EXPERT))
 
@@ -199,8 +211,32 @@ class _Ctx:
         self.problems: list[Problem] = []
         self.raw: list[tuple] = []   # the problems as added: (code, relpath, message, severity)
         self.trace: list | None = None  # reads (kind, relpath, arg, value) while recording
-        self.by_path = {f.relpath: f for f in ckpt.files}
-        self.reshape()
+        self.rows = file_rows(ckpt)
+        self._by_path: dict[str, FileRecord] | None = None
+        self.shape = _shape_of(tuple(map(_RELPATH, self.rows)))  # rows are sorted by relpath
+        self.roles = self.shape.roles  # shared between checkpoints: never mutate it
+
+    @property
+    def by_path(self) -> dict[str, FileRecord]:
+        """relpath → FileRecord, in relpath order; made when first needed."""
+        if self._by_path is None:
+            self._by_path = {f.relpath: f for f in self.ckpt.files}
+        return self._by_path
+
+    def size_hint(self, relpath: str) -> int | None:
+        """The size the scan found for ``relpath`` where it found a regular file there (then
+        opening it needs no second look), else None."""
+        by_path = self._by_path
+        if by_path is not None:
+            rec = by_path.get(relpath)
+            if rec is None or rec.is_symlink or not rec.is_regular:
+                return None
+            return rec.size
+        at = self.shape.position.get(relpath)
+        if at is None:
+            return None
+        row = self.rows[at]  # FileRecord row: size, is_symlink, is_regular at 1, 7, 11
+        return row[1] if row[11] and not row[7] else None
 
     def reshape(self) -> None:
         """Derive what the relpaths alone decide (after ``by_path`` changed)."""
@@ -254,7 +290,7 @@ class _Ctx:
     def read_json(self, relpath: str) -> dict | None:
         """A JSON object, shared with other readers of the same bytes: never mutate it."""
         try:
-            raw = _read_json_bytes(self.abspath(relpath))
+            raw = _read_json_bytes(self.abspath(relpath), self.size_hint(relpath))
         except OSError as exc:
             self.trace = None
             self.os_problem(relpath, exc)
@@ -285,9 +321,8 @@ class _Ctx:
         return None
 
     def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
-        rec = self.by_path[relpath]
         header = self._guarded(relpath, lambda: _read_header(
-            self.abspath(relpath), relpath, None if rec.is_symlink else rec.size))
+            self.abspath(relpath), relpath, self.size_hint(relpath)))
         if header is None:
             return None
         if self.trace is not None:
@@ -296,8 +331,10 @@ class _Ctx:
                          lambda _: {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors})
 
     def read_torch(self, relpath: str, check_pickle: bool = True):
+        # shared: the validator never mutates what it reads
         info = self._guarded(relpath, lambda: torchsave.inspect_torch_file(
-            self.abspath(relpath), check_pickle=check_pickle))
+            self.abspath(relpath), check_pickle=check_pickle, shared=True,
+            file_size=self.size_hint(relpath)))
         if info is None:
             return None
         if self.trace is not None:
@@ -325,6 +362,22 @@ def _count(value) -> int | None:
     if isinstance(value, int) and value > 0:
         return value
     return None
+
+
+def _finite(value) -> bool:
+    """A JSON number that is a finite float (NaN, Infinity and 1e999 parse; 10**4000 overflows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value) -> str:
+    """``repr`` of a config value, cut short: a hostile number may have thousands of digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 # --- adapter configs -------------------------------------------------------------
@@ -360,8 +413,11 @@ def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
     if _count(r) is None:
         bad(f"r must be a positive integer, found {r!r}")
     alpha = cfg.get("lora_alpha")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        bad(f"lora_alpha must be a number, found {alpha!r}")
+    if alpha is not None and not _finite(alpha):
+        bad(f"lora_alpha must be a finite number, found {_short(alpha)}")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not (_finite(dropout) and 0 <= dropout <= 1):
+        bad(f"lora_dropout must be a number from 0 to 1, found {_short(dropout)}")
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, (str, list)):
         bad(f"target_modules must be a list or a string, found {type(targets).__name__}")
@@ -373,8 +429,8 @@ def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
             bad(f"{key} must be an object, found {type(pat).__name__}")
         elif isinstance(pat, dict):
             for k, v in pat.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                    bad(f"{key}[{k!r}] must be a positive number, found {v!r}")
+                if not _finite(v) or v <= 0:
+                    bad(f"{key}[{k!r}] must be a positive number, found {_short(v)}")
     mts = cfg.get("modules_to_save")
     if mts is not None and not isinstance(mts, list):
         bad(f"modules_to_save must be a list, found {type(mts).__name__}")
@@ -634,7 +690,7 @@ def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
     Used only to name the layout of a broken merged file; never to trust it.
     """
     try:
-        with open(path, "rb") as fh:
+        with open(st.open_readonly(path), "rb") as fh:   # a FIFO or device is refused
             n = int.from_bytes(fh.read(8), "little")
             if n > st.MAX_HEADER_BYTES:
                 return {}
@@ -730,11 +786,27 @@ class _Found:
     """What ``_examine`` found, before the checkpoint's age is taken into account."""
 
     __slots__ = ("layout", "tree_form", "merged_kind", "merged", "num_experts", "tree_complete",
-                 "experts", "router_ok", "router", "root_cfg", "moe_cfg", "moe_dir", "facts")
+                 "experts", "router_ok", "router", "root_cfg", "moe_cfg", "moe_dir", "facts",
+                 "_facts")
 
     def __init__(self, **kw):
+        self._facts = None
         for k, v in kw.items():
             setattr(self, k, v)
+
+    def verdict_facts(self, young: bool) -> dict:
+        """The facts of a verdict on this finding: a new dict each time (a replayed finding
+        serves many checkpoints), with its own ``experts`` list."""
+        base = self._facts
+        if base is None:
+            base = self._facts = dict(self.facts)
+            base.update(tree_form=self.tree_form, merged_kind=self.merged_kind,
+                        router=self.router, experts=None, root_config=self.root_cfg,
+                        moe_config=self.moe_cfg, moe_dir=self.moe_dir, young=None)
+        facts = base.copy()
+        facts["experts"] = list(self.experts)
+        facts["young"] = young
+        return facts
 
 
 def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
@@ -756,10 +828,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     else:
         status = BROKEN
         ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")
-    facts = dict(f.facts)
-    facts.update(tree_form=f.tree_form, merged_kind=f.merged_kind, router=f.router,
-                 experts=list(f.experts), root_config=f.root_cfg, moe_config=f.moe_cfg,
-                 moe_dir=f.moe_dir, young=young)
+    facts = f.verdict_facts(young)
     return Verdict(layout=f.layout, status=status, problems=ctx.problems, tree_form=f.tree_form,
                    merged_kind=f.merged_kind, merged_files=merged, num_experts=f.num_experts,
                    tree_complete=f.tree_complete, facts=facts)
@@ -975,10 +1044,9 @@ _PLANS: dict[tuple, _Plan] = {}
 
 
 def _signature(ctx: _Ctx) -> tuple:
-    ckpt = ctx.ckpt
-    links = tuple((f.relpath, f.escapes_root, f.symlink_target)
-                  for f in ckpt.files if f.is_symlink)
-    return (ctx.level, ctx.shape, ckpt.unreadable, links)
+    # (relpath, escapes_root, symlink_target) of each symlink: FileRecord row fields 0, 9, 8
+    links = tuple((r[0], r[9], r[8]) for r in ctx.rows if r[7])
+    return (ctx.level, ctx.shape, ctx.ckpt.unreadable, links)
 
 
 def _remember(ctx: _Ctx, found: _Found) -> None:
@@ -1018,15 +1086,15 @@ def _quiet_read(ctx: _Ctx, kind: str, rel: str, arg):
     path = ctx.abspath(rel)
     try:
         if kind == "json":
-            raw = _read_json_bytes(path)
+            raw = _read_json_bytes(path, ctx.size_hint(rel))
             if len(raw) > _MAX_JSON_BYTES:
                 return None
             value = _parse_json(raw)
             return None if isinstance(value, str) else value
         if kind == "st":
-            rec = ctx.by_path[rel]
-            return _read_header(path, rel, None if rec.is_symlink else rec.size)
-        return _torch_token(torchsave.inspect_torch_file(path, check_pickle=arg))
+            return _read_header(path, rel, ctx.size_hint(rel))
+        return _torch_token(torchsave.inspect_torch_file(path, check_pickle=arg, shared=True,
+                                                         file_size=ctx.size_hint(rel)))
     except (FormatError, OSError):
         return None
 
@@ -1039,9 +1107,24 @@ _TORCH_TOKENS: dict[tuple, tuple] = {}
 _TOKEN_MAX_NODES = 512
 
 
+_TOKEN_OF: dict[int, tuple] = {}  # id(info) → (info, token): infos the reader shares repeat
+
+
 def _torch_token(info):
     """One shared object for every ``TorchFileInfo`` of equal content (types included), or
     None for one too large or holding what this does not compare."""
+    hit = _TOKEN_OF.get(id(info))
+    if hit is not None and hit[0] is info:
+        return hit[1]
+    token = _torch_token_of(info)
+    if token is not None:  # then info is small
+        if len(_TOKEN_OF) >= _MEMO_MAX:
+            _TOKEN_OF.clear()
+        _TOKEN_OF[id(info)] = (info, token)  # holds info: its id stays its own
+    return token
+
+
+def _torch_token_of(info):
     budget = [_TOKEN_MAX_NODES]
     try:
         key = (info.format, info.record_prefix, _canon(info.obj, budget),

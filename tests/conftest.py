@@ -18,6 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    from scorecard import FUZZ_MARKER, FuzzCounter
+
+    config.addinivalue_line("markers", f"{FUZZ_MARKER}: a hypothesis property test whose examples "
+                                       "the scorecard counts (scenario 8)")
+    config.pluginmanager.register(FuzzCounter(), "ckpt-tools-fuzz-counter")
+
+
 @pytest.fixture(scope="session")
 def results_tree(tmp_path_factory):
     """The fixture results tree, built once per session: ``(root, manifest, now)``.

@@ -358,6 +358,7 @@ def _parse_or_format_error(blob: bytes) -> SafetensorsHeader | None:
     return header
 
 
+@pytest.mark.fuzz
 @settings(max_examples=1500, deadline=None)
 @given(st.one_of(st.binary(max_size=200),
                  st.binary(max_size=200).map(lambda b: struct.pack("<Q", len(b)) + b)))
@@ -402,6 +403,7 @@ def _headers(draw):
     return header, position + draw(st.sampled_from([0, 0, 0, 1, -1]))
 
 
+@pytest.mark.fuzz
 @settings(max_examples=700, deadline=None)
 @given(_headers())
 def test_generated_headers_give_a_header_or_a_format_error(case):
@@ -413,6 +415,7 @@ def test_generated_headers_give_a_header_or_a_format_error(case):
 _tmp = tempfile.TemporaryDirectory(prefix="st-differential-")
 
 
+@pytest.mark.fuzz
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_headers())
 def test_generated_headers_agree_with_the_safetensors_library(case):
@@ -449,6 +452,7 @@ _REAL = save({"w": torch.randn(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16),
               "e": torch.zeros(0)}, metadata={"format": "pt"})
 
 
+@pytest.mark.fuzz
 @settings(max_examples=1000, deadline=None)
 @given(_mutations(_REAL))
 def test_mutated_real_file_gives_a_header_or_a_format_error(blob):
@@ -458,6 +462,7 @@ def test_mutated_real_file_gives_a_header_or_a_format_error(blob):
         assert header == parse_header(_REAL, len(_REAL))  # only tensor bytes changed
 
 
+@pytest.mark.fuzz
 @settings(max_examples=150, deadline=None)
 @given(st.one_of(_mutations(_REAL), st.binary(max_size=100)))
 def test_read_header_agrees_with_parse_header(blob):

@@ -310,6 +310,26 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, container, paylo
     assert _wait_for(marker)
 
 
+@pytest.mark.parametrize("module, name", [("torch._utils", "_c__builtin__\nset\n"),
+                                          ("os\r\nerror: x: forged line", "system"),
+                                          ("os", "sys\x1b[2Jtem\u2028")])
+def test_refused_global_with_control_characters_is_named_on_one_line(tmp_path, module, name):
+    # STACK_GLOBAL takes the names from strings, which may hold any character.
+    def short_unicode(text: str) -> bytes:
+        raw = text.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    data = b"\x80\x04" + short_unicode(module) + short_unicode(name) + b"\x93."
+    path = _zip_archive(tmp_path / "evil.pt", data)
+
+    with pytest.raises(FormatError) as err:
+        inspect_torch_file(path)
+
+    assert err.value.code == UNSAFE_PICKLE
+    assert len(err.value.message.splitlines()) == 1 and err.value.message.isprintable()
+    assert repr(f"{module}.{name}") in err.value.message
+
+
 @pytest.mark.parametrize("data, what", [
     (b"\x80\x02\x82\x01.", "extension code"),
     (b"(S'touch x'\nios\nsystem\n.", "os.system"),
@@ -562,6 +582,7 @@ def _vm(data: bytes, strict: bool = True):
     return None
 
 
+@pytest.mark.fuzz
 @settings(max_examples=2500, deadline=None)
 @given(st.binary(max_size=120), st.booleans())
 def test_vm_on_arbitrary_bytes_gives_a_value_or_a_format_error(data, strict):
@@ -587,6 +608,7 @@ _FRAGMENTS = [
 ]
 
 
+@pytest.mark.fuzz
 @settings(max_examples=2500, deadline=None)
 @given(st.lists(st.sampled_from(_FRAGMENTS), max_size=40), st.booleans())
 def test_vm_on_opcode_soup_gives_a_value_or_a_format_error(fragments, strict):
@@ -649,6 +671,7 @@ def _small_real(fmt: str) -> bytes:
 _REAL_ZIP, _REAL_LEGACY = _small_real("zip"), _small_real("legacy")
 
 
+@pytest.mark.fuzz
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_REAL_LEGACY), st.binary(max_size=300)))
 def test_mutated_and_arbitrary_files_give_a_result_or_a_format_error(blob):
@@ -858,6 +881,7 @@ with zipfile.ZipFile(io.BytesIO(_PLAIN_ZIP)) as _src, \
 _DEFLATED_ZIP = _DEFLATED_ZIP.getvalue()
 
 
+@pytest.mark.fuzz
 @settings(max_examples=600, deadline=None)
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP)))
 def test_directory_parse_agrees_with_zipfile(blob):
@@ -868,6 +892,7 @@ def test_directory_parse_agrees_with_zipfile(blob):
         assert ours == theirs
 
 
+@pytest.mark.fuzz
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP)))
 def test_data_pkl_is_read_as_zipfile_reads_it(blob):
@@ -902,6 +927,7 @@ _SMALL_WINDOWS = dict(_SMALL_FILE=0, _HEAD_READ=64, _TAIL_READ=64, _READ_AHEAD=6
                       _INFLATE_CHUNK=16)
 
 
+@pytest.mark.fuzz
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP), _mutations(_REAL_LEGACY)))
 def test_windowed_reads_give_what_one_read_gives(blob):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import reprlib
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ FIRST_READ_BYTES = 64 * 1024
 METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 _U64 = 1 << 64
+_U64_LE = struct.Struct("<Q")
 
 #: Bits per element of every dtype safetensors 0.8 knows.
 DTYPE_BITS: dict[str, int] = {
@@ -246,7 +248,17 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
 
 def pread_full(fd: int, size: int, offset: int) -> bytes:
     """``os.pread`` until ``size`` bytes or the end of the file."""
-    chunks = []
+    try:
+        data = os.pread(fd, size, offset)
+    except BlockingIOError:
+        # opened O_NONBLOCK (see open_regular) on a filesystem that honours it for files
+        os.set_blocking(fd, True)
+        data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    chunks = [data]
+    size -= len(data)
+    offset += len(data)
     while size > 0:
         chunk = os.pread(fd, size, offset)
         if not chunk:
@@ -257,50 +269,90 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_readonly(path: str | os.PathLike) -> int:
-    """Open ``path`` for reading without updating its atime where the OS lets us."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    noatime = getattr(os, "O_NOATIME", 0)
-    if noatime:
+# O_NONBLOCK: a FIFO's open returns at once, so it can be told apart and refused
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+_NOATIME = getattr(os, "O_NOATIME", 0)
+_S_ISREG = stat.S_ISREG
+
+
+def open_regular(path: str | os.PathLike, file_size: int | None = None) -> tuple[int, int]:
+    """(fd, size): the regular file ``path`` opened for reading without updating its atime
+    where the OS lets us, and its size from the ``fstat`` that checks what it is. Anything
+    else (a FIFO, a device) raises ``OSError``: opening a FIFO would block until a writer
+    comes, and reading a device like /dev/zero never ends.
+
+    A caller whose own ``lstat`` found a regular file passes the size it saw as
+    ``file_size``: then there is no ``fstat``, and ``file_size`` is the size. Whatever may
+    have taken the file's place since cannot block the open, and reads bounded by that
+    size end.
+
+    The descriptor may still be in non-blocking mode, which Linux ignores for regular
+    files; read it with ``pread_full``, which switches it to blocking where a filesystem
+    answers ``EAGAIN``, or use ``open_readonly``.
+    """
+    fd = -1
+    if _NOATIME:
         try:
-            return os.open(path, flags | noatime)
+            fd = os.open(path, _OPEN_FLAGS | _NOATIME)
         except PermissionError as exc:
             # O_NOATIME is only permitted to the file's owner; anyone else just reads.
             if exc.errno != errno.EPERM:
                 raise
-    return os.open(path, flags)
+    if fd < 0:
+        fd = os.open(path, _OPEN_FLAGS)
+    if file_size is not None:
+        return fd, file_size
+    try:
+        st = os.fstat(fd)
+        if not _S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def open_readonly(path: str | os.PathLike) -> int:
+    """Open the regular file ``path`` for reading (``open_regular``), in blocking mode."""
+    fd, _ = open_regular(path)
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_fadvise = getattr(os, "posix_fadvise", None)
+_FADV_RANDOM = getattr(os, "POSIX_FADV_RANDOM", 0)
 
 
 def no_readahead(fd: int) -> None:
     """Tell the kernel reads will be sparse: a header read of a large file then costs the bytes
     asked for, not the readahead window around them (measurable on cold network storage)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
+    if _fadvise is not None:
         try:
-            advise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            _fadvise(fd, 0, 0, _FADV_RANDOM)
         except OSError:
             pass
 
 
-def read_header(path: str | os.PathLike, *, file_size: int | None = None,
-                first_read: int = FIRST_READ_BYTES) -> SafetensorsHeader:
-    """Read and validate the header of the safetensors file at ``path``.
+def read_header_bytes(path: str | os.PathLike, *, file_size: int | None = None,
+                      first_read: int = FIRST_READ_BYTES) -> tuple[bytes, int]:
+    """(the file's first bytes, its size): what ``read_header`` reads and then parses.
 
-    Reads the first ``first_read`` bytes (64 KiB) in one ``pread`` and the rest of the
-    header only when it is longer; tensor data is never read. ``file_size`` saves an
-    ``fstat`` when the caller already has it; a caller that knows the header's likely size
-    may pass it as ``first_read``. Raises ``FormatError`` for bad data and ``OSError`` from
-    the OS.
+    The bytes hold the whole header (8 + N bytes, more when ``first_read`` was larger)
+    whenever the file is long enough for the length it declares. ``file_size`` as for
+    ``open_regular``. Raises ``FormatError`` ``truncated`` when the file ends before that,
+    and ``OSError`` from the OS.
     """
-    fd = open_readonly(path)
+    fd, file_size = open_regular(path, file_size)
     try:
-        if file_size is None:
-            file_size = os.fstat(fd).st_size
         if file_size > first_read:
             no_readahead(fd)
         data = pread_full(fd, min(first_read, file_size), 0)
         if len(data) >= 8:
-            (header_len,) = struct.unpack_from("<Q", data)
+            (header_len,) = _U64_LE.unpack_from(data)
             needed = 8 + header_len
             if len(data) < needed <= min(file_size, 8 + MAX_HEADER_BYTES):
                 data += pread_full(fd, needed - len(data), len(data))
@@ -312,14 +364,28 @@ def read_header(path: str | os.PathLike, *, file_size: int | None = None,
                                          f"expected {file_size} bytes")
     finally:
         os.close(fd)
-    return _parse_cached(data, file_size)
+    return data, file_size
+
+
+def read_header(path: str | os.PathLike, *, file_size: int | None = None,
+                first_read: int = FIRST_READ_BYTES) -> SafetensorsHeader:
+    """Read and validate the header of the safetensors file at ``path``.
+
+    Reads the first ``first_read`` bytes (64 KiB) in one ``pread`` and the rest of the
+    header only when it is longer; tensor data is never read. ``file_size``: the size of a
+    regular file as the caller's own ``lstat`` saw it (see ``open_regular``); a caller that
+    knows the header's likely size may pass it as ``first_read``. Raises ``FormatError`` for
+    bad data and ``OSError`` from the OS.
+    """
+    data, file_size = read_header_bytes(path, file_size=file_size, first_read=first_read)
+    return parse_cached(data, file_size)
 
 
 _CACHE_MAX = 4096
 _cache: dict[tuple[bytes, int], SafetensorsHeader] = {}
 
 
-def _parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
+def parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
     """``parse_header`` memoised on the exact header bytes and file size.
 
     The checkpoints of one run hold byte-identical adapter headers; the parse is a pure
@@ -327,7 +393,7 @@ def _parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
     Failures are not cached: they are rare and carry their own message.
     """
     if len(data) >= 8:
-        (n,) = struct.unpack_from("<Q", data)
+        (n,) = _U64_LE.unpack_from(data)
         if n <= 1 << 20:
             key = (bytes(data[:8 + n]), file_size)
             hit = _cache.get(key)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from operator import itemgetter
 
-from ckpt_tools.formats.safetensors_header import no_readahead, open_readonly, pread_full
+from ckpt_tools.formats.safetensors_header import no_readahead, open_regular, pread_full
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -356,7 +356,10 @@ class _PickleVM:
         if full in ALLOWED_GLOBALS:
             return TorchSymbol(full)
         if self.strict:
-            raise FormatError(UNSAFE_PICKLE, f"pickle needs global {full[:120]}, which is not a "
+            # The names come from the file: one with a newline or a control character is quoted,
+            # so that the message stays one line that says what the file holds.
+            shown = full[:120] if full[:120].isprintable() else repr(full[:120])
+            raise FormatError(UNSAFE_PICKLE, f"pickle needs global {shown}, which is not a "
                                              "tensor, dict, list or plain value")
         return _OPAQUE
 
@@ -922,6 +925,7 @@ class _File:
 # comment lengths, local header offset.
 _CD_RECORD = struct.Struct("<4s2xB1xHH4xIIIHHH8xI")
 _U16_PAIR = struct.Struct("<HH")
+_U16_TRIPLE = struct.Struct("<HHH")
 _END_RECORD = struct.Struct("<HHHHIIH")  # after the signature
 _STORED, _DEFLATED = 0, 8
 _UTF8_NAME = 0x800
@@ -1197,6 +1201,19 @@ def _inflate(f: _File, start: int, csize: int, usize: int, what: str) -> bytes:
 
 
 def _inspect_zip(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
+    info, _, _ = _read_zip(f, check_pickle, max_pickle_bytes)
+    return _handed_out(info)
+
+
+def _handed_out(info: TorchFileInfo) -> TorchFileInfo:
+    """A copy of ``info`` whose containers (the object tree, the storages) are the caller's."""
+    return TorchFileInfo(info.format, None if info.obj is None else _fresh(info.obj),
+                         dict(info.storages), info.record_prefix)
+
+
+def _read_zip(f: _File, check_pickle: bool, max_pickle_bytes: int):
+    """(info, central directory entries, its offset) of a sound zip archive; ``info.obj``
+    is the memoised tree, shared: never hand it out (``_handed_out``)."""
     found = _find_central_directory(f)
     if found is None:
         raise _diagnose_no_end_record(f)
@@ -1242,7 +1259,7 @@ def _inspect_zip(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFi
         storages[key] = (storage.dtype, entry[7])
     if late_error is not None:
         raise FormatError(*late_error)
-    return TorchFileInfo("zip", _fresh(obj) if check_pickle else None, storages, prefix)
+    return TorchFileInfo("zip", obj if check_pickle else None, storages, prefix), entries, cd_offset
 
 
 # -- memo of data.pkl evaluations ---------------------------------------------------------
@@ -1303,9 +1320,10 @@ _LEGACY_RUNS = _Memo(max_entries=16, max_weight=1 << 20)
 
 
 def _clear_pickle_cache() -> None:
-    """Forget every memoised pickle evaluation (tests, benchmarks)."""
+    """Forget every memoised pickle evaluation and archive (tests, benchmarks)."""
     _PICKLE_MEMO.clear()
     _LEGACY_RUNS.clear()
+    _clear_archive_memo()
 
 
 def _evaluate_data_pkl(data: bytes, strict: bool):
@@ -1395,6 +1413,102 @@ def _fresh(node, memo: dict | None = None):
     else:
         return node
     return copy
+
+
+# -- memo of whole small archives -------------------------------------------------------
+#
+# The torch.save files of a run's checkpoints (router, skill library) differ only where the
+# zip reader never looks: the bytes of every record but data.pkl (tensor values, the
+# serialization id), the data descriptors and padding after each record, and the CRC-32
+# fields of those records (only data.pkl's CRC is checked; the local headers' CRC fields are
+# never read). Once an archive read whole has passed every check, where those ranges lie is
+# known from its directory; a later file of the same size that is byte for byte the same
+# outside them is the same input to every check, so it gets the same result. Every byte
+# outside the ranges is compared (it is part of the key): a difference anywhere the reader
+# looks means a full read.
+
+_MAX_LAYOUTS_PER_SIZE = 4
+_LAYOUTS: dict[int, list[tuple]] = {}  # size → [(layout id, ranges cut, slicer)], newest first
+_layout_ids = iter(range(1, 1 << 62))
+_ARCHIVES: dict[tuple, TorchFileInfo] = {}  # (layout id, check_pickle, max bytes, kept bytes) → info
+_ARCHIVES_MAX = 1024
+_ARCHIVES_MAX_BYTES = 32 << 20
+_archive_bytes = [0]
+
+
+def _unread_ranges(data: bytes, entries: list[tuple], cd_offset: int,
+                   pkl_name: str) -> list[tuple[int, int]]:
+    """The byte ranges of a sound archive (read whole) that no check depends on."""
+    cut = []
+    ordered = sorted(entries, key=_OFFSET_OF)
+    for i, (offset, name, _, _, _, _, csize, _) in enumerate(ordered):
+        following = ordered[i + 1][0] if i + 1 < len(ordered) else cd_offset
+        name_len, extra_len = _U16_PAIR.unpack_from(data, offset + 26)
+        start = offset + 30 + name_len + extra_len
+        cut.append((offset + 14, offset + 18))  # the local header's CRC-32
+        cut.append((start + csize if name == pkl_name else start, following))
+    pos = cd_offset
+    for _, name, _, _, _, _, _, _ in entries:  # in directory order
+        if name != pkl_name:
+            cut.append((pos + 16, pos + 20))  # the directory's CRC-32 of a record never read
+        pos += 46 + sum(_U16_TRIPLE.unpack_from(data, pos + 28))
+    return cut
+
+
+def _slicer(size: int, cut: list[tuple[int, int]]):
+    """A function giving the bytes of a ``size``-byte file outside the ranges ``cut``."""
+    keep = []
+    at = 0
+    for start, end in sorted(cut):
+        if start > at:
+            keep.append(slice(at, start))
+        at = max(at, end)
+    if at < size:
+        keep.append(slice(at, size))
+    keep.append(slice(0, 0))  # so that itemgetter always gives a tuple
+    pick = itemgetter(*keep)
+    join = b"".join
+    return lambda data: join(pick(data))
+
+
+def _archive_from_memo(data: bytes, check_pickle: bool, max_pickle_bytes: int):
+    for ident, _, kept in _LAYOUTS.get(len(data), ()):
+        hit = _ARCHIVES.get((ident, check_pickle, max_pickle_bytes, kept(data)))
+        if hit is not None:
+            return hit
+    return None
+
+
+def _remember_archive(data: bytes, info: TorchFileInfo, entries: list[tuple], cd_offset: int,
+                      check_pickle: bool, max_pickle_bytes: int) -> None:
+    cut = tuple(_unread_ranges(data, entries, cd_offset, f"{info.record_prefix}/data.pkl"))
+    size = len(data)
+    layouts = _LAYOUTS.get(size)
+    if layouts is None:
+        if len(_LAYOUTS) >= _ARCHIVES_MAX:
+            _LAYOUTS.clear()
+            _ARCHIVES.clear()
+            _archive_bytes[0] = 0
+        layouts = _LAYOUTS[size] = []
+    for ident, known, kept in layouts:
+        if known == cut:
+            break
+    else:
+        ident, kept = next(_layout_ids), _slicer(size, list(cut))
+        layouts.insert(0, (ident, cut, kept))
+        del layouts[_MAX_LAYOUTS_PER_SIZE:]
+    key = (ident, check_pickle, max_pickle_bytes, kept(data))
+    if len(_ARCHIVES) >= _ARCHIVES_MAX or _archive_bytes[0] > _ARCHIVES_MAX_BYTES:
+        _ARCHIVES.clear()
+        _archive_bytes[0] = 0
+    _ARCHIVES[key] = info
+    _archive_bytes[0] += 2 * size
+
+
+def _clear_archive_memo() -> None:
+    _LAYOUTS.clear()
+    _ARCHIVES.clear()
+    _archive_bytes[0] = 0
 
 
 # -- legacy container -----------------------------------------------------------------
@@ -1496,7 +1610,8 @@ def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int) -> Torc
 
 
 def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
-                       max_pickle_bytes: int = MAX_PICKLE_BYTES) -> TorchFileInfo:
+                       max_pickle_bytes: int = MAX_PICKLE_BYTES, shared: bool = False,
+                       file_size: int | None = None) -> TorchFileInfo:
     """Check a ``torch.save`` file's container and pickle without unpickling it.
 
     Reads the zip directory and the pickle, never the tensor data: a file of up to
@@ -1506,19 +1621,26 @@ def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
     does not model, raises ``FormatError`` ``unsafe-pickle``; without it (for files such
     as ``training_args.bin`` that are never loaded) globals are not judged and ``obj`` is
     None. Other damage raises ``bad-archive`` or ``truncated``; errors from the OS
-    propagate as ``OSError``. Evaluations of a zip archive's data.pkl are memoised on its
-    bytes; each call gets its own ``obj`` tree.
+    propagate as ``OSError``. Evaluations of a zip archive's data.pkl, and whole small
+    archives, are memoised (see above); each call gets its own ``obj`` tree, unless
+    ``shared``: then the result may be the very object other calls get, never to be mutated.
+    ``file_size``: the size of a regular file as the caller's own ``lstat`` saw it (see
+    ``safetensors_header.open_regular``).
     """
-    fd = open_readonly(path)
+    fd, size = open_regular(path, file_size)
     try:
-        size = os.fstat(fd).st_size
         if size == 0:
             raise FormatError(TRUNCATED, "empty file")
         if size <= _SMALL_FILE:
-            data = os.pread(fd, size, 0)
-            if 0 < len(data) < size:
-                data += pread_full(fd, size - len(data), len(data))
+            data = pread_full(fd, size, 0)
             f = _File(fd, len(data), data)  # a file cut short since fstat: what is there
+            if data[:4] == _ZIP_LOCAL:
+                info = _archive_from_memo(data, check_pickle, max_pickle_bytes)
+                if info is None:
+                    info, entries, cd_offset = _read_zip(f, check_pickle, max_pickle_bytes)
+                    _remember_archive(data, info, entries, cd_offset, check_pickle,
+                                      max_pickle_bytes)
+                return info if shared else _handed_out(info)
         else:
             no_readahead(fd)
             f = _File(fd, size)

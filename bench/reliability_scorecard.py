@@ -218,7 +218,32 @@ def _failure_lines(e: dict) -> list[str]:
     return lines
 
 
-def render(out: Path) -> str:
+def atheris_section(paths: list[Path]) -> list[str]:
+    """Scenario 8's optional part: runs of bench/fuzz_atheris.py (outside CI), from its JSON."""
+    if not paths:
+        return []
+    lines = ["### 8. Coverage-guided fuzzing (atheris, outside CI)", "",
+             "Runs of `bench/fuzz_atheris.py` (each target seeded with real files; a finding is "
+             "an exception other than the reader's format error with its code, a disagreement "
+             "between reading paths, a hang over 10 s or memory over 2 GB). Findings are fixed and "
+             "kept as regression tests in the formats test files.", "",
+             "| run | target | seconds | executions | coverage (edges / features) | findings | hangs "
+             "| memory |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for path in paths:
+        for t in json.loads(path.read_text(encoding="utf-8")):
+            stops = t.get("stops") or []
+            hangs = sum(1 for x in stops if x.get("kind") == "hang")
+            memory = sum(1 for x in stops if x.get("kind") == "memory")
+            lines.append(f"| `{path.name}` | {t['target']} | {t['seconds']:.0f} | "
+                         f"{t['executions']:,} | {t.get('cov')} / {t.get('ft')} | "
+                         f"{len(t.get('findings') or [])} | {hangs} | {memory} |")
+            for f in t.get("findings") or []:
+                lines.append(f"|  | finding: {_cell(f['message'])[:300]} ({f['type']}, "
+                             f"{f['size']}-byte input) | | | | | | |")
+    return lines + [""]
+
+
+def render(out: Path, atheris: list[Path] = ()) -> str:
     junit = junit_outcomes(out)
     entries, skipped = load_entries(out)
     info_path = out / RUN_INFO
@@ -274,6 +299,7 @@ def render(out: Path) -> str:
     if skipped:
         ignored = ", ".join(f"`{s}`" for s in skipped)
         tail.append(f"Not scenario documents (ignored): {ignored}.")
+    details += atheris_section(list(atheris))
     text = "\n".join([*header, "", *table, "", *([*tail, ""] if tail else []), *details])
     return text.rstrip() + "\n"
 
@@ -294,6 +320,8 @@ def main() -> int:
     ap.add_argument("--no-fuzz", action="store_true",
                     help="skip the format readers' property tests")
     ap.add_argument("--from", dest="from_dir", type=Path, help="aggregate this results directory")
+    ap.add_argument("--atheris", type=Path, action="append", default=[], metavar="JSON",
+                    help="a bench/fuzz_atheris.py result to add to scenario 8 (repeatable)")
     ap.add_argument("--out", type=Path, default=REPO / "RELIABILITY.md")
     args = ap.parse_args()
     rc = 0
@@ -316,7 +344,7 @@ def main() -> int:
         out = Path(tempfile.mkdtemp(prefix="ckpt-tools-scorecard-"))
         rc = run_tests(out, counts, args.tests, not args.no_fuzz)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(out), encoding="utf-8")
+    args.out.write_text(render(out, args.atheris), encoding="utf-8")
     print(f"wrote {args.out} (results in {out}; pytest exit {rc})")
     return rc
 

@@ -84,7 +84,7 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if jobs > 1 and hasattr(os, "fork"):
+        if jobs > 1 and hasattr(os, "fork") and hasattr(select, "poll"):
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
         return _scan_here(roots, level, min_age_s, now, progress)
     finally:
@@ -174,7 +174,9 @@ def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResu
     _WORK = (walks, units, level, min_age_s, now)
     try:
         if jobs > 1:
-            step = max(4, min(256, len(units) // (jobs * 8) or 1),
+            # spans small enough that the workers finish within a few milliseconds of
+            # each other, and few enough for the task pipe (_MAX_SPANS)
+            step = max(4, min(64, len(units) // (jobs * 8) or 1),
                        -(-len(units) // _MAX_SPANS))
             spans = [(lo, min(lo + step, len(units))) for lo in range(0, len(units), step)]
             with _Workers(spans, jobs) as batches:
@@ -216,7 +218,12 @@ class _Workers:
                 os.close(tasks_w)
             for _ in range(self.jobs):
                 r, w = os.pipe()
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except BaseException:
+                    os.close(r)
+                    os.close(w)
+                    raise
                 if pid == 0:  # the worker: never returns
                     os.close(r)
                     _worker_main(self.spans, tasks_r, w)
@@ -250,6 +257,9 @@ class _Workers:
         want = len(self.spans)
         payloads: dict[int, bytes] = {}
         readers = {fd: _FrameReader(fd) for fd in self.fds}
+        poller = select.poll()  # not select(): a caller's process may hold 1024 files and more
+        for fd in readers:
+            poller.register(fd, select.POLLIN)
         nxt = 0
         while nxt < want:
             while nxt in payloads:
@@ -259,9 +269,10 @@ class _Workers:
                 break
             if not readers:
                 raise RuntimeError("a worker process ended before its work was done")
-            for fd in select.select(list(readers), (), ())[0]:
+            for fd, _ in poller.poll():
                 frames = readers[fd].read()
                 if frames is None:  # end of file: the worker has exited
+                    poller.unregister(fd)
                     del readers[fd]
                     continue
                 for span, payload in frames:
@@ -278,7 +289,7 @@ class _FrameReader:
         self.buf = bytearray()
 
     def read(self) -> list[tuple[int, bytes]] | None:
-        chunk = os.read(self.fd, 1 << 20)
+        chunk = os.read(self.fd, 1 << 16)  # what a pipe holds
         if not chunk:
             return None
         buf = self.buf

@@ -6,6 +6,7 @@ Sizes are integers of bytes everywhere; rendering them for people happens in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .problems import Problem
@@ -54,8 +55,14 @@ _set = object.__setattr__
 def file_record_from_row(row: tuple) -> FileRecord:
     """A ``FileRecord`` from its field values in declaration order, as ``FileRecord(*row)``
     makes it, at a third of the cost (scans build tens of thousands of them)."""
+    (relpath, size, allocated, dev, ino, nlink, mtime_ns, is_symlink, symlink_target,
+     escapes_root, target_size, is_regular) = row
     rec = _new(FileRecord)
-    _set(rec, "__dict__", dict(zip(_FILE_FIELDS, row)))
+    _set(rec, "__dict__", {
+        "relpath": relpath, "size": size, "allocated": allocated, "dev": dev, "ino": ino,
+        "nlink": nlink, "mtime_ns": mtime_ns, "is_symlink": is_symlink,
+        "symlink_target": symlink_target, "escapes_root": escapes_root,
+        "target_size": target_size, "is_regular": is_regular})
     return rec
 
 
@@ -93,7 +100,6 @@ class CheckpointDir:
 
     @property
     def abspath(self) -> str:
-        import os
         return os.path.normpath(os.path.join(self.root, self.path))
 
     def file(self, relpath: str) -> FileRecord | None:
@@ -120,16 +126,15 @@ class CheckpointDir:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-_CKPT_FIELDS = ("root", "path", "run", "name", "step", "_file_rows", "newest_mtime_ns",
-                "tmp_name", "unreadable", "dev", "ino")
-
-
 def checkpoint_from_rows(values: tuple) -> CheckpointDir:
     """The ``CheckpointDir`` of the field values ``values``, in declaration order, with
     ``files`` as FileRecord rows (see ``file_records_from_rows``); its records are built
     when first asked for."""
+    root, path, run, name, step, rows, newest, tmp_name, unreadable, dev, ino = values
     ckpt = _new(CheckpointDir)
-    _set(ckpt, "__dict__", dict(zip(_CKPT_FIELDS, values)))
+    _set(ckpt, "__dict__", {"root": root, "path": path, "run": run, "name": name, "step": step,
+                            "_file_rows": rows, "newest_mtime_ns": newest, "tmp_name": tmp_name,
+                            "unreadable": unreadable, "dev": dev, "ino": ino})
     return ckpt
 
 
@@ -186,18 +191,15 @@ class Checkpoint:
         }
 
 
-_CHECKPOINT_FIELDS = ("dir", "status", "layout", "problems", "merged_files", "num_experts",
-                      "size_bytes", "reclaimable_bytes", "facts")
-
-
 def checkpoint_record(dir: CheckpointDir, status: str, layout: str, problems: tuple,
                       merged_files: tuple, num_experts: int | None, size_bytes: int = 0,
                       reclaimable_bytes: int = 0, facts: dict | None = None) -> Checkpoint:
     """``Checkpoint(...)`` with these fields, at a fraction of the frozen ``__init__``'s cost."""
     rec = _new(Checkpoint)
-    _set(rec, "__dict__", dict(zip(_CHECKPOINT_FIELDS, (
-        dir, status, layout, problems, merged_files, num_experts, size_bytes,
-        reclaimable_bytes, {} if facts is None else facts))))
+    _set(rec, "__dict__", {"dir": dir, "status": status, "layout": layout, "problems": problems,
+                           "merged_files": merged_files, "num_experts": num_experts,
+                           "size_bytes": size_bytes, "reclaimable_bytes": reclaimable_bytes,
+                           "facts": {} if facts is None else facts})
     return rec
 
 

@@ -13,6 +13,26 @@ def size_str(n: int) -> str:
     return humanize.naturalsize(n)
 
 
+def _refuse(value):
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+try:
+    from json.encoder import c_make_encoder as _c_make_encoder
+except ImportError:  # another Python: the json module's own way
+    _c_make_encoder = None
+if _c_make_encoder is not None:
+    # json.dumps(value, ensure_ascii=False) without building an encoder for every value
+    _c_encoder = _c_make_encoder({}, _refuse, json.encoder.encode_basestring, None, ": ", ", ",
+                                 False, False, True)
+
+    def _encode(value) -> str:
+        return "".join(_c_encoder(value, 0))
+else:
+    def _encode(value) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+
 def dumps(doc) -> str:
     """A JSON document with one top-level key, and one list item, per line.
 
@@ -20,15 +40,15 @@ def dumps(doc) -> str:
     pure-Python one, which costs seconds on an audit of tens of thousands of checkpoints).
     """
     if not isinstance(doc, dict):
-        return json.dumps(doc, ensure_ascii=False)
+        return _encode(doc)
     parts = []
     for key, value in doc.items():
-        k = json.dumps(key, ensure_ascii=False)
+        k = _encode(key)
         if isinstance(value, list) and value:
-            items = ",\n".join("    " + json.dumps(v, ensure_ascii=False) for v in value)
-            parts.append(f"  {k}: [\n{items}\n  ]")
+            items = ",\n    ".join(map(_encode, value))
+            parts.append(f"  {k}: [\n    {items}\n  ]")
         else:
-            parts.append(f"  {k}: {json.dumps(value, ensure_ascii=False)}")
+            parts.append(f"  {k}: {_encode(value)}")
     return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
-from sys import intern
 from collections.abc import Iterator
+from sys import intern
 
 from . import layout
 from .problems import PERMISSION_DENIED, UNREADABLE, Problem
@@ -144,8 +144,8 @@ def walk(root: str, root_abs: str, root_real: str,
                               f"cannot list directory: {exc.strerror or exc}")
                 continue
         name = os.path.basename(path) if path != root_abs else os.path.basename(root_real)
-        names = {e.name for e in entries}
-        is_ckpt = (layout.is_checkpoint_name(name) or layout.marks_checkpoint(names)) \
+        is_ckpt = (layout.is_checkpoint_name(name)
+                   or layout.marks_checkpoint({e.name for e in entries})) \
             and name not in layout.CHECKPOINT_SUBDIRS
         if is_ckpt:
             values, nested = collect_rows(root, root_abs, root_real, path, entries)
@@ -191,9 +191,11 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
             if own(name):
                 continue
             try:
-                is_dir = e.is_dir(follow_symlinks=False)
+                # no keyword arguments: the calls below follow no link, as none is one
+                link = e.is_symlink()
+                is_dir = not link and e.is_dir()
             except OSError:
-                is_dir = False
+                link, is_dir = None, False
             if is_dir:
                 if not prefix and name not in subdirs:
                     # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
@@ -205,16 +207,20 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
                     unreadable.append(prefix + name)
                 continue
             try:
-                st = e.stat(follow_symlinks=False)
-                mtime = st.st_mtime_ns
-                if e.is_symlink():
+                if link is None:  # its type could not be told above: ask again, or fail here
+                    link = e.is_symlink()
+                if link:
+                    st = e.stat(follow_symlinks=False)
+                    mtime = st.st_mtime_ns
                     append(_symlink_row(e, prefix + name, root_real, st))
                 else:
+                    st = e.stat()
+                    mtime = st.st_mtime_ns
                     # interned: checkpoints repeat their relpaths, so records share them
                     # (and a worker's results pickle each one once)
                     append((intern(prefix + name), st.st_size, st.st_blocks * 512, st.st_dev,
                             st.st_ino, st.st_nlink, mtime, False, None, False, None,
-                            e.is_file(follow_symlinks=False)))
+                            e.is_file()))
             except FileNotFoundError:
                 continue
             except OSError:
@@ -225,7 +231,7 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
     rows.sort()  # by relpath: unique within a checkpoint, so nothing else is compared
     rel = _rel(path, root_abs)
     try:
-        dst = os.stat(path, follow_symlinks=False)
+        dst = os.lstat(path)
         dev, ino = dst.st_dev, dst.st_ino
     except OSError:
         dev = ino = 0

@@ -1033,10 +1033,13 @@ def _examine(ctx: _Ctx) -> _Found:
 # fails, or returns an object no examination saw, means a full examination.
 
 class _Plan:
-    __slots__ = ("reads", "found")
+    __slots__ = ("reads", "steps", "found")
 
-    def __init__(self, reads: tuple):
+    def __init__(self, reads: tuple, position: dict[str, int]):
         self.reads = reads                       # ((kind, relpath, arg), ...)
+        # the same reads ready to run: (reader, relpath, index of its FileRecord row, arg)
+        self.steps = tuple((_QUIET_READERS[kind], rel, position.get(rel), arg)
+                           for kind, rel, arg in reads)
         self.found: dict[tuple, tuple] = {}      # ids of the reads' values → (values, _Found, problems)
 
 
@@ -1057,7 +1060,7 @@ def _remember(ctx: _Ctx, found: _Found) -> None:
     if plan is None or plan.reads != reads:
         if len(_PLANS) >= _MEMO_MAX:
             _PLANS.clear()
-        plan = _PLANS[sig] = _Plan(reads)
+        plan = _PLANS[sig] = _Plan(reads, ctx.shape.position)
     if len(plan.found) >= 64:
         plan.found.clear()
     plan.found[tuple(map(id, values))] = (values, found, tuple(ctx.raw))
@@ -1067,12 +1070,19 @@ def _replay(ctx: _Ctx) -> _Found | None:
     plan = _PLANS.get(_signature(ctx))
     if plan is None:
         return None
-    values = []  # alive until the lookup: no id of theirs can be another object's
-    for kind, rel, arg in plan.reads:
-        value = _quiet_read(ctx, kind, rel, arg)
+    rows = ctx.rows  # the signature holds the shape: the rows are where the plan says
+    values: list = []  # alive until the lookup: no id of theirs can be another object's
+    append = values.append
+    for read, rel, at, arg in plan.steps:
+        size = None  # as _Ctx.size_hint: FileRecord row fields size, is_symlink, is_regular
+        if at is not None:
+            row = rows[at]
+            if row[11] and not row[7]:
+                size = row[1]
+        value = read(ctx.abspath(rel), rel, size, arg)
         if value is None:
             return None
-        values.append(value)
+        append(value)
     hit = plan.found.get(tuple(map(id, values)))
     if hit is None:
         return None
@@ -1081,22 +1091,35 @@ def _replay(ctx: _Ctx) -> _Found | None:
     return hit[1]
 
 
-def _quiet_read(ctx: _Ctx, kind: str, rel: str, arg):
-    """What the reader ``kind`` would record for ``rel``; None where it would find a problem."""
-    path = ctx.abspath(rel)
+# What each reader of _Ctx records for a file; None where it would find a problem.
+
+def _quiet_json(path: str, rel: str, size: int | None, _):
     try:
-        if kind == "json":
-            raw = _read_json_bytes(path, ctx.size_hint(rel))
-            if len(raw) > _MAX_JSON_BYTES:
-                return None
-            value = _parse_json(raw)
-            return None if isinstance(value, str) else value
-        if kind == "st":
-            return _read_header(path, rel, ctx.size_hint(rel))
-        return _torch_token(torchsave.inspect_torch_file(path, check_pickle=arg, shared=True,
-                                                         file_size=ctx.size_hint(rel)))
+        raw = _read_json_bytes(path, size)
+    except OSError:
+        return None
+    if len(raw) > _MAX_JSON_BYTES:
+        return None
+    value = _parse_json(raw)
+    return None if isinstance(value, str) else value
+
+
+def _quiet_safetensors(path: str, rel: str, size: int | None, _):
+    try:
+        return _read_header(path, rel, size)
     except (FormatError, OSError):
         return None
+
+
+def _quiet_torch(path: str, rel: str, size: int | None, check_pickle: bool):
+    try:
+        return _torch_token(torchsave.inspect_torch_file(path, check_pickle=check_pickle,
+                                                         shared=True, file_size=size))
+    except (FormatError, OSError):
+        return None
+
+
+_QUIET_READERS = {"json": _quiet_json, "st": _quiet_safetensors, "torch": _quiet_torch}
 
 
 class _NoToken(Exception):

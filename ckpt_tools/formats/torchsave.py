@@ -1419,16 +1419,15 @@ def _fresh(node, memo: dict | None = None):
 #
 # The torch.save files of a run's checkpoints (router, skill library) differ only where the
 # zip reader never looks: the bytes of every record but data.pkl (tensor values, the
-# serialization id), the data descriptors and padding after each record, and the CRC-32
-# fields of those records (only data.pkl's CRC is checked; the local headers' CRC fields are
-# never read). Once an archive read whole has passed every check, where those ranges lie is
-# known from its directory; a later file of the same size that is byte for byte the same
-# outside them is the same input to every check, so it gets the same result. Every byte
-# outside the ranges is compared (it is part of the key): a difference anywhere the reader
-# looks means a full read.
+# serialization id), the data descriptors and padding after each record, and the directory's
+# CRC-32 fields of those records (only data.pkl's CRC is checked). Once an archive read whole
+# has passed every check, where those ranges lie is known from its directory; a later file
+# of the same size that is byte for byte the same outside them is the same input to every
+# check, so it gets the same result. Every byte outside the ranges is compared (it is part
+# of the key): a difference anywhere the reader looks means a full read.
 
 _MAX_LAYOUTS_PER_SIZE = 4
-_LAYOUTS: dict[int, list[tuple]] = {}  # size → [(layout id, ranges cut, slicer)], newest first
+_LAYOUTS: dict[int, list] = {}  # size → [_Layout], newest first
 _layout_ids = iter(range(1, 1 << 62))
 _ARCHIVES: dict[tuple, TorchFileInfo] = {}  # (layout id, check_pickle, max bytes, kept bytes) → info
 _ARCHIVES_MAX = 1024
@@ -1438,14 +1437,15 @@ _archive_bytes = [0]
 
 def _unread_ranges(data: bytes, entries: list[tuple], cd_offset: int,
                    pkl_name: str) -> list[tuple[int, int]]:
-    """The byte ranges of a sound archive (read whole) that no check depends on."""
+    """Byte ranges of a sound archive (read whole) that no check depends on. (The local
+    headers' CRC-32 fields are never read either, but torch writes zeros there, the sizes
+    following the data: kept, they cost nothing in hits and save a slice each.)"""
     cut = []
     ordered = sorted(entries, key=_OFFSET_OF)
     for i, (offset, name, _, _, _, _, csize, _) in enumerate(ordered):
         following = ordered[i + 1][0] if i + 1 < len(ordered) else cd_offset
         name_len, extra_len = _U16_PAIR.unpack_from(data, offset + 26)
         start = offset + 30 + name_len + extra_len
-        cut.append((offset + 14, offset + 18))  # the local header's CRC-32
         cut.append((start + csize if name == pkl_name else start, following))
     pos = cd_offset
     for _, name, _, _, _, _, _, _ in entries:  # in directory order
@@ -1455,26 +1455,43 @@ def _unread_ranges(data: bytes, entries: list[tuple], cd_offset: int,
     return cut
 
 
-def _slicer(size: int, cut: list[tuple[int, int]]):
-    """A function giving the bytes of a ``size``-byte file outside the ranges ``cut``."""
-    keep = []
-    at = 0
-    for start, end in sorted(cut):
-        if start > at:
-            keep.append(slice(at, start))
-        at = max(at, end)
-    if at < size:
-        keep.append(slice(at, size))
-    keep.append(slice(0, 0))  # so that itemgetter always gives a tuple
-    pick = itemgetter(*keep)
-    join = b"".join
-    return lambda data: join(pick(data))
+class _Layout:
+    """Where the bytes every check depends on lie, in archives of one size and structure."""
+
+    __slots__ = ("ident", "cut", "_pick", "last")
+
+    def __init__(self, size: int, cut: tuple[tuple[int, int], ...]):
+        self.ident = next(_layout_ids)
+        self.cut = cut
+        keep = []
+        at = 0
+        for start, end in sorted(cut):
+            if start > at:
+                keep.append(slice(at, start))
+            at = max(at, end)
+        if at < size:
+            keep.append(slice(at, size))
+        keep.append(slice(0, 0))  # so that itemgetter always gives a tuple
+        self._pick = itemgetter(*keep)
+        # (check_pickle, max bytes, kept bytes, info) of the archive met last: compared
+        # directly, the same file again costs no hashing of its bytes
+        self.last: tuple | None = None
+
+    def kept(self, data: bytes) -> bytes:
+        """The bytes of ``data`` outside the ranges cut."""
+        return b"".join(self._pick(data))
 
 
 def _archive_from_memo(data: bytes, check_pickle: bool, max_pickle_bytes: int):
-    for ident, _, kept in _LAYOUTS.get(len(data), ()):
-        hit = _ARCHIVES.get((ident, check_pickle, max_pickle_bytes, kept(data)))
+    for layout in _LAYOUTS.get(len(data), ()):
+        kept = layout.kept(data)
+        last = layout.last
+        if (last is not None and last[2] == kept and last[0] == check_pickle
+                and last[1] == max_pickle_bytes):
+            return last[3]
+        hit = _ARCHIVES.get((layout.ident, check_pickle, max_pickle_bytes, kept))
         if hit is not None:
+            layout.last = (check_pickle, max_pickle_bytes, kept, hit)
             return hit
     return None
 
@@ -1490,19 +1507,20 @@ def _remember_archive(data: bytes, info: TorchFileInfo, entries: list[tuple], cd
             _ARCHIVES.clear()
             _archive_bytes[0] = 0
         layouts = _LAYOUTS[size] = []
-    for ident, known, kept in layouts:
-        if known == cut:
+    for layout in layouts:
+        if layout.cut == cut:
             break
     else:
-        ident, kept = next(_layout_ids), _slicer(size, list(cut))
-        layouts.insert(0, (ident, cut, kept))
+        layout = _Layout(size, cut)
+        layouts.insert(0, layout)
         del layouts[_MAX_LAYOUTS_PER_SIZE:]
-    key = (ident, check_pickle, max_pickle_bytes, kept(data))
+    kept = layout.kept(data)
     if len(_ARCHIVES) >= _ARCHIVES_MAX or _archive_bytes[0] > _ARCHIVES_MAX_BYTES:
         _ARCHIVES.clear()
         _archive_bytes[0] = 0
-    _ARCHIVES[key] = info
+    _ARCHIVES[(layout.ident, check_pickle, max_pickle_bytes, kept)] = info
     _archive_bytes[0] += 2 * size
+    layout.last = (check_pickle, max_pickle_bytes, kept, info)
 
 
 def _clear_archive_memo() -> None:

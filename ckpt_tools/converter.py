@@ -457,13 +457,7 @@ def _fsync_tree(top: str, faults: _Faults, shown: Callable[[str], str]) -> None:
         for p, is_dir in paths:
             if not is_dir and os.path.islink(p):
                 continue
-            try:
-                _fsync_path(p, directory=is_dir, faults=faults)
-            except OSError as exc:
-                why = storage_error(exc)
-                if why is None:
-                    raise
-                raise CheckpointFailure(f"{why} syncing {shown(p)}") from None
+            _sync_or_fail(p, is_dir, faults, shown(p))
 
 
 def _remove_tree(path: str, faults: _Faults) -> OSError | None:
@@ -1604,14 +1598,19 @@ def _write_target(ctx: _Context, src: _Source, method: str, state: str, digest: 
                    verify=verify, warnings=tuple(warnings))
 
 
-def _fsync_dir(path: str, faults: _Faults, shown: str) -> None:
+def _sync_or_fail(path: str, directory: bool, faults: _Faults, what: str) -> None:
+    """fsync ``path``; a storage error becomes this checkpoint's one-line failure."""
     try:
-        _fsync_path(path, directory=True, faults=faults)
+        _fsync_path(path, directory=directory, faults=faults)
     except OSError as exc:
         why = storage_error(exc)
         if why is None:
             raise
-        raise CheckpointFailure(f"{why} syncing the directory {shown or '.'}") from None
+        raise CheckpointFailure(f"{why} syncing {what}") from None
+
+
+def _fsync_dir(path: str, faults: _Faults, shown: str) -> None:
+    _sync_or_fail(path, True, faults, f"the directory {shown or '.'}")
 
 
 # --- execution -------------------------------------------------------------------------------

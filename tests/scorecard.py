@@ -39,7 +39,7 @@ def write(key: str, doc: dict) -> None:
 class Runs:
     """Collects the runs of one scenario entry, then reports them.
 
-    ``key``: file name of the entry; ``scenario``: the issue's scenario number (1–8);
+    ``key``: file name of the entry; ``scenario``: the scenario's number in RELIABILITY.md (1–8);
     ``title``: the table's row text; ``checks``: what is verified after every run.
     """
 

@@ -3,7 +3,7 @@ moments, then checked and re-run.
 
 Counts: ``CKPT_TOOLS_CRASH_RUNS`` (default 10 kills of migrate, 10 of prune, to keep this file
 around a minute and a half); ``CKPT_TOOLS_CRASH_RUNS_MIGRATE`` / ``CKPT_TOOLS_CRASH_RUNS_PRUNE``
-override it per scenario (the issue's counts are 50 and 30: ``bench/reliability_scorecard.py``
+override it per scenario (the scorecard's counts are 50 and 30: ``bench/reliability_scorecard.py``
 runs those). ``CKPT_TOOLS_CRASH_SEED`` fixes the seed (printed on failure); ``CKPT_TOOLS_CRASH_JOBS``
 how many trials run at once (default: the CPU count + 1, 2 to 4). When ``CKPT_TOOLS_SCORECARD_DIR``
 is set each scenario writes ``<scenario>.json`` there with its per-run outcomes, for the scorecard.

@@ -68,18 +68,7 @@ def file_record_from_row(row: tuple) -> FileRecord:
 
 def file_records_from_rows(rows) -> tuple[FileRecord, ...]:
     """``tuple(FileRecord(*row) for row in rows)``, fast."""
-    out = []
-    append = out.append
-    for (relpath, size, allocated, dev, ino, nlink, mtime_ns, is_symlink, symlink_target,
-         escapes_root, target_size, is_regular) in rows:
-        rec = _new(FileRecord)
-        _set(rec, "__dict__", {
-            "relpath": relpath, "size": size, "allocated": allocated, "dev": dev, "ino": ino,
-            "nlink": nlink, "mtime_ns": mtime_ns, "is_symlink": is_symlink,
-            "symlink_target": symlink_target, "escapes_root": escapes_root,
-            "target_size": target_size, "is_regular": is_regular})
-        append(rec)
-    return tuple(out)
+    return tuple(map(file_record_from_row, rows))
 
 
 @dataclass(frozen=True)

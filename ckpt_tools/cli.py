@@ -153,9 +153,11 @@ def audit(ctx, roots, min_age, strict, jobs, **opts):
     from .records import BROKEN, LEGACY, REDUNDANT
     from .report import dumps, render_audit
     out = _merge(ctx, **opts)
-    # The scan's records live until the process ends and hold no cycles: the cyclic
-    # collector would only walk them again and again while the report is built.
-    gc.disable()
+    if _as_program:
+        # The scan's records live until the process ends and hold no cycles: the cyclic
+        # collector would only walk them again and again while the report is built. (An
+        # in-process caller keeps its collector.)
+        gc.disable()
     result = _scan(out, roots, min_age_s=min_age, jobs=jobs)
     if out.json:
         click.echo(dumps(result.to_dict()))

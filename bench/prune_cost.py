@@ -7,9 +7,13 @@ merged model.safetensors), each repetition times, alternating the order:
 - ``ckpt-tools prune --dry-run --json --min-age 0 TREE``;
 - ``ckpt-tools prune --yes --json --min-age 0 COPY`` on a fresh copy of the tree;
 - ``rm -f`` of exactly the files that prune deleted, on another fresh copy (execution's
-  anchor: what the unlinks alone cost).
+  anchor: what the unlinks alone cost);
+- ``ckpt-tools audit --json`` of the redundant checkpoints alone, named one by one (what
+  validating them once costs: the safety rule has prune validate each one again right
+  before its unlinks).
 
-so "execution adds only the unlinks" reads as (prune --yes − dry run) against rm's time.
+so execution (prune --yes − dry run) reads against rm's time, and against rm + that audit:
+the unlinks plus the one re-validation the safety rule requires.
 Copies are made with ``cp -a`` between timings and dropped afterwards. Writes
 bench/out/prune_cost.{json,md}.
 
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-prune-", dir=args.workdir))
     ck = ckpt_tools_cmd()
-    times: dict[str, list[float]] = {"audit": [], "dry-run": [], "prune --yes": [], "rm": []}
+    times: dict[str, list[float]] = {"audit": [], "dry-run": [], "prune --yes": [], "rm": [],
+                                     "audit of the redundant": []}
     facts: dict = {}
     try:
         master = work / "tree"
@@ -74,12 +79,17 @@ def main(argv=None) -> int:
         _, out = timed(dry_cmd, ok=(0, 1))
         plan = json.loads(out)
         rels = [item["path"] for item in plan["deleted"]]   # relative to the root
-        facts.update(planned_files=len(rels), planned_bytes=plan["freed_bytes"])
+        redundant = sorted({str(master / r.rsplit("/", 1)[0]) for r in rels})
+        facts.update(planned_files=len(rels), planned_bytes=plan["freed_bytes"],
+                     redundant_checkpoints=len(redundant))
+        revalidate_cmd = ck + ["audit", "--json", "--no-progress", "--min-age", "0", *redundant]
         for rep in range(args.reps):
-            order = ["audit", "dry-run", "prune --yes", "rm"]
+            order = ["audit", "dry-run", "prune --yes", "rm", "audit of the redundant"]
             for what in (order if rep % 2 == 0 else list(reversed(order))):
                 if what == "audit":
                     t, _ = timed(audit_cmd, ok=(0, 1))
+                elif what == "audit of the redundant":
+                    t, _ = timed(revalidate_cmd, ok=(0, 1))
                 elif what == "dry-run":
                     t, _ = timed(dry_cmd, ok=(0, 1))
                 elif what == "prune --yes":
@@ -107,7 +117,9 @@ def main(argv=None) -> int:
            "times": times, "median": med, **facts,
            "plan_over_audit": med["dry-run"] / med["audit"],
            "execution_s": med["prune --yes"] - med["dry-run"],
-           "execution_over_rm": (med["prune --yes"] - med["dry-run"]) / med["rm"]}
+           "execution_over_rm": (med["prune --yes"] - med["dry-run"]) / med["rm"],
+           "execution_over_rm_and_revalidation": (med["prune --yes"] - med["dry-run"])
+           / (med["rm"] + med["audit of the redundant"])}
     (args.out / "prune_cost.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# prune cost ({args.checkpoints:,} checkpoints, {info['files']:,} files, "
              f"{facts['planned_files']:,} merged files planned)", "",
@@ -116,8 +128,10 @@ def main(argv=None) -> int:
         lines.append(f"| {k} | {med[k]:.2f} s [{min(v):.2f}–{max(v):.2f}] |")
     lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f}. Execution (prune --yes − dry run): "
               f"{doc['execution_s']:.2f} s, against {med['rm']:.2f} s for rm of the same files "
-              f"({doc['execution_over_rm']:.1f}×). Promised {facts['planned_bytes']:,} bytes; "
-              f"freed {facts.get('freed_bytes', 0):,}."]
+              f"({doc['execution_over_rm']:.1f}×) and {med['rm'] + med['audit of the redundant']:.2f} s "
+              f"for rm plus one audit of the {facts['redundant_checkpoints']:,} redundant checkpoints "
+              f"({doc['execution_over_rm_and_revalidation']:.2f}×). Promised "
+              f"{facts['planned_bytes']:,} bytes; freed {facts.get('freed_bytes', 0):,}."]
     md = "\n".join(lines) + "\n"
     (args.out / "prune_cost.md").write_text(md)
     print(md)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
-import select
-import signal
-import struct
 import time
 from collections.abc import Callable, Iterable
 from itertools import chain
 from operator import itemgetter
 
-from . import scanner
+from . import scanner, workers
 from .pruner import plan_prune
 from .problems import Problem
 from .records import Checkpoint, CheckpointDir, Run, ScanResult, checkpoint_record, file_rows
@@ -84,7 +80,7 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if jobs > 1 and hasattr(os, "fork") and hasattr(select, "poll"):
+        if jobs > 1 and workers.available():
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
         return _scan_here(roots, level, min_age_s, now, progress)
     finally:
@@ -174,167 +170,11 @@ def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResu
     _WORK = (walks, units, level, min_age_s, now)
     try:
         if jobs > 1:
-            # spans small enough that the workers finish within a few milliseconds of
-            # each other, and few enough for the task pipe (_MAX_SPANS)
-            step = max(4, min(64, len(units) // (jobs * 8) or 1),
-                       -(-len(units) // _MAX_SPANS))
-            spans = [(lo, min(lo + step, len(units))) for lo in range(0, len(units), step)]
-            with _Workers(spans, jobs) as batches:
-                return _gather(walks, units, (u for batch in batches for u in batch), progress)
+            with workers.Workers(workers.spans_of(len(units), jobs), jobs, _run_units) as w:
+                return _gather(walks, units, (u for batch in w.in_order() for u in batch), progress)
         return _gather(walks, units, (_run_unit(i) for i in range(len(units))), progress)
     finally:
         _WORK = ()
-
-
-# Workers take spans of units from one pipe (4-byte span numbers, written before they start:
-# a read of 4 bytes takes one whole number, so whoever is free takes the next span) and
-# each writes its results to a pipe of its own, a frame per span: span number, length,
-# pickled list. The parent reads the frames as they come and hands them on in span order.
-
-_FRAME = struct.Struct("<iQ")  # span number (-1: the worker failed), payload length
-_SPAN = struct.Struct("<I")
-# All span numbers are written at once, before the workers start: they must fit in the
-# smallest pipe buffer (one page), and one write of at most PIPE_BUF bytes is atomic.
-_MAX_SPANS = 1024
-
-
-class _Workers:
-    """``with _Workers(spans, jobs) as batches``: forked workers run ``_run_units`` on each
-    span; ``batches`` yields the results span by span, in order. Leaving the block ends the
-    workers, whatever happened."""
-
-    def __init__(self, spans: list[tuple[int, int]], jobs: int):
-        self.spans = spans
-        self.jobs = jobs
-        self.pids: list[int] = []
-        self.fds: list[int] = []
-
-    def __enter__(self):
-        tasks_r, tasks_w = os.pipe()
-        try:
-            try:
-                os.write(tasks_w, b"".join(_SPAN.pack(i) for i in range(len(self.spans))))
-            finally:
-                os.close(tasks_w)
-            for _ in range(self.jobs):
-                r, w = os.pipe()
-                try:
-                    pid = os.fork()
-                except BaseException:
-                    os.close(r)
-                    os.close(w)
-                    raise
-                if pid == 0:  # the worker: never returns
-                    os.close(r)
-                    _worker_main(self.spans, tasks_r, w)
-                os.close(w)
-                self.pids.append(pid)
-                self.fds.append(r)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        finally:
-            os.close(tasks_r)
-        return self._batches()
-
-    def __exit__(self, *exc) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)  # done by now, or no longer wanted
-            except OSError:
-                pass
-        for pid in self.pids:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        self.pids = []
-
-    def _batches(self):
-        want = len(self.spans)
-        payloads: dict[int, bytes] = {}
-        readers = {fd: _FrameReader(fd) for fd in self.fds}
-        poller = select.poll()  # not select(): a caller's process may hold 1024 files and more
-        for fd in readers:
-            poller.register(fd, select.POLLIN)
-        nxt = 0
-        while nxt < want:
-            while nxt in payloads:
-                yield pickle.loads(payloads.pop(nxt))
-                nxt += 1
-            if nxt == want:
-                break
-            if not readers:
-                raise RuntimeError("a worker process ended before its work was done")
-            for fd, _ in poller.poll():
-                frames = readers[fd].read()
-                if frames is None:  # end of file: the worker has exited
-                    poller.unregister(fd)
-                    del readers[fd]
-                    continue
-                for span, payload in frames:
-                    if span < 0:
-                        raise RuntimeError(f"a worker process failed:\n{payload.decode()}")
-                    payloads[span] = payload
-
-
-class _FrameReader:
-    """Frames from one worker's pipe, as whole frames arrive."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buf = bytearray()
-
-    def read(self) -> list[tuple[int, bytes]] | None:
-        chunk = os.read(self.fd, 1 << 16)  # what a pipe holds
-        if not chunk:
-            return None
-        buf = self.buf
-        buf += chunk
-        frames = []
-        at = 0
-        while len(buf) - at >= _FRAME.size:
-            span, n = _FRAME.unpack_from(buf, at)
-            end = at + _FRAME.size + n
-            if len(buf) < end:
-                break
-            frames.append((span, bytes(buf[at + _FRAME.size:end])))
-            at = end
-        del buf[:at]
-        return frames
-
-
-def _worker_main(spans, tasks: int, out: int) -> None:
-    """A forked worker's whole life: spans from ``tasks``, frames to ``out``, then _exit."""
-    code = 0
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent handles ^C
-        while True:
-            raw = os.read(tasks, _SPAN.size)
-            if not raw:
-                break
-            (span,) = _SPAN.unpack(raw)
-            payload = pickle.dumps(_run_units(spans[span]), pickle.HIGHEST_PROTOCOL)
-            _write_all(out, _FRAME.pack(span, len(payload)) + payload)
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        code = 1
-        try:
-            import traceback
-            report = traceback.format_exc().encode()
-            _write_all(out, _FRAME.pack(-1, len(report)) + report)
-        except BaseException:  # noqa: BLE001
-            pass
-    finally:
-        os._exit(code)  # no atexit handlers, no flushing of the parent's buffers
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _gather(walks, units, results, progress) -> ScanResult:

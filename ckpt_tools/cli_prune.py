@@ -12,6 +12,7 @@ from collections import Counter
 
 import click
 
+from .api import default_jobs
 from .locking import LockError, LockHeld, root_lock
 from .prune_exec import ActionLog, PruneEvent, PruneResult, Revalidator, emit_plan, execute_prune
 from .pruner import PrunePlan, plan_prune, skip_reason
@@ -129,8 +130,9 @@ def register(cli: click.Group) -> None:
                   metavar="SECONDS", help="How long to wait for a lock held by another run.")
     @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
                   help="Append one JSON line per action (plan, delete, skip, fail) to FILE.")
-    @click.option("--jobs", "-j", type=click.IntRange(1, 256), default=1, show_default=True,
-                  help="Checkpoints validated in parallel while planning (unlinks stay sequential).")
+    @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
+                  help="Worker processes validating checkpoints in parallel, to plan and again "
+                       "before their unlinks; 0: one per CPU (at most 8).")
     @output_options
     @click.pass_context
     def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, jobs, **opts):
@@ -230,7 +232,7 @@ def register(cli: click.Group) -> None:
 
         try:
             result = execute_prune(plan, revalidate=Revalidator(min_age_s=min_age), log=log,
-                                   on_event=on_event)
+                                   on_event=on_event, jobs=jobs or default_jobs())
         finally:
             if bar is not None:
                 bar.close()

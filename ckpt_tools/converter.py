@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import threading
 import time
 from collections import Counter
@@ -43,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import __version__, layout, scanner
+from .faults import NO_FAULTS as _NO_FAULTS, Faults as _Faults
 from .layout import Role
 from .problems import FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
@@ -54,7 +54,6 @@ ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = "migrate", "skip", "done"
 # source only by float rounding (PEFT's unmerged forward against our own hooks, in float32);
 # a low-rank extraction differs by its truncation, which the user chose with --rank/--energy.
 DEFAULT_VERIFY_TOL = {METHOD_COPY: 1e-4, METHOD_EXACT: 1e-4, METHOD_SVD: 1e-2}
-FAULT_ENV = "CKPT_TOOLS_FAULT"
 _MARKER_FORMAT = 1
 
 
@@ -350,62 +349,6 @@ def _target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[
     return "finished", ""
 
 
-# --- fault injection (tests) ---------------------------------------------------------------
-
-class _Faults:
-    """Test-only fault injection, set by ``CKPT_TOOLS_FAULT`` (unset in real use: a no-op).
-
-    ``<point>:<n>`` SIGKILLs this process the n-th time ``point`` is hit. Points:
-    ``after_write`` (a file of a target written), ``before_rename``, ``after_rename``.
-
-    ``<error>@<op>:<n>`` makes the n-th ``op`` fail with a real ``OSError``; ``error`` is
-    ``enospc`` or ``eio``. Ops: ``write`` (each file of a target: it is left cut to half its
-    length, as a full disk leaves it; a hard link is not created), ``fsync`` (each fsync of a
-    target's files and directories and of its parent), ``remove`` (each unlink or rmdir while
-    a failed target's temporary directory is removed).
-
-    Several specs may be given, comma-separated: ``enospc@write:3,eio@remove:1``. Counts run
-    over the whole process, so with ``--jobs 1`` the same n always strikes the same file.
-    """
-
-    ERRORS = {"enospc": errno.ENOSPC, "eio": errno.EIO}
-    OPS = ("write", "fsync", "remove")
-
-    def __init__(self, spec: str | None):
-        self.kills: dict[str, int] = {}
-        self.errors: dict[str, tuple[int, int]] = {}     # op -> (errno, n)
-        self.counts: Counter = Counter()
-        self.lock = threading.Lock()
-        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
-            what, _, n = part.partition(":")
-            count = int(n or 1)
-            if "@" not in what:
-                self.kills[what] = count
-                continue
-            err, _, op = what.partition("@")
-            if err not in self.ERRORS or op not in self.OPS:
-                raise ValueError(f"{FAULT_ENV}: {part!r}: expected <point>:<n> or "
-                                 f"<{'|'.join(self.ERRORS)}>@<{'|'.join(self.OPS)}>:<n>")
-            self.errors[op] = (self.ERRORS[err], count)
-
-    def _nth(self, key: str, n: int) -> bool:
-        with self.lock:
-            self.counts[key] += 1
-            return self.counts[key] == n
-
-    def hit(self, point: str) -> None:
-        if point in self.kills and self._nth(point, self.kills[point]):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def fail(self, op: str, path: str) -> None:
-        """Raise the injected ``OSError`` if this is the n-th ``op``."""
-        if op in self.errors:
-            code, n = self.errors[op]
-            if self._nth("@" + op, n):
-                raise OSError(code, os.strerror(code), path)
-
-
-_NO_FAULTS = _Faults(None)
 
 
 # --- I/O failures, in words ----------------------------------------------------------------
@@ -1652,7 +1595,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
     False; raises ``locking.LockHeld`` when another run holds it.
     """
     from contextlib import ExitStack
-    faults = _Faults(os.environ.get(FAULT_ENV))
+    faults = _Faults.from_env()
     ctx = _Context(plan, faults)
     migrated: list[MigrateOutcome] = []
     skipped: list[MigrateOutcome] = []

@@ -2,7 +2,8 @@
 
 A plan is only a promise made at scan time; between the plan and the unlink a trainer
 may rewrite a checkpoint, a user may move a directory, a dedup tool may add hard links.
-So, for each checkpoint of the plan, in plan order and one at a time:
+So, for each checkpoint of the plan (in plan order; with ``jobs``, several checkpoints at
+once in worker processes, each checkpoint whole in one of them):
 
 1. its directory is opened as an ``O_DIRECTORY`` fd, walking from the root one component
    at a time with ``O_NOFOLLOW``: a directory swapped for a symlink is refused, never
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import gc
 import json
 import os
 import stat
@@ -33,7 +35,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import scanner
+from . import scanner, workers
+from .faults import NO_FAULTS, Faults
 from .api import DEFAULT_MIN_AGE_S, classify
 from .pruner import PlannedDeletion, PrunePlan, Skip, skip_reason
 from .records import REDUNDANT, Checkpoint
@@ -252,41 +255,163 @@ class _Accounting:
         return 0
 
 
+class _Outcome:
+    """What a run did, gathered as it happens: each action goes to the log (and to
+    ``on_event``) the moment it is done."""
+
+    def __init__(self, log: ActionLog | None, on_event, faults: Faults = NO_FAULTS) -> None:
+        self.log = log
+        self.on_event = on_event
+        self.faults = faults
+        self.deleted: list[Deleted] = []
+        self.skipped: list[Skip] = []
+        self.failed: list[Failure] = []
+        self.acct = _Accounting()
+
+    def skip(self, d: PlannedDeletion, reason: str) -> None:
+        self.skipped.append(Skip(d.root, d.path, reason, CHANGED))
+        _emit(PruneEvent(SKIP, d.root, d.path, 0, reason), self.log, self.on_event)
+
+    def fail(self, d: PlannedDeletion, reason: str) -> None:
+        self.failed.append(Failure(d.root, d.path, reason))
+        _emit(PruneEvent(FAIL, d.root, d.path, 0, reason), self.log, self.on_event)
+
+    def unlinked(self, d: PlannedDeletion, st: os.stat_result) -> None:
+        self.faults.hit("after_unlink")
+        freed = self.acct.unlinked(st)
+        self.deleted.append(Deleted(d.root, d.path, freed))
+        _emit(PruneEvent(DELETE, d.root, d.path, freed, ""), self.log, self.on_event)
+
+    def part(self) -> tuple:
+        """What a worker sends back: plain values, no log and no callback."""
+        return self.deleted, self.skipped, self.failed, self.acct.freed, self.acct.held
+
+    def absorb(self, part: tuple) -> None:
+        deleted, skipped, failed, freed, held = part
+        self.deleted.extend(deleted)
+        self.skipped.extend(skipped)
+        self.failed.extend(failed)
+        self.acct.freed += freed
+        self.acct.held.update(held)   # units share no file (_units), so no key twice
+
+
 def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoint] | None = None,
                   log: ActionLog | None = None,
-                  on_event: Callable[[PruneEvent], None] | None = None) -> PruneResult:
+                  on_event: Callable[[PruneEvent], None] | None = None,
+                  jobs: int = 1) -> PruneResult:
     """Carry out ``plan``: unlink each planned file that is still what the plan saw.
 
     ``revalidate(root, checkpoint_path)`` must return the checkpoint as it is now;
     the default re-scans and re-validates it with a 1 h ``--min-age`` (pass a
-    ``Revalidator`` with the plan's own). Unlinks are sequential, in plan order.
-    Every action is reported to ``log`` and ``on_event`` as it happens. Raises only
-    on bugs; every filesystem failure is a ``Failure`` of the item concerned.
+    ``Revalidator`` with the plan's own). Each checkpoint is re-validated right before
+    its own unlinks, which follow in plan order. With ``jobs`` > 1 and enough
+    checkpoints, forked worker processes take whole checkpoints (re-validation and
+    unlinks, each writing its actions to ``log`` as it does them); checkpoints that hold
+    links to one file stay together, in plan order. The result is the same for every
+    ``jobs``. Every action is reported to ``log`` and ``on_event`` as it happens (from
+    workers: ``on_event`` as each batch of checkpoints comes back). Raises only on bugs;
+    every filesystem failure is a ``Failure`` of the item concerned.
     """
     revalidate = revalidate if revalidate is not None else Revalidator()
     groups: dict[tuple[str, str], list[PlannedDeletion]] = {}
     for d in plan.deletions:
         groups.setdefault((d.root, d.checkpoint), []).append(d)
-    deleted: list[Deleted] = []
-    skipped: list[Skip] = list(plan.skipped)
-    failed: list[Failure] = []
-    acct = _Accounting()
+    out = _Outcome(log, on_event, Faults.from_env())
+    out.skipped.extend(plan.skipped)
+    collecting = gc.isenabled()
+    gc.disable()   # the plan's records are many and acyclic; see api.scan
+    try:
+        units = _units(groups)
+        n_workers = min(jobs, len(units) // _MIN_PER_WORKER)
+        parallel = n_workers > 1 and workers.available()
+        if parallel:
+            _execute_in_workers(units, groups, revalidate, out, n_workers)
+        else:
+            for key, items in groups.items():
+                _prune_checkpoint(key, items, revalidate, out)
+    finally:
+        if collecting:
+            gc.enable()
+    if parallel:   # back into plan order, as one process would have done it
+        rank = {(d.root, d.path): i for i, d in enumerate(plan.deletions)}
+        n_plan = len(plan.skipped)
+        out.deleted.sort(key=lambda x: rank[(x.root, x.path)])
+        out.skipped[n_plan:] = sorted(out.skipped[n_plan:], key=lambda x: rank[(x.root, x.path)])
+        out.failed.sort(key=lambda x: rank[(x.root, x.path)])
+    return PruneResult(tuple(out.deleted), tuple(out.skipped), tuple(out.failed), out.acct.freed,
+                       sum(out.acct.held.values()))
 
-    def skip(d: PlannedDeletion, reason: str) -> None:
-        skipped.append(Skip(d.root, d.path, reason, CHANGED))
-        _emit(PruneEvent(SKIP, d.root, d.path, 0, reason), log, on_event)
 
-    def fail(d: PlannedDeletion, reason: str) -> None:
-        failed.append(Failure(d.root, d.path, reason))
-        _emit(PruneEvent(FAIL, d.root, d.path, 0, reason), log, on_event)
-
-    for (root, ckpt), items in groups.items():
-        _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, log, on_event)
-    return PruneResult(tuple(deleted), tuple(skipped), tuple(failed), acct.freed,
-                       sum(acct.held.values()))
+# Below this many checkpoints per worker, forking costs more than it saves.
+_MIN_PER_WORKER = 50
 
 
-def _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, log, on_event) -> None:
+def _units(groups: dict[tuple[str, str], list[PlannedDeletion]]) -> list[list[tuple[str, str]]]:
+    """The checkpoints of the plan, in plan order, as units of work: checkpoints that hold
+    links to one file form one unit (so that one process sees every unlink of that file
+    and its bytes are counted where they are freed), every other checkpoint its own."""
+    keys = list(groups)
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[int, int], int] = {}
+    for i, key in enumerate(keys):
+        for d in groups[key]:
+            rec = d.record
+            if rec.is_symlink or rec.nlink <= 1:
+                continue
+            j = owner.setdefault((rec.dev, rec.ino), i)
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    units: dict[int, list[tuple[str, str]]] = {}
+    for i, key in enumerate(keys):
+        units.setdefault(find(i), []).append(key)
+    return list(units.values())
+
+
+def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> None:
+    """Units in forked workers; the parent takes their results as they come. Units a worker
+    did not report (it died, or failed) are done here afterwards: what it had already
+    deleted is then skipped as vanished, and its log lines are written."""
+
+    def run(span: tuple[int, int]) -> list[tuple]:
+        parts = []
+        for unit in units[span[0]:span[1]]:
+            events: list[PruneEvent] = []
+            part = _Outcome(out.log, events.append, out.faults)
+            for key in unit:
+                _prune_checkpoint(key, groups[key], revalidate, part)
+            parts.append((part.part(), events))
+        return parts
+
+    spans = workers.spans_of(len(units), jobs, most=16)
+    done: set[int] = set()
+    failures: list[str] = []
+    with workers.Workers(spans, jobs, run) as w:
+        for span, parts in w.as_they_come(failures):
+            done.add(span)
+            for part, events in parts:
+                out.absorb(part)
+                if out.on_event is not None:
+                    for e in events:
+                        out.on_event(e)
+    for i, (lo, hi) in enumerate(spans):
+        if i not in done:
+            for unit in units[lo:hi]:
+                for key in unit:
+                    _prune_checkpoint(key, groups[key], revalidate, out)
+
+
+def _prune_checkpoint(key: tuple[str, str], items: list[PlannedDeletion], revalidate,
+                      out: _Outcome) -> None:
+    root, ckpt = key
+    skip, fail = out.skip, out.fail
     root_abs = os.path.abspath(root)
     abspath = root_abs if ckpt == "." else os.path.join(root_abs, *ckpt.split("/"))
     try:
@@ -338,13 +463,14 @@ def _prune_checkpoint(root, ckpt, items, revalidate, acct, deleted, skip, fail, 
                 fail(d, f"re-validation failed: {type(exc).__name__}: {exc}")
             return
         for d in items:
-            _unlink_one(d, fd, fresh, still_there, acct, deleted, skip, fail, log, on_event)
+            _unlink_one(d, fd, fresh, still_there, out)
     finally:
         os.close(fd)
 
 
-def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there, acct,
-                deleted, skip, fail, log, on_event) -> None:
+def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there,
+                out: _Outcome) -> None:
+    skip, fail = out.skip, out.fail
     planned = d.record.identity
     if d.relpath not in fresh.merged_files:
         skip(d, "no longer a merged-weight file of a redundant checkpoint")
@@ -394,9 +520,7 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
         except OSError as exc:
             fail(d, f"cannot delete: {exc.strerror or exc}")
             return
-        freed = acct.unlinked(st)
-        deleted.append(Deleted(d.root, d.path, freed))
-        _emit(PruneEvent(DELETE, d.root, d.path, freed, ""), log, on_event)
+        out.unlinked(d, st)
     finally:
         if fd != ckpt_fd:
             os.close(fd)

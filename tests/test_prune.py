@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from fixtures.copying import copy_tree
 
 import ckpt_tools.cli_prune as cli_prune
+import ckpt_tools.prune_exec as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
 from ckpt_tools.prune_exec import ActionLog, PruneResult, Revalidator, execute_prune
@@ -114,8 +115,12 @@ def plan_of(root: Path, now: float, min_age_s: float = 3600):
     return plan_prune(scan(str(root), now=now, min_age_s=min_age_s).checkpoints)
 
 
+# execute()'s worker processes; trainer_root runs each of its tests with 1 and with 2
+JOBS = 1
+
+
 def execute(plan, min_age_s: float = 3600, **kw) -> PruneResult:
-    return execute_prune(plan, revalidate=Revalidator(min_age_s=min_age_s), **kw)
+    return execute_prune(plan, revalidate=Revalidator(min_age_s=min_age_s), jobs=JOBS, **kw)
 
 
 def set_mtime_ns(path: Path, mtime_ns: int) -> None:
@@ -279,9 +284,13 @@ def test_a_tmp_checkpoint_is_never_pruned(results_tree, tmp_path):
 
 # ------------------------------------------------------------------ between plan and execute
 
-@pytest.fixture
-def trainer_root(results_tree, tmp_path):
-    """A root with the two redundant checkpoints of the Trainer run, and a directory outside it."""
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+def trainer_root(request, results_tree, tmp_path, monkeypatch):
+    """A root with the two redundant checkpoints of the Trainer run, and a directory outside it.
+    Each test runs twice: ``execute`` in this process, then in two forked workers (one
+    checkpoint each)."""
+    monkeypatch.setattr(sys.modules[__name__], "JOBS", request.param)
+    monkeypatch.setattr(prune_exec, "_MIN_PER_WORKER", 1)
     root = small_root(results_tree, tmp_path, "run_trainer")
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -442,9 +451,12 @@ def test_execute_reports_to_the_log_and_on_event(trainer_root, tmp_path):
     with ActionLog(str(tmp_path / "log.jsonl")) as log:
         result = execute(plan, log=log, on_event=events.append)
     assert result.ok
-    assert [(e.action, e.path) for e in events] == [("delete", d.path) for d in plan.deletions]
+    # from workers, events and log lines come as each checkpoint is done: in any order
+    order = list if JOBS == 1 else sorted
+    assert order((e.action, e.path) for e in events) == order(("delete", d.path) for d in plan.deletions)
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [x["path"] for x in lines] == [str(root / d.path) for d in plan.deletions]
+    assert order(x["path"] for x in lines) == order(str(root / d.path) for d in plan.deletions)
+    assert [d.path for d in result.deleted] == [d.path for d in plan.deletions]   # plan order
 
 
 # ------------------------------------------------------------------ the command line

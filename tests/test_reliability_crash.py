@@ -471,10 +471,16 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         root = copy_tree(src_root, base / f"t{i}" / "results")
         log = base / f"t{i}" / "prune.jsonl"
         rec: dict = {"failures": []}
-        if rng.random() < 0.5:
+        mode = ("timed", "log", "fault")[i % 3]   # every third run dies mid-deletion for sure
+        if mode == "timed":
             delay = round(rng.uniform(0.0, base_seconds * 1.1), 4)
             rec |= {"mode": "timed", "delay_s": delay}
             end = run_and_kill(prune_args(root, log), env_for(), delay=delay)
+        elif mode == "fault":
+            # the process kills itself right after its k-th unlink, before logging it
+            k = rng.randint(1, max(1, len(expected) - 1))
+            rec |= {"mode": "fault", "fault": f"after_unlink:{k}"}
+            end = run_and_kill(prune_args(root, log), env_for(f"after_unlink:{k}"))
         else:
             # right after the k-th deletion was logged (0: once the plan is logged, before any)
             k = rng.randint(0, len(expected) - 1)
@@ -510,8 +516,9 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
 
     records = run_trials(n, seed, trial)
     checks = [
-        "killed: SIGKILL of its process group at a random delay, or right after the k-th deletion "
-        "appeared in its --log (k random)",
+        "killed, a third of the runs each way: SIGKILL of its process group at a random delay; "
+        "right after the k-th deletion appeared in its --log; by the fault hook right after its "
+        "k-th unlink, before logging it (CKPT_TOOLS_FAULT=after_unlink:k); k random",
         "every checkpoint keeps a complete copy: all its merged files, or a PEFT tree auditing "
         "peft-only/redundant with no error; legacy, broken and tmp-checkpoint-* keep every merged file",
         "nothing deleted but the expected redundant merged files; every other file unchanged (sha256, mtime)",
@@ -523,6 +530,6 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
            {"expected_deletions": len(expected), "uninterrupted_run_s": round(base_seconds, 3)},
            time.monotonic() - t_start)
     assert sum(r["killed"] for r in records) >= max(1, n // 2), "most runs were not killed"
-    if n >= 8:
+    if n >= 3:   # the fault-hook runs die mid-deletion
         assert any(0 < r["deleted_before_kill"] < len(expected) for r in records), \
             "no kill landed mid-deletion"

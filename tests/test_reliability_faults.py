@@ -4,7 +4,7 @@ nothing partial left in DST, the source intact, the other checkpoints still migr
 Two sources of errors:
 
 - the converter's fault hook (``CKPT_TOOLS_FAULT=enospc@write:N``, ``eio@write:N``,
-  ``eio@fsync:N``; see ``converter._Faults``): the N-th file written (left cut to half its
+  ``eio@fsync:N``; see ``ckpt_tools.faults``): the N-th file written (left cut to half its
   length) or the N-th fsync of the migration fails with a real ``OSError``. N is spread over the
   whole migration, so every checkpoint and every kind of file (safetensors, torch.save, JSON,
   copies, hard links with ``--link``) is struck, and the fsync of each directory too;

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 import ckpt_tools
-from ckpt_tools import api, report, scanner, validator
+from ckpt_tools import api, report, scanner, validator, workers
 from ckpt_tools.formats import safetensors_header as sh
 from ckpt_tools.formats import torchsave
 from ckpt_tools.problems import UNREADABLE, FormatError
@@ -443,7 +443,7 @@ def test_a_worker_that_dies_fails_the_scan(small_tree, monkeypatch, forked):
 
 def test_many_spans_still_fit_in_one_write(small_tree, monkeypatch):
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)
-    monkeypatch.setattr(api, "_MAX_SPANS", 1)  # all six checkpoints in one span
+    monkeypatch.setattr(workers, "MAX_SPANS", 1)  # all six checkpoints in one span
     one = ckpt_tools.scan(str(small_tree), jobs=1)
     assert ckpt_tools.scan(str(small_tree), jobs=3).to_dict() == one.to_dict()
 

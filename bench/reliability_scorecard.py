@@ -1,6 +1,6 @@
 """Runs the reliability tests and writes RELIABILITY.md from their results.
 
-    .venv/bin/python bench/reliability_scorecard.py [--migrate-runs 50] [--prune-runs 30]
+    .venv/bin/python bench/reliability_scorecard.py [--migrate-runs 50] [--prune-runs 30] [--prune-workers-runs 10]
                                                     [--fault-runs N] [--concurrency-runs N]
                                                     [--seed S] [--env NAME=VALUE ...]
                                                     [--tests FILE ...] [--out RELIABILITY.md]
@@ -38,6 +38,8 @@ CRASH = {
                 "test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matches"),
     "prune": (2, "Crash during `ckpt-tools prune --yes --min-age 0 ROOT`",
               "test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes"),
+    "prune_workers": (2, "Crash during `ckpt-tools prune --yes --jobs 2`, or of one of its worker "
+                      "processes", "test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy"),
 }
 RUN_INFO = "_run.json"
 
@@ -309,6 +311,8 @@ def main() -> int:
     ap.add_argument("--migrate-runs", type=int, default=50,
                     help="crash runs of migrate (scenario 1)")
     ap.add_argument("--prune-runs", type=int, default=30, help="crash runs of prune (scenario 2)")
+    ap.add_argument("--prune-workers-runs", type=int, default=10,
+                    help="crash runs of prune with worker processes (scenario 2)")
     ap.add_argument("--fault-runs", type=int, help="CKPT_TOOLS_FAULT_RUNS for the fault tests")
     ap.add_argument("--concurrency-runs", type=int,
                     help="CKPT_TOOLS_CONCURRENCY_RUNS for the concurrency tests")
@@ -329,7 +333,8 @@ def main() -> int:
         out = args.from_dir
     else:
         counts = {"CKPT_TOOLS_CRASH_RUNS_MIGRATE": str(args.migrate_runs),
-                  "CKPT_TOOLS_CRASH_RUNS_PRUNE": str(args.prune_runs)}
+                  "CKPT_TOOLS_CRASH_RUNS_PRUNE": str(args.prune_runs),
+                  "CKPT_TOOLS_CRASH_RUNS_PRUNE_WORKERS": str(args.prune_workers_runs)}
         if args.fault_runs is not None:
             counts["CKPT_TOOLS_FAULT_RUNS"] = str(args.fault_runs)
         if args.concurrency_runs is not None:

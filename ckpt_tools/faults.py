@@ -2,7 +2,8 @@
 
 ``<point>:<n>`` SIGKILLs this process the n-th time ``point`` is hit. Points: migrate's
 ``after_write`` (a file of a target written), ``before_rename``, ``after_rename``; prune's
-``after_unlink`` (a merged file unlinked, before its deletion is logged).
+``after_unlink`` (a merged file unlinked by the prune process itself, before its deletion is
+logged) and ``after_unlink_in_worker`` (the same in each of its worker processes).
 
 ``<error>@<op>:<n>`` makes the n-th ``op`` fail with a real ``OSError``; ``error`` is
 ``enospc`` or ``eio``. Ops (migrate): ``write`` (each file of a target: it is left cut to

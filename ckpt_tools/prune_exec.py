@@ -259,25 +259,30 @@ class _Outcome:
     """What a run did, gathered as it happens: each action goes to the log (and to
     ``on_event``) the moment it is done."""
 
-    def __init__(self, log: ActionLog | None, on_event, faults: Faults = NO_FAULTS) -> None:
+    def __init__(self, log: ActionLog | None, on_event, faults: Faults = NO_FAULTS,
+                 in_worker: bool = False) -> None:
         self.log = log
         self.on_event = on_event
         self.faults = faults
+        self.fault_point = "after_unlink_in_worker" if in_worker else "after_unlink"
+        self.suffix = ""   # said after each skip and failure reason
         self.deleted: list[Deleted] = []
         self.skipped: list[Skip] = []
         self.failed: list[Failure] = []
         self.acct = _Accounting()
 
     def skip(self, d: PlannedDeletion, reason: str) -> None:
+        reason += self.suffix
         self.skipped.append(Skip(d.root, d.path, reason, CHANGED))
         _emit(PruneEvent(SKIP, d.root, d.path, 0, reason), self.log, self.on_event)
 
     def fail(self, d: PlannedDeletion, reason: str) -> None:
+        reason += self.suffix
         self.failed.append(Failure(d.root, d.path, reason))
         _emit(PruneEvent(FAIL, d.root, d.path, 0, reason), self.log, self.on_event)
 
     def unlinked(self, d: PlannedDeletion, st: os.stat_result) -> None:
-        self.faults.hit("after_unlink")
+        self.faults.hit(self.fault_point)
         freed = self.acct.unlinked(st)
         self.deleted.append(Deleted(d.root, d.path, freed))
         _emit(PruneEvent(DELETE, d.root, d.path, freed, ""), self.log, self.on_event)
@@ -376,15 +381,16 @@ def _units(groups: dict[tuple[str, str], list[PlannedDeletion]]) -> list[list[tu
 
 
 def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> None:
-    """Units in forked workers; the parent takes their results as they come. Units a worker
-    did not report (it died, or failed) are done here afterwards: what it had already
-    deleted is then skipped as vanished, and its log lines are written."""
+    """Units in forked workers; the parent takes their results as they come. The spans a
+    worker did not report (it was killed, or raised) are done again here afterwards; what
+    that worker had deleted is then skipped, the reason saying why, and its log lines,
+    written as it worked, say what it did."""
 
     def run(span: tuple[int, int]) -> list[tuple]:
         parts = []
         for unit in units[span[0]:span[1]]:
             events: list[PruneEvent] = []
-            part = _Outcome(out.log, events.append, out.faults)
+            part = _Outcome(out.log, events.append, out.faults, in_worker=True)
             for key in unit:
                 _prune_checkpoint(key, groups[key], revalidate, part)
             parts.append((part.part(), events))
@@ -392,7 +398,7 @@ def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> 
 
     spans = workers.spans_of(len(units), jobs, most=16)
     done: set[int] = set()
-    failures: list[str] = []
+    failures: list[str] = []   # a worker that raised: its spans are redone below, not raised
     with workers.Workers(spans, jobs, run) as w:
         for span, parts in w.as_they_come(failures):
             done.add(span)
@@ -401,11 +407,17 @@ def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> 
                 if out.on_event is not None:
                     for e in events:
                         out.on_event(e)
-    for i, (lo, hi) in enumerate(spans):
-        if i not in done:
-            for unit in units[lo:hi]:
-                for key in unit:
-                    _prune_checkpoint(key, groups[key], revalidate, out)
+    missing = [span for i, span in enumerate(spans) if i not in done]
+    if missing:
+        out.suffix = (" (checked again here after a worker process ended without reporting: "
+                      "it may have deleted this itself; see --log)")
+        try:
+            for lo, hi in missing:
+                for unit in units[lo:hi]:
+                    for key in unit:
+                        _prune_checkpoint(key, groups[key], revalidate, out)
+        finally:
+            out.suffix = ""
 
 
 def _prune_checkpoint(key: tuple[str, str], items: list[PlannedDeletion], revalidate,

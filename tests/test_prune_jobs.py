@@ -142,7 +142,8 @@ def test_a_worker_that_dies_leaves_its_checkpoints_to_the_parent(results_tree, t
     # the parent did the dead worker's span again: what the worker had pruned says so
     changed = {s.path for s in result.changed}
     assert {d.path for d in plan.deletions if d.checkpoint == victim} <= changed
-    assert all("no longer redundant" in s.reason for s in result.changed)
+    assert all("no longer redundant" in s.reason and "worker process ended" in s.reason
+               for s in result.changed)
     assert not result.failed
     assert {d.path for d in result.deleted} | {s.path for s in result.changed} == \
         {d.path for d in plan.deletions}

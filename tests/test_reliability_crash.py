@@ -1,10 +1,10 @@
 """Crash reliability: ``ckpt-tools migrate`` and ``ckpt-tools prune`` killed with SIGKILL at random
 moments, then checked and re-run.
 
-Counts: ``CKPT_TOOLS_CRASH_RUNS`` (default 10 kills of migrate, 10 of prune, to keep this file
-around a minute and a half); ``CKPT_TOOLS_CRASH_RUNS_MIGRATE`` / ``CKPT_TOOLS_CRASH_RUNS_PRUNE``
-override it per scenario (the scorecard's counts are 50 and 30: ``bench/reliability_scorecard.py``
-runs those). ``CKPT_TOOLS_CRASH_SEED`` fixes the seed (printed on failure); ``CKPT_TOOLS_CRASH_JOBS``
+Counts: ``CKPT_TOOLS_CRASH_RUNS`` (default 10 kills of migrate, 10 of prune, 4 of prune with
+worker processes, to keep this file around two minutes); ``CKPT_TOOLS_CRASH_RUNS_MIGRATE`` /
+``_PRUNE`` / ``_PRUNE_WORKERS`` override it per scenario (the scorecard's counts are 50, 30 and
+10: ``bench/reliability_scorecard.py`` runs those). ``CKPT_TOOLS_CRASH_SEED`` fixes the seed (printed on failure); ``CKPT_TOOLS_CRASH_JOBS``
 how many trials run at once (default: the CPU count + 1, 2 to 4). When ``CKPT_TOOLS_SCORECARD_DIR``
 is set each scenario writes ``<scenario>.json`` there with its per-run outcomes, for the scorecard.
 
@@ -533,3 +533,157 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
     if n >= 3:   # the fault-hook runs die mid-deletion
         assert any(0 < r["deleted_before_kill"] < len(expected) for r in records), \
             "no kill landed mid-deletion"
+
+
+# --- prune in worker processes ------------------------------------------------------------------
+
+WORKER_TREE = 300   # generated checkpoints, every third redundant: 100, two workers' worth
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """file_hashes for the generated tree, whose merged files are hundreds of MB of holes:
+    each file's kind, size and mtime, and the sha256 of its first MiB (prune writes nothing,
+    so a change would move the mtime; an unlink removes the entry)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root).replace(os.sep, "/")
+            if rel == LOCK_NAME:
+                continue
+            st = os.lstat(p)
+            with open(p, "rb") as fh:
+                head = hashlib.sha256(fh.read(1 << 20)).hexdigest()
+            out[rel] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, head)
+    return out
+
+
+def cp_tree(src: Path, dst: Path) -> Path:
+    """A copy that keeps the generated tree's sparse merged files sparse."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prune_workers_setup(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from gen_tree import generate
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    base = tmp_path_factory.mktemp("crash-prune-workers")
+    src = base / "tree"
+    generate(src, WORKER_TREE)
+    before = tree_state(src)
+    expected = {k for k in before if k.endswith("/model.safetensors")}
+    ref = cp_tree(src, base / "ref" / "tree")
+    t0 = time.monotonic()
+    proc = subprocess.run([*prune_args(ref, base / "ref.log"), "--jobs", "2"], env=env_for(),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(proc.stdout)["deleted"]) == len(expected) >= 100
+    after = tree_state(ref)
+    assert set(before) - set(after) == expected
+    return base, src, before, expected, after, seconds
+
+
+def check_generated_tree(root: Path, before: dict, expected: set[str]) -> tuple[list[str], int]:
+    """Only planned merged files gone, every other file unchanged, and each checkpoint that lost
+    its merged file audits peft-only with no error. Returns (failures, merged files gone)."""
+    failures = []
+    now_files = tree_state(root)
+    gone = set(before) - set(now_files)
+    if gone - expected:
+        failures.append(f"deleted what it must not: {sorted(gone - expected)[:5]}")
+    if set(now_files) - set(before):
+        failures.append(f"new files: {sorted(set(now_files) - set(before))[:5]}")
+    changed = [k for k in now_files if k in before and now_files[k] != before[k]]
+    if changed:
+        failures.append(f"files changed: {changed[:5]}")
+    found = {c.path: c for c in scan(str(root), min_age_s=0).checkpoints}
+    for rel in gone & expected:
+        c = found.get(rel.rsplit("/", 1)[0])
+        if c is None or c.status != "peft-only" or errors_of(c):
+            failures.append(f"{rel}: gone, and its checkpoint audits "
+                            f"{c.status if c else 'missing'} {[p.code for p in errors_of(c)] if c else ''}")
+    return failures, len(gone & expected)
+
+
+def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_workers_setup):
+    base, src, before, expected, ref_after, base_seconds = prune_workers_setup
+    n = crash_runs("prune_workers", 4)
+    seed = crash_seed()
+    t_start = time.monotonic()
+
+    def trial(i: int, rng: random.Random) -> dict:
+        root = cp_tree(src, base / f"w{i}" / "tree")
+        log = base / f"w{i}" / "prune.jsonl"
+        args = [*prune_args(root, log), "--jobs", "2"]
+        rec: dict = {"failures": []}
+        if i % 2 == 0:
+            # the process group (prune and its workers) right after the k-th deletion was logged
+            k = rng.randint(1, len(expected) - 10)
+            rec |= {"mode": "log", "trigger": f"after delete #{k}"}
+            end = run_and_kill(args, env_for(),
+                               trigger=lambda: log_actions(log).count("delete") >= k)
+            rec["killed"] = end.killed
+            if not end.killed and end.returncode != 0:
+                rec["failures"].append(f"exited {end.returncode} before the kill: {end.stderr[-500:]}")
+        else:
+            # each worker SIGKILLs itself right after its k-th unlink, before logging or
+            # reporting it; at least one of the two gets that far (each has about 50)
+            k = rng.randint(1, 45)
+            rec |= {"mode": "worker", "fault": f"after_unlink_in_worker:{k}"}
+            proc = subprocess.run(args, env=env_for(f"after_unlink_in_worker:{k}"),
+                                  capture_output=True, text=True, timeout=300,
+                                  stdin=subprocess.DEVNULL)
+            rec["killed"] = False
+            if proc.returncode != 1:
+                rec["failures"].append(f"exited {proc.returncode}, not 1: {proc.stderr[-500:]}")
+            else:
+                doc = json.loads(proc.stdout)
+                redone = [s for s in doc["skipped"] if "worker process ended" in s["reason"]]
+                rec["redone_after_worker_died"] = len(redone)
+                if not redone:
+                    rec["failures"].append("no checkpoint says a worker process ended")
+                if doc["failed"]:
+                    rec["failures"].append(f"failed: {doc['failed'][:3]}")
+        fails, gone = check_generated_tree(root, before, expected)
+        rec["deleted_before_rerun"] = gone
+        rec["failures"] += [f"after the first run: {f}" for f in fails]
+        if rec["mode"] == "worker" and gone != len(expected):
+            rec["failures"].append(f"{len(expected) - gone} merged files left after the prune "
+                                   "process took over the dead workers' checkpoints")
+        proc = subprocess.run(args, env=env_for(), capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            rec["failures"].append(f"re-run exited {proc.returncode}: {proc.stderr[-1000:]}")
+        fails, gone = check_generated_tree(root, before, expected)
+        rec["failures"] += [f"after re-run: {f}" for f in fails]
+        if gone != len(expected):
+            rec["failures"].append(f"after re-run: {len(expected) - gone} merged files left")
+        if tree_state(root) != ref_after:
+            rec["failures"].append("after re-run: the tree differs from an uninterrupted prune's")
+        shutil.rmtree(base / f"w{i}", ignore_errors=True)
+        return rec
+
+    records = run_trials(n, seed, trial)
+    checks = [
+        f"prune --yes --jobs 2 on {WORKER_TREE} generated checkpoints ({len(expected)} redundant: "
+        "two worker processes re-validate and unlink); half the runs: SIGKILL of the process "
+        "group right after the k-th deletion appeared in its --log; the other half: each worker "
+        "SIGKILLs itself right after its "
+        "k-th unlink (CKPT_TOOLS_FAULT=after_unlink_in_worker:k, k random), the prune process "
+        "goes on",
+        "a dead worker's checkpoints are taken over by the prune process: every merged file gone, "
+        "exit 1, the skips it reports say a worker process ended",
+        "every checkpoint keeps a complete copy: its merged file, or a PEFT tree auditing "
+        "peft-only with no error; nothing else deleted; every other file unchanged (size, mtime, "
+        "sha256 of its first MiB: the merged files are hundreds of MB of holes)",
+        "a re-run exits 0; the tree then equals an uninterrupted prune's",
+    ]
+    report("prune_workers", seed, records, checks,
+           {"expected_deletions": len(expected), "uninterrupted_run_s": round(base_seconds, 3)},
+           time.monotonic() - t_start)

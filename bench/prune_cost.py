@@ -14,7 +14,8 @@ merged model.safetensors), each repetition times, alternating the order:
 
 so execution (prune --yes − dry run) reads against rm's time, and against rm + that audit:
 the unlinks plus the one re-validation the safety rule requires.
-Copies are made with ``cp -a`` between timings and dropped afterwards. Writes
+The fresh trees are generated again between timings (``cp -a`` would read the merged files'
+holes, a hundred GB of zeros, for minutes) and dropped afterwards. Writes
 bench/out/prune_cost.{json,md}.
 
     python bench/prune_cost.py --checkpoints 10000 --reps 3
@@ -48,10 +49,11 @@ def timed(cmd: list[str], ok=(0,)) -> tuple[float, bytes]:
     return elapsed, proc.stdout
 
 
-def fresh_copy(master: Path, dest: Path) -> Path:
+def fresh_copy(checkpoints: int, dest: Path) -> Path:
+    """The same tree as the master, in new files (generated again: same paths and sizes)."""
     if dest.exists():
         shutil.rmtree(dest)
-    subprocess.run(["cp", "-a", str(master), str(dest)], check=True)
+    generate(dest, checkpoints)
     subprocess.run(["sync"], check=False)
     return dest
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                 elif what == "dry-run":
                     t, _ = timed(dry_cmd, ok=(0, 1))
                 elif what == "prune --yes":
-                    copy = fresh_copy(master, work / "copy")
+                    copy = fresh_copy(args.checkpoints, work / "copy")
                     t, out = timed(ck + ["prune", "--yes", "--json", "--no-progress", "--min-age",
                                          "0", str(copy)], ok=(0, 1))
                     done = json.loads(out)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
                     facts["deleted_files"] = len(done["deleted"])
                     shutil.rmtree(copy)
                 else:
-                    copy = fresh_copy(master, work / "copy")
+                    copy = fresh_copy(args.checkpoints, work / "copy")
                     t, _ = timed(["sh", "-c", 'cd "$1" && shift && exec rm -f -- "$@"', "sh",
                                   str(copy), *rels])
                     shutil.rmtree(copy)

@@ -57,3 +57,23 @@ def make_results_tree(tmp_path):
         return root, build_results_tree(root, now=now), now
 
     return make
+
+
+@pytest.fixture
+def forked(monkeypatch):
+    """The pids of the processes the test forks; at the end, none of them may be left."""
+    pids = []
+    real = os.fork
+
+    def fork():
+        pid = real()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    yield pids
+    monkeypatch.undo()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped already

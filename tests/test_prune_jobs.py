@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from fixtures.copying import copy_tree
 
@@ -17,26 +16,6 @@ from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
 from ckpt_tools.prune_exec import ActionLog, Revalidator, execute_prune
 from test_prune import allocated_bytes, listing
-
-
-@pytest.fixture
-def forks(monkeypatch):
-    """Count the processes forked; at the end none may be left unreaped."""
-    pids: list[int] = []
-    real = os.fork
-
-    def fork():
-        pid = real()
-        if pid:
-            pids.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", fork)
-    yield pids
-    monkeypatch.undo()
-    for pid in pids:
-        with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
 
 
 def _plan(root: Path, now: float):
@@ -51,7 +30,7 @@ def _run(root: Path, now: float, jobs: int, **kw):
     return execute_prune(_plan(root, now), revalidate=Revalidator(), jobs=jobs, **kw)
 
 
-def test_workers_delete_and_count_what_one_process_does(results_tree, tmp_path, monkeypatch, forks):
+def test_workers_delete_and_count_what_one_process_does(results_tree, tmp_path, monkeypatch, forked):
     src, _, now = results_tree
     one_root = copy_tree(src, tmp_path / "one" / "results")
     many_root = copy_tree(src, tmp_path / "many" / "results")
@@ -60,9 +39,9 @@ def test_workers_delete_and_count_what_one_process_does(results_tree, tmp_path, 
     monkeypatch.setattr(prune_exec, "_MIN_PER_WORKER", 1)
     before = allocated_bytes(many_root)
     one = _run(one_root, now, jobs=1)
-    assert forks == []
+    assert forked == []
     many = _run(many_root, now, jobs=3)
-    assert len(forks) == 3
+    assert len(forked) == 3
     assert one.ok and many.ok
     assert many.to_dict() == one.to_dict()
     assert [d.path for d in many.deleted] == [d.path for d in plan.deletions]
@@ -71,7 +50,7 @@ def test_workers_delete_and_count_what_one_process_does(results_tree, tmp_path, 
 
 
 def test_checkpoints_holding_links_of_one_file_stay_in_one_worker(results_tree, tmp_path,
-                                                                 monkeypatch, forks):
+                                                                 monkeypatch, forked):
     src, _, now = results_tree
     roots = {}
     for name in ("one", "many"):
@@ -94,14 +73,14 @@ def test_checkpoints_holding_links_of_one_file_stay_in_one_worker(results_tree, 
     before = allocated_bytes(roots["many"])
     one = _run(roots["one"], now, jobs=1)
     many = _run(roots["many"], now, jobs=2)
-    assert forks and many.ok and many.to_dict() == one.to_dict()
+    assert forked and many.ok and many.to_dict() == one.to_dict()
     freed = {d.path: d.bytes for d in many.deleted}
     assert freed["run_trainer/checkpoint-2/model.safetensors"] == 0     # the other link kept it
     assert freed["run_trainer/checkpoint-4/model.safetensors"] > 0      # this unlink freed it
     assert before - allocated_bytes(roots["many"]) == many.freed_bytes
 
 
-def test_each_action_is_logged_once_by_whoever_did_it(results_tree, tmp_path, monkeypatch, forks):
+def test_each_action_is_logged_once_by_whoever_did_it(results_tree, tmp_path, monkeypatch, forked):
     src, _, now = results_tree
     root = copy_tree(src, tmp_path / "results")
     plan = _plan(root, now)
@@ -109,7 +88,7 @@ def test_each_action_is_logged_once_by_whoever_did_it(results_tree, tmp_path, mo
     events = []
     with ActionLog(str(tmp_path / "log.jsonl")) as log:
         result = execute_prune(plan, revalidate=Revalidator(), jobs=3, log=log, on_event=events.append)
-    assert forks and result.ok
+    assert forked and result.ok
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sorted((x["action"], x["path"]) for x in lines) == sorted(
         ("delete", str(root / d.path)) for d in plan.deletions)
@@ -119,7 +98,7 @@ def test_each_action_is_logged_once_by_whoever_did_it(results_tree, tmp_path, mo
 
 
 def test_a_worker_that_dies_leaves_its_checkpoints_to_the_parent(results_tree, tmp_path,
-                                                                monkeypatch, forks):
+                                                                monkeypatch, forked):
     src, _, now = results_tree
     root = copy_tree(src, tmp_path / "results")
     plan = _plan(root, now)
@@ -136,7 +115,7 @@ def test_a_worker_that_dies_leaves_its_checkpoints_to_the_parent(results_tree, t
     monkeypatch.setattr(prune_exec, "_MIN_PER_WORKER", 1)
     with ActionLog(str(tmp_path / "log.jsonl")) as log:
         result = execute_prune(plan, revalidate=Revalidator(), jobs=2, log=log)
-    assert len(forks) == 2
+    assert len(forked) == 2
     for d in plan.deletions:
         assert not os.path.lexists(root / d.path), d.path
     # the parent did the dead worker's span again: what the worker had pruned says so

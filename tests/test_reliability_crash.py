@@ -431,19 +431,25 @@ def prune_setup(results_tree, tmp_path_factory):
     return base, root, manifest, before, expected, after, seconds
 
 
+def tree_changes(before: dict, now: dict, expected: set[str]) -> tuple[list[str], set[str]]:
+    """Failures (something deleted that was not expected, new files, changed files) and the
+    set of paths gone, between two listings of one tree."""
+    failures = []
+    gone = set(before) - set(now)
+    if gone - expected:
+        failures.append(f"deleted what it must not: {sorted(gone - expected)[:10]}")
+    if set(now) - set(before):
+        failures.append(f"new files: {sorted(set(now) - set(before))[:10]}")
+    changed = [k for k in now if k in before and now[k] != before[k]]
+    if changed:
+        failures.append(f"files changed: {changed[:10]}")
+    return failures, gone
+
+
 def check_prune_state(root: Path, manifest, before: dict, expected: set[str]) -> tuple[list[str], int]:
     """Every checkpoint keeps a complete copy of its weights; only expected files are gone, the rest
     unchanged. Returns (failures, how many expected files are gone)."""
-    failures = []
-    now_files = file_hashes(root, skip=(LOCK_NAME,))
-    gone = set(before) - set(now_files)
-    if gone - expected:
-        failures.append(f"deleted what it must not: {sorted(gone - expected)}")
-    if set(now_files) - set(before):
-        failures.append(f"new files: {sorted(set(now_files) - set(before))}")
-    changed = [k for k in now_files if k in before and now_files[k] != before[k]]
-    if changed:
-        failures.append(f"files changed: {changed}")
+    failures, gone = tree_changes(before, file_hashes(root, skip=(LOCK_NAME,)), expected)
     found = {c.path: c for c in scan(str(root), min_age_s=0).checkpoints}
     for e in manifest.values():
         merged_present = all(os.path.lexists(root / m) for m in e.merged_files)
@@ -592,16 +598,7 @@ def prune_workers_setup(tmp_path_factory):
 def check_generated_tree(root: Path, before: dict, expected: set[str]) -> tuple[list[str], int]:
     """Only planned merged files gone, every other file unchanged, and each checkpoint that lost
     its merged file audits peft-only with no error. Returns (failures, merged files gone)."""
-    failures = []
-    now_files = tree_state(root)
-    gone = set(before) - set(now_files)
-    if gone - expected:
-        failures.append(f"deleted what it must not: {sorted(gone - expected)[:5]}")
-    if set(now_files) - set(before):
-        failures.append(f"new files: {sorted(set(now_files) - set(before))[:5]}")
-    changed = [k for k in now_files if k in before and now_files[k] != before[k]]
-    if changed:
-        failures.append(f"files changed: {changed[:5]}")
+    failures, gone = tree_changes(before, tree_state(root), expected)
     found = {c.path: c for c in scan(str(root), min_age_s=0).checkpoints}
     for rel in gone & expected:
         c = found.get(rel.rsplit("/", 1)[0])

@@ -394,26 +394,6 @@ def test_verdicts_through_the_memos_equal_fresh_ones_on_damaged_files(small_tree
 
 # --- workers --------------------------------------------------------------------------
 
-@pytest.fixture
-def forked(monkeypatch):
-    """The pids of the processes the test forks; at the end, none of them may be left."""
-    pids = []
-    real = os.fork
-
-    def fork():
-        pid = real()
-        if pid:
-            pids.append(pid)
-        return pid
-
-    monkeypatch.setattr(api.os, "fork", fork)
-    yield pids
-    monkeypatch.undo()
-    for pid in pids:
-        with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reaped already
-
-
 def test_a_failing_worker_fails_the_scan_and_leaves_no_process(small_tree, monkeypatch, forked):
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)
 

@@ -186,11 +186,18 @@ def _crash_facts(e: dict) -> list[str]:
                      f"directory): {mid} of {len(runs)}.")
         lines.append(f"Fault-hook points used: {', '.join(faults) or 'none'}.")
     else:
-        mid = sum(1 for r in runs if 0 < r.get("deleted_before_kill", 0) < e["expected_deletions"])
+        killed = [r for r in runs if r.get("mode") != "worker"]
+        mid = sum(1 for r in killed if 0 < r.get("deleted_before_kill", 0) < e["expected_deletions"])
         lines.append(f"Expected deletions: {e['expected_deletions']} redundant merged files (an "
                      f"uninterrupted run takes {e['uninterrupted_run_s']} s). Kills that landed "
-                     f"mid-deletion: {mid} of {len(runs)}; before any deletion: "
-                     f"{sum(1 for r in runs if r.get('deleted_before_kill', 0) == 0)}.")
+                     f"mid-deletion: {mid} of {len(killed)}; before any deletion: "
+                     f"{sum(1 for r in killed if r.get('deleted_before_kill', 0) == 0)}.")
+        workers = [r for r in runs if r.get("mode") == "worker"]
+        if workers:
+            redone = sorted(r.get("redone_after_worker_died", 0) for r in workers)
+            lines.append(f"Runs whose worker processes killed themselves mid-run: {len(workers)}; "
+                         f"the prune process took over their checkpoints each time (checkpoints "
+                         f"it found already pruned by a dead worker: {redone[0]}–{redone[-1]}).")
     return lines
 
 

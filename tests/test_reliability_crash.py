@@ -648,7 +648,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
                 if doc["failed"]:
                     rec["failures"].append(f"failed: {doc['failed'][:3]}")
         fails, gone = check_generated_tree(root, before, expected)
-        rec["deleted_before_rerun"] = gone
+        rec["deleted_before_kill"] = gone   # worker runs: by the end of the first run
         rec["failures"] += [f"after the first run: {f}" for f in fails]
         if rec["mode"] == "worker" and gone != len(expected):
             rec["failures"].append(f"{len(expected) - gone} merged files left after the prune "

@@ -19,7 +19,7 @@ The fresh trees are generated again between timings (``cp -a`` would read the me
 holes, a hundred GB of zeros, for minutes) and dropped afterwards. Writes
 bench/out/prune_cost.{json,md}.
 
-    python bench/prune_cost.py --checkpoints 10000 --reps 3
+    python bench/prune_cost.py --checkpoints 10000 --reps 3 [--jobs 1]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoints", type=int, default=10000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="prune's --jobs (default 0: one worker per CPU; 1: one process)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         info = generate(master, args.checkpoints)
         audit_cmd = ck + ["audit", "--json", "--no-progress", str(master)]
         dry_cmd = ck + ["prune", "--dry-run", "--json", "--no-progress", "--min-age", "0",
-                        str(master)]
+                        "--jobs", str(args.jobs), str(master)]
         timed(audit_cmd, ok=(0, 1))                       # warm the caches, untimed
         _, out = timed(dry_cmd, ok=(0, 1))
         plan = json.loads(out)
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
                     log = work / "prune.jsonl"
                     log.unlink(missing_ok=True)
                     t, out = timed(ck + ["prune", "--yes", "--json", "--no-progress", "--min-age",
-                                         "0", "--log", str(log), str(copy)], ok=(0, 1))
+                                         "0", "--jobs", str(args.jobs), "--log", str(log),
+                                         str(copy)], ok=(0, 1))
                     execution.append(execution_from_log(log))
                     print(f"rep {rep} execution (from its --log): {execution[-1]:.3f} s",
                           file=sys.stderr, flush=True)
@@ -137,15 +140,17 @@ def main(argv=None) -> int:
     doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
            "command": " ".join([sys.executable] + (argv if argv is not None else sys.argv)),
            "checkpoints": args.checkpoints, "files": info["files"], "reps": args.reps,
+           "prune_jobs": args.jobs,
            "times": times, "median": med, **facts,
            "plan_over_audit": med["dry-run"] / med["audit"],
            "execution_s": execution, "execution_median_s": statistics.median(execution),
            "execution_over_rm": statistics.median(execution) / med["rm"],
            "execution_over_rm_and_revalidation": statistics.median(execution)
            / (med["rm"] + med["audit of the redundant"])}
-    (args.out / "prune_cost.json").write_text(json.dumps(doc, indent=2))
+    suffix = "" if args.jobs == 0 else f"-jobs{args.jobs}"
+    (args.out / f"prune_cost{suffix}.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# prune cost ({args.checkpoints:,} checkpoints, {info['files']:,} files, "
-             f"{facts['planned_files']:,} merged files planned)", "",
+             f"{facts['planned_files']:,} merged files planned; prune --jobs {args.jobs})", "",
              "| command | wall time, median [min–max] |", "|---|---:|"]
     for k, v in times.items():
         lines.append(f"| {k} | {med[k]:.2f} s [{min(v):.2f}–{max(v):.2f}] |")
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
               f"({doc['execution_over_rm_and_revalidation']:.2f}×). Promised "
               f"{facts['planned_bytes']:,} bytes; freed {facts.get('freed_bytes', 0):,}."]
     md = "\n".join(lines) + "\n"
-    (args.out / "prune_cost.md").write_text(md)
+    (args.out / f"prune_cost{suffix}.md").write_text(md)
     print(md)
     return 0
 

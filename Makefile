@@ -4,21 +4,43 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch is pinned so pip takes the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# Every other package at the exact version the suite last passed with (tools/lock.py, `make lock`).
+LOCK   ?= requirements.lock
 DEMO   ?= demo-tree
+# `make test-latest` and `make lock`: the same suite on the newest releases, in a venv of its own.
+LATEST ?= .venv-latest
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-latest lock demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The project is installed without build isolation so that its build backend (setuptools) is the
+# locked one too, not whatever release is newest today.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -c $(LOCK) pip setuptools
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install --quiet -c $(LOCK) --no-build-isolation -e ".[test]"
+	$(PY) tools/lock.py check $(LOCK)
 	touch $@
 
 venv: $(VENV)/.installed
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The suite against the newest releases of everything but torch: a drift shows here, not on main.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[test]"
+	-$(LATEST)/bin/python tools/lock.py check $(LOCK)
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# Runs the suite on the newest releases and, only when it passes, makes them the lock.
+lock: test-latest
+	$(LATEST)/bin/python tools/lock.py write $(LOCK)
 
 demo: venv
 	rm -rf $(DEMO) $(DEMO)-outside
@@ -45,4 +67,4 @@ bench: venv
 	$(PY) bench/lowrank_vs_mergekit.py --size 119m --reps 3 --exact
 
 clean:
-	rm -rf $(VENV) $(DEMO) $(DEMO)-outside $(DEMO)-migrated build *.egg-info
+	rm -rf $(VENV) $(LATEST) $(DEMO) $(DEMO)-outside $(DEMO)-migrated build *.egg-info

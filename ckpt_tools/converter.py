@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from . import __version__, layout, scanner
 from .faults import NO_FAULTS as _NO_FAULTS, Faults as _Faults
 from .layout import Role
-from .problems import FormatError
+from .problems import NAN_OR_INF, FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
 from .validator import HEADERS, Verdict, validate_checkpoint
 
@@ -1256,11 +1256,19 @@ def _write_conversion(conv: Conversion, w: _Writer) -> None:
 
 
 def _reread_check(conv: Conversion, tmp: str) -> None:
-    """The tensors on disk equal what was extracted, bit for bit and dtype for dtype."""
+    """The tensors on disk equal what was extracted, bit for bit and dtype for dtype, and are
+    finite: a NaN or an infinity makes the checkpoint broken, as ``validate --deep`` says, and
+    migrate never presents a canonical copy of it as a migration."""
     import torch
     from safetensors.torch import load_file
 
-    from .tensor_io import bit_equal
+    from .tensor_io import bit_equal, non_finite
+
+    def finite(got: dict, where: str) -> None:
+        bad = non_finite(got)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CheckpointFailure(f"broken: {NAN_OR_INF}: {where}: NaN or Inf in {shown}")
 
     def same(a: dict, b: dict, where: str) -> None:
         if set(a) != set(b):
@@ -1272,6 +1280,7 @@ def _reread_check(conv: Conversion, tmp: str) -> None:
     for ex in conv.experts:
         path = os.path.join(tmp, layout.PEFT_DIR, ex.name, layout.ADAPTER_WEIGHTS)
         got = load_file(path)
+        finite(got, f"{layout.PEFT_DIR}/{ex.name}/{layout.ADAPTER_WEIGHTS}")
         if ex.tensors is not None:
             same(ex.tensors, got, path)
         elif ex.expected is not None:
@@ -1281,6 +1290,7 @@ def _reread_check(conv: Conversion, tmp: str) -> None:
     if conv.router:
         got = torch.load(os.path.join(tmp, layout.MOE_STATE_DIR, layout.ROUTER_PT),
                          weights_only=True, map_location="cpu")
+        finite(got, f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}")
         same(conv.router, got, "router.pt")
 
 

@@ -45,7 +45,7 @@ def _iter_tensors(path: str):
 
 def deep_check(ctx) -> dict[str, str]:
     """NaN/Inf problems for every tensor file that passed the structural checks; hashes of all."""
-    import torch
+    from .tensor_io import non_finite
     hashes: dict[str, str] = {}
     flagged = {p.path for p in ctx.problems}
     for rec in ctx.ckpt.files:
@@ -66,9 +66,7 @@ def deep_check(ctx) -> dict[str, str]:
         bad: list[str] = []
         try:
             for name, t in _iter_tensors(path):
-                if t.is_floating_point() or t.is_complex():
-                    if not bool(torch.isfinite(t).all()):
-                        bad.append(name)
+                bad += non_finite({name: t})
         except Exception as exc:  # noqa: BLE001 - a file torch cannot read is a problem, not a crash
             ctx.add("unreadable", rel, f"torch cannot read it: {str(exc).splitlines()[0][:200]}")
             continue

@@ -245,6 +245,12 @@ def drop_cache(path: str) -> None:
         os.close(fd)
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items()
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+
+
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (NaN payloads included, which ``torch.equal`` calls unequal)."""
     if a.dtype != b.dtype or a.shape != b.shape:

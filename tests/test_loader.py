@@ -41,6 +41,13 @@ def test_every_layout_loads_with_each_experts_logits_and_the_router(source):
         want = source_experts(src / e.path)
         for i, name in enumerate(names):
             assert peft_keys(lc.model, name) == set(want[i]), (e.path, name)
+            if e.deep_status == "broken":
+                # a NaN in an adapter makes every logit NaN on both sides, so logits prove
+                # nothing here: the loader must hand over exactly the tensors on disk
+                from peft import get_peft_model_state_dict
+                got = get_peft_model_state_dict(lc.model, adapter_name=name, save_embedding_layers=False)
+                assert all(bits_equal(got[k], t) for k, t in want[i].items()), (e.path, name)
+                continue
             lc.model.set_adapter(name)
             with torch.no_grad():
                 out = lc.model(input_ids=ids).logits

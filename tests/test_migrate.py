@@ -52,6 +52,12 @@ def migratable(manifest) -> list:
     return [e for e in manifest.values() if status_here(e) not in ("broken", "in-progress")]
 
 
+def deep_broken(manifest) -> set[str]:
+    """Planned for migration, but broken once every tensor is read (NaN/Inf): migrate fails them."""
+    return {e.path for e in migratable(manifest)
+            if e.deep_status == "broken" and not (e.needs_non_root and os.geteuid() == 0)}
+
+
 def _load_any(path: Path) -> dict:
     if path.suffix == ".safetensors":
         return load_file(str(path))
@@ -211,8 +217,14 @@ def test_every_variant_is_migrated_or_skipped_with_its_reason(migration):
     skipped = {o.source: o for o in result.skipped}
     expected_skips = {e.path for e in manifest.values() if e not in migratable(manifest)}
     wanted = {e.path for e in migratable(manifest) if e.layout != "hf-merged" or _has_lowrank()}
-    assert not result.failed, [(o.source, o.reason) for o in result.failed]
-    assert set(migrated) == wanted
+    failed = {o.source: o.reason for o in result.failed}
+    assert set(failed) == deep_broken(manifest), failed
+    for path, reason in failed.items():
+        # read back, a NaN in an adapter is what validate --deep calls broken: never a migration
+        assert reason.startswith("broken: nan-or-inf: ") and manifest[path].problem_paths[
+            "nan-or-inf"].endswith(reason.split(": ")[2]), reason
+        assert not (dst / manifest[path].path).exists(), "a failed target was left in DST"
+    assert set(migrated) == wanted - deep_broken(manifest)
     assert expected_skips <= set(skipped)
     for path in expected_skips:
         reason = skipped[path].reason
@@ -338,14 +350,20 @@ def test_rerun_skips_finished_targets_and_writes_nothing(migration):
     stamp = {p: p.stat().st_mtime_ns for p in dst.rglob("*")}
     plan2 = plan_migrate(str(src), str(dst), plan.options, now=now)
     assert {i.source for i in plan2.items if i.action == ACTION_DONE} == {o.source for o in result.migrated}
-    assert not [i for i in plan2.items if i.action == ACTION_MIGRATE]
+    # what failed (a NaN read back) is planned again, and fails again, writing nothing
+    assert {i.source for i in plan2.items if i.action == ACTION_MIGRATE} == deep_broken(manifest)
     again = execute_migrate(plan2)
-    assert not again.migrated and not again.failed
+    assert not again.migrated and {o.source for o in again.failed} == deep_broken(manifest)
     assert {o.source for o in again.skipped if o.reason == "already migrated"} == \
         {o.source for o in result.migrated}
+    # the failed retry made and removed its temporary directory (and the missing directories
+    # above it): only the mtimes of the directories above it moved; every path and every
+    # other timestamp is as it was
+    retried = {d for path in deep_broken(manifest) for d in (dst / path).parents}
     assert {p: p.stat().st_mtime_ns for p in dst.rglob("*")
-            if p.name != ".ckpt-tools.lock"} == {p: t for p, t in stamp.items()
-                                                 if p.name != ".ckpt-tools.lock"}
+            if p.name != ".ckpt-tools.lock" and p not in retried} == {
+        p: t for p, t in stamp.items() if p.name != ".ckpt-tools.lock" and p not in retried}
+    assert set(dst.rglob("*")) == set(stamp)
 
 
 def test_plan_is_serialisable(migration):
@@ -386,6 +404,29 @@ def test_svd_without_base_model_fails_that_checkpoint_only(results_tree, tmp_pat
     assert [f["source"] for f in out["json"]["failed"]] == ["merged_hf/merged_model"]
     assert "--base-model" in out["json"]["failed"][0]["reason"]
     assert len(out["json"]["migrated"]) == 4
+
+
+def test_a_nan_adapter_is_reported_broken_and_nothing_is_left_in_dst(results_tree, tmp_path):
+    """A normal validation cannot see a NaN; migrate reads back every tensor it writes, so it
+    fails that checkpoint as ``validate --deep`` would, and DST holds nothing of it."""
+    root, manifest, now = results_tree
+    e = manifest["broken/nan-or-inf/checkpoint-100"]
+    src = tmp_path / "src"
+    copy_tree(root / "broken" / "nan-or-inf", src / "nan-or-inf")
+    copy_tree(root / "run canonical", src / "run canonical")    # a healthy neighbour
+    dst = tmp_path / "dst"
+    out = _run_cli(["migrate", str(src), str(dst), "--json", "--min-age", "0"])
+    assert out["rc"] == 1
+    [failed] = out["json"]["failed"]
+    assert failed["source"] == "nan-or-inf/checkpoint-100"
+    assert failed["reason"].startswith("broken: nan-or-inf: peft_adapters/expert_0/adapter_model.safetensors: ")
+    assert not (dst / "nan-or-inf").exists()
+    assert {m["source"] for m in out["json"]["migrated"]} == {
+        p.relative_to(src).as_posix() for p in (src / "run canonical").glob("checkpoint-*")}
+    text = _run_cli(["migrate", str(src / "nan-or-inf"), str(tmp_path / "dst2"), "--min-age", "0"])
+    assert text["rc"] == 1 and "nan-or-inf" in text["stdout"] + text["stderr"]
+    assert not list((tmp_path / "dst2").glob("checkpoint-*"))
+    assert e.deep_problem_codes == {"nan-or-inf"}
 
 
 # --- CLI ---------------------------------------------------------------------------------------

@@ -509,3 +509,70 @@ def test_a_private_tree_can_be_built_and_is_the_same_shape(make_results_tree, re
     assert all(manifest[k].layout == shared[k].layout and manifest[k].status == shared[k].status for k in manifest)
     assert manifest.outside_dir == root.parent / "results-outside"
     assert (root / manifest.young_files[0]).stat().st_mtime == now - 60
+
+
+def _audit_counts(root: Path, *, as_nobody: bool = False) -> dict[str, int]:
+    import subprocess
+    import sys
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+    proc = subprocess.run([*prefix, sys.executable, "-m", "ckpt_tools.cli", "audit", "--json", "--no-progress",
+                           str(root)], capture_output=True, text=True, cwd="/",
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert proc.returncode in (0, 1), proc.stderr
+    return {s: n for s, n in json.loads(proc.stdout)["totals"]["by_status"].items() if n}
+
+
+def _announced(lines: list[str]) -> dict[str, int]:
+    head = lines[0].split(": ", 1)[1]
+    return {s: int(n) for n, s in (part.split(" ", 1) for part in head.split(", "))}
+
+
+def test_what_the_builder_announces_is_what_audit_finds(tree, capsys, tmp_path):
+    """For whoever runs it: root reads the mode-000 file, so that checkpoint counts apart."""
+    from fixtures.__main__ import announce
+    _, manifest, _ = tree
+    dest = tmp_path / "built"
+    assert fixtures_main([str(dest)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines == announce(manifest, os.geteuid())
+    assert _announced(lines) == _audit_counts(dest)
+    if os.geteuid() == 0:
+        assert any("broken for other users" in line for line in lines)
+
+
+def _nobody_can_run_python() -> bool:
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", "import ckpt_tools"], capture_output=True, cwd="/",
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _nobody_can_run_python(), reason="needs root and an interpreter another user may run")
+def test_what_the_builder_announces_for_another_user_is_what_audit_finds_as_that_user(tree):
+    import shutil
+    import tempfile
+    from fixtures.__main__ import announce
+    root, manifest, _ = tree
+    top = Path(tempfile.mkdtemp(prefix="ckpt-announce-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        copy = top / "results"
+        shutil.copytree(root, copy, symlinks=True)
+        # another user who may read the tree, as on shared storage; only the mode-000 file is not
+        for dirpath, dirnames, filenames in os.walk(copy):
+            os.chmod(dirpath, 0o755)
+            for name in filenames:
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    os.chmod(os.path.join(dirpath, name), 0o644)
+        for rel in manifest.mode_000_files:
+            os.chmod(copy / rel, 0)
+        lines = announce(manifest, 65534)
+        assert any("redundant for root" in line for line in lines)
+        assert _announced(lines) == _audit_counts(copy, as_nobody=True)
+    finally:
+        shutil.rmtree(top)

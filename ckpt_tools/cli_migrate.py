@@ -84,6 +84,13 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
                 lines.append(f"skipped   {_where(plan.src, o.source)}: {o.reason}")
     for o in result.failed:
         lines.append(f"failed    {_where(plan.src, o.source)}: {o.reason}")
+        if verbose and o.over_bound:
+            width = max(len(b["module"]) for b in o.over_bound)
+            for b in o.over_bound:
+                need = b["needed_rank"] if b["needed_rank"] is not None else "none"
+                lines.append(f"      {b['module'].ljust(width)}  {b['error']:.3g} at rank "
+                             f"{b['rank']} (bound {b['bound']:.3g}; rank needed: {need} of "
+                             f"{b['full_rank']})")
         if verbose and o.verify:
             lines.append(f"      verify: {o.verify}")
         if verbose and o.detail:
@@ -142,6 +149,14 @@ def quiet_libraries(verbose: bool):
                 hf_logging.enable_progress_bar()
 
 
+def _finite(ctx, param, value):
+    """FloatRange lets nan and inf through; a bound must be a number."""
+    import math
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def register(cli: click.Group) -> None:
     """Add ``migrate`` to the ``ckpt-tools`` group (called by ``cli._register_optional_commands``)."""
     from .cli import EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, _merge, output_options
@@ -159,6 +174,11 @@ def register(cli: click.Group) -> None:
     @click.option("--rank", type=click.IntRange(1), help="LoRA rank of a low-rank extraction.")
     @click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
                   help="Smallest rank keeping this share of each delta's squared singular values.")
+    @click.option("--max-error", type=click.FloatRange(0, min_open=True), default=None,
+                  callback=_finite, metavar="E",
+                  help="Largest relative error of any module of a low-rank extraction; a "
+                       "checkpoint above it fails, naming the rank that would meet it "
+                       "[default: 0.01].")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                   show_default=True, help="Where the low-rank extraction runs.")
     @click.option("--lora-alpha", type=float,
@@ -179,8 +199,8 @@ def register(cli: click.Group) -> None:
                   help="Seconds to wait for another run's lock.")
     @output_options
     @click.pass_context
-    def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, device, lora_alpha,
-                verify, verify_tol, jobs, min_age, lock_path, lock_timeout, **opts):
+    def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, device,
+                lora_alpha, verify, verify_tol, jobs, min_age, lock_path, lock_timeout, **opts):
         """Convert every non-canonical checkpoint under SRC into the canonical layout under DST.
 
         Relative paths are mirrored; canonical checkpoints are copied (or hard-linked with
@@ -196,9 +216,10 @@ def register(cli: click.Group) -> None:
         from .locking import LockError, LockHeld
         from .report import dumps
         out = _merge(ctx, **opts)
+        bound = {} if max_error is None else {"max_error": max_error}
         options = MigrateOptions(link=link, base_model=base_model, rank=rank, energy=energy,
                                  device=device, lora_alpha=lora_alpha, verify=verify,
-                                 verify_tol=verify_tol, min_age_s=min_age)
+                                 verify_tol=verify_tol, min_age_s=min_age, **bound)
         try:
             plan = plan_migrate(src, dst, options, jobs=jobs)
         except MigrateError as exc:

@@ -54,6 +54,12 @@ ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = "migrate", "skip", "done"
 # source only by float rounding (PEFT's unmerged forward against our own hooks, in float32);
 # a low-rank extraction differs by its truncation, which the user chose with --rank/--energy.
 DEFAULT_VERIFY_TOL = {METHOD_COPY: 1e-4, METHOD_EXACT: 1e-4, METHOD_SVD: 1e-2}
+# --max-error: the largest relative error ‖D − B·A‖_F / ‖D‖_F of any module of an svd extraction
+# (D: the module's fine-tuning delta). 1% keeps 99.99% of the delta's energy: the copy changes
+# what the fine-tune did to each layer's output by 1% of that change at most. A delta that is
+# truly low-rank is met to float rounding (a merged LoRA: ~1e-7), so anything above 1% is a
+# delta that is not low-rank at this rank: the copy would be lossy. docs/migrate.md says more.
+DEFAULT_MAX_ERROR = 0.01
 _MARKER_FORMAT = 1
 
 
@@ -62,7 +68,13 @@ class MigrateError(Exception):
 
 
 class CheckpointFailure(Exception):
-    """One checkpoint could not be migrated; the message is one clear line."""
+    """One checkpoint could not be migrated; the message is one clear line. ``fields`` are
+    what its ``MigrateOutcome`` records besides (an svd extraction over --max-error: which
+    modules, what would meet it)."""
+
+    def __init__(self, message: str, *, fields: dict | None = None):
+        super().__init__(message)
+        self.fields = dict(fields or {})
 
 
 # --- options, plan, result ------------------------------------------------------------
@@ -73,6 +85,7 @@ class MigrateOptions:
     base_model: str | None = None      # --base-model: a local model dir or a hub id in the cache
     rank: int | None = None            # --rank (svd)
     energy: float | None = None        # --energy (svd)
+    max_error: float = DEFAULT_MAX_ERROR   # --max-error (svd): worst module error accepted
     device: str = "auto"               # --device (svd)
     lora_alpha: float | None = None    # --lora-alpha: when no config of the checkpoint or run says
     verify: bool = False               # --verify: compare logits before committing
@@ -138,6 +151,10 @@ class MigrateOutcome:
     reason: str | None = None
     module_errors: dict = field(default_factory=dict)
     verify: dict | None = None          # {"max_abs_diff", "max_rel_diff", "tolerance", "passed"}
+    max_error: float | None = None      # svd: the bound each module's error was held to
+    over_bound: tuple[dict, ...] = ()   # svd, failed: modules above it (lowrank.OverBound), worst first
+    suggested_rank: int | None = None   # svd, failed: a --rank that meets the bound
+    suggested_energy: float | None = None   # svd, failed: an --energy that meets the bound
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     detail: str | None = field(default=None, compare=False)   # a traceback, for -v
@@ -147,6 +164,8 @@ class MigrateOutcome:
         if self.outcome == "migrated":
             d |= {"method": self.method, "experts": self.experts,
                   "max_rel_error": self.max_rel_error}
+            if self.max_error is not None:
+                d["max_error"] = self.max_error
             if self.module_errors:
                 d["module_errors"] = self.module_errors
             if self.verify is not None:
@@ -157,6 +176,12 @@ class MigrateOutcome:
             d |= {"method": self.method, "reason": self.reason}
             if self.verify is not None:
                 d["verify"] = self.verify
+            if self.over_bound:
+                d |= {"max_rel_error": self.max_rel_error, "max_error": self.max_error,
+                      "module_errors": self.module_errors,
+                      "over_bound": [dict(o) for o in self.over_bound],
+                      "suggested_rank": self.suggested_rank,
+                      "suggested_energy": self.suggested_energy}
         return d
 
 
@@ -1188,8 +1213,21 @@ def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
         raise CheckpointFailure("low-rank extraction is not available in this build "
                                 "(ckpt_tools.lowrank.extract)") from None
     base_dir = resolve_model_dir(options.base_model)
-    ex = extract(base_dir, src.abspath, rank=options.rank, energy=options.energy,
-                 device=options.device, base_model_name_or_path=options.base_model)
+    try:
+        ex = extract(base_dir, src.abspath, rank=options.rank, energy=options.energy,
+                     device=options.device, base_model_name_or_path=options.base_model,
+                     max_error=options.max_error)
+    except lowrank.BaseMismatch as exc:
+        raise CheckpointFailure(f"base model {options.base_model} is not this checkpoint's "
+                                f"base: {exc}; nothing extracted") from None
+    if ex.over_bound:
+        raise CheckpointFailure(
+            f"svd: the low-rank copy would lose part of the fine-tune: {ex.over_bound_reason()}",
+            fields={"max_rel_error": float(ex.max_rel_error), "max_error": options.max_error,
+                    "module_errors": dict(ex.errors),
+                    "over_bound": tuple(o.to_dict() for o in ex.over_bound),
+                    "suggested_rank": ex.suggested_rank,
+                    "suggested_energy": ex.suggested_energy})
     cfg = dict(ex.adapter_config)
     if not cfg.get("target_modules"):
         raise CheckpointFailure("the merged model does not differ from the base model in any "
@@ -1209,7 +1247,7 @@ def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
            "base_model_name_or_path": h.base, "target_modules": h.target_modules,
            "hidden_size": hidden, "top_k": 1, "extracted": {
                "method": METHOD_SVD, "rank": options.rank, "energy": options.energy,
-               "max_rel_error": ex.max_rel_error}}
+               "max_rel_error": ex.max_rel_error, "max_error": options.max_error}}
     expert = ExpertAdapter(0, cfg, tensors=dict(ex.lora_state))
     return Conversion(
         method=METHOD_SVD, layout=src.verdict.layout, num_experts=1, experts=[expert],
@@ -1457,7 +1495,8 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
             reason = f"{why}: {where}" if isinstance(where, str) else f"{why} migrating to {shown}"
         if reason is None:
             raise       # a bug: execute_migrate reports it (its traceback with -v)
-        raise CheckpointFailure(reason + (f"; {left}" if left else "")) from None
+        raise CheckpointFailure(reason + (f"; {left}" if left else ""),
+                                fields=getattr(exc, "fields", None)) from None
     left = _discard(tmp, ctx.faults, tmp)      # a --verify failure leaves it; a success renamed it
     if result.outcome == "failed":
         _remove_empty(new_dirs)
@@ -1548,6 +1587,7 @@ def _write_target(ctx: _Context, src: _Source, method: str, state: str, digest: 
             warnings.append(f"warning: {left}")
     return outcome("migrated", method=method, experts=conv.num_experts,
                    max_rel_error=conv.max_rel_error, module_errors=conv.module_errors,
+                   max_error=opts.max_error if method == METHOD_SVD else None,
                    verify=verify, warnings=tuple(warnings))
 
 
@@ -1640,7 +1680,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                 out = _migrate_fresh(ctx, item)
             except CheckpointFailure as exc:
                 out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
-                                     reason=str(exc))
+                                     reason=str(exc), **exc.fields)
             except Exception as exc:  # noqa: BLE001 - one checkpoint never stops the others
                 import traceback
                 msg = str(exc).splitlines()[0] if str(exc) else ""

@@ -34,6 +34,7 @@ This module imports torch at its top: only the converter and the CLI entry use i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import mmap
@@ -53,8 +54,8 @@ from .formats.safetensors_header import read_header
 from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MERGED_INDEX,
                      MERGED_SINGLE, ROOT_CONFIG)
 
-__all__ = ["Decomposition", "decompose", "TensorSource", "Extraction", "extract",
-           "write_adapter", "main"]
+__all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "TensorSource",
+           "Extraction", "OverBound", "BaseMismatch", "extract", "write_adapter", "main"]
 
 TOLERANCE = 0.01                 # randomized error ≤ (1 + TOLERANCE) × exact SVD error
 FAILURE_PROBABILITY = 1e-6       # of the probabilistic bound on ‖M‖₂
@@ -376,6 +377,31 @@ def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | N
     return exact()
 
 
+def rank_for_error(delta: torch.Tensor, max_error: float) -> int:
+    """Smallest r whose best rank-r approximation of ``delta`` has relative error ≤ ``max_error``.
+
+    From the exact singular values: the error² at rank r is the tail Σ_{i≥r} σ_i², summed from
+    the smallest up (no cancellation). At most min(delta.shape), whose error is 0.
+    """
+    d = delta if delta.dtype == torch.float32 else delta.float()
+    sq = torch.linalg.svdvals(d).double().cpu() ** 2
+    tails = torch.cumsum(sq.flip(0), 0).flip(0)             # tails[r] = error² at rank r
+    hits = torch.nonzero(tails <= (max_error * _fro_norm(d)) ** 2)
+    return max(1, int(hits[0])) if len(hits) else len(sq)
+
+
+def rounding_floor(w: torch.Tensor) -> float:
+    """‖N‖_F of the largest rounding error ``w``'s dtype allows: half a unit in the last place
+    of every element. A fine-tune stored in that dtype is known to within this and no better:
+    a reconstruction error below it cannot be told from the rounding of the stored weights."""
+    if not w.dtype.is_floating_point:
+        return 0.0
+    x = w if w.dtype in (torch.float32, torch.float64) else w.float()
+    _, exponent = torch.frexp(x)          # x = m·2^e, ½ ≤ |m| < 1: ulp(x) = eps·2^(e−1)
+    half_ulp = torch.ldexp(torch.full_like(x, torch.finfo(w.dtype).eps / 4), exponent)
+    return _fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))
+
+
 # --------------------------------------------------------------------------------------------
 # Reading tensors one at a time
 # --------------------------------------------------------------------------------------------
@@ -580,6 +606,49 @@ class Extraction:
     notes: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    max_error: float | None = None    # the bound asked for (None: none)
+    over_bound: tuple[OverBound, ...] = ()    # the modules above it, worst first
+
+    @property
+    def suggested_rank(self) -> int | None:
+        """A ``rank`` that brings every module within the bound: the largest rank needed, and
+        no lower than any module's rank now (None: some module meets it at no rank)."""
+        if not self.over_bound or any(o.needed_rank is None for o in self.over_bound):
+            return None
+        return max([o.needed_rank for o in self.over_bound] + list(self.ranks.values()))
+
+    @property
+    def suggested_energy(self) -> float | None:
+        """``energy`` ≥ 1 − E² leaves a tail of at most E²·‖D‖²: error ≤ E on any spectrum."""
+        if not self.over_bound or self.max_error is None or self.max_error >= 1.0:
+            return None
+        return float(f"{1.0 - self.max_error ** 2:.12g}")
+
+    def over_bound_reason(self, shown: int = 3) -> str | None:
+        """One line: the modules above ``max_error`` (worst first), and what would meet it."""
+        if not self.over_bound:
+            return None
+        parts = []
+        for o in self.over_bound[:shown]:
+            if o.needed_rank is None:
+                need = f"no rank meets it with A and B in {o.dtype}"
+            elif o.needed_rank == o.full_rank:
+                need = f"needs full rank {o.full_rank}"
+            else:
+                need = f"needs rank {o.needed_rank} of {o.full_rank}"
+            parts.append(f"{o.module} {o.error:.3g} ({need})")
+        more = len(self.over_bound) - shown
+        line = (f"{len(self.over_bound)} of {len(self.errors)} LoRA module(s) above --max-error "
+                f"{self.max_error:g}: {', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
+        rank, energy = self.suggested_rank, self.suggested_energy
+        if rank is not None:
+            line += f"; --rank {rank} or --energy {energy:g} would meet it"
+            if all(o.needed_rank == o.full_rank for o in self.over_bound):
+                line += " (full rank: the delta is not low-rank, as a full fine-tune's is not)"
+        else:
+            worst = max(o.error for o in self.over_bound if o.needed_rank is None)
+            line += f"; --max-error {worst:.3g} would accept it"
+        return line
 
     def summary(self) -> dict:
         """Everything but the tensors, for JSON."""
@@ -590,8 +659,30 @@ class Extraction:
             "exact_fallbacks": self.exact_fallbacks, "missing": list(self.missing),
             "extra": list(self.extra), "notes": list(self.notes),
             "adapter_config": self.adapter_config, "timings": self.timings,
-            "device": self.device,
+            "device": self.device, "max_error": self.max_error,
+            "over_bound": [o.to_dict() for o in self.over_bound],
+            "suggested_rank": self.suggested_rank, "suggested_energy": self.suggested_energy,
         }
+
+
+@dataclass(frozen=True)
+class OverBound:
+    """A module whose relative error at the rank used is above the bound asked for."""
+
+    module: str
+    error: float                 # ‖D − B·A‖_F / ‖D‖_F, A and B as stored
+    bound: float                 # max(max_error, the merged weight's rounding floor / ‖D‖_F)
+    rank: int                    # the rank used
+    needed_rank: int | None      # the smallest rank within the bound (None: no rank, in dtype)
+    full_rank: int               # min(out, in)
+    dtype: str                   # of A and B
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class BaseMismatch(ValueError):
+    """The base given is not the fine-tune's: another architecture, or tensors of other shapes."""
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -655,12 +746,15 @@ class _Done:
     rank: int = 0
     error: float = 0.0
     exact: bool = False
+    over: OverBound | None = None      # above max_error and the rounding floor
+    at_floor: bool = False             # above max_error, within the rounding floor
 
 
 def extract(base, merged, *, rank: int | None = None, energy: float | None = None,
             device: str = "auto", out_dtype=None, method: str = "auto",
             tolerance: float = TOLERANCE, base_model_name_or_path: str | None = None,
-            prefetch: bool = True, workers: int | None = None) -> Extraction:
+            prefetch: bool = True, workers: int | None = None,
+            max_error: float | None = None) -> Extraction:
     """Extract a LoRA adapter that turns ``base`` into ``merged``.
 
     ``base`` and ``merged`` are anything ``TensorSource.open`` takes. Every 2-D ``.weight``
@@ -674,13 +768,24 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     module at a time. On the CPU, torch's intra-op thread count is 1 while this runs (it is
     restored afterwards), so concurrent extractions in one process should not be mixed.
     A/B are stored in the fine-tune's dtype unless ``out_dtype`` says otherwise.
+
+    ``max_error``: a module whose relative error is above it, and above the rounding floor of
+    its merged weight (``rounding_floor``: no reconstruction can be told from the stored
+    weights more finely), goes to ``over_bound`` with the smallest rank that would meet it
+    (from its exact singular values); the caller decides what that means. Raises
+    ``BaseMismatch`` (before any tensor is read) when ``base`` is of another architecture
+    (``model_type`` or ``architectures`` differ), shares no tensor with ``merged``, or holds
+    one of another shape.
     """
     if rank is None and energy is None:
         raise ValueError("give rank, energy, or both")
+    if max_error is not None and not max_error > 0.0:
+        raise ValueError(f"max_error must be positive, got {max_error}")
     t_start = time.perf_counter()
     dev = _resolve_device(device)
     forced_dtype = _resolve_dtype(out_dtype)
     bsrc, msrc = TensorSource.open(base), TensorSource.open(merged)
+    _check_same_architecture(bsrc, msrc)
     notes: list[str] = []
 
     # Logical names: a tied model's lm_head is its input embedding.
@@ -697,6 +802,8 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     missing = tuple(n for n in b_names if n not in m_set and n not in m_alias)
     extra = tuple(n for n in m_names if n not in b_set and n not in b_alias)
     common = [n for n in m_names if n in b_set]
+    if not common:
+        raise BaseMismatch("the base and the fine-tune have no tensor name in common")
 
     def real(src_alias, name):
         return src_alias.get(name, name)
@@ -711,8 +818,8 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         dtype, shape = meta(msrc, m_alias, name)
         b_dtype, b_shape = meta(bsrc, b_alias, name)
         if shape != b_shape:
-            raise ValueError(f"{name}: shape {list(shape)} in the fine-tune but "
-                             f"{list(b_shape)} in the base")
+            raise BaseMismatch(f"{name}: shape {list(shape)} in the fine-tune but "
+                               f"{list(b_shape)} in the base")
         is_embedding = _module_of(module)[1] in _EMBEDDING_LEAVES or module in _EMBEDDING_LEAVES
         if leaf == "weight" and len(shape) == 2 and not is_embedding and dtype.is_floating_point:
             linear_weights[module] = name
@@ -759,19 +866,20 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             dec = decompose(delta, rank=rank, energy=energy, method=method,
                             tolerance=tolerance, seed=_seed_for(module))
             if dec is not None:
-                a, b = dec.A.to(dtype), dec.B.to(dtype)
-                if dtype == torch.float32:
-                    done.error = dec.rel_error
-                else:    # the error of the factors as stored
-                    done.error = (_fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
-                                  / _fro_norm(delta))
-                done.a, done.b, done.rank, done.exact = a.cpu(), b.cpu(), dec.rank, dec.exact_used
+                _keep_factors(done, dec, delta)
+                if max_error is not None and done.error > max_error:
+                    floor = rounding_floor(msrc.get(real(m_alias, wname))) / _fro_norm(delta)
+                    msrc.release(real(m_alias, wname))
+                    _hold_to_bound(done, dec, delta, max(max_error, floor))
+                    done.at_floor = done.over is None
         done.decompose_s = time.perf_counter() - t1
         return done
 
     lora_state: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     ranks: dict[str, int] = {}
+    over_bound: list[OverBound] = []
+    at_floor: list[str] = []
     bias_deltas: dict[str, torch.Tensor] = {}
     out_features: dict[str, int] = {}
     skipped: list[str] = []
@@ -819,6 +927,10 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
                         errors[module] = done.error
                         ranks[module] = done.rank
                         fallbacks += int(done.exact)
+                        if done.over is not None:
+                            over_bound.append(done.over)
+                        elif done.at_floor:
+                            at_floor.append(module)
                     if done.bias_delta is not None:
                         bias_deltas[module] = done.bias_delta.cpu()
                         if done.a is None:
@@ -932,6 +1044,11 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     if missing:
         notes.append(f"{len(missing)} tensor(s) of the base are not in the fine-tune "
                      f"(e.g. {missing[0]})")
+    if at_floor:
+        notes.append(f"{len(at_floor)} module(s) above max_error {max_error:g} are within the "
+                     f"rounding of the merged weights in their dtype (e.g. {at_floor[0]}, "
+                     f"{errors[at_floor[0]]:.3g}): accepted, the checkpoint holds them no more "
+                     f"precisely")
     total = time.perf_counter() - t_start
     return Extraction(
         lora_state=lora_state, adapter_config=adapter_config, errors=errors, ranks=ranks,
@@ -940,7 +1057,45 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         missing=missing, extra=extra, notes=tuple(notes),
         timings={"total_s": total, "read_s": t_read, "decompose_s": t_decompose,
                  "workers": workers},
-        device=str(dev))
+        device=str(dev), max_error=max_error,
+        over_bound=tuple(sorted(over_bound, key=lambda o: (-o.error, o.module))))
+
+
+def _check_same_architecture(bsrc: TensorSource, msrc: TensorSource) -> None:
+    """``model_type`` and ``architectures`` of the two configs, where both record them."""
+    b_cfg, m_cfg = bsrc.config or {}, msrc.config or {}
+    for key in ("model_type", "architectures"):
+        b_val, m_val = b_cfg.get(key), m_cfg.get(key)
+        if b_val and m_val and b_val != m_val:
+            raise BaseMismatch(f"{key} {json.dumps(b_val)} in the base but {json.dumps(m_val)} "
+                               f"in the fine-tune")
+
+
+def _keep_factors(done: _Done, dec: Decomposition, delta: torch.Tensor) -> None:
+    """A and B in their stored dtype, and their error as stored."""
+    a, b = dec.A.to(done.dtype), dec.B.to(done.dtype)
+    if done.dtype == torch.float32:
+        done.error = dec.rel_error
+    else:    # the error of the factors as stored
+        done.error = (_fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
+                      / _fro_norm(delta))
+    done.a, done.b, done.rank, done.exact = a.cpu(), b.cpu(), dec.rank, dec.exact_used
+
+
+def _hold_to_bound(done: _Done, dec: Decomposition, delta: torch.Tensor, bound: float) -> None:
+    """``done.error`` is above ``max_error``: within ``bound`` after all, or ``done.over``."""
+    if done.error <= bound:
+        return
+    needed = rank_for_error(delta, bound)
+    if needed <= dec.rank and not dec.exact_used:
+        # the randomized result is within 1% of the exact one, and that 1% crossed the bound
+        _keep_factors(done, decompose(delta, rank=dec.rank, method="exact"), delta)
+        if done.error <= bound:
+            return
+    done.over = OverBound(
+        module=done.module, error=done.error, bound=bound, rank=done.rank,
+        needed_rank=needed if needed > done.rank else None, full_rank=min(delta.shape),
+        dtype=str(done.dtype).removeprefix("torch."))
 
 
 def _lora_key(module: str, part: str, param: str) -> str:
@@ -1008,6 +1163,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="LoRA rank (with --energy: the largest rank)")
     p.add_argument("--energy", type=float,
                    help="keep this share of each delta's squared singular values (e.g. 0.99)")
+    p.add_argument("--max-error", type=float, metavar="E",
+                   help="fail, writing nothing, when a module's relative error is above E "
+                        "(and above its weights' rounding); default: report it only")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dtype", choices=sorted(_DTYPES), help="dtype of A/B (default: the "
                    "fine-tune's)")
@@ -1023,10 +1181,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.rank is None and args.energy is None:
         _parser().error("give --rank, --energy, or both")
+    if args.max_error is not None and not 0.0 < args.max_error < math.inf:
+        _parser().error("--max-error must be a positive number")
     try:
         result = extract(args.base, args.merged, rank=args.rank, energy=args.energy,
                          device=args.device, out_dtype=args.out_dtype, method=args.method,
-                         prefetch=not args.no_prefetch)
+                         prefetch=not args.no_prefetch, max_error=args.max_error)
+        if result.over_bound:
+            if args.json:
+                print(json.dumps(result.summary(), indent=2, sort_keys=True))
+            print(f"error: nothing written: {result.over_bound_reason()}", file=sys.stderr)
+            return 1
         t0 = time.perf_counter()
         write_adapter(result, args.out, use_peft=args.peft_config)
         write_s = time.perf_counter() - t0

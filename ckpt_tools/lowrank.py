@@ -643,7 +643,7 @@ class Extraction:
         rank, energy = self.suggested_rank, self.suggested_energy
         if rank is not None:
             line += f"; --rank {rank} or --energy {energy:g} would meet it"
-            if all(o.needed_rank == o.full_rank for o in self.over_bound):
+            if rank >= max(o.full_rank for o in self.over_bound):
                 line += " (full rank: the delta is not low-rank, as a full fine-tune's is not)"
         else:
             worst = max(o.error for o in self.over_bound if o.needed_rank is None)

@@ -127,6 +127,7 @@ def test_a_full_fine_tune_fails_at_rank_4_and_leaves_nothing_in_dst(trees, tmp_p
         assert o["module"] in reason
     assert over[3]["module"] not in reason and f"and {len(over) - 3} more" in reason
     assert f"--rank {f['suggested_rank']} " in reason and "--energy 0.9999" in reason
+    assert f["suggested_rank"] == 32 and "(full rank: the delta is not low-rank" in reason
 
     text = migrate(src, tmp_path / "dst-text", base_dir, "--rank", "4")
     assert text["rc"] == 1

@@ -28,6 +28,13 @@ How a module is decomposed (``decompose``, ``method="auto"``):
 ``--energy e`` picks the smallest r with Σ_{i≤r} σ_i² ≥ e·‖D‖²; the randomized choice is
 accepted only when the same bound proves that r − 1 does not reach e.
 
+``extract(..., max_error=E)`` holds each module to a relative error of E, or to the rounding
+of its merged weight in its own dtype where that is larger (``rounding_floor``). A module above
+both gets the smallest rank within them from its exact singular values (``rank_for_error``);
+where the randomized factors missed the bound by their 1% but the exact ones meet it, the exact
+ones are kept. The modules above it are reported (``Extraction.over_bound``), not refused: the
+caller decides.
+
 This module imports torch at its top: only the converter and the CLI entry use it.
 """
 
@@ -774,8 +781,8 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     weights more finely), goes to ``over_bound`` with the smallest rank that would meet it
     (from its exact singular values); the caller decides what that means. Raises
     ``BaseMismatch`` (before any tensor is read) when ``base`` is of another architecture
-    (``model_type`` or ``architectures`` differ), shares no tensor with ``merged``, or holds
-    one of another shape.
+    (``model_type``, ``architectures`` or the sizes in the configs differ), shares no tensor
+    with ``merged``, or holds one of another shape.
     """
     if rank is None and energy is None:
         raise ValueError("give rank, energy, or both")
@@ -1061,10 +1068,16 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         over_bound=tuple(sorted(over_bound, key=lambda o: (-o.error, o.module))))
 
 
+# What makes two configs of one model_type different models: the same tensor names can then
+# still have the same shapes (another depth: the extra layers would be left out unnoticed).
+_ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
+                      "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
 def _check_same_architecture(bsrc: TensorSource, msrc: TensorSource) -> None:
-    """``model_type`` and ``architectures`` of the two configs, where both record them."""
+    """The configs' architecture keys, where both record them."""
     b_cfg, m_cfg = bsrc.config or {}, msrc.config or {}
-    for key in ("model_type", "architectures"):
+    for key in _ARCHITECTURE_KEYS:
         b_val, m_val = b_cfg.get(key), m_cfg.get(key)
         if b_val and m_val and b_val != m_val:
             raise BaseMismatch(f"{key} {json.dumps(b_val)} in the base but {json.dumps(m_val)} "

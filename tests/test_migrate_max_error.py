@@ -237,7 +237,7 @@ def test_a_bf16_merged_lora_passes_at_its_rank_though_rounding_is_above_1pct(res
 
 # --- a base of another architecture -------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["gemma", "wider-llama"])
+@pytest.mark.parametrize("kind", ["gemma", "wider-llama", "deeper-llama"])
 def test_a_base_of_another_architecture_is_refused_before_extraction(results_tree, tmp_path,
                                                                      monkeypatch, kind):
     from fixtures.dylora import build_base
@@ -246,10 +246,16 @@ def test_a_base_of_another_architecture_is_refused_before_extraction(results_tre
     if kind == "gemma":
         base_dir = manifest.base_model_dirs["gemma"]
         words = ("model_type", '"gemma"', '"llama"')
-    else:
+    elif kind == "wider-llama":
         base_dir = tmp_path / "wide"
         build_base("llama", hidden=64).save_pretrained(str(base_dir))
+        (base_dir / "config.json").unlink()      # no config to tell: the shapes do
         words = ("shape [", "] in the fine-tune but [", "64] in the base")
+    else:
+        # the fine-tune's two layers have the same names and shapes as the first two of these
+        base_dir = tmp_path / "deep"
+        build_base("llama", layers=4).save_pretrained(str(base_dir))
+        words = ("num_hidden_layers 4 in the base but 2 in the fine-tune",)
     src = tmp_path / "src"
     copy_tree(root / "merged_hf", src / "merged_hf")
     copy_tree(root / "legacy_v1", src / "legacy_v1")     # healthy neighbours

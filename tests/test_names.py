@@ -45,7 +45,8 @@ LOCALES = {
     "POSIX": {"LANG": "POSIX", "LC_ALL": "POSIX"},
 }
 
-_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# a \uD800-\uDFFF escape (not an escaped backslash followed by "udcff", as in an error's text)
+_LONE_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")   # all but the newline
 _FORGED = re.compile(r"^(ckpt-tools: )?error: forged", re.MULTILINE)
 _TIMEOUT = 300   # a hang guard only
@@ -199,6 +200,24 @@ def test_prune_log_never_crashes_and_every_redundant_checkpoint_is_pruned(result
     logged = [strict_json(line, "--log line") for line in log.read_bytes().splitlines()]
     deleted = {exact_bytes(e, "path") for e in logged if e["action"] == "delete"}
     assert deleted == {os.path.join(os.fsencode(root), m) for m in merged - {broken}}
+
+
+def test_migrate_fails_a_checkpoint_named_in_bytes_that_are_not_utf8_and_migrates_the_rest(
+        results_tree, tmp_path):
+    """A documented limit (docs/migrate.md): its failure is one line, the rest is migrated."""
+    src, _, _ = results_tree
+    root = tmp_path / "src"
+    for name in (NOT_UTF8, PLAIN):
+        shutil.copytree(src / "run_trainer", root / name, symlinks=True)
+    dst = tmp_path / "dst"
+    proc = cli("migrate", "--json", "--min-age", "0", root, dst, env="utf-8")
+    assert proc.returncode == 1, proc.stderr
+    doc = strict_json(proc.stdout, "migrate --json")
+    assert {exact_bytes(o, "source") for o in doc["failed"]} == {
+        os.fsencode(NOT_UTF8) + b"/checkpoint-2", os.fsencode(NOT_UTF8) + b"/checkpoint-4"}
+    assert {o["source"] for o in doc["migrated"]} == {f"{PLAIN}/checkpoint-2", f"{PLAIN}/checkpoint-4"}
+    assert sorted(os.listdir(dst / PLAIN)) == ["checkpoint-2", "checkpoint-4"]
+    assert not list((dst / NOT_UTF8).glob("*"))     # nothing left in DST for it
 
 
 # --- text ---------------------------------------------------------------------------------

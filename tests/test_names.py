@@ -247,6 +247,43 @@ def test_text_output_shows_names_with_visible_escapes(shared_tree, tmp_path, env
     assert "link\\x1b]0;pwned\\x07" in out and "\\x9b31m" in out, out   # the symlink's problem line
 
 
+def test_a_real_prune_says_what_it_deleted_with_visible_escapes(results_tree, tmp_path):
+    root = odd_tree(results_tree, tmp_path)
+    proc = cli("prune", "--yes", "-v", "--min-age", "0", root, env="C")
+    assert proc.returncode == 0, proc.stderr
+    out = assert_inert(proc.stdout, "prune --yes -v")
+    assert_inert(proc.stderr, "prune --yes -v")
+    assert "deleted run\\xff/checkpoint-2/model.safetensors" in out, out
+    assert "deleted run\\x1b[2J\\x1b[31mRED/checkpoint-4/model.safetensors" in out, out
+    assert not os.path.lexists(root / NOT_UTF8 / "checkpoint-2" / "model.safetensors")
+
+
+def test_skipped_and_failed_lines_on_stderr_stay_one_line_each(results_tree, tmp_path, monkeypatch,
+                                                               capfd):
+    """What cron mails: an execute-time skip or failure whose path and reason hold escapes."""
+    from ckpt_tools import cli as cli_module, cli_prune
+    from ckpt_tools.prune_exec import Failure, PruneEvent, PruneResult
+    root = odd_tree(results_tree, tmp_path)
+
+    def execute(plan, *, on_event, **_):
+        for d in plan.deletions:
+            on_event(PruneEvent("skip", d.root, d.path, 0, "changed since the plan (\x1b[31m\nerror: forged)"))
+        d = plan.deletions[0]
+        on_event(PruneEvent("fail", d.root, d.path, 0, "cannot delete: \x07\nckpt-tools: error: forged"))
+        return PruneResult((), (), (Failure(d.root, d.path, "cannot delete"),), 0, 0)
+
+    monkeypatch.setattr(cli_prune, "execute_prune", execute)
+    assert cli_module.main(["prune", "--yes", "-q", "--min-age", "0", str(root)]) == 1
+    out, err = capfd.readouterr()
+    err = assert_inert(err.encode(), "skipped and FAILED lines")
+    assert_inert(out.encode(), "prune -q")
+    lines = err.splitlines()
+    assert sum(line.startswith("skipped: ") for line in lines) == 2 * len(RUNS) - 1   # one broken
+    assert sum(line.startswith("FAILED: ") for line in lines) == 1
+    assert "skipped: run\\xff/checkpoint-2/model.safetensors: changed since the plan " \
+           "(\\x1b[31m\\nerror: forged)" in lines
+
+
 @pytest.mark.parametrize("env", LOCALES)
 def test_error_lines_name_the_root_on_one_line(tmp_path, env):
     missing = tmp_path / ("nope\nckpt-tools: error: forged\x1b[2J" + NOT_UTF8)

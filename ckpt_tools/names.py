@@ -25,6 +25,14 @@ _JSON_RAW_CONTROL = re.compile("[\x7f-\x9f\u2028\u2029]")
 _JSON_CARE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 BYTES_SUFFIX = "_bytes_b64"
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F))
+
+
+def _plain(text: str, newlines: int) -> bool:
+    """Printable ASCII and exactly ``newlines`` newlines: the usual text, told at C speed."""
+    if not text.isascii():
+        return False
+    return text.encode("ascii").translate(None, _PRINTABLE_ASCII) == b"\n" * newlines
 
 
 def _escape(match: re.Match) -> str:
@@ -45,13 +53,17 @@ def shown(text: str) -> str:
     What it returns holds none of them, so a name can neither move the cursor, change
     colours nor start a line; it is its own fixed point (``shown(shown(t)) == shown(t)``).
     """
-    if _UNSAFE.search(text) is None:
+    if text.isprintable():   # the usual case, at C speed: none of them is printable
         return text
     return _UNSAFE.sub(_escape, text)
 
 
 def shown_lines(lines) -> str:
     """Lines a renderer built, each through ``shown``, joined by the only newlines meant."""
+    lines = list(lines)
+    text = "\n".join(lines)
+    if _plain(text, len(lines) - 1):   # the usual case: one check for all the lines
+        return text
     return "\n".join(map(shown, lines))
 
 
@@ -103,7 +115,8 @@ def json_text(encode, doc) -> str:
     JSON string, where the escape means the same character).
     """
     text = encode(doc)
-    if _JSON_CARE.search(text) is None:
+    # an encoder writes C0 escaped: the newlines of a layout are all there can be raw
+    if _plain(text, text.count("\n")) or _JSON_CARE.search(text) is None:
         return text
     if _SURROGATE.search(text) is not None:
         text = encode(json_safe(doc))

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_tools.names import json_safe, json_text, shown
+from ckpt_tools.names import json_safe, json_text, shown, shown_lines
 from test_prune import LOCK_NAME, ckpt_tools_exe
 
 NOT_UTF8 = os.fsdecode(b"run\xff")                      # os.fsdecode: U+DCFF stands for 0xff
@@ -222,6 +222,17 @@ def test_migrate_fails_a_checkpoint_named_in_bytes_that_are_not_utf8_and_migrate
 
 # --- text ---------------------------------------------------------------------------------
 
+def test_text_output_of_a_tree_of_ascii_names_shows_the_newline_as_an_escape(results_tree, tmp_path):
+    """Only ASCII in the names (no undecodable byte): the newline is still escaped."""
+    root = tmp_path / "results"
+    shutil.copytree(results_tree[0] / "run_trainer", root / FORGER, symlinks=True)
+    for args in (("audit", "-v"), ("prune", "--dry-run", "-v"), ("validate", "-v")):
+        proc = cli(*args, "--min-age", "0", root, env="C")
+        assert proc.returncode == 0, proc.stderr
+        out = assert_inert(proc.stdout, args[0])
+        assert "forge\\nerror: forged\\nckpt-tools: error: forged\\r" in out, out
+
+
 @pytest.mark.parametrize("env", LOCALES)
 def test_text_output_shows_names_with_visible_escapes(shared_tree, tmp_path, env):
     runs = [("audit", "--min-age", "0", shared_tree),
@@ -329,6 +340,18 @@ def test_shown_leaves_no_control_character_and_keeps_the_rest(name):
     assert shown(text) == text
     if not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", name):
         assert text == name
+
+
+@pytest.mark.fuzz
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_NAMES | st.text("ab\n\x1b ", max_size=6), max_size=5))
+def test_shown_lines_escapes_each_line_and_joins_them_with_the_only_newlines(lines):
+    assert shown_lines(lines).split("\n") == [shown(line) for line in lines] or lines == []
+
+
+def test_a_newline_in_an_ascii_name_stays_inside_its_line():
+    assert shown_lines(["Plan:", "  forge\nerror: forged/checkpoint-2  1 kB"]) == \
+        "Plan:\n  forge\\nerror: forged/checkpoint-2  1 kB"
 
 
 @pytest.mark.fuzz

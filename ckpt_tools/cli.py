@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import click
 
 from . import __version__
-from .names import shown
+from .names import shown, shown_lines
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
@@ -216,6 +216,17 @@ def validate(ctx, checkpoints, deep, min_age, **opts):
     ctx.exit(EXIT_PROBLEMS if bad else EXIT_OK)
 
 
+def _print_traceback(exc: BaseException) -> None:
+    """``-v``'s traceback on stderr, with control characters in its texts made visible."""
+    import traceback
+    for chunk in traceback.TracebackException.from_exception(exc).format():
+        if chunk.startswith("  File "):   # a frame: its lines, from the source files
+            text = shown_lines(chunk.rstrip("\n").split("\n"))
+        else:                             # a heading, or an exception's text: may quote a name
+            text = ("\n" if chunk.startswith("\n") else "") + shown(chunk.strip("\n"))
+        click.echo(text, err=True)
+
+
 def _speak_any_locale() -> None:
     """Text that a locale's encoding cannot say (a name in Japanese under latin-1) is written
     as a backslash escape, not turned into a UnicodeEncodeError. Control characters and bytes
@@ -266,8 +277,7 @@ def main(argv=None) -> int:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the single top-level handler
         if verbose:
-            import traceback
-            traceback.print_exc()
+            _print_traceback(exc)
         click.echo(shown(f"ckpt-tools: error: {type(exc).__name__}: {exc}")
                    + ("" if verbose else " (run with -v for the traceback)"), err=True)
         return EXIT_PROBLEMS

@@ -313,6 +313,23 @@ def test_error_lines_name_the_root_on_one_line(tmp_path, env):
     assert "inner\\x07" in err
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_failure_quoting_a_name_is_shown_with_escapes(tmp_path, monkeypatch, capfd,
+                                                                      verbose):
+    from ckpt_tools import api, cli as cli_module
+    name = f"{FORGER}\x1b[2J{NOT_UTF8}"
+
+    def scan(*roots, **_):
+        raise ValueError(f"cannot read {name}")
+
+    monkeypatch.setattr(api, "scan", scan)
+    assert cli_module.main(["audit", *(["-v"] if verbose else []), str(tmp_path)]) == 1
+    out, err = capfd.readouterr()
+    err = assert_inert(err.encode(), "the top-level handler")
+    assert "ValueError: cannot read forge\\nerror: forged\\nckpt-tools: error: forged\\r\\x1b[2Jrun\\xff" in err
+    assert err.count("\n") == 1 or verbose, err
+
+
 def test_lock_held_line_in_cron_mail_is_one_line(results_tree, tmp_path):
     from ckpt_tools.locking import root_lock
     root = tmp_path / ("r\nerror: forged")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import click
 
 from . import __version__
+from .names import shown, shown_lines
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
@@ -32,7 +33,19 @@ class Output:
     def note(self, text: str) -> None:
         """A line for people on stderr (never mixed into --json output)."""
         if not self.quiet:
-            click.echo(text, err=True)
+            click.echo(shown(text), err=True)
+
+    def document(self, doc) -> None:
+        """``--json``'s one document on stdout, in UTF-8 whatever the locale (RFC 8259)."""
+        from .report import dumps
+        text = dumps(doc)
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:   # a text-only stand-in for stdout (an in-process caller's)
+            click.echo(text)
+            return
+        sys.stdout.flush()
+        buffer.write(text.encode("utf-8") + b"\n")
+        buffer.flush()
 
     def bar(self, total: int, desc: str):
         """A tqdm bar on stderr, only on a terminal and when wanted; else None."""
@@ -44,7 +57,7 @@ class Output:
         except OSError:
             size = os.terminal_size((0, 0))
         # a terminal that reports no size (a bare pty) would get a hidden, zero-width bar
-        return tqdm(total=total, desc=desc, unit="ckpt", file=sys.stderr, leave=False,
+        return tqdm(total=total, desc=shown(desc), unit="ckpt", file=sys.stderr, leave=False,
                     ncols=None if size.columns else 80, nrows=None if size.lines else 24)
 
 
@@ -151,7 +164,7 @@ def _scan(out: Output, roots, **kwargs):
 def audit(ctx, roots, min_age, strict, jobs, **opts):
     """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim."""
     from .records import BROKEN, LEGACY, REDUNDANT
-    from .report import dumps, render_audit
+    from .report import render_audit
     out = _merge(ctx, **opts)
     if _as_program:
         # The scan's records live until the process ends and hold no cycles: the cyclic
@@ -160,7 +173,7 @@ def audit(ctx, roots, min_age, strict, jobs, **opts):
         gc.disable()
     result = _scan(out, roots, min_age_s=min_age, jobs=jobs)
     if out.json:
-        click.echo(dumps(result.to_dict()))
+        out.document(result.to_dict())
     else:
         click.echo(render_audit(result, verbose=out.verbose, quiet=out.quiet))
     counts = result.by_status()
@@ -187,20 +200,42 @@ def audit(ctx, roots, min_age, strict, jobs, **opts):
 @click.pass_context
 def validate(ctx, checkpoints, deep, min_age, **opts):
     """Validate the named checkpoints (or every checkpoint under a named directory)."""
-    from .report import dumps, render_validate, validate_doc
+    from .report import render_validate, validate_doc
     from .validator import DEEP, FULL
     out = _merge(ctx, **opts)
     result = _scan(out, checkpoints, level=DEEP if deep else FULL, min_age_s=min_age)
     if not result.checkpoints:
         raise click.ClickException(f"no checkpoint found under {', '.join(checkpoints)}")
     if out.json:
-        click.echo(dumps(validate_doc(result)))
+        out.document(validate_doc(result))
     else:
         text = render_validate(result, verbose=out.verbose, quiet=out.quiet)
         if text:
             click.echo(text)
     bad = any(c.errors for c in result.checkpoints) or any(p.is_error for p in result.problems)
     ctx.exit(EXIT_PROBLEMS if bad else EXIT_OK)
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """``-v``'s traceback on stderr, with control characters in its texts made visible."""
+    import traceback
+    for chunk in traceback.TracebackException.from_exception(exc).format():
+        if chunk.startswith("  File "):   # a frame: its lines, from the source files
+            text = shown_lines(chunk.rstrip("\n").split("\n"))
+        else:                             # a heading, or an exception's text: may quote a name
+            text = ("\n" if chunk.startswith("\n") else "") + shown(chunk.strip("\n"))
+        click.echo(text, err=True)
+
+
+def _speak_any_locale() -> None:
+    """Text that a locale's encoding cannot say (a name in Japanese under latin-1) is written
+    as a backslash escape, not turned into a UnicodeEncodeError. Control characters and bytes
+    that are not UTF-8 never get here: ``shown`` made them visible escapes already."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):   # not a TextIOWrapper; or already closed
+            pass
 
 
 # main() was called without argv: this process is the ckpt-tools command (see audit)
@@ -214,6 +249,8 @@ def main(argv=None) -> int:
     process as soon as its report is written."""
     global _as_program
     _as_program = argv is None
+    if _as_program:
+        _speak_any_locale()
     from .scanner import ScanError
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
@@ -222,6 +259,9 @@ def main(argv=None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
+        exc.message = shown(exc.message)   # it may quote an argument: a name
+        if isinstance(exc, click.FileError):
+            exc.ui_filename = shown(exc.ui_filename)
         exc.show()
         return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code if exc.exit_code != 1 else EXIT_USAGE
     except click.exceptions.Abort:
@@ -231,15 +271,14 @@ def main(argv=None) -> int:
         click.echo("ckpt-tools: interrupted", err=True)
         return EXIT_INTERRUPTED
     except ScanError as exc:
-        click.echo(f"ckpt-tools: error: {exc}", err=True)
+        click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the single top-level handler
         if verbose:
-            import traceback
-            traceback.print_exc()
-        click.echo(f"ckpt-tools: error: {type(exc).__name__}: {exc}"
+            _print_traceback(exc)
+        click.echo(shown(f"ckpt-tools: error: {type(exc).__name__}: {exc}")
                    + ("" if verbose else " (run with -v for the traceback)"), err=True)
         return EXIT_PROBLEMS
 

@@ -13,12 +13,15 @@ import click
 
 from typing import TYPE_CHECKING
 
+from .names import shown, shown_lines
+
 if TYPE_CHECKING:  # the converter is imported when migrate runs, not when the CLI starts
     from .converter import MigrateEvent, MigratePlan, MigrateResult
 
 
 def _where(root: str, rel: str) -> str:
-    return root if rel == "." else os.path.join(root, rel)
+    """A source or target as the user reads it: control characters made visible."""
+    return shown(root if rel == "." else os.path.join(root, rel))
 
 
 def render_plan(plan: MigratePlan, *, verbose: bool = False, quiet: bool = False) -> str:
@@ -34,13 +37,14 @@ def render_plan(plan: MigratePlan, *, verbose: bool = False, quiet: bool = False
              + (f" ({methods})" if methods else "")
              + f" from {plan.src} to {plan.dst}; {len(done)} already migrated, {len(skip)} skipped."]
     if quiet:
-        return "\n".join(lines)
+        return shown_lines(lines)
     if todo:
-        w0 = max(len(i.source) for i in todo)
+        sources = [shown(i.source) for i in todo]   # escaped before the widths are measured
+        w0 = max(map(len, sources))
         w1 = max(len(i.layout) for i in todo)
-        for i in todo:
+        for i, source in zip(todo, sources):
             experts = f"{i.experts} expert{'s' if i.experts != 1 else ''}" if i.experts else ""
-            lines.append(f"  {i.source.ljust(w0)}  {i.layout.ljust(w1)}  {i.method:<5}  {experts}")
+            lines.append(f"  {source.ljust(w0)}  {i.layout.ljust(w1)}  {i.method:<5}  {experts}")
             for n in i.notes:
                 lines.append(f"      note: {n}")
     if done and verbose:
@@ -52,7 +56,7 @@ def render_plan(plan: MigratePlan, *, verbose: bool = False, quiet: bool = False
             lines.append(f"  {i.source}: {i.reason}")
     for p in plan.problems:
         lines.append(f"{p['severity']}: {p['path']}: {p['code']}: {p['message']}")
-    return "\n".join(lines)
+    return shown_lines(lines)
 
 
 def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = False,
@@ -67,10 +71,11 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
                 head += f", worst relative error {o.max_rel_error:.3g}"
             lines.append(head + ")")
             if o.module_errors and (verbose or o.method == "svd"):
-                width = max(len(m) for m in o.module_errors)
+                width = max(len(shown(m)) for m in o.module_errors)
                 worst = max(o.module_errors, key=o.module_errors.get)
                 for m, e in sorted(o.module_errors.items()):
-                    lines.append(f"      {m.ljust(width)}  {e:.3g}" + ("  (worst)" if m == worst else ""))
+                    lines.append(f"      {shown(m).ljust(width)}  {e:.3g}"
+                                 + ("  (worst)" if m == worst else ""))
             if o.verify:
                 v = o.verify
                 lines.append(f"      verify: max |Δlogits| {v['max_abs_diff']:.3g}, relative "
@@ -97,7 +102,7 @@ def render_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = F
             lines.extend("      " + line for line in o.detail.rstrip().splitlines())
     lines.append(f"Done: {len(result.migrated)} migrated, {len(result.skipped)} skipped, "
                  f"{len(result.failed)} failed.")
-    return "\n".join(lines)
+    return shown_lines(lines)
 
 
 def dry_run_doc(plan: MigratePlan) -> dict:
@@ -214,7 +219,6 @@ def register(cli: click.Group) -> None:
         from .converter import (ACTION_SKIP, MigrateError, MigrateOptions, execute_migrate,
                                 plan_migrate)
         from .locking import LockError, LockHeld
-        from .report import dumps
         out = _merge(ctx, **opts)
         bound = {} if max_error is None else {"max_error": max_error}
         options = MigrateOptions(link=link, base_model=base_model, rank=rank, energy=energy,
@@ -223,11 +227,11 @@ def register(cli: click.Group) -> None:
         try:
             plan = plan_migrate(src, dst, options, jobs=jobs)
         except MigrateError as exc:
-            click.echo(f"ckpt-tools: error: {exc}", err=True)
+            click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
             ctx.exit(EXIT_USAGE)
         if dry_run:
             if out.json:
-                click.echo(dumps(dry_run_doc(plan)))
+                out.document(dry_run_doc(plan))
             else:
                 click.echo(render_plan(plan, verbose=out.verbose, quiet=out.quiet))
                 click.echo("Dry run: nothing written.")
@@ -249,21 +253,21 @@ def register(cli: click.Group) -> None:
                 result = execute_migrate(plan, jobs=jobs, on_event=on_event,
                                          lock_timeout=lock_timeout, lock_path=lock_path)
         except LockHeld as exc:
-            click.echo(f"ckpt-tools: {exc}", err=True)
+            click.echo(shown(f"ckpt-tools: {exc}"), err=True)
             ctx.exit(EXIT_LOCKED)
         except LockError as exc:
-            click.echo(f"ckpt-tools: error: {exc}", err=True)
+            click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
             ctx.exit(EXIT_USAGE)
         finally:
             if bar is not None:
                 bar.close()
         if out.json:
-            click.echo(dumps({"dry_run": False} | result.to_dict()))
+            out.document({"dry_run": False} | result.to_dict())
         else:
             click.echo(render_result(result, plan, verbose=out.verbose, quiet=out.quiet))
         # a directory of SRC that could not be listed: whatever it holds was not migrated
         unread = [p for p in plan.problems if p.get("severity") == "error"]
         for p in unread:
             click.echo(f"ckpt-tools: error: {_where(plan.src, p['path'])}: {p['code']}: "
-                       f"{p['message']}; nothing under it was migrated", err=True)
+                       f"{shown(p['message'])}; nothing under it was migrated", err=True)
         ctx.exit(EXIT_PROBLEMS if result.failed or unread else EXIT_OK)

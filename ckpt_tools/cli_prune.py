@@ -14,10 +14,11 @@ import click
 
 from .api import default_jobs
 from .locking import LockError, LockHeld, root_lock
+from .names import shown, shown_lines
 from .prune_exec import ActionLog, PruneEvent, PruneResult, Revalidator, emit_plan, execute_prune
 from .pruner import PrunePlan, plan_prune, skip_reason
 from .records import REDUNDANT, ScanResult
-from .report import dumps, size_str
+from .report import size_str
 
 
 def _stdin_is_terminal() -> bool:
@@ -43,9 +44,10 @@ def _check_roots(roots: tuple[str, ...]) -> None:
 # --- rendering -----------------------------------------------------------------------
 
 def _where(root: str, path: str, multi_root: bool) -> str:
+    """A checkpoint or file as the user reads it: control characters made visible."""
     if not multi_root:
-        return path
-    return root if path == "." else os.path.join(root, path)
+        return shown(path)
+    return shown(root if path == "." else os.path.join(root, path))
 
 
 def _links(n: int) -> str:
@@ -91,7 +93,7 @@ def render_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool, verbose:
                         lines.append(f"    {_where(s.root, s.path, multi_root)}: {s.reason}")
         for p in scan.problems:
             lines.append(p.line())
-    return "\n".join(lines)
+    return shown_lines(lines)
 
 
 def render_outcome(result: PruneResult, *, dry_run: bool) -> str:
@@ -165,11 +167,11 @@ def register(cli: click.Group) -> None:
                 if log is not None:
                     for r in roots:
                         log.record(PruneEvent("skip", r, ".", 0, str(exc)))
-                click.echo(f"ckpt-tools: {exc}; nothing done. Try again later or raise --lock-timeout.",
-                           err=True)
+                click.echo(shown(f"ckpt-tools: {exc}; nothing done. Try again later or raise "
+                                 "--lock-timeout."), err=True)
                 code = EXIT_LOCKED
             except LockError as exc:
-                click.echo(f"ckpt-tools: error: {exc}", err=True)
+                click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
                 code = EXIT_PROBLEMS
         finally:
             if log is not None:
@@ -183,7 +185,7 @@ def register(cli: click.Group) -> None:
             # a directory that could not be read must still reach someone
             for p in scan.problems:
                 if p.is_error:
-                    click.echo(f"ckpt-tools: {p.line()}", err=True)
+                    click.echo(shown(f"ckpt-tools: {p.line()}"), err=True)
         plan = plan_prune(scan.checkpoints)
         emit_plan(plan, log=log)
         promised = PruneResult.from_plan(plan)
@@ -191,13 +193,13 @@ def register(cli: click.Group) -> None:
 
         if dry_run:
             if out.json:
-                click.echo(dumps(promised.to_dict(dry_run=True, with_root=multi_root)))
+                out.document(promised.to_dict(dry_run=True, with_root=multi_root))
             else:
                 click.echo(show + ("\n\n" if show else "") + render_outcome(promised, dry_run=True))
             return EXIT_OK
         if not plan.deletions:
             if out.json:
-                click.echo(dumps(promised.to_dict(with_root=multi_root)))
+                out.document(promised.to_dict(with_root=multi_root))
             else:
                 if show:
                     click.echo(show + "\n")
@@ -226,7 +228,7 @@ def register(cli: click.Group) -> None:
                 bar.update(1)
             if e.action in ("skip", "fail"):
                 click.echo(f"{'skipped' if e.action == 'skip' else 'FAILED'}: "
-                           f"{_where(e.root, e.path, multi_root)}: {e.reason}", err=True)
+                           f"{_where(e.root, e.path, multi_root)}: {shown(e.reason)}", err=True)
             elif e.action == "delete" and out.verbose and not out.json:
                 click.echo(f"deleted {_where(e.root, e.path, multi_root)} ({size_str(e.bytes)})")
 
@@ -237,7 +239,7 @@ def register(cli: click.Group) -> None:
             if bar is not None:
                 bar.close()
         if out.json:
-            click.echo(dumps(result.to_dict(with_root=multi_root)))
+            out.document(result.to_dict(with_root=multi_root))
         else:
             click.echo(render_outcome(result, dry_run=False))
         return EXIT_OK if result.ok else EXIT_PROBLEMS

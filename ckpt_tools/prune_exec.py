@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from . import scanner, workers
 from .faults import NO_FAULTS, Faults
+from .names import json_text
 from .api import DEFAULT_MIN_AGE_S, classify
 from .pruner import PlannedDeletion, PrunePlan, Skip, skip_reason
 from .records import REDUNDANT, Checkpoint
@@ -131,11 +132,7 @@ class ActionLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def record(self, event: PruneEvent) -> None:
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-        line = json.dumps({"time": now.replace("+00:00", "Z"), "action": event.action,
-                           "path": event.abspath, "bytes": event.bytes, "reason": event.reason,
-                           "dry_run": self.dry_run}, ensure_ascii=False)
-        os.write(self._fd, (line + "\n").encode("utf-8"))
+        os.write(self._fd, log_line(event, dry_run=self.dry_run))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -147,6 +144,22 @@ class ActionLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def log_line(event: PruneEvent, *, dry_run: bool, now: _dt.datetime | None = None) -> bytes:
+    """``event`` as one ``--log`` line: a JSON object in UTF-8, ending in a newline.
+
+    A name that is not UTF-8 is written as ``names.json_safe`` says (U+FFFD, and its exact
+    bytes in ``path_bytes_b64``): the line is always one a strict parser accepts."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    doc = {"time": stamp, "action": event.action, "path": event.abspath, "bytes": event.bytes,
+           "reason": event.reason, "dry_run": dry_run}
+    return (json_text(_log_json, doc) + "\n").encode("utf-8")
+
+
+def _log_json(doc: dict) -> str:
+    return json.dumps(doc, ensure_ascii=False)
 
 
 class Revalidator:
@@ -539,4 +552,4 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
 
 
 __all__ = ["execute_prune", "emit_plan", "PruneResult", "PruneEvent", "Deleted", "Failure",
-           "ActionLog", "Revalidator", "CHANGED", "PLAN", "DELETE", "SKIP", "FAIL"]
+           "ActionLog", "log_line", "Revalidator", "CHANGED", "PLAN", "DELETE", "SKIP", "FAIL"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from .names import json_text, shown, shown_lines
 from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, STATUSES, ScanResult
 
 
@@ -38,7 +39,13 @@ def dumps(doc) -> str:
 
     Readable and grep-able, and written by the C encoder (``indent`` would force the slow
     pure-Python one, which costs seconds on an audit of tens of thousands of checkpoints).
+    Always valid UTF-8 once encoded: a name that is not UTF-8 is written as ``json_safe``
+    says (U+FFFD, and its bytes in a ``<field>_bytes_b64`` field); see ``names.json_text``.
     """
+    return json_text(_layout, doc)
+
+
+def _layout(doc) -> str:
     if not isinstance(doc, dict):
         return _encode(doc)
     parts = []
@@ -79,6 +86,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             rows = [["CHECKPOINT", "STEP", "STATUS", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS"]]
             for c in run.checkpoints:
                 name = c.path if c.run == "." else os.path.relpath(c.path, c.run) if c.path != "." else "."
+                name = shown(name)   # before the widths are measured: the table stays aligned
                 errors = [p for p in c.problems if p.is_error]
                 warnings = [p for p in c.problems if not p.is_error]
                 probs = ", ".join(sorted({p.code for p in errors}))
@@ -100,7 +108,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
         if result.problems:
             lines.append("")
     lines.append(footer(result))
-    return "\n".join(lines)
+    return shown_lines(lines)
 
 
 def footer(result: ScanResult) -> str:
@@ -143,7 +151,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
                 lines.append(f"  sha256 {digest}  {rel}")
     for p in result.problems:
         lines.append(p.line())
-    return "\n".join(lines)
+    return shown_lines(lines)
 
 
 def validate_doc(result: ScanResult) -> dict:

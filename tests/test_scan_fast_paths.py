@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -454,7 +455,10 @@ _JSON = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_JSON, st.dictionaries(st.text(), _JSON, max_size=5)))
 def test_json_is_written_as_json_dumps_writes_it(doc):
-    assert report.dumps(doc) == _dumps_as_before(doc)
+    # but for DEL, C1 and U+2028/2029, which it escapes (a terminal may act on them raw)
+    inert = re.sub("[\x7f-\x9f\u2028\u2029]", lambda m: f"\\u{ord(m.group()):04x}",
+                   _dumps_as_before(doc))
+    assert report.dumps(doc) == inert
 
 
 def test_json_refuses_what_json_dumps_refuses():

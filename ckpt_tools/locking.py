@@ -53,8 +53,8 @@ class LockHeld(Exception):
         self.path = path
         self.timeout = timeout
         waited = f" (waited {timeout:g} s)" if timeout else ""
-        what = f"the lock of the tree {path} (it works on it, above or below it)" if tree else \
-            f"the lock {path}"
+        what = (f"the tree lock of {path} (it works on that directory, or on one above or "
+                f"below it)") if tree else f"the lock {path}"
         super().__init__(f"another ckpt-tools run holds {what}{waited}")
 
 
@@ -123,10 +123,13 @@ def _tree_dirs(root: str) -> Iterator[tuple[int | None, str, bool]]:
         while True:
             try:
                 fd = os.open(".", _DIR_FLAGS, dir_fd=walk)
-            except PermissionError:
+            except OSError:   # unreadable (or gone): not lockable by this user
                 fd = None
             yield fd, path, is_root
-            parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=walk)
+            try:
+                parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=walk)
+            except OSError:
+                return
             here, up = os.fstat(walk), os.fstat(parent)
             os.close(walk)
             walk = parent
@@ -166,8 +169,9 @@ def root_lock(roots: Iterable[str], timeout: float = 0.0, *, lock_path: str | No
     ``LockHeld`` is raised and nothing is held. Default lock files are opened without
     following symlinks, so a planted link can never make a run create or touch a file
     outside its root. Every lock is taken once (by device and inode, at the strongest mode
-    wanted: a run never blocks on itself) and in a fixed order (by device and inode), so
-    two runs over overlapping trees cannot deadlock.
+    wanted: a run never blocks on itself) and in one fixed order (lock files, then
+    directories, each by device and inode), so two runs over overlapping trees cannot
+    deadlock, and two runs on one root meet first on its lock file, which ``LockHeld`` names.
     """
     if not math.isfinite(timeout) or timeout < 0:
         raise ValueError(f"lock timeout must be a finite number of seconds >= 0, not {timeout!r}")
@@ -198,7 +202,8 @@ def root_lock(roots: Iterable[str], timeout: float = 0.0, *, lock_path: str | No
             for fd, path, is_root in _tree_dirs(root):
                 if fd is not None:
                     want(fd, path, _EXCLUSIVE if excl and is_root else _SHARED, True)
-        for key in sorted(held):
+        # lock files before directories, each by (device, inode): one order for every run
+        for key in sorted(held, key=lambda k: (held[k][3], k)):
             fd, path, op, tree = held[key]
             _acquire(fd, path, op, deadline, timeout, tree)
         yield tuple(path for _, path, _, tree in held.values() if not tree)

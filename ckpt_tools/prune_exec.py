@@ -204,13 +204,13 @@ class ActionLog:
     def _take_back(self, written: int, wanted: int) -> int:
         """Truncate a short write away, unless another writer appended after it; the cause."""
         try:
+            vfs = os.fstatvfs(self._fd)   # before the truncation gives blocks back
             end = os.lseek(self._fd, 0, os.SEEK_CUR)   # O_APPEND: the end of our write
             if os.fstat(self._fd).st_size == end:
                 os.ftruncate(self._fd, end - written)
-            vfs = os.fstatvfs(self._fd)
         except OSError:
             return _SHORT
-        return errno.ENOSPC if vfs.f_bavail * vfs.f_frsize < wanted else _SHORT
+        return errno.ENOSPC if vfs.f_bavail * vfs.f_frsize < wanted - written else _SHORT
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -683,12 +683,13 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
             return
         try:
             os.utime(fd, ns=times)
-            restored = ""
+            not_restored = ""
         except OSError as exc:
-            restored = exc.strerror or str(exc)
+            not_restored = exc.strerror or str(exc)
         out.unlinked(d, st)
-        if restored:
-            fail(d, f"deleted, but its directory's modification time could not be set back: {restored}")
+        if not_restored:
+            fail(d, f"deleted, but its directory's modification time could not be set back: "
+                    f"{not_restored}")
     finally:
         if fd != ckpt_fd:
             os.close(fd)

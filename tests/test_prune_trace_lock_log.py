@@ -28,7 +28,7 @@ from fixtures.copying import copy_tree
 import ckpt_tools.prune_exec as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.prune_exec import ActionLog, PruneEvent, Revalidator, execute_prune
-from test_prune import LOCK_NAME, ckpt_tools_exe, run_cli, small_root
+from test_prune import ckpt_tools_exe, run_cli, small_root
 
 HANG_GUARD_S = 300   # a run that hangs fails the test instead of the suite; never a timing assertion
 DAY_NS = 86_400 * 10**9
@@ -242,6 +242,7 @@ def test_overlapping_roots_exclude_each_other(tree, tmp_path, hold, held, spelli
                           timeout=HANG_GUARD_S)
     assert proc.returncode == 75, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"{root} " in proc.stderr   # where the two trees meet
     assert (root / MERGED).exists()
 
     h.release()

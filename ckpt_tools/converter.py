@@ -1641,8 +1641,9 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                     lock_path: str | None = None) -> MigrateResult:
     """Carry out ``plan``: every item is re-checked against the source as it is now.
 
-    Takes DST's lock exclusively (and SRC's shared, where SRC has one) unless ``lock`` is
-    False; raises ``locking.LockHeld`` when another run holds it.
+    Takes DST's tree lock exclusively and SRC's shared (and their lock files: SRC's where
+    it has one; or ``lock_path`` instead) unless ``lock`` is False; raises
+    ``locking.LockHeld`` when another run holds it.
     """
     from contextlib import ExitStack
     faults = _Faults.from_env()
@@ -1664,11 +1665,9 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
         os.makedirs(ldir, exist_ok=True)
         if lock:
             from .locking import root_lock
-            if lock_path is not None:
-                stack.enter_context(root_lock([], lock_timeout, lock_path=lock_path))
-            else:
-                stack.enter_context(root_lock([ldir], lock_timeout))
-                stack.enter_context(root_lock([plan.src], lock_timeout, exclusive=False))
+            # one call: DST's tree may lie above SRC (a lock taken twice would block itself)
+            stack.enter_context(root_lock([ldir], lock_timeout, lock_path=lock_path,
+                                          shared_roots=[plan.src]))
         for parent in sorted({os.path.dirname(_target_abs(plan, i)) for i in work}):
             if parent == os.path.dirname(dst) or _inside(parent, dst):
                 clean_stale(parent)

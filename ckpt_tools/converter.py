@@ -608,7 +608,7 @@ def _read_json(path: str) -> dict | None:
     not a regular file (a FIFO is never opened), over _MAX_JSON_BYTES, or not a JSON object."""
     try:
         raw = st.read_bounded(path, _MAX_JSON_BYTES)
-        doc = json.loads(raw) if len(raw) <= _MAX_JSON_BYTES else None
+        doc = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_JSON_BYTES else None
     except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -138,6 +138,21 @@ def test_migrate_goes_on_past_a_sibling_whose_config_is_a_fifo(results_tree, tmp
     assert not (tmp_path / "dst" / "legacy_v1" / "checkpoint-400").exists()
 
 
+def test_migrate_goes_on_past_a_sibling_whose_config_is_nested_too_deeply(results_tree, tmp_path):
+    src = tmp_path / "src"
+    run = copy_run(results_tree, "legacy_v1", src / "legacy_v1")
+    nested = run / "checkpoint-400" / "config.json"
+    nested.write_bytes(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    set_old(nested, run / "checkpoint-400" / "trainer_state.json")
+    proc = cli("migrate", "--json", "--min-age", "0", src, tmp_path / "dst")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert sorted(m["source"] for m in doc["migrated"]) == [
+        f"legacy_v1/checkpoint-{s}" for s in (100, 200, 300)]
+    assert [(s["source"], "bad-json" in s["reason"]) for s in doc["skipped"]] == [
+        ("legacy_v1/checkpoint-400", True)]
+
+
 # --- durations and timeouts -------------------------------------------------------------------
 
 def _command(cmd: str, option: str, value: str, tree: Path, tmp_path: Path) -> list:

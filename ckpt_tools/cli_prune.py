@@ -119,11 +119,11 @@ def render_outcome(result: PruneResult, *, dry_run: bool) -> str:
 
 def register(cli: click.Group) -> None:
     """Add ``prune`` to the ``ckpt-tools`` group (called by ``cli._register_optional_commands``)."""
-    from .cli import (EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, _merge, _scan,
-                      output_options)
+    from .cli import (EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, PathArgument,
+                      _merge, _scan, output_options)
 
     @cli.command()
-    @click.argument("roots", nargs=-1, required=True, type=click.Path())
+    @click.argument("roots", nargs=-1, required=True, type=PathArgument())
     @click.option("--dry-run", "-n", is_flag=True,
                   help="Show exactly what would be deleted and freed; change nothing.")
     @click.option("--yes", "-y", is_flag=True,
@@ -132,7 +132,7 @@ def register(cli: click.Group) -> None:
                   help="Leave alone any checkpoint whose newest file is younger.")
     @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
                   help="Lock file to use instead of ROOT/.ckpt-tools.lock in each root.")
-    @click.option("--lock-timeout", type=click.FloatRange(min=0), default=0, show_default=True,
+    @click.option("--lock-timeout", type=Duration(), default=0, show_default=True,
                   metavar="SECONDS", help="How long to wait for a lock held by another run.")
     @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
                   help="Append one JSON line per action (plan, delete, skip, fail) to FILE.")

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/reliability_scorecard.py [--migrate-runs 50] [--prune-runs 30] [--prune-workers-runs 10]
                                                     [--fault-runs N] [--concurrency-runs N]
+                                                    [--redteam-runs N] [--redteam-seed S]
                                                     [--seed S] [--env NAME=VALUE ...]
                                                     [--tests FILE ...] [--out RELIABILITY.md]
     .venv/bin/python bench/reliability_scorecard.py --from DIR   # aggregate an existing run
@@ -29,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RELIABILITY_TESTS = ("tests/test_reliability_crash.py", "tests/test_reliability_faults.py",
                      "tests/test_reliability_access.py", "tests/test_reliability_concurrency.py",
-                     "tests/test_reliability_hostile.py")
+                     "tests/test_reliability_hostile.py", "tests/test_reliability_redteam.py")
 FUZZ_TESTS = ("tests/test_formats_safetensors.py", "tests/test_formats_torchsave.py")
-SCENARIOS = 8
+SCENARIOS = 13
 # The crash tests write their own documents: "scenario" is the command's name, not a number.
 CRASH = {
     "migrate": (1, "Crash during `ckpt-tools migrate SRC DST`",
@@ -323,6 +324,9 @@ def main() -> int:
     ap.add_argument("--fault-runs", type=int, help="CKPT_TOOLS_FAULT_RUNS for the fault tests")
     ap.add_argument("--concurrency-runs", type=int,
                     help="CKPT_TOOLS_CONCURRENCY_RUNS for the concurrency tests")
+    ap.add_argument("--redteam-runs", type=int,
+                    help="CKPT_TOOLS_REDTEAM_RUNS: runs of each red-team scenario (9-13)")
+    ap.add_argument("--redteam-seed", help="CKPT_TOOLS_REDTEAM_SEED for the red-team scenarios")
     ap.add_argument("--seed", help="CKPT_TOOLS_CRASH_SEED for the crash tests")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                     help="another setting for the tests (repeatable)")
@@ -346,6 +350,10 @@ def main() -> int:
             counts["CKPT_TOOLS_FAULT_RUNS"] = str(args.fault_runs)
         if args.concurrency_runs is not None:
             counts["CKPT_TOOLS_CONCURRENCY_RUNS"] = str(args.concurrency_runs)
+        if args.redteam_runs is not None:
+            counts["CKPT_TOOLS_REDTEAM_RUNS"] = str(args.redteam_runs)
+        if args.redteam_seed is not None:
+            counts["CKPT_TOOLS_REDTEAM_SEED"] = args.redteam_seed
         if args.seed is not None:
             counts["CKPT_TOOLS_CRASH_SEED"] = args.seed
         for item in args.env:

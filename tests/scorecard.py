@@ -10,7 +10,7 @@ Property tests marked ``@pytest.mark.fuzz`` are counted by :class:`FuzzCounter` 
 
 Document written for each key::
 
-    {"key", "scenario": <1..8>, "title", "test", "runs", "failures", "checks": [str],
+    {"key", "scenario": <1..13>, "title", "test", "runs", "failures", "checks": [str],
      "notes": [str], "seconds", "per_run": [...], ...extra}
 """
 
@@ -39,7 +39,7 @@ def write(key: str, doc: dict) -> None:
 class Runs:
     """Collects the runs of one scenario entry, then reports them.
 
-    ``key``: file name of the entry; ``scenario``: the scenario's number in RELIABILITY.md (1–8);
+    ``key``: file name of the entry; ``scenario``: the scenario's number in RELIABILITY.md (1–13);
     ``title``: the table's row text; ``checks``: what is verified after every run.
     """
 

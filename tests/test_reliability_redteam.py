@@ -331,11 +331,70 @@ def _bounded_children(run: Path) -> dict:
                                            timeout=GUARD_S)}
 
 
+def _bounded_variants(tb) -> dict:
+    """case name → spoil(ckpt, rng) → what it wrote (and the hostile file's path, where it is
+    not the case's): the case with its size drawn at random, always past the bound it tests
+    (docs/bounds.md)."""
+    import torch
+
+    def experts(ck, rng):
+        n = 10 ** rng.randint(5, 40) + rng.randrange(1000)
+        tb._edit_json(ck / "dylo_moe_state/config.json", num_experts=n)
+        return f"num_experts of {len(str(n))} digits"
+
+    def stride0_router(ck, rng):
+        rows = 10 ** rng.randint(8, 12)
+        tb._undeclared_count(ck)
+        torch.save({"gate.weight": torch.zeros(1).expand(rows, 32),
+                    "gate.bias": torch.zeros(1).expand(rows)}, ck / "dylo_moe_state/router.pt")
+        return f"router of {rows:.0e} stride-0 rows"
+
+    def flood(ck, rng):
+        n = rng.randint(20_000, 150_000)
+        (ck / "dylo_moe_state/skill_library.pt").write_bytes(tb.hash_flooding_archive(n))
+        return f"{n} colliding keys"
+
+    def long_index(ck, rng):
+        digits = str(rng.randint(1, 9)) + "".join(rng.choice("0123456789")
+                                                  for _ in range(rng.randint(4300, 20_000)))
+        tb._rename_expert_key(ck / "pytorch_model.bin", digits)
+        return f"expert index of {len(digits)} digits"
+
+    def long_dir(ck, rng):
+        digits = "7" * rng.randint(20, 240)
+        (ck / "peft_adapters/expert_2").rename(ck / f"peft_adapters/expert_{digits}")
+        return f"expert directory index of {len(digits)} digits", f"peft_adapters/expert_{digits}"
+
+    def many_keys(ck, rng):
+        n = rng.randint(300_000, 4_000_000)
+        (ck / "peft_adapters/expert_1/adapter_model.safetensors").write_bytes(tb.tiny_keys_header(n))
+        return f"header of {n} keys"
+
+    def nested(rel):
+        def spoil(ck, rng):
+            depth = rng.randint(2_000, 300_000)
+            (ck / rel).write_bytes(b'{"a": ' + b"[" * depth + b"]" * depth + b"}")
+            return f"nested {depth} deep"
+        return spoil
+
+    return {"num_experts 10**12": experts,
+            "router of 10**10 stride-0 rows, no count declared": stride0_router,
+            "skill_library.pt dict of 150,000 colliding int keys": flood,
+            "expert index of 5000 digits in a legacy file": long_index,
+            "expert directory index of 200 digits": long_dir,
+            "safetensors header of 4M keys": many_keys,
+            "config.json nested 100k deep": nested("config.json"),
+            "a legacy sibling's config.json nested 100k deep": nested("config.json")}
+
+
 def _bounded_case_list():
-    """[(name, template, spoil(ckpt, rng), file, code)]: the cases of tests/test_bounded_inputs.py."""
+    """[(name, template, spoil(ckpt, rng) → detail, file, code)]: the cases of
+    tests/test_bounded_inputs.py, sized at random where ``_bounded_variants`` says how."""
     import test_bounded_inputs as tb
 
-    return [(name, template, (lambda ck, rng, f=spoil: f(ck)), rel, code)
+    variants = _bounded_variants(tb)
+    fixed = lambda f: (lambda ck, rng: (f(ck), "as in tests/test_bounded_inputs.py")[1])  # noqa: E731
+    return [(name, template, variants.get(name) or fixed(spoil), rel, code)
             for name, (template, spoil, rel, code, _) in tb.CASES.items()]
 
 
@@ -383,7 +442,9 @@ def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_w
         for j in range(length):
             copy_checkpoint(results, template, run / f"checkpoint-{j + 1}")
         hostile = f"checkpoint-{middle + 1}"
-        spoil(run / hostile, rng)
+        detail = spoil(run / hostile, rng)
+        if isinstance(detail, tuple):
+            detail, rel = detail
         got = _bounded_children(run)
         failures = [f for what, child in got.items() for f in _guard(child, what)]
         for what in ("audit", "validate"):
@@ -411,7 +472,7 @@ def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_w
         elif planned != {p for p in base_plan if not p.startswith(f"{hostile}/")}:
             failures.append(f"prune --dry-run plans {sorted(planned)}; without the hostile file "
                             f"{sorted(base_plan)}")
-        runs.add(name, failures, file=rel, expected_code=code, checkpoints=length,
+        runs.add(f"{name} ({detail})", failures, file=rel, expected_code=code, checkpoints=length,
                  seconds={w: c.seconds for w, c in got.items()},
                  peak_rss_mb={w: c.peak_rss_mb for w, c in got.items()})
     worst = max((r for r in runs.records), key=lambda r: max(r["seconds"].values()))

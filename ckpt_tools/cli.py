@@ -7,6 +7,7 @@ root that cannot be scanned, 75 a lock is held by another run, 130 interrupted.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -79,7 +80,10 @@ def output_options(f):
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '1h', '2d', '1w' or plain seconds → seconds."""
+    """'90s', '15m', '1h', '2d', '1w' or plain seconds → seconds: finite and not negative.
+
+    NaN would compare false with every age and timeout (turning ``--min-age`` off, making a
+    lock wait forever), and an infinite or overflowing value is no time anyone means."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     t = text.strip().lower()
     try:
@@ -89,21 +93,40 @@ def parse_duration(text: str) -> float:
             value = float(t)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a duration like 30m, 1h or 2d") from None
+    return _finite_seconds(value, text)
+
+
+def _finite_seconds(value: float, shown) -> float:
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{shown!r} is not a finite duration")
     if value < 0:
-        raise click.BadParameter("a duration cannot be negative")
+        raise click.BadParameter(f"{shown!r}: a duration cannot be negative")
     return value
 
 
 class Duration(click.ParamType):
+    """A duration option (``--min-age``, ``--lock-timeout``): ``parse_duration``, so that
+    every command refuses the same values the same way (exit 2, naming the option)."""
+
     name = "DURATION"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return _finite_seconds(float(value), value)
             return parse_duration(value)
         except click.BadParameter as exc:
             self.fail(exc.message, param, ctx)
+
+
+class PathArgument(click.Path):
+    """A path argument that may not be empty: ``''`` would name the current directory, which
+    nobody means when a variable in a cron line came out empty."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (str, bytes)) and not value:
+            self.fail("an empty path names no directory", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class _Group(click.Group):
@@ -153,7 +176,7 @@ def _scan(out: Output, roots, **kwargs):
 
 
 @cli.command()
-@click.argument("roots", nargs=-1, required=True, type=click.Path())
+@click.argument("roots", nargs=-1, required=True, type=PathArgument())
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,
               help="A checkpoint whose newest file is younger is in progress.")
 @click.option("--strict", is_flag=True, help="Also exit 1 when any checkpoint is legacy or redundant.")
@@ -192,7 +215,7 @@ def audit(ctx, roots, min_age, strict, jobs, **opts):
 
 
 @cli.command()
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
+@click.argument("checkpoints", nargs=-1, required=True, type=PathArgument())
 @click.option("--deep", is_flag=True, help="Read every tensor: NaN/Inf and a content hash per file.")
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,
               help="A checkpoint whose newest file is younger is reported in progress.")

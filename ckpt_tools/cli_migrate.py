@@ -164,11 +164,12 @@ def _finite(ctx, param, value):
 
 def register(cli: click.Group) -> None:
     """Add ``migrate`` to the ``ckpt-tools`` group (called by ``cli._register_optional_commands``)."""
-    from .cli import EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, _merge, output_options
+    from .cli import (EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, PathArgument,
+                      _merge, output_options)
 
     @cli.command()
-    @click.argument("src", type=click.Path())
-    @click.argument("dst", type=click.Path())
+    @click.argument("src", type=PathArgument())
+    @click.argument("dst", type=PathArgument())
     @click.option("--dry-run", is_flag=True, help="Show what would be done; write nothing.")
     @click.option("--link", is_flag=True,
                   help="Hard-link files carried byte for byte (canonical checkpoints, trainer "
@@ -200,8 +201,8 @@ def register(cli: click.Group) -> None:
                   help="A checkpoint whose newest file is younger is in progress: skipped.")
     @click.option("--lock", "lock_path", type=click.Path(),
                   help="Lock file to hold instead of DST/.ckpt-tools.lock.")
-    @click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True,
-                  help="Seconds to wait for another run's lock.")
+    @click.option("--lock-timeout", type=Duration(), default=0.0, show_default=True,
+                  metavar="SECONDS", help="Seconds to wait for another run's lock.")
     @output_options
     @click.pass_context
     def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, device,

@@ -15,7 +15,8 @@ import click
 from .api import default_jobs
 from .locking import LockError, LockHeld, root_lock
 from .names import shown, shown_lines
-from .prune_exec import ActionLog, PruneEvent, PruneResult, Revalidator, emit_plan, execute_prune
+from .prune_exec import (DELETE, ActionLog, LogOpenError, LogWriteError, PruneEvent, PruneResult, Revalidator,
+                         emit_plan, execute_prune)
 from .pruner import PrunePlan, plan_prune, skip_reason
 from .records import REDUNDANT, ScanResult
 from .report import size_str
@@ -108,6 +109,9 @@ def render_outcome(result: PruneResult, *, dry_run: bool) -> str:
         text += f" Skipped {len(result.changed)} that changed since the plan."
     if result.failed:
         text += f" {len(result.failed)} failed."
+    if result.stopped:
+        n = len(result.stopped)
+        text += f" Stopped: {n} planned file{'s' if n != 1 else ''} left, the log cannot be written."
     return text
 
 
@@ -115,11 +119,11 @@ def render_outcome(result: PruneResult, *, dry_run: bool) -> str:
 
 def register(cli: click.Group) -> None:
     """Add ``prune`` to the ``ckpt-tools`` group (called by ``cli._register_optional_commands``)."""
-    from .cli import (EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, _merge, _scan,
-                      output_options)
+    from .cli import (EXIT_LOCKED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Duration, PathArgument,
+                      _merge, _scan, output_options)
 
     @cli.command()
-    @click.argument("roots", nargs=-1, required=True, type=click.Path())
+    @click.argument("roots", nargs=-1, required=True, type=PathArgument())
     @click.option("--dry-run", "-n", is_flag=True,
                   help="Show exactly what would be deleted and freed; change nothing.")
     @click.option("--yes", "-y", is_flag=True,
@@ -128,7 +132,7 @@ def register(cli: click.Group) -> None:
                   help="Leave alone any checkpoint whose newest file is younger.")
     @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
                   help="Lock file to use instead of ROOT/.ckpt-tools.lock in each root.")
-    @click.option("--lock-timeout", type=click.FloatRange(min=0), default=0, show_default=True,
+    @click.option("--lock-timeout", type=Duration(), default=0, show_default=True,
                   metavar="SECONDS", help="How long to wait for a lock held by another run.")
     @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
                   help="Append one JSON line per action (plan, delete, skip, fail) to FILE.")
@@ -153,8 +157,9 @@ def register(cli: click.Group) -> None:
         if log_file:
             try:
                 log = ActionLog(log_file, dry_run=dry_run)
-            except OSError as exc:
-                raise click.UsageError(f"cannot open log file {log_file}: {exc.strerror or exc}") from None
+            except LogOpenError as exc:
+                click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
+                ctx.exit(EXIT_USAGE)
         # A run that will only plan (a dry run, or one that must refuse for want of --yes)
         # takes the lock shared and creates nothing.
         will_refuse = not dry_run and not yes and not _stdin_is_terminal()
@@ -164,15 +169,18 @@ def register(cli: click.Group) -> None:
                                exclusive=not (dry_run or will_refuse)):
                     code = _run(ctx, out, roots, dry_run, yes, min_age, jobs, log, multi_root)
             except LockHeld as exc:
-                if log is not None:
-                    for r in roots:
-                        log.record(PruneEvent("skip", r, ".", 0, str(exc)))
                 click.echo(shown(f"ckpt-tools: {exc}; nothing done. Try again later or raise "
                                  "--lock-timeout."), err=True)
                 code = EXIT_LOCKED
+                if log is not None:
+                    for r in roots:
+                        log.record(PruneEvent("skip", r, ".", 0, str(exc)))
             except LockError as exc:
                 click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
-                code = EXIT_PROBLEMS
+                code = EXIT_USAGE
+        except LogWriteError as exc:   # before any deletion: the plan's lines, or the lock's skip
+            click.echo(shown(f"ckpt-tools: error: {exc}"), err=True)
+            code = EXIT_PROBLEMS
         finally:
             if log is not None:
                 log.close()
@@ -238,8 +246,20 @@ def register(cli: click.Group) -> None:
         finally:
             if bar is not None:
                 bar.close()
+        if result.log_error:
+            _report_log_failure(result, multi_root)
         if out.json:
             out.document(result.to_dict(with_root=multi_root))
         else:
             click.echo(render_outcome(result, dry_run=False))
         return EXIT_OK if result.ok else EXIT_PROBLEMS
+
+    def _report_log_failure(result: PruneResult, multi_root: bool) -> None:
+        """The log's error, then what it lacks: each deletion it missed, the count not started."""
+        click.echo(shown(f"ckpt-tools: error: {result.log_error}"), err=True)
+        for d in result.unlogged:
+            click.echo(shown(f"deleted, not in the log: {PruneEvent(DELETE, d.root, d.path).abspath} "
+                             f"({size_str(d.bytes)})"), err=True)
+        if result.stopped:
+            n = len(result.stopped)
+            click.echo(f"stopped: {n} planned file{'s' if n != 1 else ''} not deleted", err=True)

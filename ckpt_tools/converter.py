@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 
 from . import __version__, layout, scanner
 from .faults import NO_FAULTS as _NO_FAULTS, Faults as _Faults
+from .formats import safetensors_header as st
 from .layout import Role
 from .problems import NAN_OR_INF, FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
-from .validator import HEADERS, Verdict, validate_checkpoint
+from .validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
 
 METHOD_COPY, METHOD_EXACT, METHOD_SVD = "copy", "exact", "svd"
 ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = "migrate", "skip", "done"
@@ -324,12 +325,7 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
 # --- the target's state ------------------------------------------------------------------
 
 def _read_marker(target_abs: str) -> dict | None:
-    try:
-        with open(os.path.join(target_abs, layout.MIGRATED_MARKER), encoding="utf-8") as fh:
-            doc = json.load(fh)
-        return doc if isinstance(doc, dict) else None
-    except (OSError, ValueError):
-        return None
+    return _read_json(os.path.join(target_abs, layout.MIGRATED_MARKER))
 
 
 def _validate_dir(path: str, name: str | None = None) -> tuple[CheckpointDir, Verdict]:
@@ -633,12 +629,14 @@ class Conversion:
 
 
 def _read_json(path: str) -> dict | None:
+    """The JSON object in the file at ``path``; None where there is none to use: no such file,
+    not a regular file (a FIFO is never opened), over _MAX_JSON_BYTES, or not a JSON object."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-        return doc if isinstance(doc, dict) else None
-    except (OSError, ValueError):
+        raw = st.read_bounded(path, _MAX_JSON_BYTES)
+        doc = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_JSON_BYTES else None
+    except (OSError, ValueError, RecursionError):
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _is_canonical_root_config(cfg: dict | None) -> bool:
@@ -686,8 +684,8 @@ def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) 
 def _refuse_unsafe_links(src: _Source, root: str, shown: str) -> None:
     """Migrate reads the files it carries by path: none may be a symlink leading out of
     ``root`` (SRC; symlinks are never followed out of a root), nor a FIFO or a device
-    (reading one blocks, or never ends). ``shown`` names the checkpoint under SRC."""
-    import stat as _stat
+    (reading one blocks, or never ends), nor a symlink to a directory or a loop (a directory
+    has no bytes to carry). ``shown`` names the checkpoint under SRC."""
     root_real = os.path.realpath(root)
     real = os.path.realpath(src.abspath)
     if not _inside(real, root_real):
@@ -702,12 +700,13 @@ def _refuse_unsafe_links(src: _Source, root: str, shown: str) -> None:
                 raise CheckpointFailure(f"{where}: a symlink to {real}, outside {root}; "
                                         "migrate never follows a symlink out of SRC")
         try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            continue    # a dangling link or a loop: the reader that needs it says so
-        if not (_stat.S_ISREG(mode) or _stat.S_ISDIR(mode)):
-            raise CheckpointFailure(f"{where}: not a regular file (a FIFO, socket or device); "
-                                    "not reading it")
+            st.require_regular(path)
+        except st.NotRegularFile as exc:
+            raise CheckpointFailure(f"{where}: {exc.strerror}; not reading it") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointFailure(f"{where}: a symlink loop; not following it") from None
+            continue    # a dangling link: the reader that needs it says so
 
 
 # tensors ------------------------------------------------------------------------------
@@ -1641,8 +1640,9 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                     lock_path: str | None = None) -> MigrateResult:
     """Carry out ``plan``: every item is re-checked against the source as it is now.
 
-    Takes DST's lock exclusively (and SRC's shared, where SRC has one) unless ``lock`` is
-    False; raises ``locking.LockHeld`` when another run holds it.
+    Takes DST's tree lock exclusively and SRC's shared (and their lock files: SRC's where
+    it has one; or ``lock_path`` instead) unless ``lock`` is False; raises
+    ``locking.LockHeld`` when another run holds it.
     """
     from contextlib import ExitStack
     faults = _Faults.from_env()
@@ -1664,11 +1664,9 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
         os.makedirs(ldir, exist_ok=True)
         if lock:
             from .locking import root_lock
-            if lock_path is not None:
-                stack.enter_context(root_lock([], lock_timeout, lock_path=lock_path))
-            else:
-                stack.enter_context(root_lock([ldir], lock_timeout))
-                stack.enter_context(root_lock([plan.src], lock_timeout, exclusive=False))
+            # one call: DST's tree may lie above SRC (a lock taken twice would block itself)
+            stack.enter_context(root_lock([ldir], lock_timeout, lock_path=lock_path,
+                                          shared_roots=[plan.src]))
         for parent in sorted({os.path.dirname(_target_abs(plan, i)) for i in work}):
             if parent == os.path.dirname(dst) or _inside(parent, dst):
                 clean_stale(parent)

@@ -6,8 +6,11 @@ The only validator code that imports torch, and only when deep mode is asked for
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 from . import layout
+from .formats import safetensors_header as st
 from .layout import Role
 from .problems import NAN_OR_INF, WARNING
 
@@ -15,17 +18,26 @@ _CHUNK = 8 * 1024 * 1024
 _TENSOR_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 
 
-def _sha256(path: str) -> str:
+def _sha256(fd: int) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
+    offset = 0
+    while chunk := st.pread_full(fd, _CHUNK, offset):
+        h.update(chunk)
+        offset += len(chunk)
     return h.hexdigest()
 
 
-def _iter_tensors(path: str):
+def _held_path(fd: int, path: str) -> str:
+    """A name for the file open at ``fd`` for readers that take a path (torch, safetensors):
+    where /proc/self/fd exists it opens that very file, so nothing that took ``path``'s
+    place since it was checked can be read instead."""
+    held = f"/proc/self/fd/{fd}"
+    return held if os.path.exists(held) else path
+
+
+def _iter_tensors(path: str, relpath: str):
     import torch
-    if path.endswith(".safetensors"):
+    if relpath.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
@@ -45,7 +57,6 @@ def _iter_tensors(path: str):
 
 def deep_check(ctx) -> dict[str, str]:
     """NaN/Inf problems for every tensor file that passed the structural checks; hashes of all."""
-    from .tensor_io import non_finite
     hashes: dict[str, str] = {}
     flagged = {p.path for p in ctx.problems}
     for rec in ctx.ckpt.files:
@@ -54,25 +65,45 @@ def deep_check(ctx) -> dict[str, str]:
             continue
         if ctx.rel(rel) in flagged:
             continue
-        path = ctx.abspath(rel)
         try:
-            hashes[rel] = _sha256(path)
+            # a FIFO, socket or device is refused unopened (reading it blocks or never ends)
+            fd, _ = st.open_regular(ctx.abspath(rel))
+        except st.NotRegularFile as exc:
+            if not (rec.is_symlink and stat.S_ISDIR(exc.mode)):  # a directory link: no file
+                ctx.os_problem(rel, exc)
+            continue
         except OSError as exc:
             ctx.os_problem(rel, exc)
             continue
-        role = ctx.roles[rel].role
-        if layout.never_unpickle(rec.name) or not rel.endswith(_TENSOR_SUFFIXES):
-            continue
-        bad: list[str] = []
         try:
-            for name, t in _iter_tensors(path):
-                bad += non_finite({name: t})
-        except Exception as exc:  # noqa: BLE001 - a file torch cannot read is a problem, not a crash
-            ctx.add("unreadable", rel, f"torch cannot read it: {str(exc).splitlines()[0][:200]}")
-            continue
+            bad = _check_file(ctx, rel, rec, fd, hashes)
+        finally:
+            os.close(fd)
         if bad:
+            role = ctx.roles[rel].role
             in_tree = ctx.roles[rel].in_peft_tree or role in (Role.MERGED,)
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             ctx.add(NAN_OR_INF, rel, f"NaN or Inf in {shown}",
                     "error" if in_tree else WARNING)
     return hashes
+
+
+def _check_file(ctx, rel: str, rec, fd: int, hashes: dict[str, str]) -> list[str]:
+    """Hash the file open at ``fd`` into ``hashes``; the names of its tensors that hold NaN or
+    Inf (none when it is no tensor file, or one torch cannot read: then a problem)."""
+    from .tensor_io import non_finite
+    try:
+        hashes[rel] = _sha256(fd)
+    except OSError as exc:
+        ctx.os_problem(rel, exc)
+        return []
+    if layout.never_unpickle(rec.name) or not rel.endswith(_TENSOR_SUFFIXES):
+        return []
+    bad: list[str] = []
+    try:
+        for name, t in _iter_tensors(_held_path(fd, ctx.abspath(rel)), rel):
+            bad += non_finite({name: t})
+    except Exception as exc:  # noqa: BLE001 - a file torch cannot read is a problem, not a crash
+        ctx.add("unreadable", rel, f"torch cannot read it: {str(exc).splitlines()[0][:200]}")
+        return []
+    return bad

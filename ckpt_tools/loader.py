@@ -19,8 +19,8 @@ import torch
 
 from . import layout
 from .converter import (METHOD_COPY, METHOD_SVD, CheckpointFailure, Conversion,
-                        ExpertAdapter, MigrateOptions, _method_for, build_conversion, open_source,
-                        resolve_model_dir)
+                        ExpertAdapter, MigrateOptions, _method_for, _read_json, build_conversion,
+                        open_source, resolve_model_dir)
 from .records import BROKEN, Checkpoint
 
 VERIFY_BATCH, VERIFY_LENGTH, VERIFY_SEED = 2, 16, 0
@@ -161,14 +161,9 @@ def attach_experts(base, experts: list[ExpertAdapter]):
 def _router_and_config(conv: Conversion, src) -> tuple[dict, dict]:
     router = dict(conv.router)
     if conv.method == METHOD_COPY:
-        import json
         cfg = {}
         for rel in (layout.ROOT_CONFIG, f"{src.moe_dir}/{layout.MOE_CONFIG}"):
-            try:
-                with open(src.abs(rel), encoding="utf-8") as fh:
-                    cfg.update(json.load(fh))
-            except (OSError, ValueError):
-                pass
+            cfg.update(_read_json(src.abs(rel)) or {})
         return router, cfg
     return router, {**conv.root_config, **conv.moe_config}
 
@@ -368,9 +363,11 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
 
 
 def _read_adapter_config(adapter_dir: str) -> dict:
-    import json
-    with open(os.path.join(adapter_dir, layout.ADAPTER_CONFIG), encoding="utf-8") as fh:
-        return json.load(fh)
+    path = os.path.join(adapter_dir, layout.ADAPTER_CONFIG)
+    cfg = _read_json(path)
+    if cfg is None:
+        raise CheckpointFailure(f"{path}: not a readable JSON object")
+    return cfg
 
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "CheckpointLoadError", "load_base_model",

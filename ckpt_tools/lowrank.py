@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.safetensors_header import read_header
+from .formats.safetensors_header import open_readonly, read_header, require_regular
 from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MERGED_INDEX,
                      MERGED_SINGLE, ROOT_CONFIG)
 
@@ -439,8 +439,11 @@ class _SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             if self._mm is None:
-                with open(self.path, "rb") as f:
-                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                fd = open_readonly(self.path)   # a FIFO in its place since is refused
+                try:
+                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                finally:
+                    os.close(fd)
         return torch.frombuffer(self._mm, dtype=dtype, count=e.numel,
                                 offset=self.data_start + e.begin).view(shape)
 
@@ -479,6 +482,7 @@ class _TorchFile(_DictFile):
     """A torch.save'd state dict, opened with ``weights_only=True, mmap=True``."""
 
     def __init__(self, path: Path):
+        require_regular(path)   # torch.load would block on a FIFO
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
                                                       for v in state.values()):

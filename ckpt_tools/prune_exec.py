@@ -29,8 +29,10 @@ import datetime as _dt
 import errno
 import gc
 import json
+import mmap
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from .validator import HEADERS
 
 PLAN, DELETE, SKIP, FAIL = "plan", "delete", "skip", "fail"
 CHANGED = "changed"    # Skip.status of what was skipped at execute time because it changed
+STOPPED = "stopped"    # Skip.status of what was not started because the log cannot be written
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -88,6 +91,8 @@ class PruneResult:
     failed: tuple[Failure, ...]
     freed_bytes: int
     held_bytes: int                # still allocated because of links the prune did not delete
+    log_error: str = ""            # why the log stopped taking lines; the run stopped with it
+    unlogged: tuple[Deleted, ...] = ()   # deleted after the log failed: reported, not logged
 
     @classmethod
     def from_plan(cls, plan: PrunePlan) -> PruneResult:
@@ -101,15 +106,20 @@ class PruneResult:
         return tuple(s for s in self.skipped if s.status == CHANGED)
 
     @property
+    def stopped(self) -> tuple[Skip, ...]:
+        """What the plan held but the run did not start because the log cannot be written."""
+        return tuple(s for s in self.skipped if s.status == STOPPED)
+
+    @property
     def ok(self) -> bool:
-        """Everything planned was done."""
-        return not self.failed and not self.changed
+        """Everything planned was done, and logged."""
+        return not self.failed and not self.changed and not self.log_error
 
     def to_dict(self, *, dry_run: bool = False, with_root: bool = False) -> dict:
         def item(x, **fields) -> dict:
             return ({"root": x.root} if with_root else {}) | {"path": x.path} | fields
 
-        return {
+        doc = {
             "dry_run": dry_run,
             "deleted": [item(d, bytes=d.bytes) for d in self.deleted],
             "skipped": [item(s, reason=s.reason) for s in self.skipped],
@@ -117,22 +127,87 @@ class PruneResult:
             "freed_bytes": self.freed_bytes,
             "held_bytes": self.held_bytes,
         }
+        if self.log_error:
+            doc["log_error"] = self.log_error
+            doc["unlogged"] = [item(d, bytes=d.bytes) for d in self.unlogged]
+        return doc
+
+
+class LogWriteError(Exception):
+    """A line of ``--log`` could not be written whole; the log takes no more lines."""
+
+    def __init__(self, path: str, cause: str):
+        self.path = path
+        self.cause = cause
+        super().__init__(f"cannot write log {path}: {cause}")
+
+
+class LogOpenError(Exception):
+    """``--log FILE`` cannot be opened, or is not a regular file (a FIFO would block)."""
+
+
+_SHORT = -1   # the failure code of a short write whose cause the filesystem did not say
 
 
 class ActionLog:
     """``--log FILE``: one JSON object per line, appended and written through per line.
 
     Each line is one ``write(2)`` on an ``O_APPEND`` fd, so lines of concurrent runs
-    never interleave and a crash loses at most the action in flight.
+    never interleave and a crash loses at most the action in flight. A write that fails
+    or comes back short is taken back (the file truncated to where the line began, when
+    no other writer appended since) and raises ``LogWriteError``; from then on, in this
+    process and in every worker forked from it, the log takes no more lines (``failed``).
+    ``write`` is ``os.write`` unless a test passes a failing one.
     """
 
-    def __init__(self, path: str, *, dry_run: bool = False):
+    def __init__(self, path: str, *, dry_run: bool = False,
+                 write: Callable[[int, bytes], int] = os.write):
         self.path = path
         self.dry_run = dry_run
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._write = write
+        self._fd = _open_log(path)
+        # shared with forked workers: a failure in one stops the others at their next checkpoint
+        self._failure = mmap.mmap(-1, _FAILURE.size)
 
     def record(self, event: PruneEvent) -> None:
-        os.write(self._fd, log_line(event, dry_run=self.dry_run))
+        self._append(log_line(event, dry_run=self.dry_run))
+
+    @property
+    def failed(self) -> bool:
+        return _FAILURE.unpack_from(self._failure)[0] != 0
+
+    def error(self) -> LogWriteError | None:
+        """Why the log takes no more lines, or None."""
+        (code,) = _FAILURE.unpack_from(self._failure)
+        if code == 0:
+            return None
+        cause = os.strerror(code) if code > 0 else "the filesystem took only part of a line"
+        return LogWriteError(self.path, cause)
+
+    def _fail(self, code: int) -> LogWriteError:
+        _FAILURE.pack_into(self._failure, 0, code)
+        return self.error()
+
+    def _append(self, data: bytes) -> None:
+        if self.failed:
+            raise self.error()
+        try:
+            n = self._write(self._fd, data)
+        except OSError as exc:
+            raise self._fail(exc.errno or errno.EIO) from None
+        if n != len(data):
+            raise self._fail(self._take_back(n, len(data)))
+
+    def _take_back(self, written: int, wanted: int) -> int:
+        """Truncate a short write away, unless another writer appended after it; the cause."""
+        try:
+            vfs = os.fstatvfs(self._fd)   # before the truncation gives blocks back
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)   # O_APPEND: the end of our write
+            if os.fstat(self._fd).st_size == end:
+                os.ftruncate(self._fd, end - written)
+        except OSError:
+            return _SHORT
+        return errno.ENOSPC if vfs.f_bavail * vfs.f_frsize < wanted - written else _SHORT
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -160,6 +235,33 @@ def log_line(event: PruneEvent, *, dry_run: bool, now: _dt.datetime | None = Non
 
 def _log_json(doc: dict) -> str:
     return json.dumps(doc, ensure_ascii=False)
+
+
+_FAILURE = struct.Struct("i")   # 0, an errno, or _SHORT
+
+
+def _open_log(path: str) -> int:
+    """The log's fd: a regular file, opened without blocking (a FIFO or a device never is)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise LogOpenError(f"cannot open log file {path}: {exc.strerror or exc}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise LogOpenError(f"log file {path} is not a regular file")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):   # a FIFO or socket swapped in since the stat
+            raise LogOpenError(f"log file {path} is not a regular file") from None
+        raise LogOpenError(f"cannot open log file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogOpenError(f"log file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class Revalidator:
@@ -282,33 +384,57 @@ class _Outcome:
         self.deleted: list[Deleted] = []
         self.skipped: list[Skip] = []
         self.failed: list[Failure] = []
+        self.unlogged: list[Deleted] = []
         self.acct = _Accounting()
+
+    def _report(self, event: PruneEvent) -> bool:
+        """To the log and ``on_event``; False when the log failed (now or before)."""
+        logged = True
+        if self.log is not None:
+            try:
+                self.log.record(event)
+            except LogWriteError:
+                logged = False
+        if self.on_event is not None:
+            self.on_event(event)
+        return logged
+
+    @property
+    def log_failed(self) -> bool:
+        return self.log is not None and self.log.failed
 
     def skip(self, d: PlannedDeletion, reason: str) -> None:
         reason += self.suffix
         self.skipped.append(Skip(d.root, d.path, reason, CHANGED))
-        _emit(PruneEvent(SKIP, d.root, d.path, 0, reason), self.log, self.on_event)
+        self._report(PruneEvent(SKIP, d.root, d.path, 0, reason))
 
     def fail(self, d: PlannedDeletion, reason: str) -> None:
         reason += self.suffix
         self.failed.append(Failure(d.root, d.path, reason))
-        _emit(PruneEvent(FAIL, d.root, d.path, 0, reason), self.log, self.on_event)
+        self._report(PruneEvent(FAIL, d.root, d.path, 0, reason))
+
+    def stop(self, d: PlannedDeletion) -> None:
+        """Not started: the log failed. Counted, not reported one by one (there may be many)."""
+        self.skipped.append(Skip(d.root, d.path, f"not started: {self.log.error()}", STOPPED))
 
     def unlinked(self, d: PlannedDeletion, st: os.stat_result) -> None:
         self.faults.hit(self.fault_point)
         freed = self.acct.unlinked(st)
-        self.deleted.append(Deleted(d.root, d.path, freed))
-        _emit(PruneEvent(DELETE, d.root, d.path, freed, ""), self.log, self.on_event)
+        deleted = Deleted(d.root, d.path, freed)
+        self.deleted.append(deleted)
+        if not self._report(PruneEvent(DELETE, d.root, d.path, freed, "")):
+            self.unlogged.append(deleted)
 
     def part(self) -> tuple:
         """What a worker sends back: plain values, no log and no callback."""
-        return self.deleted, self.skipped, self.failed, self.acct.freed, self.acct.held
+        return self.deleted, self.skipped, self.failed, self.unlogged, self.acct.freed, self.acct.held
 
     def absorb(self, part: tuple) -> None:
-        deleted, skipped, failed, freed, held = part
+        deleted, skipped, failed, unlogged, freed, held = part
         self.deleted.extend(deleted)
         self.skipped.extend(skipped)
         self.failed.extend(failed)
+        self.unlogged.extend(unlogged)
         self.acct.freed += freed
         self.acct.held.update(held)   # units share no file (_units), so no key twice
 
@@ -329,6 +455,11 @@ def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoin
     ``jobs``. Every action is reported to ``log`` and ``on_event`` as it happens (from
     workers: ``on_event`` as each batch of checkpoints comes back). Raises only on bugs;
     every filesystem failure is a ``Failure`` of the item concerned.
+
+    When a line of ``log`` cannot be written, the checkpoints in progress finish (none is
+    left with part of its merged weights) and no other is started: those are skipped with
+    status ``STOPPED``; the result says why (``log_error``) and which deletions the log
+    lacks (``unlogged``).
     """
     revalidate = revalidate if revalidate is not None else Revalidator()
     groups: dict[tuple[str, str], list[PlannedDeletion]] = {}
@@ -356,8 +487,11 @@ def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoin
         out.deleted.sort(key=lambda x: rank[(x.root, x.path)])
         out.skipped[n_plan:] = sorted(out.skipped[n_plan:], key=lambda x: rank[(x.root, x.path)])
         out.failed.sort(key=lambda x: rank[(x.root, x.path)])
+        out.unlogged.sort(key=lambda x: rank[(x.root, x.path)])
+    log_error = log.error() if log is not None else None
     return PruneResult(tuple(out.deleted), tuple(out.skipped), tuple(out.failed), out.acct.freed,
-                       sum(out.acct.held.values()))
+                       sum(out.acct.held.values()), str(log_error) if log_error else "",
+                       tuple(out.unlogged))
 
 
 # Below this many checkpoints per worker, forking costs more than it saves.
@@ -437,6 +571,10 @@ def _prune_checkpoint(key: tuple[str, str], items: list[PlannedDeletion], revali
                       out: _Outcome) -> None:
     root, ckpt = key
     skip, fail = out.skip, out.fail
+    if out.log_failed:   # the boundary where a failed log stops the run
+        for d in items:
+            out.stop(d)
+        return
     root_abs = os.path.abspath(root)
     abspath = root_abs if ckpt == "." else os.path.join(root_abs, *ckpt.split("/"))
     try:
@@ -537,6 +675,17 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
         except _Changed as exc:
             skip(d, str(exc))
             return
+        # The Trainer's rotation sorts checkpoints by their directory's mtime, which an
+        # unlink moves: set it back, and first make sure that it can be (only the owner may).
+        dst = os.fstat(fd)
+        times = (dst.st_atime_ns, dst.st_mtime_ns)
+        try:
+            os.utime(fd, ns=times)
+        except OSError as exc:
+            fail(d, f"not deleted: its directory's modification time could not be kept "
+                    f"({exc.strerror or exc}), and the Trainer's checkpoint rotation would see "
+                    "this checkpoint as its newest")
+            return
         try:
             os.unlink(name, dir_fd=fd)   # a symlink goes itself; its target is never touched
         except FileNotFoundError:
@@ -545,11 +694,20 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
         except OSError as exc:
             fail(d, f"cannot delete: {exc.strerror or exc}")
             return
+        try:
+            os.utime(fd, ns=times)
+            not_restored = ""
+        except OSError as exc:
+            not_restored = exc.strerror or str(exc)
         out.unlinked(d, st)
+        if not_restored:
+            fail(d, f"deleted, but its directory's modification time could not be set back: "
+                    f"{not_restored}")
     finally:
         if fd != ckpt_fd:
             os.close(fd)
 
 
 __all__ = ["execute_prune", "emit_plan", "PruneResult", "PruneEvent", "Deleted", "Failure",
-           "ActionLog", "log_line", "Revalidator", "CHANGED", "PLAN", "DELETE", "SKIP", "FAIL"]
+           "ActionLog", "log_line", "LogWriteError", "LogOpenError", "Revalidator", "CHANGED",
+           "STOPPED", "PLAN", "DELETE", "SKIP", "FAIL"]

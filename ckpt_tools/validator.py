@@ -6,10 +6,12 @@ Three levels of scrutiny:
   checked by its header (safetensors) or archive structure and pickle opcodes
   (torch.save); configs are parsed. Trainer state files are only looked at.
 - ``full`` (validate): also the archive structure of every torch.save file of the
-  checkpoint, and ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
-- ``deep`` (validate --deep): also every tensor read (NaN/Inf) and a content hash per file.
+  checkpoint.
+- ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file, and
+  ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
 
-No tensor data is read and torch is not imported below ``deep``.
+No tensor data is read and neither torch nor peft is imported below ``deep``: the config
+checks that decide shapes and scaling (``_check_adapter_config``) are plain Python.
 """
 
 from __future__ import annotations
@@ -155,17 +157,7 @@ def _read_header(path: str, relpath: str, file_size: int | None):
 def _read_json_bytes(path: str, file_size: int | None) -> bytes:
     """The file's bytes, or its first _MAX_JSON_BYTES + 1 when it is larger. ``file_size``
     as for ``st.open_regular``."""
-    fd, size = st.open_regular(path, file_size)
-    try:
-        if 0 < size <= _MAX_JSON_BYTES:
-            return st.pread_full(fd, size, 0)  # as big as it was found
-        raw = st.pread_full(fd, _MAX_JSON_BYTES + 1, 0)
-        if len(raw) <= _MAX_JSON_BYTES:
-            while chunk := st.pread_full(fd, _MAX_JSON_BYTES + 1 - len(raw), len(raw)):
-                raw += chunk
-    finally:
-        os.close(fd)
-    return raw
+    return st.read_bounded(path, _MAX_JSON_BYTES, file_size)
 
 
 class _Shape:
@@ -282,6 +274,8 @@ class _Ctx:
             self.add(PERMISSION_DENIED, relpath, "permission denied")
         elif isinstance(exc, FileNotFoundError):
             self.add(MISSING_FILE, relpath, "file vanished during validation")
+        elif isinstance(exc, st.NotRegularFile):
+            self.add(UNREADABLE, relpath, exc.strerror)   # "not a regular file (a FIFO)"
         else:
             self.add(UNREADABLE, relpath, f"cannot read: {exc.strerror or exc}")
 
@@ -620,7 +614,7 @@ def _load_dir_experts(ctx: _Ctx, nested: bool) -> dict[int, ExpertInfo]:
                 if not _memoised(ctx, ("adapter-config", id(cfg), cfg_rel), cfg,
                                  lambda rec: _check_adapter_config(rec, cfg_rel, cfg)):
                     cfg = None
-                elif ctx.level in (FULL, DEEP):
+                elif ctx.level == DEEP:   # peft imports torch and transformers: seconds
                     _check_with_peft(ctx, cfg_rel, cfg)
         if not weights:
             ctx.add(MISSING_FILE, f"{d}/{layout.ADAPTER_WEIGHTS}",
@@ -976,7 +970,11 @@ def _examine(ctx: _Ctx) -> _Found:
                     where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}"
                 else:
                     where = merged[0] if merged else "."
-                ctx.add(EXPERT_MISSING, where, f"expert {i} of {num_experts} is missing")
+                link = ctx.by_path.get(where)
+                why = (" (it is a symlink; links to directories are not followed: their files "
+                       "are not this checkpoint's own)" if link is not None and link.is_symlink
+                       else "")
+                ctx.add(EXPERT_MISSING, where, f"expert {i} of {num_experts} is missing{why}")
         extra = sorted(i for i in present if i >= num_experts)
         if extra:
             ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,

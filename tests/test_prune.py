@@ -561,7 +561,7 @@ def test_a_lock_file_symlinked_out_of_the_root_is_refused(results_tree, tmp_path
     outside = tmp_path / "outside-lock"
     os.symlink(outside, root / LOCK_NAME)
     proc = run_cli("prune", "--yes", root)
-    assert proc.returncode == 1 and "symlink" in proc.stderr
+    assert proc.returncode == 2 and "symlink" in proc.stderr
     assert not os.path.lexists(outside)
     assert (root / "run_trainer/checkpoint-2/model.safetensors").exists()
 

@@ -269,27 +269,54 @@ def pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-# O_NONBLOCK: a FIFO's open returns at once, so it can be told apart and refused
+# O_NONBLOCK: should a FIFO take a regular file's place after the check, its open returns
+# at once, so it can be told apart and refused
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _NOATIME = getattr(os, "O_NOATIME", 0)
 _S_ISREG = stat.S_ISREG
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"))
+
+
+class NotRegularFile(OSError):
+    """A path that leads to something other than a regular file: a FIFO, a socket, a device
+    or a directory. Opening a FIFO blocks until a writer comes and reading a device like
+    /dev/zero never ends, so such a path is refused, never read."""
+
+    def __init__(self, path: str | os.PathLike, mode: int):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+        super().__init__(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
+        self.mode = mode
+
+
+def require_regular(path: str | os.PathLike) -> os.stat_result:
+    """The ``stat`` of ``path`` (following symlinks, as opening it would); raises
+    ``NotRegularFile`` unless it is a regular file. Nothing is opened."""
+    st = os.stat(path)
+    if not _S_ISREG(st.st_mode):
+        raise NotRegularFile(path, st.st_mode)
+    return st
 
 
 def open_regular(path: str | os.PathLike, file_size: int | None = None) -> tuple[int, int]:
     """(fd, size): the regular file ``path`` opened for reading without updating its atime
     where the OS lets us, and its size from the ``fstat`` that checks what it is. Anything
-    else (a FIFO, a device) raises ``OSError``: opening a FIFO would block until a writer
-    comes, and reading a device like /dev/zero never ends.
+    else (a FIFO, a socket, a device, a directory) raises ``NotRegularFile`` and is never
+    opened (``require_regular``). Every read of a file found in a checkpoint tree goes
+    through here.
 
     A caller whose own ``lstat`` found a regular file passes the size it saw as
-    ``file_size``: then there is no ``fstat``, and ``file_size`` is the size. Whatever may
-    have taken the file's place since cannot block the open, and reads bounded by that
-    size end.
+    ``file_size``: then there is neither ``stat`` nor ``fstat``, and ``file_size`` is the
+    size. Whatever may have taken the file's place since cannot block the open, and reads
+    bounded by that size end.
 
     The descriptor may still be in non-blocking mode, which Linux ignores for regular
     files; read it with ``pread_full``, which switches it to blocking where a filesystem
     answers ``EAGAIN``, or use ``open_readonly``.
     """
+    if file_size is None:
+        require_regular(path)
     fd = -1
     if _NOATIME:
         try:
@@ -304,12 +331,28 @@ def open_regular(path: str | os.PathLike, file_size: int | None = None) -> tuple
         return fd, file_size
     try:
         st = os.fstat(fd)
-        if not _S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if not _S_ISREG(st.st_mode):   # it changed since the stat above
+            raise NotRegularFile(path, st.st_mode)
     except BaseException:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def read_bounded(path: str | os.PathLike, limit: int, file_size: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (``open_regular``), or its first ``limit + 1``
+    when it is larger than ``limit``: a caller tells "too large" by the length."""
+    fd, size = open_regular(path, file_size)
+    try:
+        if 0 < size <= limit:
+            return pread_full(fd, size, 0)  # as big as it was found
+        raw = pread_full(fd, limit + 1, 0)
+        if len(raw) <= limit:
+            while chunk := pread_full(fd, limit + 1 - len(raw), len(raw)):
+                raw += chunk
+    finally:
+        os.close(fd)
+    return raw
 
 
 def open_readonly(path: str | os.PathLike) -> int:

@@ -5,8 +5,9 @@ Three levels of scrutiny:
 - ``headers`` (audit): every file of the PEFT tree and every merged-weight file is
   checked by its header (safetensors) or archive structure and pickle opcodes
   (torch.save); configs are parsed. Trainer state files are only looked at.
-- ``full`` (validate): also the archive structure of every torch.save file of the
-  checkpoint, and ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
+- ``full`` (validate): also the archive structure and pickle of every torch.save file of the
+  checkpoint (``_pickle_check_of``), and ``adapter_config.json`` through ``peft.LoraConfig``
+  when peft is there.
 - ``deep`` (validate --deep): also every tensor read (NaN/Inf) and a content hash per file.
 
 No tensor data is read and torch is not imported below ``deep``.

@@ -159,10 +159,12 @@ def _in_child(args: tuple, seconds: float) -> list | None:
     os.close(write_end)
     chunks: list[bytes] = []
     try:
+        poller = select.poll()  # not select(): a descriptor may be numbered past FD_SETSIZE
+        poller.register(read_end, select.POLLIN)
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
                 return None
             chunk = os.read(read_end, 1 << 16)
             if not chunk:

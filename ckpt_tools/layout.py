@@ -73,16 +73,11 @@ def bounded_index(digits: str, limit: int) -> int | None:
     return value if value < limit else None
 
 
-def _name_excerpt(name: str) -> str:
-    """A name that may hold thousands of digits, cut to something a message can carry."""
-    return repr(name) if len(name) <= 120 else f"{name[:50]!r}...{name[-30:]!r} ({len(name)} characters)"
-
-
-def expert_index_problem(name: str, digits: str) -> str:
-    """The message for an expert index in ``name`` (its ``digits``) that is out of range."""
-    n = f"of {len(digits)} digits" if len(digits) > 12 else digits
-    return (f"{_name_excerpt(name)} names expert {n}, beyond the {MAX_EXPERTS} experts a "
-            "checkpoint may have")
+def _bad_index_message(key: str, digits: str) -> str:
+    """Why ``key``, whose expert index is ``digits``, is refused; a long key is cut short."""
+    shown = repr(key) if len(key) <= 120 else f"{key[:50]!r}...{key[-30:]!r} ({len(key)} characters)"
+    index = f"an expert index of {len(digits)} digits" if len(digits) > 12 else f"expert {digits}"
+    return f"tensor {shown} names {index}, beyond the {MAX_EXPERTS} experts a checkpoint may have"
 
 
 # --- defaults -------------------------------------------------------------
@@ -312,7 +307,7 @@ class LoraKey:
 def _key_expert(key: str, m: re.Match) -> int:
     expert = bounded_index(m.group("expert"), MAX_EXPERTS)
     if expert is None:
-        raise BadIndex(expert_index_problem(key, m.group("expert")))
+        raise BadIndex(_bad_index_message(key, m.group("expert")))
     return expert
 
 

@@ -384,6 +384,9 @@ def _short(value) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
+_ROUTER_ROWS = "the router's gate.weight has rows for"
+
+
 def _expert_count(ctx: _Ctx, relpath: str, value, what: str = "says") -> int | None:
     """The number of experts a file states (a positive integer), else None. A number above
     ``layout.MAX_EXPERTS`` is a problem on that file, and no count: every check after it
@@ -1022,7 +1025,7 @@ def _examine(ctx: _Ctx) -> _Found:
     if router and isinstance(router.get(layout.GATE_WEIGHT), Tensor):
         gw = router[layout.GATE_WEIGHT]
         if len(gw.shape) == 2:
-            router_rows = _expert_count(ctx, router_rel, gw.shape[0], "the router's gate.weight has rows for")
+            router_rows = _expert_count(ctx, router_rel, gw.shape[0], _ROUTER_ROWS)
         else:
             ctx.add(SHAPE_MISMATCH, router_rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
         gb = router.get(layout.GATE_BIAS)
@@ -1032,7 +1035,7 @@ def _examine(ctx: _Ctx) -> _Found:
     if merged_kind in ("v0", "v1"):
         gw = merged_tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
         if gw is not None and len(gw.shape) == 2 and router_rows is None and tree_form == layout.TREE_NONE:
-            router_rows = _expert_count(ctx, merged[0], gw.shape[0], "the router's gate.weight has rows for")
+            router_rows = _expert_count(ctx, merged[0], gw.shape[0], _ROUTER_ROWS)
     declared = [(moe_cfg_rel, _expert_count(ctx, moe_cfg_rel,
                                             layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
     declared.append((layout.ROOT_CONFIG, _expert_count(

@@ -281,10 +281,11 @@ def build_cases(tmp: Path, template: Path):
     add(Case("optimizer.pt pickle: os.system", "optimizer.pt", UNSAFE_PICKLE, level="full",
              payload=True, migrate=True),
         lambda s: zip_archive(payload_pickles(s)["os.system"], prefix="optimizer"))
-    # training_args.bin (a pickled TrainingArguments) and rng_state*.pth (numpy RNG state) name
-    # arbitrary classes by design: checked as archives only and never unpickled, so a payload in
-    # them is no problem (and never runs)
-    add(Case("rng_state.pth pickle: subprocess.Popen (never unpickled)", "rng_state.pth", None,
+    # rng_state*.pth is judged as the Trainer loads it on resume (weights_only, numpy's array
+    # allowed); training_args.bin (a pickled TrainingArguments) names arbitrary classes by
+    # design: checked as an archive only and never unpickled, so a payload in it is no problem
+    # (and never runs)
+    add(Case("rng_state.pth pickle: subprocess.Popen", "rng_state.pth", UNSAFE_PICKLE,
              level="full", payload=True),
         lambda s: zip_archive(payload_pickles(s)["subprocess.Popen"], prefix="rng_state"))
     add(Case("training_args.bin pickle: os.system (never unpickled)", "training_args.bin", None,

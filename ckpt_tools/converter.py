@@ -730,7 +730,10 @@ def _group_moe_lora(locs: dict, *, only_expert: int | None = None, where: str) -
     """{expert: {canonical key: TensorLocation}} from ``….lora_A.expert_<i>.weight`` keys."""
     out: dict[int, dict] = {}
     for key, loc in locs.items():
-        parts = layout.moe_lora_parts(key)
+        try:
+            parts = layout.moe_lora_parts(key)
+        except layout.BadIndex as exc:
+            raise CheckpointFailure(f"{where}: {exc}") from None
         if parts is None:
             continue
         module, part, expert, param = parts
@@ -947,7 +950,7 @@ def _full_grid(modules: list[str]) -> bool:
     import re
     by_kind: dict[str, set[int]] = {}
     for m in modules:
-        found = re.search(r"\.(\d+)\.", m)
+        found = re.search(r"\.(\d{1,18})\.", m)  # a longer number is no layer index
         kind = m if found is None else m[:found.start()] + ".#." + m[found.end():]
         by_kind.setdefault(kind, set()).add(-1 if found is None else int(found.group(1)))
     layer_sets = {frozenset(v) for v in by_kind.values()}

@@ -49,6 +49,37 @@ _TMP_CHECKPOINT_RE = re.compile(r"^tmp-checkpoint-(\d+)?")
 _EXPERT_RE = re.compile(r"^expert_(\d+)$")
 _FLAT_EXPERT_RE = re.compile(r"^expert_(\d+)\.pt$")
 
+# --- bounds on numbers that names and configs state ---------------------------------
+
+#: The most experts a checkpoint may have. A count above it (declared by a config, or the
+#: router's rows) is a problem on the file that states it, and an expert index at or above it
+#: in a file, directory or tensor name is a problem on that file: the work of judging a
+#: checkpoint then stays in proportion to its files, whatever a few bytes claim.
+MAX_EXPERTS = 4096
+#: The most digits of a step in ``checkpoint-<step>``: the Trainer's global step is an int64.
+MAX_STEP_DIGITS = 18
+
+
+class BadIndex(ValueError):
+    """A tensor name whose expert index is out of range; its message says which."""
+
+
+def bounded_index(digits: str, limit: int) -> int | None:
+    """``int(digits)`` where it is below ``limit``, else None. The digits are counted first:
+    ``int()`` of thousands of digits raises (Python's 4300-digit limit) or costs quadratic time."""
+    if len(digits) > len(str(limit)):
+        return None
+    value = int(digits)
+    return value if value < limit else None
+
+
+def _bad_index_message(key: str, digits: str) -> str:
+    """Why ``key``, whose expert index is ``digits``, is refused; a long key is cut short."""
+    shown = repr(key) if len(key) <= 120 else f"{key[:50]!r}...{key[-30:]!r} ({len(key)} characters)"
+    index = f"an expert index of {len(digits)} digits" if len(digits) > 12 else f"expert {digits}"
+    return f"tensor {shown} names {index}, beyond the {MAX_EXPERTS} experts a checkpoint may have"
+
+
 # --- defaults -------------------------------------------------------------
 
 DEFAULT_LORA_R = 16
@@ -101,6 +132,9 @@ class FileRole:
     role: Role
     expert: int | None = None
     nested: bool = False   # PEFT's expert_i/expert_i/ nesting (V5)
+    # the leading part of the path that names an expert index >= MAX_EXPERTS (then the
+    # role is OTHER): the validator reports it once, as a problem on that file or directory
+    bad_index: str | None = None
 
     @property
     def in_peft_tree(self) -> bool:
@@ -117,7 +151,9 @@ def is_rng_state_name(name: str) -> bool:
 
 def never_unpickle(name: str) -> bool:
     """Trainer files whose pickles legitimately name non-tensor classes (TrainingArguments,
-    numpy RNG state): checked as archives only, never loaded by ckpt-tools."""
+    numpy RNG state): never loaded by ckpt-tools. (The validator still judges an RNG state's
+    pickle against what the Trainer's own loader allows; ``training_args.bin`` it checks as
+    an archive only.)"""
     return name == "training_args.bin" or is_rng_state_name(name)
 
 
@@ -149,7 +185,7 @@ def role_of(relpath: str) -> FileRole:
             return FileRole(Role.TOKENIZER)
         m = _FLAT_EXPERT_RE.match(name)
         if m:  # best_model/ keeps its expert_<i>.pt files at its top level
-            return FileRole(Role.FLAT_EXPERT, int(m.group(1)))
+            return _flat_expert(m, relpath)
         return FileRole(Role.OTHER)
     if parts[0] == PARENT_DIR and len(parts) == 3 and parts[1] == MOE_STATE_DIR:
         parts = parts[1:]  # a run's dylo_moe_state/ seen from its best_model/
@@ -166,12 +202,14 @@ def role_of(relpath: str) -> FileRole:
         if len(parts) == 2:
             m = _FLAT_EXPERT_RE.match(name)
             if m:
-                return FileRole(Role.FLAT_EXPERT, int(m.group(1)))
+                return _flat_expert(m, relpath)
             return FileRole(Role.OTHER)
         m = _EXPERT_RE.match(parts[1])
         if not m:
             return FileRole(Role.OTHER)
-        expert = int(m.group(1))
+        expert = bounded_index(m.group(1), MAX_EXPERTS)
+        if expert is None:
+            return FileRole(Role.OTHER, bad_index=f"{parts[0]}/{parts[1]}")
         nested = len(parts) == 4 and parts[2] == parts[1]
         if len(parts) == 3 or nested:
             if name == ADAPTER_CONFIG:
@@ -184,13 +222,33 @@ def role_of(relpath: str) -> FileRole:
     return FileRole(Role.OTHER)
 
 
+def _flat_expert(m: re.Match, relpath: str) -> FileRole:
+    expert = bounded_index(m.group(1), MAX_EXPERTS)
+    if expert is None:
+        return FileRole(Role.OTHER, bad_index=relpath)
+    return FileRole(Role.FLAT_EXPERT, expert)
+
+
 # --- directories -------------------------------------------------------------------
 
-def checkpoint_step(name: str) -> int | None:
+def _step_digits(name: str) -> str | None:
     m = _CHECKPOINT_RE.match(name) or _TMP_CHECKPOINT_RE.match(name)
-    if m and m.group(1) is not None:
-        return int(m.group(1))
-    return None
+    return m.group(1) if m else None
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of ``checkpoint-<step>`` (or ``tmp-checkpoint-<step>``); None for other names
+    and for a step of more than MAX_STEP_DIGITS digits (``step_out_of_range``)."""
+    digits = _step_digits(name)
+    if digits is None or len(digits) > MAX_STEP_DIGITS:
+        return None
+    return int(digits)
+
+
+def step_out_of_range(name: str) -> bool:
+    """Whether the name is ``checkpoint-<step>`` with a step of more than MAX_STEP_DIGITS digits."""
+    digits = _step_digits(name)
+    return digits is not None and len(digits) > MAX_STEP_DIGITS
 
 
 def is_checkpoint_name(name: str) -> bool:
@@ -246,14 +304,22 @@ class LoraKey:
     param: str | None
 
 
+def _key_expert(key: str, m: re.Match) -> int:
+    expert = bounded_index(m.group("expert"), MAX_EXPERTS)
+    if expert is None:
+        raise BadIndex(_bad_index_message(key, m.group("expert")))
+    return expert
+
+
 @lru_cache(maxsize=1 << 16)  # key names repeat across every checkpoint of a run
 def parse_moe_lora_key(key: str) -> LoraKey | None:
-    """A LoRA key of a merged state dict or flat expert file (``….lora_A.expert_3.weight``)."""
+    """A LoRA key of a merged state dict or flat expert file (``….lora_A.expert_3.weight``).
+    Raises ``BadIndex`` for an expert index of MAX_EXPERTS or more."""
     m = _MOE_LORA_KEY_RE.match(key)
     if not m:
         return None
     return LoraKey(strip_foundation_prefix(m.group("module")), m.group("part"),
-                   int(m.group("expert")), m.group("param"))
+                   _key_expert(key, m), m.group("param"))
 
 
 @lru_cache(maxsize=1 << 16)
@@ -295,11 +361,12 @@ def module_path(module: str) -> str:
 
 
 def moe_lora_parts(key: str) -> tuple[str, str, int, str | None] | None:
-    """(HF module path, part, expert, param) of a ``….lora_A.expert_<i>.weight`` key, or None."""
+    """(HF module path, part, expert, param) of a ``….lora_A.expert_<i>.weight`` key, or None.
+    Raises ``BadIndex`` as ``parse_moe_lora_key``."""
     m = _MOE_LORA_KEY_RE.match(key)
     if not m:
         return None
-    return module_path(m.group("module")), m.group("part"), int(m.group("expert")), m.group("param")
+    return module_path(m.group("module")), m.group("part"), _key_expert(key, m), m.group("param")
 
 
 def peft_lora_parts(key: str) -> tuple[str, str, str | None] | None:

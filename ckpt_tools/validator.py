@@ -5,8 +5,8 @@ Three levels of scrutiny:
 - ``headers`` (audit): every file of the PEFT tree and every merged-weight file is
   checked by its header (safetensors) or archive structure and pickle opcodes
   (torch.save); configs are parsed. Trainer state files are only looked at.
-- ``full`` (validate): also the archive structure of every torch.save file of the
-  checkpoint.
+- ``full`` (validate): also the archive structure and pickle of every torch.save file of the
+  checkpoint (``_pickle_check_of``).
 - ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file, and
   ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -28,10 +27,11 @@ from . import layout
 from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
-from .problems import (BAD_CONFIG, BAD_JSON, COUNT_UNCONFIRMED, ERROR, EXPERT_COUNT_MISMATCH,
-                       EXPERT_MISSING, MISSING_FILE, MISSING_TENSOR, PERMISSION_DENIED, RANK_MISMATCH,
-                       SHAPE_MISMATCH, SYMLINK_ESCAPE, TARGET_MISMATCH, UNREADABLE, WARNING,
-                       FormatError, Problem)
+from .patterns import ModuleMatch, PatternTooCostly, match_modules
+from .problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
+                       EXPERT_COUNT_MISMATCH, EXPERT_MISSING, MISSING_FILE, MISSING_TENSOR,
+                       PERMISSION_DENIED, RANK_MISMATCH, SHAPE_MISMATCH, SYMLINK_ESCAPE,
+                       TARGET_MISMATCH, UNREADABLE, WARNING, FormatError, Problem)
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
                       FileRecord, file_rows)
 
@@ -165,7 +165,8 @@ class _Shape:
     the form of the PEFT tree and where each expert lives. The checkpoints of a run share
     one, so it is worked out once per distinct set of relpaths."""
 
-    __slots__ = ("roles", "merged", "tree_form", "expert_dirs", "flat_experts", "position")
+    __slots__ = ("roles", "merged", "tree_form", "expert_dirs", "flat_experts", "position",
+                 "bad_indices")
 
     def __init__(self, relpaths: tuple[str, ...]):
         roles = {rel: layout.role_of(rel) for rel in relpaths}
@@ -177,6 +178,8 @@ class _Shape:
         self.position = {rel: i for i, rel in enumerate(relpaths)}
         self.flat_experts = tuple(sorted(p for p, r in roles.items()
                                          if r.role is Role.FLAT_EXPERT))
+        # files and directories whose names hold an expert index out of range
+        self.bad_indices = tuple(sorted({r.bad_index for r in roles.values() if r.bad_index}))
 
 
 _SHAPES: dict[tuple[str, ...], _Shape] = {}
@@ -324,7 +327,7 @@ class _Ctx:
         return _memoised(self, ("tensors", id(header)), header,
                          lambda _: {t.name: Tensor(t.dtype, tuple(t.shape)) for t in header.tensors})
 
-    def read_torch(self, relpath: str, check_pickle: bool = True):
+    def read_torch(self, relpath: str, check_pickle: bool | frozenset[str] = True):
         # shared: the validator never mutates what it reads
         info = self._guarded(relpath, lambda: torchsave.inspect_torch_file(
             self.abspath(relpath), check_pickle=check_pickle, shared=True,
@@ -374,21 +377,68 @@ def _short(value) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
+_ROUTER_ROWS = "the router's gate.weight has rows for"
+
+
+def _expert_count(ctx: _Ctx, relpath: str, value, what: str = "says") -> int | None:
+    """The number of experts a file states (a positive integer), else None. A number above
+    ``layout.MAX_EXPERTS`` is a problem on that file, and no count: every check after it
+    then costs what the checkpoint's files cost, not what a number in them claims."""
+    n = _count(value)
+    if n is not None and n > layout.MAX_EXPERTS:
+        ctx.add(EXPERT_COUNT_MISMATCH, relpath, f"{what} {_short(n)} experts; a checkpoint may "
+                                                f"have at most {layout.MAX_EXPERTS}")
+        return None
+    return n
+
+
+def _ranges(indices: list[int], most: int = 8) -> str:
+    """Sorted indices as ranges: ``0-3, 5, 7-9``; past ``most`` ranges, how many more."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:most])
+    if len(runs) > most:
+        shown += f" and {sum(b - a + 1 for a, b in runs[most:])} more"
+    return shown
+
+
+def _report_missing_experts(ctx: _Ctx, missing: list[int], num_experts: int, tree_form: str,
+                            merged) -> None:
+    """One problem for every expert missing: on the expert's own path when it is one, on
+    the PEFT tree (or the merged file) with their ranges when they are several."""
+    if not missing:
+        return
+    if tree_form == layout.TREE_NONE:
+        where = merged[0] if merged else "."
+    elif len(missing) > 1:
+        where = layout.PEFT_DIR
+    elif tree_form == layout.TREE_FLAT:
+        where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{missing[0]}.pt"
+    else:
+        where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{missing[0]}"
+    if len(missing) == 1:
+        link = ctx.by_path.get(where)
+        why = (" (it is a symlink; links to directories are not followed: their files "
+               "are not this checkpoint's own)" if link is not None and link.is_symlink else "")
+        ctx.add(EXPERT_MISSING, where, f"expert {missing[0]} of {num_experts} is missing{why}")
+    else:
+        ctx.add(EXPERT_MISSING, where, f"{len(missing)} of {num_experts} experts are missing: "
+                                       f"{_ranges(missing)}")
+
+
 # --- adapter configs -------------------------------------------------------------
 
 def _pattern_value(patterns: dict | None, module: str):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module by suffix or regex."""
+    """PEFT's rank_pattern / alpha_pattern lookup for one module (``patterns.match_modules``);
+    raises ``PatternTooCostly`` as it does."""
     if not patterns:
         return None
-    for key, value in patterns.items():
-        if module == key or module.endswith("." + key):
-            return value
-        try:
-            if re.fullmatch(key, module) or re.fullmatch(rf".*\.{key}", module):
-                return value
-        except re.error:
-            continue
-    return None
+    key = match_modules(None, patterns, None, [module])[module].rank_key
+    return None if key is None else patterns[key]
 
 
 def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
@@ -447,27 +497,17 @@ def _check_with_peft(ctx: _Ctx, relpath: str, cfg: dict) -> None:
         ctx.add(BAD_CONFIG, relpath, f"peft.LoraConfig refuses it: {str(exc).splitlines()[0]}")
 
 
-def _target_matches(module: str, targets) -> bool:
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return True
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return True
-    last = module.rsplit(".", 1)[-1]
-    return last in targets or any(module.endswith("." + t) or module == t for t in targets)
-
-
 # --- the PEFT tree ----------------------------------------------------------------
 
 def _expert_modules(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor], peft_keys: bool,
                     expert: int) -> dict[str, dict[str, Tensor]]:
     modules: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
-        lk = layout.parse_peft_lora_key(key) if peft_keys else layout.parse_moe_lora_key(key)
+        try:
+            lk = layout.parse_peft_lora_key(key) if peft_keys else layout.parse_moe_lora_key(key)
+        except layout.BadIndex as exc:
+            ctx.add(EXPERT_COUNT_MISMATCH, relpath, str(exc))
+            continue
         if lk is None:
             continue
         if not peft_keys and lk.expert != expert:
@@ -479,8 +519,34 @@ def _expert_modules(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor], peft_ke
     return modules
 
 
+def _module_matches(ctx: _Ctx, ex: ExpertInfo) -> dict[str, ModuleMatch] | None:
+    """How the expert's config patterns apply to its modules; None (and a problem on the
+    config) when a regular expression among them is too costly to evaluate."""
+    cfg = ex.config
+    if cfg is None:
+        return None
+    modules = tuple(sorted(ex.modules))
+    # keyed without the expert: the experts of a checkpoint share one parsed config
+    found = _memoised(ctx, ("patterns", id(cfg), modules), cfg, lambda _: _matches_or_refusal(
+        cfg, modules))
+    if isinstance(found, PatternTooCostly):
+        ctx.add(BAD_CONFIG, ex.config_path, str(found))
+        return None
+    return found
+
+
+def _matches_or_refusal(cfg: dict, modules: tuple[str, ...]):
+    try:
+        return match_modules(cfg.get("target_modules"), cfg.get("rank_pattern"),
+                             cfg.get("alpha_pattern"), modules)
+    except PatternTooCostly as exc:
+        return exc
+
+
 def _check_expert_shapes(ctx: _Ctx, ex: ExpertInfo, default_r: int | None) -> None:
     cfg = ex.config or {}
+    matches = _module_matches(ctx, ex)
+    rank_pattern = cfg.get("rank_pattern")
     for module, parts in sorted(ex.modules.items()):
         a, b = parts.get("lora_A"), parts.get("lora_B")
         if a is None or b is None:
@@ -496,12 +562,15 @@ def _check_expert_shapes(ctx: _Ctx, ex: ExpertInfo, default_r: int | None) -> No
             ctx.add(RANK_MISMATCH, ex.source,
                     f"{module}: lora_A has rank {a.shape[0]} but lora_B has rank {b.shape[1]}")
             continue
-        expected = _pattern_value(cfg.get("rank_pattern"), module) or cfg.get("r") or default_r
+        match = None if matches is None else matches[module]
+        if ex.config is not None and match is None:
+            continue  # the config's patterns could not be evaluated: a problem already
+        expected = ((match and match.rank_key and rank_pattern[match.rank_key])
+                    or cfg.get("r") or default_r)
         if isinstance(expected, int) and not isinstance(expected, bool) and a.shape[0] != expected:
             ctx.add(RANK_MISMATCH, ex.source,
                     f"{module}: rank {a.shape[0]} but the adapter config says r={expected}")
-        targets = cfg.get("target_modules")
-        if ex.config is not None and not _target_matches(module, targets):
+        if match is not None and not match.targeted:
             ctx.add(TARGET_MISMATCH, ex.source,
                     f"{module} is not among the adapter config's target_modules")
 
@@ -513,6 +582,11 @@ def _target_set(cfg: dict | None):
     return targets
 
 
+def _shown_targets(targets) -> str:
+    """target_modules for a message: a list sorted, a regular expression quoted, cut short."""
+    return _short(sorted(targets) if isinstance(targets, frozenset) else targets)
+
+
 def _compare_experts(ctx: _Ctx, experts: dict[int, ExpertInfo]) -> None:
     """All experts must adapt the same modules with the same in/out features."""
     configured = {i: e for i, e in experts.items() if e.config is not None}
@@ -522,8 +596,8 @@ def _compare_experts(ctx: _Ctx, experts: dict[int, ExpertInfo]) -> None:
         for i, ex in sorted(configured.items()):
             if i != ref_idx and _target_set(ex.config) != ref_targets:
                 ctx.add(TARGET_MISMATCH, ex.config_path,
-                        f"target_modules {sorted(_target_set(ex.config) or [])} differ from expert "
-                        f"{ref_idx}'s {sorted(ref_targets or [])}")
+                        f"target_modules {_shown_targets(_target_set(ex.config))} differ from "
+                        f"expert {ref_idx}'s {_shown_targets(ref_targets)}")
     experts = {i: e for i, e in experts.items() if e.loaded and e.modules}
     if len(experts) < 2:
         return
@@ -678,20 +752,26 @@ def _router_shapes(ctx: _Ctx, rel: str) -> dict[str, Tensor] | None:
     return out
 
 
+def _pickle_check_of(name: str) -> bool | frozenset[str]:
+    """How the pickle of a Trainer state file is judged (``inspect_torch_file``'s
+    ``check_pickle``): as ``torch.load(weights_only=True)`` would, with what the Trainer allows
+    besides for its RNG state, or not at all for ``training_args.bin``."""
+    if layout.is_rng_state_name(name):
+        return torchsave.TRAINER_RNG_GLOBALS
+    return not layout.never_unpickle(name)
+
+
 def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
     """Tensor names of a safetensors file whose data is damaged but whose header parses.
 
     Used only to name the layout of a broken merged file; never to trust it.
     """
     try:
-        with open(st.open_readonly(path), "rb") as fh:   # a FIFO or device is refused
-            n = int.from_bytes(fh.read(8), "little")
-            if n > st.MAX_HEADER_BYTES:
-                return {}
-            header = json.loads(fh.read(n))
-        return {k: Tensor("?", ()) for k in header if k != "__metadata__"} if isinstance(header, dict) else {}
-    except (OSError, ValueError, RecursionError):
+        data, _ = st.read_header_bytes(path)   # a FIFO or device is refused
+    except (OSError, FormatError):
         return {}
+    unknown = Tensor("?", ())
+    return dict.fromkeys(st.lenient_names(data), unknown)
 
 
 def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]:
@@ -723,8 +803,24 @@ def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]
         if tensors is None:
             ok = False
             tensors = _lenient_safetensors_names(ctx.abspath(m)) if m.endswith(".safetensors") else {}
+        bad = _bad_expert_indices(ctx, m, tensors)
+        if bad:
+            tensors = {k: t for k, t in tensors.items() if k not in bad}
         keys.update(tensors)
     return keys, ok
+
+
+def _bad_expert_indices(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor]) -> frozenset[str]:
+    """The tensor names whose expert index is out of range, each a problem on the file."""
+    bad = set()
+    for key in tensors:
+        if ".expert_" in key:
+            try:
+                layout.parse_moe_lora_key(key)
+            except layout.BadIndex as exc:
+                bad.add(key)
+                ctx.add(EXPERT_COUNT_MISMATCH, relpath, str(exc))
+    return frozenset(bad)
 
 
 def _adopt_parent_moe_state(ctx: _Ctx) -> str:
@@ -773,6 +869,9 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
         found = _examine(ctx)
         if memo and ctx.trace is not None:
             _remember(ctx, found)
+    if layout.step_out_of_range(ckpt.name):  # not part of what _remember keys on: added here
+        ctx.add(BAD_NAME, ".", f"the step in its name has more than {layout.MAX_STEP_DIGITS} "
+                               "digits: the step is unknown", WARNING)
     return _conclude(ctx, found, now, min_age_s)
 
 
@@ -846,6 +945,10 @@ def _examine(ctx: _Ctx) -> _Found:
                     f"symlink to {rec.symlink_target or 'a missing target'} outside the root",
                     ERROR if in_tree else WARNING)
 
+    for rel in ctx.shape.bad_indices:
+        ctx.add(EXPERT_COUNT_MISMATCH, rel, f"its name holds an expert index beyond the "
+                                            f"{layout.MAX_EXPERTS} experts a checkpoint may have")
+
     merged = list(ctx.shape.merged)
     root_cfg = None
     if layout.ROOT_CONFIG in ctx.by_path and ctx.readable(layout.ROOT_CONFIG, False):
@@ -918,7 +1021,7 @@ def _examine(ctx: _Ctx) -> _Found:
     if router and isinstance(router.get(layout.GATE_WEIGHT), Tensor):
         gw = router[layout.GATE_WEIGHT]
         if len(gw.shape) == 2:
-            router_rows = gw.shape[0]
+            router_rows = _expert_count(ctx, router_rel, gw.shape[0], _ROUTER_ROWS)
         else:
             ctx.add(SHAPE_MISMATCH, router_rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
         gb = router.get(layout.GATE_BIAS)
@@ -928,16 +1031,18 @@ def _examine(ctx: _Ctx) -> _Found:
     if merged_kind in ("v0", "v1"):
         gw = merged_tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
         if gw is not None and len(gw.shape) == 2 and router_rows is None and tree_form == layout.TREE_NONE:
-            router_rows = gw.shape[0]
-    declared = [(moe_cfg_rel, _count(layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
-    declared.append((layout.ROOT_CONFIG, _count(layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
-    if router and _count(router.get("__num_experts__")):
-        declared.append((router_rel, router["__num_experts__"]))
+            router_rows = _expert_count(ctx, merged[0], gw.shape[0], _ROUTER_ROWS)
+    declared = [(moe_cfg_rel, _expert_count(ctx, moe_cfg_rel,
+                                            layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
+    declared.append((layout.ROOT_CONFIG, _expert_count(
+        ctx, layout.ROOT_CONFIG, layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
+    if router:
+        declared.append((router_rel, _expert_count(ctx, router_rel, router.get("__num_experts__"))))
     declared = [(p, n) for p, n in declared if n is not None]
     present = set(experts)
     if merged_kind in ("v0", "v1") and tree_form == layout.TREE_NONE:
         for key in merged_tensors:
-            lk = layout.parse_moe_lora_key(key)
+            lk = layout.parse_moe_lora_key(key)  # out-of-range indices were dropped: _merged_keys
             if lk is not None:
                 present.add(lk.expert)
     num_experts = None
@@ -954,7 +1059,7 @@ def _examine(ctx: _Ctx) -> _Found:
         if tree_form != layout.TREE_NONE:
             ctx.add(COUNT_UNCONFIRMED, layout.PEFT_DIR,
                     f"no config or router states the expert count; assuming {num_experts}", WARNING)
-    if num_experts is not None:
+    if num_experts is not None:  # at most layout.MAX_EXPERTS
         if router_rows is not None and router_rows != num_experts:
             if declared:
                 ctx.add(EXPERT_COUNT_MISMATCH, declared[0][0],
@@ -962,30 +1067,20 @@ def _examine(ctx: _Ctx) -> _Found:
             else:
                 ctx.add(EXPERT_COUNT_MISMATCH, router_rel,
                         f"router has {router_rows} rows for {num_experts} experts")
-        for i in range(num_experts):
-            if i not in present and (tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1")):
-                if tree_form == layout.TREE_FLAT:
-                    where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}.pt"
-                elif tree_form != layout.TREE_NONE:
-                    where = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}"
-                else:
-                    where = merged[0] if merged else "."
-                link = ctx.by_path.get(where)
-                why = (" (it is a symlink; links to directories are not followed: their files "
-                       "are not this checkpoint's own)" if link is not None and link.is_symlink
-                       else "")
-                ctx.add(EXPERT_MISSING, where, f"expert {i} of {num_experts} is missing{why}")
+        if tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1"):
+            _report_missing_experts(ctx, [i for i in range(num_experts) if i not in present],
+                                    num_experts, tree_form, merged)
         extra = sorted(i for i in present if i >= num_experts)
         if extra:
             ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,
-                    f"expert(s) {', '.join(map(str, extra))} beyond the {num_experts} declared")
+                    f"expert(s) {_ranges(extra)} beyond the {num_experts} declared")
 
     # files outside the PEFT tree: at 'full' level, the archive structure of each torch file
     if level in (FULL, DEEP):
         for rel, role in sorted(ctx.roles.items()):
             if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
                 if ctx.readable(rel, False):
-                    ctx.read_torch(rel, check_pickle=not layout.never_unpickle(rel.rsplit("/", 1)[-1]))
+                    ctx.read_torch(rel, check_pickle=_pickle_check_of(rel.rsplit("/", 1)[-1]))
             elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
                 ctx.read_json(rel)
     if level == DEEP:

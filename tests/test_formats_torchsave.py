@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -262,11 +261,20 @@ def _zip_archive(path: Path, data_pkl: bytes, records: dict[str, bytes] | None =
     return path
 
 
-def _wait_for(path: Path) -> bool:
-    deadline = time.monotonic() + 5
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return path.exists()
+def _children() -> set[tuple[int, int]]:
+    """(pid, start time) of every child process of this one, zombies included (from /proc)."""
+    me, out = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:
+            continue            # gone meanwhile
+        if int(fields[1]) == me:        # after the command: state, ppid, ... starttime at [19]
+            out.add((int(entry), int(fields[19])))
+    return out
 
 
 @pytest.mark.parametrize("container", ["zip", "legacy", "zip, protocol 5", "plain pickle"])
@@ -283,6 +291,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, container, paylo
     else:
         path.write_bytes(pickle.dumps(obj["x"], protocol=2))
 
+    children = _children()
     with pytest.raises(FormatError) as err:
         inspect_torch_file(path)
     lenient = None if container == "plain pickle" else inspect_torch_file(path, check_pickle=False)
@@ -291,7 +300,10 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, container, paylo
     assert "needs global" in err.value.message
     assert GLOBAL_NAMES[payload] in err.value.message
     assert lenient is None or lenient.obj is None
-    time.sleep(0.05)
+    # Nothing ran, and nothing was left running to run later: os.system, eval and the file
+    # handler act before returning, and a Popen'd process stays this process's child (running,
+    # or a zombie until reaped; reaped only once it has exited, i.e. after the marker exists).
+    assert _children() == children, "a process was started while the file was inspected"
     assert not marker.exists()
 
     # The payload is live: unpickling it for real does create the marker.
@@ -304,10 +316,10 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, container, paylo
             else path.read_bytes()
         loaded = pickle.loads(data)
     if hasattr(loaded, "wait"):
-        loaded.wait()
+        loaded.wait()       # the Popen payload: its process has exited, the marker is there
     if hasattr(loaded, "close"):
         loaded.close()
-    assert _wait_for(marker)
+    assert marker.exists()
 
 
 @pytest.mark.parametrize("module, name", [("torch._utils", "_c__builtin__\nset\n"),

@@ -15,12 +15,14 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from fixtures.copying import copy_tree
+from fixtures.tree import YOUNG_AGE_S
 
 import ckpt_tools.cli_prune as cli_prune
 import ckpt_tools.prune_exec as prune_exec
@@ -105,6 +107,20 @@ def run_cli(*args, input: str | None = None, timeout: float = 120,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def restamp_young(root: Path, manifest) -> None:
+    """Make the young files of a copy of the fixture tree young again by the real clock
+    (``now - YOUNG_AGE_S``), as the tree's builder made them against the session's ``now``.
+
+    Call it right before running the CLI (which reads the real clock) on a copy that holds them:
+    the young checkpoint then is in progress for a 1 h ``--min-age`` however long the session
+    has been running, and however slow the machine is.
+    """
+    t = time.time() - YOUNG_AGE_S
+    for rel in manifest.young_files:
+        if os.path.lexists(root / rel):
+            os.utime(root / rel, (t, t), follow_symlinks=False)
+
+
 def small_root(results_tree, tmp_path: Path, *runs: str) -> Path:
     """A root holding copies of some runs of the fixture tree (quick to scan)."""
     src, _, _ = results_tree
@@ -136,6 +152,7 @@ def pruned(results_tree, tmp_path_factory):
     base = tmp_path_factory.mktemp("pruned")
     root = copy_tree(src, base / "results")
     log = base / "prune.jsonl"
+    restamp_young(root, manifest)      # the CLI's clock: the young checkpoint stays in progress
     before = listing(root)
     proc = run_cli("prune", "--yes", "--no-progress", "--log", log, root)
     after = listing(root)
@@ -214,6 +231,7 @@ def test_dry_run_changes_nothing_and_promises_exactly_what_the_real_run_frees(re
     held_alloc = os.lstat(held).st_blocks * 512
     assert held_alloc > 0
 
+    restamp_young(root, manifest)      # the CLI's clock: the young checkpoint stays in progress
     before = listing(root, dirs=True, content=True)
     dry = run_cli("prune", "--dry-run", "--json", root)
     assert dry.returncode == 0, dry.stderr
@@ -579,6 +597,7 @@ def test_the_documented_crontab_line_prunes_a_copy_of_the_fixture_tree(results_t
     command = (command.replace("/opt/ckpt-tools/.venv/bin/ckpt-tools", shlex.quote(ckpt_tools_exe()))
                .replace("/var/log/ckpt-tools/prune.jsonl", shlex.quote(str(log)))
                .replace("/shared/results", shlex.quote(str(root))))
+    restamp_young(root, manifest)      # the CLI's clock: the young checkpoint stays in progress
     before = listing(root)
     # cron's environment: no terminal, a bare PATH, no venv activated
     proc = subprocess.run(["sh", "-c", command], stdin=subprocess.DEVNULL, capture_output=True, text=True,

@@ -14,6 +14,39 @@ import pytest
 from ckpt_tools.locking import LockError, LockHeld, lock_path_for, root_lock
 from test_prune import LOCK_NAME, ckpt_tools_exe, listing, run_cli, small_root
 
+HANG_GUARD_S = 120     # only a guard against a hang: nothing below waits for time to pass
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``condition()`` until it is true; fail if ``proc`` exits first or after HANG_GUARD_S."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"exited {proc.returncode} before {what}: {(err or '')[-600:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"still not {what} after {HANG_GUARD_S} s (hang guard)")
+        time.sleep(0.01)
+
+
+def has_open(pid: int, path) -> bool:
+    """Whether process ``pid`` holds a file descriptor of ``path`` (the same inode) open."""
+    target = os.stat(path)
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
+
+
 HOLD = textwrap.dedent("""
     import fcntl, os, sys
     fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
@@ -63,6 +96,7 @@ def test_a_second_prune_exits_75_while_the_lock_is_held(results_tree, tmp_path, 
 
     start = time.monotonic()
     proc = run_cli("prune", "--yes", "--lock-timeout", "1", root)
+    # a lower bound only: its 1 s starts inside the child, after `start`, so load cannot break it
     assert proc.returncode == 75 and time.monotonic() - start >= 1.0
     assert run_cli("prune", "--dry-run", root).returncode == 75   # a dry run waits for a real one
     assert merged.exists()
@@ -77,15 +111,19 @@ def test_a_waiting_prune_runs_once_the_lock_is_released(results_tree, tmp_path, 
     root = small_root(results_tree, tmp_path, "run_trainer")
     merged = root / "run_trainer/checkpoint-2/model.safetensors"
     h = holder(root / LOCK_NAME)
-    waiting = subprocess.Popen([ckpt_tools_exe(), "prune", "--yes", "--lock-timeout", "60", str(root)],
+    waiting = subprocess.Popen([ckpt_tools_exe(), "prune", "--yes", "--lock-timeout", str(HANG_GUARD_S),
+                                str(root)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        time.sleep(1.5)
+        # prune takes the lock before anything else: once it has the lock file open it is
+        # waiting for the lock (polling it), and can do nothing more until the holder lets go
+        wait_until(lambda: has_open(waiting.pid, root / LOCK_NAME), "waiting on the lock file",
+                   waiting)
         assert waiting.poll() is None, "it must wait for the lock"
         assert merged.exists()
         h.release()
-        out, err = waiting.communicate(timeout=60)
+        out, err = waiting.communicate(timeout=HANG_GUARD_S)
     finally:
         if waiting.poll() is None:
             waiting.kill()
@@ -119,7 +157,7 @@ def test_root_lock_holds_each_file_once_and_gives_up_after_the_timeout(tmp_path)
         with pytest.raises(LockHeld):
             with root_lock([str(a)], timeout=0.3):
                 pass
-        assert time.monotonic() - start >= 0.3
+        assert time.monotonic() - start >= 0.3     # a lower bound: its deadline starts after `start`
     with root_lock([str(a)], timeout=0):    # released on exit
         pass
 
@@ -133,6 +171,10 @@ def test_a_shared_lock_creates_nothing(tmp_path):
             pass
 
 
+# Writes checkpoint-<1000+k> (k < count) file by file in the Trainer's order. After the first
+# file of its last checkpoint it prints "holding" and waits for a line on stdin: the test lets it
+# go once two prunes have run, so that they certainly ran against an incomplete checkpoint,
+# however slow or fast the machine.
 WRITER = textwrap.dedent("""
     import os, shutil, sys, time
     template, run, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -145,11 +187,14 @@ WRITER = textwrap.dedent("""
     order = [f for f in first if f in files] + sorted(f for f in files if f not in first)
     for k in range(count):
         ck = os.path.join(run, f"checkpoint-{1000 + k}")
-        for rel in order:
+        for i, rel in enumerate(order):
             dst = os.path.join(ck, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(os.path.join(template, rel), dst)   # fresh mtimes, like a real save
             print(dst, os.path.getsize(dst), flush=True)
+            if k == count - 1 and i == 0:
+                print("holding", flush=True)
+                sys.stdin.readline()
             time.sleep(0.02)
         print("done", ck, flush=True)
 """)
@@ -160,7 +205,7 @@ def test_a_checkpoint_being_written_during_a_prune_loses_nothing(results_tree, t
     root = small_root(results_tree, tmp_path, "run_trainer")
     template = src / "run_trainer" / "checkpoint-4"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(root / "run_trainer"), "6"],
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     written: dict[str, int] = {}
     try:
         line = writer.stdout.readline()
@@ -169,16 +214,30 @@ def test_a_checkpoint_being_written_during_a_prune_loses_nothing(results_tree, t
             written[path] = int(size)
             line = writer.stdout.readline()
         runs = []
-        while writer.poll() is None or not runs:
+        # prunes run while the writer writes; it holds, its last checkpoint begun, until two have
+        # run, so that both certainly ran from start to end while it was still at work; then
+        # they go on until it has finished
+        while writer.poll() is None or len(runs) < 2:
             runs.append(run_cli("prune", "--yes", "--no-progress", root))
+            if len(runs) == 2:
+                try:
+                    writer.stdin.write("go\n")
+                    writer.stdin.close()
+                except BrokenPipeError:     # it died: its exit status says so below
+                    pass
+        writer.wait(timeout=HANG_GUARD_S)
+        held = False
         for line in writer.stdout:
-            if not line.startswith("done"):
+            if line.startswith("holding"):
+                held = True
+            elif not line.startswith("done"):
                 path, size = line.rsplit(" ", 1)
                 written[path] = int(size)
     finally:
         if writer.poll() is None:
             writer.kill()
     assert writer.wait() == 0
+    assert held, "the writer never waited with its last checkpoint incomplete"
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     assert len(runs) >= 2 and len({p.rsplit("/checkpoint-", 1)[1].split("/")[0] for p in written}) == 6
     for path, size in written.items():

@@ -15,7 +15,7 @@ import ckpt_tools.prune_exec as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
 from ckpt_tools.prune_exec import ActionLog, Revalidator, execute_prune
-from test_prune import allocated_bytes, listing
+from test_prune import allocated_bytes, listing, restamp_young
 
 
 def _plan(root: Path, now: float):
@@ -132,10 +132,13 @@ def test_a_worker_that_dies_leaves_its_checkpoints_to_the_parent(results_tree, t
 
 
 def test_the_cli_reports_the_same_with_workers(results_tree, tmp_path, monkeypatch):
-    src, _, _ = results_tree
+    src, manifest, _ = results_tree
     docs = []
     for jobs in ("1", "3"):
         root = copy_tree(src, tmp_path / jobs / "results")
+        # the CLI's real clock: the young checkpoint is in progress for both runs alike, not
+        # only for the first when the session's hour runs out between the two
+        restamp_young(root, manifest)
         if jobs == "3":
             monkeypatch.setattr(prune_exec, "_MIN_PER_WORKER", 1)
         res = CliRunner().invoke(cli, ["prune", "--yes", "--json", "--jobs", jobs, str(root)])

@@ -49,6 +49,12 @@ SEED_ENV = "CKPT_TOOLS_CONCURRENCY_SEED"
 # a tmp-checkpoint-*
 PRUNE_RUNS = ("run_trainer", "seed_v3", "benchmarked", "legacy_v1", "run canonical", "hybrid_v2")
 MIGRATE_RUNS = ("run_trainer", "seed_v3", "benchmarked", "legacy_v1/checkpoint-100")
+# The --lock-timeout of a run that must wait for the other one: only a guard against a hang,
+# far beyond how long the other ever holds the lock (a prune: well under a second; a migrate:
+# seconds), so that a loaded machine cannot make the waiting run give up (exit 75).
+LOCK_WAIT_S = 240
+# How long a Proc may run (a guard too): the longest wait for the lock plus the run itself.
+PROC_GUARD_S = LOCK_WAIT_S + 120
 
 
 # --- settings and processes ---------------------------------------------------------------------
@@ -119,7 +125,7 @@ class Proc:
         self.popen.stdin.write("go\n")
         self.popen.stdin.close()
 
-    def wait(self, timeout: float = 300) -> int:
+    def wait(self, timeout: float = PROC_GUARD_S) -> int:
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -198,7 +204,7 @@ def test_two_prunes_at_once_serialise_on_the_lock(results_tree, tmp_path):
         base = tmp_path / f"two-{i}"
         root = copy_tree(src, base / "results", only=PRUNE_RUNS)
         before = file_hashes(root, skip=(LOCK_NAME,))
-        timeouts = [rng.choice((0, 0, 30)), rng.choice((0, 30))]
+        timeouts = [rng.choice((0, 0, LOCK_WAIT_S)), rng.choice((0, LOCK_WAIT_S))]
         explicit_lock = rng.random() < 0.25
         offset = round(rng.uniform(0.0, 0.06), 4)
         jobs = [rng.choice((1, 2)), rng.choice((1, 2))]
@@ -269,9 +275,9 @@ def test_two_prunes_at_once_serialise_on_the_lock(results_tree, tmp_path):
     runs.note(f"Root: copies of {', '.join(PRUNE_RUNS)} from the fixture tree; "
               f"{len(expected)} redundant merged files. Varied per run: both imported ahead and "
               "let go 0–60 ms apart (most runs), or two console scripts started 0–60 ms apart; "
-              "each run's --lock-timeout (0 or 30 s) and --jobs; --lock PATH or the root's own "
-              "lock file. Both exiting 0 with a 0 timeout means the second took the lock after "
-              "the first had finished.")
+              f"each run's --lock-timeout (0 or {LOCK_WAIT_S} s) and --jobs; --lock PATH or the "
+              "root's own lock file. Both exiting 0 with a 0 timeout means the second took the "
+              "lock after the first had finished.")
     finish(runs, seed, n, expected_deletions=len(expected))
 
 
@@ -286,6 +292,9 @@ def test_two_prunes_at_once_serialise_on_the_lock(results_tree, tmp_path):
 # Modes: "trainer" (fresh mtimes, as a training run writes them), "rsync" (each file's mtime set
 # 2 days back once written, as `rsync -a` or `cp -p` leave it: --min-age cannot protect it),
 # "tmp-rename" (written as tmp-checkpoint-<step>, renamed into place when complete).
+# Once the first file of its last checkpoint is written it prints "holding" and waits for a line
+# on stdin: the test lets it go after two prunes have run, so that prunes certainly run while a
+# checkpoint is incomplete, however fast or slow the machine.
 WRITER = textwrap.dedent("""
     import json, os, random, sys, time
     template, run, count, seed, mode, pause = sys.argv[1:7]
@@ -337,6 +346,9 @@ WRITER = textwrap.dedent("""
             if mode == "rsync":
                 old = time.time() - 2 * 86400
                 os.utime(dst, (old, old))
+            if k == count - 1 and i == 0:
+                print("holding", flush=True)
+                sys.stdin.readline()
             time.sleep(rng.uniform(0, pause))
         if mode == "tmp-rename":
             os.rename(ck, final)
@@ -369,7 +381,8 @@ def test_prune_never_deletes_from_a_checkpoint_being_written(results_tree, tmp_p
                     "the new checkpoints; with --min-age 0, or files whose mtimes are old (rsync -a), "
                     "only the merged model.safetensors of a completed checkpoint may go",
                     "every prune run exits 0 with nothing skipped or failed; prunes ran while "
-                    "the writer was writing; the old redundant checkpoints were pruned",
+                    "the writer was writing (it holds, its last checkpoint begun, until two "
+                    "have run); the old redundant checkpoints were pruned",
                     "no traceback",
                 ], test="test_prune_never_deletes_from_a_checkpoint_being_written")
     n = runs_of(4)
@@ -385,7 +398,8 @@ def test_prune_never_deletes_from_a_checkpoint_being_written(results_tree, tmp_p
         wseed = rng.randrange(2 ** 31)
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(template), str(run), str(count),
                                    str(wseed), mode.split(",")[0], str(pause)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
         out_lines: list[str] = []
         reader = threading.Thread(target=lambda: out_lines.extend(writer.stdout))
         reader.start()
@@ -397,6 +411,12 @@ def test_prune_never_deletes_from_a_checkpoint_being_written(results_tree, tmp_p
                 p = Proc("prune", "--yes", "--no-progress", "--json", "--min-age", min_age, root)
                 p.wait()
                 prunes.append(p)
+                if len(prunes) == 2:        # the writer may finish now
+                    try:
+                        writer.stdin.write("go\n")
+                        writer.stdin.close()
+                    except BrokenPipeError:     # it has died: its exit status says so below
+                        pass
                 if len(prunes) > 200:
                     break
         finally:
@@ -407,6 +427,8 @@ def test_prune_never_deletes_from_a_checkpoint_being_written(results_tree, tmp_p
         failures: list[str] = []
         if writer.returncode != 0:
             failures.append(f"writer exited {writer.returncode}: {writer.stderr.read()[-500:]}")
+        if "holding\n" not in out_lines:
+            failures.append("the writer never held with its last checkpoint incomplete")
         lost = [line.strip() for line in out_lines if line.startswith("LOST")]
         failures += lost[:5]
         done = {}
@@ -569,8 +591,8 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
         if lock_file:               # what an earlier prune of SRC leaves behind
             (src / LOCK_NAME).touch()
         before = file_hashes(src, skip=(LOCK_NAME,))
-        mig_timeout = 0 if inside else rng.choice((0, 0, 60))
-        prune_timeout = 0 if inside else rng.choice((0, 60))
+        mig_timeout = 0 if inside else rng.choice((0, 0, LOCK_WAIT_S))
+        prune_timeout = 0 if inside else rng.choice((0, LOCK_WAIT_S))
         start = "together" if inside else rng.choice(("migrate executing", "migrate executing",
                                                        "migrate executing", "random", "prune first"))
         delay = round(rng.uniform(0.0, 0.5 if start != "random" else max(1.0, 1.5 * ref_seconds + 2.0)), 3)
@@ -668,7 +690,7 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
               f"took {ref_seconds:.2f} s in-process. Start orders: prune 0–0.5 s after migrate took "
               "DST's lock (it then reads its first checkpoint, merged weights included), at a random "
               "moment of migrate's run, or prune first; SRC with or without a lock file left by an "
-              "earlier prune; each --lock-timeout 0 or 60 s.")
+              f"earlier prune; each --lock-timeout 0 or {LOCK_WAIT_S} s.")
     hit = sum(1 for r in runs.records if r.get("sources_changed_while_read"))
     runs.note(f"Runs in which prune deleted merged weights while migrate was reading them (migrate "
               f"then did that checkpoint again): {hit} of {len(runs.records)}.")

@@ -142,6 +142,25 @@ def run_and_kill(args: list[str], env: dict, *, delay: float | None = None,
     return Killed(proc, killed_by_us, time.monotonic() - t0)
 
 
+TIMED_TRIES = 3
+
+
+def run_and_kill_timed(args: list[str], env: dict, delay: float, rng: random.Random,
+                       fresh) -> tuple[Killed, list[float]]:
+    """``run_and_kill`` at ``delay`` s, so that the kill lands at a random moment. A run that
+    finished (exit 0) before its kill says nothing about a crash: it is tried again, after
+    ``fresh()`` has put back what it started from, with a delay drawn below that run's own
+    lifetime; the last try kills at 0 s. So every timed run is killed, however much faster the
+    machine is now than when the delays' range was measured. Returns (how it ended, delays)."""
+    delays = [delay]
+    while True:
+        end = run_and_kill(args, env, delay=delays[-1])
+        if end.killed or end.returncode != 0 or len(delays) == TIMED_TRIES:
+            return end, delays
+        fresh()
+        delays.append(0.0 if len(delays) == TIMED_TRIES - 1 else round(rng.uniform(0.0, end.seconds), 4))
+
+
 def run_trials(n: int, seed: int, trial) -> list[dict]:
     """``trial(i, rng)`` for i < n, ``crash_jobs()`` at once; each returns its record (a dict with
     ``ok`` and ``failures``); an exception in a trial is a failure of that run, not of the others."""
@@ -307,8 +326,11 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
         dst = base / f"dst-{i}"
         jobs = rng.choice((1, 2))
         rec: dict = {"jobs": jobs, "failures": []}
-        if rng.random() < 0.5:
-            point = rng.choice(("after_write", "after_write", "after_write", "before_rename", "after_rename"))
+        # the first run dies mid-write for sure (it leaves a temporary directory), whatever the
+        # seed and the timing: the check that a kill landed mid-migration cannot miss
+        if i == 0 or rng.random() < 0.5:
+            point = "after_write" if i == 0 else rng.choice(
+                ("after_write", "after_write", "after_write", "before_rename", "after_rename"))
             count = n_files if point == "after_write" else len(ref_targets)
             fault = f"{point}:{rng.randint(1, count)}"
             rec |= {"mode": "fault", "fault": fault}
@@ -318,8 +340,9 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
                                        f"{end.stderr[-500:]}")
         else:
             delay = round(rng.uniform(0.0, base_seconds), 3)
-            rec |= {"mode": "timed", "delay_s": delay}
-            end = run_and_kill(migrate_args(src, dst, jobs), env_for(), delay=delay)
+            end, delays = run_and_kill_timed(migrate_args(src, dst, jobs), env_for(), delay, rng,
+                                             lambda: shutil.rmtree(dst, ignore_errors=True))
+            rec |= {"mode": "timed", "delay_s": delays[-1], "timed_tries": len(delays)}
             if not end.killed and end.returncode != 0:
                 rec["failures"].append(f"exited {end.returncode} before the kill: {end.stderr[-500:]}")
         rec["killed"] = end.killed
@@ -359,7 +382,9 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
     records = run_trials(n, seed, trial)
     checks = [
         "killed: the process died of SIGKILL (fault hook: CKPT_TOOLS_FAULT=after_write|before_rename|"
-        "after_rename:N, or a timed kill of its process group at a random delay)",
+        "after_rename:N, or a timed kill of its process group at a random delay; a run that "
+        "finished before its kill is tried again with a delay below its own run time, the third "
+        "try at 0 s)",
         "every target under DST audits peft-only with no error and equals the uninterrupted run's, "
         "or is absent; only .ckpt-tools-tmp-* directories (in-progress) besides",
         "SRC bit-identical (sha256, size, mtime of every file, computed once before)",
@@ -480,8 +505,13 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         mode = ("timed", "log", "fault")[i % 3]   # every third run dies mid-deletion for sure
         if mode == "timed":
             delay = round(rng.uniform(0.0, base_seconds * 1.1), 4)
-            rec |= {"mode": "timed", "delay_s": delay}
-            end = run_and_kill(prune_args(root, log), env_for(), delay=delay)
+
+            def fresh():
+                shutil.rmtree(base / f"t{i}")
+                copy_tree(src_root, root)
+
+            end, delays = run_and_kill_timed(prune_args(root, log), env_for(), delay, rng, fresh)
+            rec |= {"mode": "timed", "delay_s": delays[-1], "timed_tries": len(delays)}
         elif mode == "fault":
             # the process kills itself right after its k-th unlink, before logging it
             k = rng.randint(1, max(1, len(expected) - 1))
@@ -522,7 +552,9 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
 
     records = run_trials(n, seed, trial)
     checks = [
-        "killed, a third of the runs each way: SIGKILL of its process group at a random delay; "
+        "killed, a third of the runs each way: SIGKILL of its process group at a random delay (a "
+        "run that finished first is tried again with a delay below its own run time, the third "
+        "try at 0 s); "
         "right after the k-th deletion appeared in its --log; by the fault hook right after its "
         "k-th unlink, before logging it (CKPT_TOOLS_FAULT=after_unlink:k); k random",
         "every checkpoint keeps a complete copy: all its merged files, or a PEFT tree auditing "

@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import re
 import reprlib
 import stat
 import struct
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 from ckpt_tools.problems import BAD_HEADER, DTYPE_UNKNOWN, TRUNCATED, FormatError
 
 MAX_HEADER_BYTES = 100_000_000
+#: The most tensors a header may list. The largest real single-file checkpoints hold some
+#: 10^5; the bound keeps what a header of up to MAX_HEADER_BYTES costs to judge in
+#: proportion (the entries are parsed and checked one at a time, so a header of junk stops
+#: at its first bad entry, whatever its length).
+MAX_TENSORS = 250_000
 FIRST_READ_BYTES = 64 * 1024
 METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
@@ -54,7 +60,10 @@ DTYPE_BITS: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True)
+_DTYPE_NAMES = {name: name for name in DTYPE_BITS}
+
+
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of the header. ``begin``/``end`` are offsets into the data section."""
 
@@ -127,6 +136,66 @@ def _reject_constant(name: str):
     raise _bad(f"header JSON contains {name}, which is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _members(text: str, limit: int):
+    """(name, value) of each member of the JSON object ``text``, one at a time, with no dict
+    of them all: what ``json.loads`` would parse, in the same C scanner, raising
+    ``json.JSONDecodeError`` where it would. Past ``limit`` members, ``_bad``."""
+    skip = _WHITESPACE.match
+    scan_name = json.decoder.scanstring
+    scan_value = _DECODER.scan_once
+    pos = 1  # text[0] is '{'
+    if text[pos:pos + 1] != '"':
+        pos = skip(text, pos).end()
+        if text[pos:pos + 1] == "}":
+            pos = skip(text, pos + 1).end()
+            if pos != len(text):
+                raise json.JSONDecodeError("Extra data", text, pos)
+            return
+    count = 0
+    while True:
+        # safetensors writes no whitespace: the expected character is tried first
+        if text[pos:pos + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes",
+                                       text, pos)
+        name, pos = scan_name(text, pos + 1)
+        if text[pos:pos + 1] != ":":
+            pos = skip(text, pos).end()
+            if text[pos:pos + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+        pos += 1
+        try:
+            value, pos = scan_value(text, pos)
+        except StopIteration:
+            pos = skip(text, pos).end()
+            try:
+                value, pos = scan_value(text, pos)
+            except StopIteration as stop:
+                raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+        count += 1
+        if count > limit:
+            raise _bad(f"header lists more than {limit} tensors")
+        yield name, value
+        c = text[pos:pos + 1]
+        if c != "," and c != "}":
+            pos = skip(text, pos).end()
+            c = text[pos:pos + 1]
+        if c == ",":
+            pos += 1
+            if text[pos:pos + 1] != '"':
+                pos = skip(text, pos).end()
+        elif c == "}":
+            pos = skip(text, pos + 1).end()
+            if pos != len(text):
+                raise json.JSONDecodeError("Extra data", text, pos)
+            return
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+
+
 def _where(name: str) -> str:
     return f"tensor {_show(name)}"
 
@@ -150,6 +219,7 @@ def _parse_entry(name: str, entry: object) -> TensorEntry:
     dtype_bits = DTYPE_BITS.get(dtype)
     if dtype_bits is None:
         raise FormatError(DTYPE_UNKNOWN, f"{_where(name)}: unknown dtype {_show(dtype)}")
+    dtype = _DTYPE_NAMES[dtype]  # one string object per dtype, not one per tensor
     if not isinstance(shape, list):
         raise _bad(f"{_where(name)}: shape must be a list of integers, got {_show(shape)}")
     for dim in shape:
@@ -206,26 +276,35 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
         raise ValueError(f"prefix holds {len(prefix)} bytes, header needs {8 + header_len}")
 
     try:
-        text = bytes(prefix[8:8 + header_len]).decode("utf-8")
+        text = str(memoryview(prefix)[8:8 + header_len], "utf-8")  # no copy of the bytes
     except UnicodeDecodeError as exc:
         raise _bad(f"header is not valid UTF-8 (byte {exc.start})") from None
     if not text.startswith("{"):
         raise _bad("header does not start with '{'")
+    # Each member is parsed and checked before the next is read: what is kept per tensor is
+    # its TensorEntry, and a header of a million bad entries stops at the first.
+    names: set[str] = set()
+    entries: list[TensorEntry] = []
+    metadata = None
     try:
-        root = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        for name, value in _members(text, MAX_TENSORS):
+            if name in names:
+                raise _bad(f"duplicate key {_show(name)} in header JSON")
+            names.add(name)
+            if name == METADATA_KEY:
+                metadata = value
+                if metadata is not None and not (isinstance(metadata, dict)
+                        and all(isinstance(v, str) for v in metadata.values())):
+                    raise _bad("__metadata__ must map strings to strings")
+            else:
+                entries.append(_parse_entry(name, value))
     except RecursionError:
         raise _bad("header JSON is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise _bad(f"header is not valid JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(root, dict):
-        raise _bad(f"header JSON is {type(root).__name__}, not an object")
-
-    metadata = root.pop(METADATA_KEY, None)
-    if metadata is not None:
-        if not (isinstance(metadata, dict)
-                and all(isinstance(v, str) for v in metadata.values())):
-            raise _bad("__metadata__ must map strings to strings")
-    tensors = tuple(_parse_entry(name, entry) for name, entry in root.items())
+    del names
+    tensors = tuple(entries)
+    del entries
 
     # Offsets must tile the data section: sorted by position, each starts where the last ended.
     data_end = 0
@@ -244,6 +323,25 @@ def parse_header(prefix: bytes, file_size: int) -> SafetensorsHeader:
         raise FormatError(TRUNCATED, f"tensor data ends at byte {expected_size} but the file "
                                      f"has {file_size} bytes")
     return SafetensorsHeader(header_len, file_size, tensors, metadata)
+
+
+def lenient_names(prefix: bytes, limit: int = 10_000) -> list[str]:
+    """The first ``limit`` tensor names of a header that may be invalid (a file whose header
+    failed ``parse_header``), to tell what the file was meant to hold; [] where even its
+    first members are not JSON. ``prefix`` as for ``parse_header``. Never trust it."""
+    names: list[str] = []
+    if len(prefix) < 8:
+        return names
+    (header_len,) = _U64_LE.unpack_from(prefix)
+    try:
+        text = str(memoryview(prefix)[8:8 + min(header_len, MAX_HEADER_BYTES)], "utf-8")
+        if text.startswith("{"):
+            for name, _ in _members(text, limit):
+                if name != METADATA_KEY:
+                    names.append(name)
+    except (ValueError, RecursionError, FormatError):
+        pass  # what was read before the damage is all there is
+    return names
 
 
 def pread_full(fd: int, size: int, offset: int) -> bytes:

@@ -86,6 +86,14 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
                               "per_channel_symmetric", "per_channel_affine_float_qparams")}
 )
 
+#: What the transformers Trainer adds to those when it loads ``rng_state*.pth`` on resume
+#: (``torch.load(..., weights_only=True)`` inside ``trainer_pt_utils.safe_globals()``: numpy's
+#: RNG state is an array), under numpy 1's and numpy 2's module names. Pass it as
+#: ``check_pickle``: these globals are allowed and their calls evaluate to opaque values.
+TRAINER_RNG_GLOBALS: frozenset[str] = frozenset(
+    {f"numpy.{core}.multiarray._reconstruct" for core in ("core", "_core")}
+    | {"numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"})
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _LEGACY_MAGIC_PICKLE = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little") + b"."
@@ -107,6 +115,23 @@ _MAX_LONG_BYTES = 1024
 _MAX_KEY_TUPLE = 64
 _MAX_DEPTH = 256
 _MAX_UNFOLDED = 10_000_000
+_MAX_DIMS = 64
+_MAX_EXTENT = 1 << 63  # sizes, strides and offsets are int64 in torch
+_MAX_MEMO_INDEX = 1 << 32
+# Hash flooding: distinct keys that share one hash value make every insertion into a dict or
+# set walk all of them (150,000 int keys k * (2**61 - 1), all of hash 0, take minutes). Once a
+# dict or set holds _WATCH_FROM keys, the hashes of its keys are counted, and a key that would
+# be the (_MAX_SHARED_HASH + 1)-th distinct one of its hash value is refused: every insertion
+# then costs at most that many comparisons. Distinct keys of one hash value are a handful at
+# most in a real file (-1 and -2 share one).
+_WATCH_FROM = 1024
+_MAX_SHARED_HASH = 16
+#: A tensor may describe at most this many times the bytes of its storage (or 1 MiB, whichever
+#: is more): a stride-0 view (``torch.zeros(1).expand(10**10, 32)``) is stored in 4 bytes and
+#: would be materialised, by whoever copies it, as what it describes. Real checkpoints' views
+#: (tied weights, ``position_ids.expand(1, -1)``) describe no more than their storage.
+MAX_VIEW_EXPANSION = 16
+_VIEW_ALLOWANCE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -122,6 +147,11 @@ class TensorRef:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor holds as a dense tensor: what a copy of it writes."""
+        return self.numel * DTYPE_SIZES[self.dtype]
 
     @property
     def storage_bytes_needed(self) -> int:
@@ -201,13 +231,16 @@ class _PickleVM:
     """Evaluates one pickle symbolically. Construct, then ``run(pos)``.
 
     ``strict``: globals outside ``ALLOWED_GLOBALS`` and allowlisted calls that are not
-    modelled raise ``unsafe-pickle``; otherwise they evaluate to an opaque value.
+    modelled raise ``unsafe-pickle``; otherwise they evaluate to an opaque value. A frozenset
+    of global names is strict with those globals allowed too: calls of them evaluate to
+    opaque values (see ``TRAINER_RNG_GLOBALS``).
     ``pid_len``: 5 (zip) or 6 (legacy) for storage persistent ids, 0 to refuse them.
     """
 
-    def __init__(self, data: bytes, *, strict: bool = True, pid_len: int = 0):
+    def __init__(self, data: bytes, *, strict: bool | frozenset[str] = True, pid_len: int = 0):
         self.data = data
-        self.strict = strict
+        self.strict = bool(strict)
+        self.opaque_globals = strict if isinstance(strict, frozenset) else frozenset()
         self.pid_len = pid_len
         self.storages: dict[str, StorageRef] = {}
         self.tensors: list[TensorRef] = []
@@ -216,6 +249,8 @@ class _PickleVM:
         self.memo: dict[int, object] = {}
         self.pushes = 0
         self.pos = 0
+        # id of a large dict or set → (it, {hash value: distinct keys of that hash})
+        self.watched: dict[int, tuple[object, dict[int, int]]] = {}
 
     # -- reading ----------------------------------------------------------------------
 
@@ -273,14 +308,14 @@ class _PickleVM:
         return items
 
     def memo_put(self, index: int) -> None:
-        if index < 0:
-            raise _bad("negative memo index")
+        if not 0 <= index < _MAX_MEMO_INDEX:
+            raise _bad(f"memo index {_show(index)} out of range")
         if index not in self.memo and len(self.memo) >= _MAX_MEMO:
             raise _bad(f"memo holds more than {_MAX_MEMO} entries")
         self.memo[index] = self.top()
 
     def memo_get(self, index: int) -> None:
-        if index not in self.memo:
+        if not 0 <= index < _MAX_MEMO_INDEX or index not in self.memo:
             raise _bad(f"memo index {index} was never stored")
         self.push(self.memo[index])
 
@@ -320,6 +355,26 @@ class _PickleVM:
             return
         raise _bad(f"unsupported dict key or set item of type {type(key).__name__}")
 
+    def watch_key(self, target, key) -> None:
+        """Refuse ``key`` where adding it to the large ``target`` would flood one hash value
+        (see _MAX_SHARED_HASH); call it before adding, only once ``target`` is large."""
+        entry = self.watched.get(id(target))
+        if entry is None:
+            counts: dict[int, int] = {}
+            for k in target:  # fewer than _WATCH_FROM + a batch: the cost is bounded
+                counts[hash(k)] = counts.get(hash(k), 0) + 1
+            self.watched[id(target)] = (target, counts)
+        else:
+            counts = entry[1]
+        if key in target:  # a walk of at most _MAX_SHARED_HASH keys of its hash
+            return
+        h = hash(key)
+        seen = counts.get(h, 0)
+        if seen >= _MAX_SHARED_HASH:
+            raise _bad(f"more than {_MAX_SHARED_HASH} distinct keys of one dict or set share "
+                       f"the hash value {h} (a hash-flooding pickle)")
+        counts[h] = seen + 1
+
     def set_items(self, target, items: list) -> None:
         if len(items) % 2:
             raise _bad("SETITEMS with an odd number of items")
@@ -328,8 +383,11 @@ class _PickleVM:
         if not isinstance(target, dict):
             raise _bad(f"SETITEM on a {type(target).__name__}, not a dict")
         for i in range(0, len(items), 2):
-            self.check_key(items[i])
-            target[items[i]] = items[i + 1]
+            key = items[i]
+            self.check_key(key)
+            if len(target) >= _WATCH_FROM:
+                self.watch_key(target, key)
+            target[key] = items[i + 1]
 
     def add_items(self, target, items: list) -> None:
         if isinstance(target, _Opaque) and not self.strict:
@@ -338,7 +396,9 @@ class _PickleVM:
             raise _bad(f"ADDITEMS on a {type(target).__name__}, not a set")
         for item in items:
             self.check_key(item)
-        target.update(items)
+            if len(target) >= _WATCH_FROM:
+                self.watch_key(target, item)
+            target.add(item)
 
     def append_items(self, target, items: list) -> None:
         if isinstance(target, _Opaque) and not self.strict:
@@ -353,7 +413,7 @@ class _PickleVM:
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
-        if full in ALLOWED_GLOBALS:
+        if full in ALLOWED_GLOBALS or full in self.opaque_globals:
             return TorchSymbol(full)
         if self.strict:
             # The names come from the file: one with a newline or a control character is quoted,
@@ -366,6 +426,8 @@ class _PickleVM:
     def call(self, func, args):
         """What calling ``func(*args)`` would give, without calling anything."""
         if isinstance(func, _Opaque):
+            if self.strict:  # only an allowed global may be called, as in torch's unpickler
+                raise FormatError(UNSAFE_PICKLE, "pickle calls a value it built, not a global")
             return _OPAQUE
         if not isinstance(func, TorchSymbol):
             raise _bad(f"pickle calls a {type(func).__name__}, which is not callable")
@@ -373,7 +435,7 @@ class _PickleVM:
             raise _bad(f"arguments to {func.name} are a {type(args).__name__}, not a tuple")
         model = _CALLS.get(func.name)
         if model is None:
-            if not self.strict:
+            if not self.strict or func.name in self.opaque_globals:
                 return _OPAQUE
             raise FormatError(UNSAFE_PICKLE, f"pickle calls {func.name}, which ckpt-tools "
                                              "does not model (only dense tensors, dicts, "
@@ -422,6 +484,8 @@ class _PickleVM:
         strides = _int_tuple(stride, "stride")
         if len(dims) != len(strides):
             raise _bad(f"tensor size {dims} and stride {strides} differ in length")
+        if offset >= _MAX_EXTENT:
+            raise _bad(f"tensor storage offset {_show(offset)} is out of range")
         tensor = TensorRef(dtype or storage.dtype, dims, strides, storage.key, offset)
         self.tensors.append(tensor)
         return tensor
@@ -431,6 +495,9 @@ def _int_tuple(value, what: str) -> tuple[int, ...]:
     if not isinstance(value, (tuple, list)) or not all(
             type(v) is int and v >= 0 for v in value):
         raise _bad(f"tensor {what} {_show(value)} is not a tuple of non-negative integers")
+    if len(value) > _MAX_DIMS or any(v >= _MAX_EXTENT for v in value):
+        raise _bad(f"tensor {what} {_show(value)} has more than {_MAX_DIMS} dimensions or a "
+                   "value out of int64's range")
     return tuple(value)
 
 
@@ -455,17 +522,16 @@ def _make_dict(vm: _PickleVM, items=()) -> dict:
     for pair in pairs:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise _bad("OrderedDict built from something other than pairs")
-        vm.check_key(pair[0])
-        result[pair[0]] = pair[1]
+        vm.set_items(result, list(pair))
     return result
 
 
 def _make_set(vm: _PickleVM, items=()) -> set:
     if not isinstance(items, (list, tuple, set, frozenset)):
         raise _bad(f"set built from a {type(items).__name__}")
-    for item in items:
-        vm.check_key(item)
-    return set(items)
+    result: set = set()
+    vm.add_items(result, list(items))
+    return result
 
 
 def _make_bytes(vm: _PickleVM, source=b"", encoding=None) -> bytes:
@@ -711,9 +777,8 @@ def _additems(vm: _PickleVM) -> None:
 
 
 def _frozenset(vm: _PickleVM) -> None:
-    items = vm.pop_mark()
-    for item in items:
-        vm.check_key(item)
+    items: set = set()
+    vm.add_items(items, vm.pop_mark())
     vm.push(frozenset(items))
 
 
@@ -852,9 +917,14 @@ def _check_extents(tensors: list[TensorRef], storages: dict[str, StorageRef]) ->
     for tensor in tensors:
         have = storages[tensor.storage_key].nbytes
         if tensor.storage_bytes_needed > have:
-            raise _bad(f"tensor of shape {list(tensor.shape)} at offset {tensor.storage_offset} "
-                       f"needs {tensor.storage_bytes_needed} bytes of storage "
-                       f"{_show(tensor.storage_key)}, which has {have}")
+            raise _bad(f"tensor of shape {list(tensor.shape)} at offset "
+                       f"{tensor.storage_offset} needs {tensor.storage_bytes_needed} bytes of "
+                       f"storage {_show(tensor.storage_key)}, which has {have}")
+        if tensor.nbytes > max(MAX_VIEW_EXPANSION * have, _VIEW_ALLOWANCE):
+            raise _bad(f"tensor of shape {list(tensor.shape)} and stride "
+                       f"{list(tensor.stride)} describes {tensor.nbytes} bytes from "
+                       f"{have} bytes of storage {_show(tensor.storage_key)} (more than "
+                       f"{MAX_VIEW_EXPANSION} times its storage: an expanded view)")
 
 
 def _run_pickle(data: bytes, pos: int, *, strict: bool, pid_len: int = 0):
@@ -1627,7 +1697,8 @@ def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int) -> Torc
     return TorchFileInfo("legacy", _fresh(obj) if check_pickle else None, storages)
 
 
-def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
+def inspect_torch_file(path: str | os.PathLike, *,
+                       check_pickle: bool | frozenset[str] = True,
                        max_pickle_bytes: int = MAX_PICKLE_BYTES, shared: bool = False,
                        file_size: int | None = None) -> TorchFileInfo:
     """Check a ``torch.save`` file's container and pickle without unpickling it.
@@ -1643,7 +1714,8 @@ def inspect_torch_file(path: str | os.PathLike, *, check_pickle: bool = True,
     archives, are memoised (see above); each call gets its own ``obj`` tree, unless
     ``shared``: then the result may be the very object other calls get, never to be mutated.
     ``file_size``: the size of a regular file as the caller's own ``lstat`` saw it (see
-    ``safetensors_header.open_regular``).
+    ``safetensors_header.open_regular``). ``check_pickle`` may be a frozenset of global
+    names (``TRAINER_RNG_GLOBALS``): then it is True with those globals allowed too.
     """
     fd, size = open_regular(path, file_size)
     try:

@@ -18,7 +18,7 @@ Scenario entries (``RELIABILITY.md`` rows 9-13):
 13. Trainer rotation: random runs pruned with one process or two workers; transformers' own
     ``sort_checkpoints`` / ``rotate_checkpoints`` choose as on an untouched copy.
 
-``CKPT_TOOLS_REDTEAM_RUNS`` (default 3) sets the runs of each entry; ``CKPT_TOOLS_REDTEAM_SEED``
+``CKPT_TOOLS_REDTEAM_RUNS`` (default 2) sets the runs of each entry; ``CKPT_TOOLS_REDTEAM_SEED``
 replays a run set (each entry derives its own generator from it). Every failure is recorded per
 run (``tests/scorecard.py``), never a timing.
 """
@@ -58,7 +58,7 @@ from ckpt_tools.names import shown
 REPO = Path(__file__).resolve().parents[1]
 RUNS_ENV = "CKPT_TOOLS_REDTEAM_RUNS"
 SEED_ENV = "CKPT_TOOLS_REDTEAM_SEED"
-DEFAULT_RUNS = 3
+DEFAULT_RUNS = 2
 GUARD_S = 120          # a hang guard per child, never a timing assertion
 DAY_NS = 86_400 * 10**9
 MERGED = "model.safetensors"
@@ -502,7 +502,8 @@ def random_name(rng: random.Random) -> str:
             parts.append(rng.choice(NAME_PIECES))
         else:
             parts.append("".join(rng.choice("abcxyz019") for _ in range(rng.randint(1, 4))))
-    return "".join(parts)
+    # as a listing gives it back: undecodable bytes drawn apart may join into a UTF-8 sequence
+    return os.fsdecode(os.fsencode("".join(parts)))
 
 
 def _names_json(doc, root: Path, expected: set[bytes]):

@@ -262,10 +262,9 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
     seed = base_seed()
     rng = random.Random(seed * 100 + 9)
     runs = Runs("redteam_content_proof", scenario=9,
-                title="Content proof: one checkpoint's PEFT tree differs from its merged weights "
-                      "only in bytes (flipped LoRA bytes, zeroed adapter, router byte, files "
-                      "symlinked to a sibling's, a relabelled dtype, a merged export without LoRA "
-                      "keys) → `prune --yes` keeps it",
+                title="Content proof: a checkpoint whose PEFT tree differs from its merged "
+                      "weights only in bytes, links or dtype, or whose merged file holds no LoRA "
+                      "key → `prune --yes` keeps its merged weights",
                 checks=[
                     "a run of 3-6 redundant checkpoints (copies of the fixture's Trainer saves); one, "
                     "chosen at random, changed by one mutation (kinds cycled, parameters random: "
@@ -404,10 +403,9 @@ def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_w
     seed = base_seed()
     rng = random.Random(seed * 100 + 10)
     runs = Runs("redteam_bounds", scenario=10,
-                title="Bounded inputs: counts of 10**12, routers of 10**10 stride-0 rows, regular "
-                      "expressions that backtrack, pickled dicts of colliding keys, integers of "
-                      "thousands of digits, stride-0 views, headers of 4M keys, JSON nested 100k "
-                      "deep, each in the middle checkpoint of a run",
+                title="Bounded inputs: huge counts, backtracking patterns, colliding pickle keys, "
+                      "integers of thousands of digits, stride-0 views, headers of millions of keys, "
+                      "deep JSON → one problem on that file, the rest judged as without it",
                 checks=[
                     "the hostile file of each case of tests/test_bounded_inputs.py (cases cycled, "
                     "the run's length 3-5 random) in the middle checkpoint; the others sound copies",
@@ -520,8 +518,8 @@ def test_odd_names_never_break_json_text_or_the_log(results_tree, tmp_path):
     seed = base_seed()
     rng = random.Random(seed * 100 + 11)
     runs = Runs("redteam_names", scenario=11,
-                title="Names: runs named with control characters, escape sequences (CSI, OSC, "
-                      "C1), newlines that forge an `error:` line, bytes that are not UTF-8",
+                title="Names with control characters, escape sequences, newlines and bytes that "
+                      "are not UTF-8 → strict, reversible JSON, inert text, `prune --log` prunes",
                 checks=[
                     "a root of 2-3 runs (copies of the fixture's Trainer run) named at random from "
                     "those pieces, under a locale chosen at random (UTF-8 strict, C, POSIX)",
@@ -589,7 +587,8 @@ def test_odd_names_never_break_json_text_or_the_log(results_tree, tmp_path):
         runs.add(" | ".join(shown(n) for n in names), failures, locale=env,
                  names_b64=[base64.b64encode(os.fsencode(n)).decode() for n in names],
                  text_command=" ".join(text_cmd))
-    runs.note(f"seed {seed}")
+    runs.note(f"seed {seed}; locales: " + ", ".join(
+        f"{env} {sum(r['locale'] == env for r in runs.records)}" for env in LOCALES))
     runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
 
 
@@ -771,9 +770,9 @@ def test_operator_inputs_are_refused_without_a_hang_or_a_change(results_tree, tm
     seed = base_seed()
     rng = random.Random(seed * 100 + 12)
     runs = Runs("redteam_operator_inputs", scenario=12,
-                title="Operator inputs: durations NaN/inf/negative/overflowing for every duration "
-                      "option; FIFOs, sockets and devices as --log, --lock, a sibling's config.json "
-                      "or a file in a checkpoint; empty path arguments",
+                title="Operator inputs: NaN, infinite, negative or overflowing durations; FIFOs, "
+                      "sockets and devices where a file is read; empty paths → refused, no hang, "
+                      "nothing changed",
                 checks=[
                     "every child under a 120 s guard (a FIFO is held open for writing by the test: "
                     "a reader's open would release it, and is reported), no traceback",
@@ -892,10 +891,14 @@ def test_the_trainers_rotation_chooses_as_on_an_untouched_copy(results_tree, tmp
     seed = base_seed()
     rng = random.Random(seed * 100 + 13)
     runs = Runs("redteam_rotation", scenario=13,
-                title="Trainer rotation: random runs (random steps, a random subset redundant, "
-                      "save times in or out of step order, perhaps a save in progress) pruned with "
-                      "one process or two worker processes",
+                title="Trainer rotation after `prune --yes` (one process or two workers): "
+                      "transformers' `rotate_checkpoints(use_mtime=True)` chooses as on an "
+                      "untouched copy",
                 checks=[
+                    "a run of 3-9 checkpoints at random steps (105-130 for --jobs 2: prune forks "
+                    "workers only for 50 checkpoints each), each redundant, peft-only or broken at "
+                    "random; directory mtimes of saves two days ago, in step order or shuffled (a "
+                    "resumed run); in half the runs a save of a minute ago (in progress)",
                     "prune --yes --json (default --min-age 1h) under a 120 s guard: exit 0, deleted "
                     "exactly the redundant checkpoints' merged files; with --jobs 2 (105-130 "
                     "checkpoints, at least 100 redundant) the unlinks were made by two worker "
@@ -959,5 +962,7 @@ def test_the_trainers_rotation_chooses_as_on_an_untouched_copy(results_tree, tmp
         runs.add(f"--jobs {jobs}: {len(names)} checkpoints {counts}", failures, jobs=jobs,
                  checkpoints=len(names), kinds=counts, deleted=len(deleted), save_total_limit=limit,
                  best_model_checkpoint=best, kept=len(want[1]), unlinking_workers=len(by))
-    runs.note(f"seed {seed}")
+    rotated = sum(r["kept"] < r["checkpoints"] for r in runs.records)
+    runs.note(f"seed {seed}; runs with --jobs 2: {sum(r['jobs'] == 2 for r in runs.records)}; runs "
+              f"whose rotation deletes checkpoints (save_total_limit below their count): {rotated}")
     runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))

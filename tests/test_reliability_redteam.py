@@ -610,19 +610,23 @@ def bad_duration(rng: random.Random) -> str:
 
 
 def _op_duration(results, case_dir: Path, rng) -> tuple[str, list[str]]:
-    cmd, option = rng.choice(DURATION_OPTIONS)
-    value = bad_duration(rng)
+    """Every duration option of every command, each given a bad value of its own."""
     tree = case_dir / "tree"
     shutil.copytree(results / "run_trainer", tree / "run_trainer", symlinks=True)
     before = file_state(case_dir)
-    child = run_limited(*_command(cmd, option, value, tree, case_dir), timeout=GUARD_S)
-    failures = _guard(child, cmd)
-    if child.rc != 2 or option not in child.stderr or child.stdout:
-        failures.append(f"exit {child.rc}, stdout {child.stdout[:200]!r}, stderr {child.stderr[-300:]!r}")
+    failures, tried = [], []
+    for cmd, option in DURATION_OPTIONS:
+        value = bad_duration(rng)
+        tried.append(f"{cmd} {option}={value!r}")
+        child = run_limited(*_command(cmd, option, value, tree, case_dir), timeout=GUARD_S)
+        failures += _guard(child, tried[-1])
+        if child.rc != 2 or option not in child.stderr or child.stdout:
+            failures.append(f"{tried[-1]}: exit {child.rc}, stdout {child.stdout[:200]!r}, "
+                            f"stderr {child.stderr[-300:]!r}")
     failures += diff_states(before, file_state(case_dir))
     if (case_dir / "dst").exists():
         failures.append("migrate made DST")
-    return f"{cmd} {option}={value!r}", failures
+    return "; ".join(tried), failures
 
 
 def _op_log_or_lock(results, case_dir: Path, rng) -> tuple[str, list[str]]:
@@ -776,9 +780,9 @@ def test_operator_inputs_are_refused_without_a_hang_or_a_change(results_tree, tm
                 checks=[
                     "every child under a 120 s guard (a FIFO is held open for writing by the test: "
                     "a reader's open would release it, and is reported), no traceback",
-                    "a bad duration (value generated: NaN, an infinity, a negative or an overflow, "
-                    "with or without a unit) for a random duration option of a random command: exit "
-                    "2 naming the option, nothing on stdout, no file changed or created (no lock "
+                    "a bad duration (generated: NaN, an infinity, a negative or an overflow, with "
+                    "or without a unit) for each duration option of each command in turn: exit 2 "
+                    "naming the option, nothing on stdout, no file changed or created (no lock "
                     "file, no DST)",
                     "a FIFO, socket or device as prune's --log or --lock (--yes or --dry-run): exit "
                     "2, one line naming it and 'not a regular file', nothing changed",

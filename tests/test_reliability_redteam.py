@@ -183,7 +183,8 @@ def mutate_flip(ck: Path, rng, results, siblings) -> str:
     path = ck / ADAPTER.format(expert)
     name, (start, end) = rng.choice(sorted(safetensors_tensors(path).items()))
     where = flip_bytes(path, start, end, rng, rng.randint(1, 8))
-    return f"expert_{expert} {name.split('.', 3)[-1]}: bytes {where} of {end - start} flipped"
+    tensor = f"expert_{expert} model.{name.split('.', 3)[-1]}"
+    return f"{tensor}: bytes {where} of {end - start} flipped", tensor
 
 
 def mutate_zero(ck: Path, rng, results, siblings) -> str:
@@ -194,7 +195,7 @@ def mutate_zero(ck: Path, rng, results, siblings) -> str:
     with keep_mtime(path), open(path, "r+b") as fh:
         fh.seek(start)
         fh.write(bytes(end - start))
-    return f"expert_{expert}: every tensor byte zeroed, header kept"
+    return f"expert_{expert}: every tensor byte zeroed, header kept", f"expert_{expert} "
 
 
 def mutate_router(ck: Path, rng, results, siblings) -> str:
@@ -202,7 +203,7 @@ def mutate_router(ck: Path, rng, results, siblings) -> str:
     records = {k: v for k, v in zip_records(path).items() if "/data/" in k}
     name, (start, end) = rng.choice(sorted(records.items()))
     where = flip_bytes(path, start, end, rng, rng.randint(1, 4))
-    return f"router record {name}: bytes {where} of {end - start} flipped"
+    return f"router record {name}: bytes {where} of {end - start} flipped", "router"
 
 
 def mutate_symlinks(ck: Path, rng, results, siblings) -> str:
@@ -215,14 +216,14 @@ def mutate_symlinks(ck: Path, rng, results, siblings) -> str:
         target.unlink()
         os.symlink(os.path.relpath(sibling / rel, target.parent), target)
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-    return f"{', '.join(chosen)} symlinked to {sibling.name}'s"
+    return f"{', '.join(chosen)} symlinked to {sibling.name}'s", "symlink"
 
 
 def mutate_export(ck: Path, rng, results, siblings) -> str:
     target = ck / MERGED
     with keep_mtime(target):
         target.write_bytes((results / "merged_hf/merged_model/model.safetensors").read_bytes())
-    return "model.safetensors replaced by a merged export (no LoRA key)"
+    return "model.safetensors replaced by a merged export (no LoRA key)", "merged export"
 
 
 def mutate_dtype(ck: Path, rng, results, siblings) -> str:
@@ -239,7 +240,8 @@ def mutate_dtype(ck: Path, rng, results, siblings) -> str:
     with keep_mtime(path), open(path, "r+b") as fh:
         fh.seek(8)
         fh.write(text + b" " * (n - len(text)))
-    return f"expert_{expert} {name.split('.', 3)[-1]}: dtype F32 relabelled I32"
+    tensor = f"expert_{expert} model.{name.split('.', 3)[-1]}"
+    return f"{tensor}: dtype F32 relabelled I32", tensor
 
 
 MUTATIONS = {"flip": mutate_flip, "zero": mutate_zero, "router": mutate_router,
@@ -272,7 +274,9 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
                     "sizes, headers and mtimes kept where the mutation allows",
                     "prune --yes --json --min-age 0 under a 120 s guard: exit 0, no traceback",
                     "the mutated checkpoint: nothing deleted, every file byte-identical (sha256, "
-                    "size, mtime) to before the prune, its merged file included; reported as skipped",
+                    "size, mtime) to before the prune, its merged file included; reported as "
+                    "skipped, the reason naming what differs (the expert and tensor, the router, "
+                    "the symlink, the merged export)",
                     "every untouched checkpoint: exactly its merged model.safetensors deleted, "
                     "everything else unchanged",
                 ], test="test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_content")
@@ -284,7 +288,7 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
         names = build_run(results, run, steps, rng)
         victim = rng.choice(names)
         siblings = [run / n for n in names if n != victim]
-        what = MUTATIONS[kind](run / victim, rng, results, siblings)
+        what, named = MUTATIONS[kind](run / victim, rng, results, siblings)
         before = file_state(root)
         child = run_limited("prune", "--yes", "--json", "--no-progress", "--min-age", "0", root,
                             timeout=GUARD_S)
@@ -305,6 +309,8 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
                    if s.get("path", "").startswith(f"run/{victim}")]
         if doc is not None and not reasons:
             failures.append(f"the mutated {victim} is not reported as skipped")
+        elif doc is not None and named not in reasons[0]:
+            failures.append(f"the reason does not name {named!r}: {reasons[0][:300]}")
         runs.add(f"{kind}: {victim} of {len(names)}", failures, mutation=kind, detail=what,
                  checkpoints=len(names), deleted=len(deleted), reason=(reasons or [""])[0][:300],
                  seconds=child.seconds)

@@ -42,8 +42,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import pytest
-
 from scorecard import Runs
 from test_names import LOCALES, assert_inert, exact_bytes, strict_json
 from test_names import cli as cli_in_locale
@@ -112,10 +110,6 @@ def diff_states(before: dict, after: dict, allowed_gone: set[str] = frozenset(),
     return out
 
 
-def _guard(child, what: str) -> list[str]:
-    return child.guard_failures(what)
-
-
 def copy_checkpoint(results: Path, template: str, dest: Path) -> Path:
     shutil.copytree(results / template, dest, symlinks=True)
     return dest
@@ -130,14 +124,12 @@ def build_run(results: Path, run: Path, steps: list[int], rng: random.Random) ->
     return names
 
 
+@contextlib.contextmanager
 def keep_mtime(path: Path):
-    """Context: whatever is done to ``path`` inside it, its mtime (and atime) stay."""
-    @contextlib.contextmanager
-    def keeping():
-        st = os.lstat(path)
-        yield
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-    return keeping()
+    """Whatever is done to ``path`` inside it, its mtime (and atime) stay."""
+    st = os.lstat(path)
+    yield
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 # --- 9. content proof ----------------------------------------------------------------------------
@@ -293,7 +285,7 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
         child = run_limited("prune", "--yes", "--json", "--no-progress", "--min-age", "0", root,
                             timeout=GUARD_S)
         after = file_state(root)
-        failures = _guard(child, "prune")
+        failures = child.guard_failures("prune")
         doc = child.json()
         if child.rc != 0 or doc is None:
             failures.append(f"prune exited {child.rc}: {child.stderr[-400:]}")
@@ -450,7 +442,7 @@ def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_w
         if isinstance(detail, tuple):
             detail, rel = detail
         got = _bounded_children(run)
-        failures = [f for what, child in got.items() for f in _guard(child, what)]
+        failures = [f for what, child in got.items() for f in child.guard_failures(what)]
         for what in ("audit", "validate"):
             child = got[what]
             found = _record(child.json())
@@ -625,7 +617,7 @@ def _op_duration(results, case_dir: Path, rng) -> tuple[str, list[str]]:
         value = bad_duration(rng)
         tried.append(f"{cmd} {option}={value!r}")
         child = run_limited(*_command(cmd, option, value, tree, case_dir), timeout=GUARD_S)
-        failures += _guard(child, tried[-1])
+        failures += child.guard_failures(tried[-1])
         if child.rc != 2 or option not in child.stderr or child.stdout:
             failures.append(f"{tried[-1]}: exit {child.rc}, stdout {child.stdout[:200]!r}, "
                             f"stderr {child.stderr[-300:]!r}")
@@ -652,7 +644,7 @@ def _op_log_or_lock(results, case_dir: Path, rng) -> tuple[str, list[str]]:
         finally:
             if writer:
                 writer.release()
-    failures = _guard(child, "prune")
+    failures = child.guard_failures("prune")
     lines = child.stderr.strip().splitlines()
     if child.rc != 2 or len(lines) != 1 or path not in lines[0] or "not a regular file" not in lines[0]:
         failures.append(f"exit {child.rc}, stderr {child.stderr[-300:]!r}")
@@ -687,7 +679,7 @@ def _op_migrate_config(results, case_dir: Path, rng) -> tuple[str, list[str]]:
             writer.release()
         if sock:
             sock.close()
-    failures = _guard(child, "migrate")
+    failures = child.guard_failures("migrate")
     doc = child.json()
     if child.rc != 0 or doc is None:
         return f"migrate, checkpoint-{step}/config.json a {kind}", failures + [
@@ -733,7 +725,7 @@ def _op_deep(results, case_dir: Path, rng) -> tuple[str, list[str]]:
             writer.release()
         if sock:
             sock.close()
-    failures = _guard(child, "validate --deep")
+    failures = child.guard_failures("validate --deep")
     doc = child.json()
     described = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
     if child.rc != 1 or doc is None:

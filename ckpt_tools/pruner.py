@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from . import workers
-from .content_proof import ContentProof
 from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, Checkpoint, FileRecord
 
 _SKIP_REASONS = {
@@ -155,7 +154,10 @@ def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True
 def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) -> dict[int, str]:
     """{index: reason} of the redundant checkpoints whose merged weights are not proven
     redundant by content; with ``jobs`` > 1 and enough of them, proven in forked workers."""
-    proof: Prover = ContentProof() if prove is True else prove
+    if prove is True:
+        from .content_proof import ContentProof   # only prune proves: audit never loads it
+        prove = ContentProof()
+    proof: Prover = prove
     todo = [i for i, c in enumerate(checkpoints) if c.status == REDUNDANT]
 
     def run(span: tuple[int, int]) -> list[tuple[int, str]]:

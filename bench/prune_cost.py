@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,12 +47,25 @@ from audit_vs_du import ckpt_tools_cmd  # noqa: E402
 from gen_tree import generate  # noqa: E402
 
 
-def timed(cmd: list[str], ok=(0,)) -> tuple[float, bytes]:
+# CPU seconds (user + system) of each timed command, its worker processes included: on a
+# shared machine wall times swing with the load, the work a command does much less.
+CPU: dict[str, list[float]] = {}
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed(cmd: list[str], ok=(0,), what: str | None = None) -> tuple[float, bytes]:
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - t0
     if proc.returncode not in ok:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-800:]}")
+    if what is not None:
+        CPU.setdefault(what, []).append(_children_cpu() - c0)
     return elapsed, proc.stdout
 
 
@@ -115,11 +129,11 @@ def main(argv=None) -> int:
             order = list(times)
             for what in (order if rep % 2 == 0 else list(reversed(order))):
                 if what == "audit":
-                    t, _ = timed(audit_cmd, ok=(0, 1))
+                    t, _ = timed(audit_cmd, ok=(0, 1), what="audit")
                 elif what == "audit of the redundant":
                     t, _ = timed(revalidate_cmd, ok=(0, 1))
                 elif what == "dry-run":
-                    t, _ = timed(dry_cmd, ok=(0, 1))
+                    t, _ = timed(dry_cmd, ok=(0, 1), what="dry-run")
                 elif what == "prune --yes":
                     copy = fresh_copy(args.checkpoints, work / "copy")
                     log = work / "prune.jsonl"
@@ -147,6 +161,7 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     # per repetition: the dry run over the audit timed next to it
     pairs = [d / a for a, d in zip(times["audit"], times["dry-run"])]
+    cpu_med = {k: statistics.median(v) for k, v in CPU.items()}
     doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
                        "load_average_after": os.getloadavg()},
            "command": " ".join([sys.executable] + (argv if argv is not None else sys.argv)),
@@ -154,7 +169,9 @@ def main(argv=None) -> int:
            "prune_jobs": args.jobs,
            "times": times, "median": med, **facts,
            "plan_over_audit": med["dry-run"] / med["audit"],
-           "plan_over_audit_per_rep": pairs}
+           "plan_over_audit_per_rep": pairs,
+           "cpu_s": CPU, "cpu_median_s": cpu_med,
+           "plan_over_audit_cpu": cpu_med["dry-run"] / cpu_med["audit"]}
     if not args.plan_only:
         doc |= {"execution_s": execution, "execution_median_s": statistics.median(execution),
                 "execution_over_rm": statistics.median(execution) / med["rm"],
@@ -168,8 +185,11 @@ def main(argv=None) -> int:
              "| command | wall time, median [min–max] |", "|---|---:|"]
     for k, v in times.items():
         lines.append(f"| {k} | {med[k]:.2f} s [{min(v):.2f}–{max(v):.2f}] |")
-    lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f} (medians); per repetition "
-              f"{', '.join(f'{r:.2f}' for r in pairs)}."]
+    lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f} (wall-time medians); per repetition "
+              f"{', '.join(f'{r:.2f}' for r in pairs)}. CPU time (user + system, workers "
+              f"included), median: audit {cpu_med['audit']:.2f} s, dry run {cpu_med['dry-run']:.2f} s: "
+              f"{doc['plan_over_audit_cpu']:.2f}. Load average after the run: "
+              f"{', '.join(f'{x:.1f}' for x in doc['machine']['load_average_after'])}."]
     if args.plan_only:
         md = "\n".join(lines) + "\n"
         (args.out / f"prune_cost{suffix}.md").write_text(md)

@@ -23,6 +23,7 @@ proven. ``validate --deep`` reports the same comparison as ``merged-mismatch``.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,10 +43,10 @@ NOT_PROVEN = "merged weights not proven redundant"
 # Files up to this size are read whole, header and tensors in one pread.
 _WHOLE_FILE = 1 << 20
 # Tensors closer than this in one file are read in one pread; a read is at most _BLOCK long
-# (unless one tensor is longer).
+# (a longer tensor is compared piece by piece), a batch of reads at most _BATCH.
 _GAP = 64 * 1024
 _BLOCK = 8 << 20
-_BATCH = 32 << 20      # the bytes a batch of comparisons holds at once (more for one huge tensor)
+_BATCH = 32 << 20
 _JOIN = 64 * 1024      # tensors compared at once: joined into buffers of about this size
 _MEMO_MAX = 256
 
@@ -381,9 +382,25 @@ def _pair_one(name: str, tree_rel: str, t: TensorLocation | None, m: TensorLocat
     return label, t, m
 
 
+def _pieces(pairs: list) -> list:
+    """The pairs, a tensor longer than ``_BLOCK`` cut into pieces of at most that many bytes
+    (plain slices of equal dtype and shape are equal exactly when their pieces are)."""
+    out = []
+    for label, t, m in pairs:
+        if t.nbytes <= _BLOCK:
+            out.append((label, t, m))
+            continue
+        for at in range(0, t.nbytes, _BLOCK):
+            n = min(_BLOCK, t.nbytes - at)
+            out.append((label, dataclasses.replace(t, offset=t.offset + at, nbytes=n),
+                        dataclasses.replace(m, offset=m.offset + at, nbytes=n)))
+    return out
+
+
 def _plan_reads(pairs: list, index: dict[str, int], keep: list) -> _Pairing:
     """Group the byte ranges of each file into reads (``_GAP``, ``_BLOCK``), and the
     comparisons into batches whose reads hold at most ``_BATCH`` bytes."""
+    pairs = _pieces(pairs)
     ranges: dict[int, set[tuple[int, int]]] = {}
     for _, t, m in pairs:
         for loc in (t, m):

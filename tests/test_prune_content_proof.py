@@ -330,3 +330,34 @@ def test_v0_v1_and_peft_keys_of_one_lora_tensor_share_one_canonical_name():
     peft = f"base_model.model.{module}.lora_A.weight"
     names = {k: set(group_moe_lora({k: loc(k)})[2]) for k in (v1, v0, flat)}
     assert names[v1] == names[v0] == names[flat] == set(group_peft_lora({peft: loc(peft)}))
+
+
+def test_long_tensors_are_compared_piece_by_piece_in_bounded_reads(results_tree, tmp_path, monkeypatch):
+    """Reads of at most 200 bytes, batches of at most 1000: the proof holds little memory and
+    still finds the one byte that differs, at the end of a tensor, and names that tensor."""
+    import ckpt_tools.content_proof as content_proof
+    from ckpt_tools import scan
+
+    monkeypatch.setattr(content_proof, "_BLOCK", 200)
+    monkeypatch.setattr(content_proof, "_GAP", 0)
+    monkeypatch.setattr(content_proof, "_BATCH", 1000)
+    root = small_root(results_tree, tmp_path, TRAINER)
+    adapter = root / CK4 / "peft_adapters/expert_1/adapter_model.safetensors"
+    start, header = header_of(adapter)
+    name = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    last = start + header[name]["data_offsets"][1] - 1
+    overwrite_keeping_mtime(adapter, last, bytes([adapter.read_bytes()[last] ^ 0x01]))
+    sizes = []
+    real_read = content_proof._File.read
+
+    def read(self, offset, nbytes):
+        sizes.append(nbytes)
+        return real_read(self, offset, nbytes)
+
+    monkeypatch.setattr(content_proof._File, "read", read)
+    proof = content_proof.ContentProof()
+    found = {c.path: proof(c) for c in scan(str(root), min_age_s=0).checkpoints}
+    assert found == {CK2: None, CK4: "merged weights differ from the PEFT tree: expert_1 "
+                     "model.layers.1.self_attn.q_proj.lora_B.weight "
+                     "(peft_adapters/expert_1/adapter_model.safetensors)"}
+    assert sizes and max(sizes) <= 200     # the fixture's tensors are 512 bytes

@@ -14,7 +14,8 @@ deletes merged weights (in its plan, and again right before the unlink) it prove
 - every router tensor of the merged weights (``router.gate.weight`` / ``.bias``) equals the
   PEFT tree router's (router.pt, router.safetensors, or V2's ``gate_state_dict`` form).
 
-Torch is not imported: the headers (safetensors) and pickles (torch.save, evaluated
+A merged file that is a symlink is not compared: prune unlinks the link itself, and its
+target, whatever it holds, stays. Torch is not imported: the headers (safetensors) and pickles (torch.save, evaluated
 symbolically) say where each tensor lies, and only those byte ranges are read and compared.
 A tensor that is not one plain contiguous slice of its file, or that cannot be read, is not
 proven. ``validate --deep`` reports the same comparison as ``merged-mismatch``.
@@ -153,8 +154,16 @@ class ContentProof:
         ``own_tree=False`` leaves out the rule that the PEFT tree must be the checkpoint's own
         (``validate --deep`` compares contents only)."""
         rows = file_rows(ckpt)
+        # Unlinking a symlink loses nothing (its target stays): only the merged files that
+        # are files of their own must hold nothing the tree lacks. FileRecord row fields:
+        # relpath, is_symlink at 0, 7.
+        links = {r[0] for r in rows if r[7]}
+        held = tuple(m for m in merged_files
+                     if m not in links and layout.role_of(m).role is Role.MERGED)
+        if not held:
+            return None
         try:
-            inputs = self._inputs_of(tuple(r[0] for r in rows), tuple(merged_files), facts)
+            inputs = self._inputs_of(tuple(r[0] for r in rows), held, facts)
             if own_tree:
                 _check_own(ckpt, rows, facts, inputs)
             self._compare(ckpt, rows, inputs, facts)
@@ -164,7 +173,8 @@ class ContentProof:
 
     def _inputs_of(self, relpaths: tuple[str, ...], merged_files: tuple[str, ...],
                    facts: dict) -> list[_Input]:
-        """``_inputs``, once per set of relpaths (the checkpoints of a run repeat theirs)."""
+        """``_inputs``, once per set of relpaths (the checkpoints of a run repeat theirs);
+        ``merged_files``: the merged-weight files (not index, not symlink) to compare."""
         key = (relpaths, merged_files, facts.get("tree_form"), facts.get("router"))
         found = self._inputs.get(key)
         if found is None:
@@ -220,6 +230,8 @@ class ContentProof:
             header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES))
             self._first_read[f.rel] = (header.data_start + 4095) // 4096 * 4096
             return header
+        except ValueError:   # the file ended before the header it declares (it shrank)
+            raise _Fail(f"{NOT_PROVEN}: cannot read {f.rel}: file ends inside its header") from None
         except (FormatError, OSError) as exc:
             raise _Fail(f"{NOT_PROVEN}: cannot read {f.rel}: {_why(exc)}") from None
 
@@ -258,10 +270,7 @@ def _inputs(relpaths: tuple[str, ...], merged_files: tuple[str, ...], tree_form:
     if not router:
         raise _Fail(f"{NOT_PROVEN}: no router state to compare with")
     inputs.append(_Input(router, "router"))
-    merged = [m for m in merged_files if layout.role_of(m).role is Role.MERGED]
-    if not merged:
-        raise _Fail(f"{NOT_PROVEN}: no merged weights file to compare")
-    inputs += [_Input(m, "merged") for m in merged]
+    inputs += [_Input(m, "merged") for m in merged_files]
     return inputs
 
 

@@ -163,7 +163,10 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
     def run(span: tuple[int, int]) -> list[tuple[int, str]]:
         out = []
         for i in todo[span[0]:span[1]]:
-            reason = proof(checkpoints[i])
+            try:
+                reason = proof(checkpoints[i])
+            except Exception as exc:  # noqa: BLE001 - a proof that breaks proves nothing (§5.4.6)
+                reason = f"merged weights not proven redundant: {type(exc).__name__}: {exc}"
             if reason is not None:
                 out.append((i, reason))
         return out

@@ -361,3 +361,22 @@ def test_long_tensors_are_compared_piece_by_piece_in_bounded_reads(results_tree,
                      "model.layers.1.self_attn.q_proj.lora_B.weight "
                      "(peft_adapters/expert_1/adapter_model.safetensors)"}
     assert sizes and max(sizes) <= 200     # the fixture's tensors are 512 bytes
+
+
+def test_a_proof_that_breaks_plans_nothing_for_its_checkpoint(results_tree, tmp_path):
+    from ckpt_tools.content_proof import ContentProof
+
+    _, _, now = results_tree
+    root = small_root(results_tree, tmp_path, TRAINER)
+    real = ContentProof()
+
+    def prove(c):
+        if c.path == CK4:
+            raise KeyError("a bug")
+        return real(c)
+
+    from ckpt_tools import plan_prune, scan
+    plan = plan_prune(scan(str(root), now=now).checkpoints, prove=prove)
+    assert [d.path for d in plan.deletions] == [f"{CK2}/model.safetensors"]
+    assert [(s.path, s.reason) for s in plan.skipped] == [
+        (CK4, "merged weights not proven redundant: KeyError: 'a bug'")]

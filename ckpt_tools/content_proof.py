@@ -15,10 +15,10 @@ deletes merged weights (in its plan, and again right before the unlink) it prove
   PEFT tree router's (router.pt, router.safetensors, or V2's ``gate_state_dict`` form).
 
 A merged file that is a symlink is not compared: prune unlinks the link itself, and its
-target, whatever it holds, stays. Torch is not imported: the headers (safetensors) and pickles (torch.save, evaluated
-symbolically) say where each tensor lies, and only those byte ranges are read and compared.
-A tensor that is not one plain contiguous slice of its file, or that cannot be read, is not
-proven. ``validate --deep`` reports the same comparison as ``merged-mismatch``.
+target, whatever it holds, stays. Torch is not imported: the headers (safetensors) and
+pickles (torch.save, evaluated symbolically) say where each tensor lies, and only those byte
+ranges are read and compared. A tensor that is not one plain contiguous slice of its file,
+or that cannot be read, is not proven. ``validate --deep`` reports the same comparison as ``merged-mismatch``.
 """
 
 from __future__ import annotations

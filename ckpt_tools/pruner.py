@@ -8,6 +8,7 @@ weights hold nothing its PEFT tree lacks (``content_proof``). Executing a plan i
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -172,7 +173,13 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
         return out
 
     n_workers = min(jobs, len(todo) // _MIN_PROOFS_PER_WORKER)
-    if n_workers > 1 and workers.available():
-        with workers.Workers(workers.spans_of(len(todo), n_workers), n_workers, run) as w:
-            return dict(item for part in w.in_order() for item in part)
-    return dict(run((0, len(todo))))
+    collecting = gc.isenabled()
+    gc.disable()   # the scan's records are many and acyclic: see api.scan
+    try:
+        if n_workers > 1 and workers.available():
+            with workers.Workers(workers.spans_of(len(todo), n_workers), n_workers, run) as w:
+                return dict(item for part in w.in_order() for item in part)
+        return dict(run((0, len(todo))))
+    finally:
+        if collecting:
+            gc.enable()

@@ -802,8 +802,8 @@ class _Found:
     """What ``_examine`` found, before the checkpoint's age is taken into account."""
 
     __slots__ = ("layout", "tree_form", "merged_kind", "merged", "num_experts", "tree_complete",
-                 "merged_export", "experts", "router_ok", "router", "root_cfg", "moe_cfg", "moe_dir", "facts",
-                 "_facts")
+                 "merged_export", "experts", "router_ok", "router", "root_cfg", "moe_cfg",
+                 "moe_dir", "facts", "_facts")
 
     def __init__(self, **kw):
         self._facts = None

@@ -34,7 +34,9 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
 	$(LATEST)/bin/python -m pip install --quiet "$(TORCH)"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation -e ".[test]"
+	echo "$(TORCH)" > $(LATEST)/torch-choice.txt   # an eager upgrade must not swap torch's build
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager --no-build-isolation \
+		-c $(LATEST)/torch-choice.txt -e ".[test]"
 	-$(LATEST)/bin/python tools/lock.py check $(LOCK)
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 

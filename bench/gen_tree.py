@@ -1,9 +1,14 @@
-"""Generate a large synthetic results tree for benchmarks: real file formats, cheap bytes.
+"""Generate a large synthetic results tree for benchmarks: real file formats, real LoRA bytes.
 
 Every checkpoint is canonical (4 experts, real safetensors adapters and torch.save
 router/optimizer files); every third one also holds a Trainer-style merged
-``model.safetensors`` whose data section is sparse (its header is real, its bytes are
-holes), so the tree is as many files as a real one without gigabytes of writes.
+``model.safetensors`` (V1 keys: each module's ``base_layer.weight`` and every expert's
+``lora_A`` / ``lora_B``, the router's ``gate.weight`` / ``gate.bias``). The LoRA and router
+tensors hold real, non-zero float32 values, distinct in every checkpoint, and those inside a
+merged file are byte for byte its PEFT tree's, so a redundant checkpoint really is one and
+prune's content proof has every byte to compare. Only the merged files' base weights are
+sparse (their header is real, their bytes are holes), so the tree is as many files as a real
+one without gigabytes of base weights.
 
     python bench/gen_tree.py DEST --checkpoints 3000
 """
@@ -43,27 +48,52 @@ def safetensors_bytes(tensors: dict[str, tuple[str, list[int]]], sparse_data: bo
     return struct.pack("<Q", len(raw)) + raw, offset
 
 
-def template() -> dict[str, bytes | tuple[bytes, int]]:
-    """relpath → bytes (or (header, sparse data size)) for one checkpoint."""
+def lora_names() -> list[tuple[str, str]]:
+    """(module path, part) of every LoRA tensor of an adapter, in its file's order."""
+    return [(f"model.layers.{layer}.self_attn.{m}", part)
+            for layer in range(LAYERS) for m in MODULES for part in ("lora_A", "lora_B")]
+
+
+TENSOR_BYTES = RANK * HIDDEN * 4            # one lora_A [r, hidden] or lora_B [hidden, r], F32
+ADAPTER_BYTES = len(lora_names()) * TENSOR_BYTES
+ROUTER_BYTES = (EXPERTS * HIDDEN + EXPERTS) * 4   # gate.weight [E, hidden], gate.bias [E], F32
+VALUES_BYTES = EXPERTS * ADAPTER_BYTES + ROUTER_BYTES
+_SPREAD = 1 << 20      # the values of checkpoint i start at byte (i * 4 * 7919) mod this of a pool
+
+
+def values_pool() -> bytes:
+    """Random normal float32 bytes (seeded): every checkpoint takes a window of its own."""
+    import torch
+    gen = torch.Generator().manual_seed(1234)
+    pool = torch.randn((VALUES_BYTES + _SPREAD) // 4, generator=gen)
+    return pool.numpy().tobytes()
+
+
+def checkpoint_values(pool: bytes, i: int) -> bytes:
+    """The LoRA and router bytes of checkpoint ``i``: experts' adapter data sections, then the
+    router's gate.weight and gate.bias. 7919 is odd, so windows differ up to 2**18 checkpoints."""
+    at = (i * 4 * 7919) % _SPREAD
+    return pool[at:at + VALUES_BYTES]
+
+
+def template() -> dict[str, object]:
+    """relpath → bytes for one checkpoint, with the headers and offsets of the files whose
+    data differ per checkpoint under the keys ``adapter_header``, ``merged`` (its header, data
+    size and the offset of each block of LoRA tensors) and ``merged_router`` (offset)."""
     import torch
     files: dict[str, object] = {}
     lora = {}
-    for layer in range(LAYERS):
-        for m in MODULES:
-            base = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-            lora[f"{base}.lora_A.weight"] = ("F32", [RANK, HIDDEN])
-            lora[f"{base}.lora_B.weight"] = ("F32", [HIDDEN, RANK])
+    for module, part in lora_names():
+        shape = [RANK, HIDDEN] if part == "lora_A" else [HIDDEN, RANK]
+        lora[f"base_model.model.{module}.{part}.weight"] = ("F32", shape)
     head, size = safetensors_bytes(lora)
-    adapter = head + b"\0" * size
+    assert size == ADAPTER_BYTES
+    files["adapter_header"] = head
     cfg = json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.05,
                       "target_modules": list(MODULES), "base_model_name_or_path": "tiny",
                       "task_type": "CAUSAL_LM"}).encode()
     for e in range(EXPERTS):
         files[f"peft_adapters/expert_{e}/adapter_config.json"] = cfg
-        files[f"peft_adapters/expert_{e}/adapter_model.safetensors"] = adapter
-    buf = io.BytesIO()
-    torch.save({"gate.weight": torch.zeros(EXPERTS, HIDDEN), "gate.bias": torch.zeros(EXPERTS)}, buf)
-    files["dylo_moe_state/router.pt"] = buf.getvalue()
     buf = io.BytesIO()
     torch.save({}, buf)
     files["dylo_moe_state/skill_library.pt"] = buf.getvalue()
@@ -81,37 +111,83 @@ def template() -> dict[str, bytes | tuple[bytes, int]]:
     files["scheduler.pt"] = buf.getvalue()
     files["rng_state.pth"] = buf.getvalue()
     files["training_args.bin"] = buf.getvalue()
+    # per module: its base weight (a hole), then lora_A of every expert, then lora_B of every expert
     merged = {}
-    for layer in range(LAYERS):
-        for m in MODULES:
-            merged[f"foundation_model.base_model.model.model.layers.{layer}.self_attn.{m}.base_layer.weight"] = ("BF16", [HIDDEN * 16, HIDDEN * 16])
+    prefix = "foundation_model.base_model.model."
+    modules = list(dict.fromkeys(m for m, _ in lora_names()))
+    for module in modules:
+        merged[f"{prefix}{module}.base_layer.weight"] = ("BF16", [HIDDEN * 16, HIDDEN * 16])
+        for part in ("lora_A", "lora_B"):
+            shape = [RANK, HIDDEN] if part == "lora_A" else [HIDDEN, RANK]
             for e in range(EXPERTS):
-                merged[f"foundation_model.base_model.model.model.layers.{layer}.self_attn.{m}.lora_A.expert_{e}.weight"] = ("F32", [RANK, HIDDEN])
+                merged[f"{prefix}{module}.{part}.expert_{e}.weight"] = ("F32", shape)
     merged["router.gate.weight"] = ("F32", [EXPERTS, HIDDEN])
-    files["model.safetensors"] = safetensors_bytes(merged)
+    merged["router.gate.bias"] = ("F32", [EXPERTS])
+    head, size = safetensors_bytes(merged)
+    offsets = json.loads(head[8:])
+    blocks = [len(head) + offsets[f"{prefix}{m}.lora_A.expert_0.weight"]["data_offsets"][0]
+              for m in modules]
+    files["merged"] = (head, size, blocks)
+    files["merged_router"] = len(head) + offsets["router.gate.weight"]["data_offsets"][0]
     return files
+
+
+def router_bytes(values: bytes) -> bytes:
+    import torch
+    raw = bytearray(values[EXPERTS * ADAPTER_BYTES:])
+    weight = torch.frombuffer(raw, dtype=torch.float32, count=EXPERTS * HIDDEN).view(EXPERTS, HIDDEN)
+    bias = torch.frombuffer(raw, dtype=torch.float32, offset=EXPERTS * HIDDEN * 4)
+    buf = io.BytesIO()
+    torch.save({"gate.weight": weight.clone(), "gate.bias": bias.clone()}, buf)
+    return buf.getvalue()
+
+
+def merged_blocks(values: bytes) -> list[bytes]:
+    """Each module's LoRA block of the merged file: lora_A of experts 0..E-1, then lora_B."""
+    out = []
+    for k in range(len(lora_names()) // 2):     # module k: its lora_A, lora_B in each adapter
+        a = [values[e * ADAPTER_BYTES + 2 * k * TENSOR_BYTES:][:TENSOR_BYTES] for e in range(EXPERTS)]
+        b = [values[e * ADAPTER_BYTES + (2 * k + 1) * TENSOR_BYTES:][:TENSOR_BYTES]
+             for e in range(EXPERTS)]
+        out.append(b"".join(a + b))
+    return out
+
+
+def _write(path: Path, data: bytes, mtime: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    os.utime(path, (mtime, mtime))
 
 
 def generate(dest: Path, checkpoints: int, mtime: float | None = None) -> dict:
     files = template()
+    pool = values_pool()
     dest.mkdir(parents=True, exist_ok=True)
     mtime = mtime if mtime is not None else time.time() - 2 * 86400
+    static = {rel: v for rel, v in files.items()
+              if rel not in ("adapter_header", "merged", "merged_router")}
     n_files = 0
     for i in range(checkpoints):
         run = dest / f"run_{i // PER_RUN:04d}"
         ckpt = run / f"checkpoint-{(i % PER_RUN + 1) * 100}"
-        for rel, content in files.items():
-            if rel == "model.safetensors" and i % 3:
-                continue
-            path = ckpt / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
+        values = checkpoint_values(pool, i)
+        for rel, content in static.items():
+            _write(ckpt / rel, content, mtime)
+        for e in range(EXPERTS):
+            _write(ckpt / f"peft_adapters/expert_{e}/adapter_model.safetensors",
+                   files["adapter_header"] + values[e * ADAPTER_BYTES:(e + 1) * ADAPTER_BYTES], mtime)
+        _write(ckpt / "dylo_moe_state/router.pt", router_bytes(values), mtime)
+        n_files += len(static) + EXPERTS + 1
+        if i % 3 == 0:
+            head, size, blocks = files["merged"]
+            path = ckpt / "model.safetensors"
             with open(path, "wb") as fh:
-                if isinstance(content, tuple):
-                    head, size = content
-                    fh.write(head)
-                    fh.truncate(len(head) + size)
-                else:
-                    fh.write(content)
+                fh.write(head)
+                fh.truncate(len(head) + size)       # the base weights stay holes
+                for at, block in zip(blocks, merged_blocks(values)):
+                    os.pwrite(fh.fileno(), block, at)
+                os.pwrite(fh.fileno(), values[EXPERTS * ADAPTER_BYTES:], files["merged_router"])
             os.utime(path, (mtime, mtime))
             n_files += 1
     return {"checkpoints": checkpoints, "files": n_files}

@@ -1,9 +1,12 @@
 """prune's cost against audit's and against rm, side by side in one run.
 
 On a generated tree (bench/gen_tree.py; a third of the checkpoints redundant, each with a
-merged model.safetensors), each repetition times, alternating the order:
+merged model.safetensors whose LoRA and router tensors are byte for byte its PEFT tree's:
+real, distinct, non-zero values, so prune's content proof reads and compares every one of
+them), each repetition times, alternating the order:
 
-- ``ckpt-tools audit --json TREE`` (the plan's anchor: a plan should cost what an audit costs);
+- ``ckpt-tools audit --json TREE`` (the plan's anchor: a plan should cost what an audit costs;
+  audit only reads headers, the plan also proves each redundant checkpoint by content);
 - ``ckpt-tools prune --dry-run --json --min-age 0 TREE``;
 - ``ckpt-tools prune --yes --json --min-age 0 COPY`` on a fresh copy of the tree;
 - ``rm -f`` of exactly the files that prune deleted, on another fresh copy (execution's
@@ -17,9 +20,10 @@ prune --yes runs with ``--log``; its execution phase is read from the log's time
 audit: the unlinks plus the one re-validation the safety rule requires.
 The fresh trees are generated again between timings (``cp -a`` would read the merged files'
 holes, a hundred GB of zeros, for minutes) and dropped afterwards. Writes
-bench/out/prune_cost.{json,md}.
+bench/out/prune_cost.{json,md}. ``--plan-only`` times audit and the dry run alone (no fresh
+trees, no execution).
 
-    python bench/prune_cost.py --checkpoints 10000 --reps 3 [--jobs 1]
+    python bench/prune_cost.py --checkpoints 10000 --reps 3 [--jobs 1] [--plan-only]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,12 +47,25 @@ from audit_vs_du import ckpt_tools_cmd  # noqa: E402
 from gen_tree import generate  # noqa: E402
 
 
-def timed(cmd: list[str], ok=(0,)) -> tuple[float, bytes]:
+# CPU seconds (user + system) of each timed command, its worker processes included: on a
+# shared machine wall times swing with the load, the work a command does much less.
+CPU: dict[str, list[float]] = {}
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed(cmd: list[str], ok=(0,), what: str | None = None) -> tuple[float, bytes]:
+    c0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - t0
     if proc.returncode not in ok:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-800:]}")
+    if what is not None:
+        CPU.setdefault(what, []).append(_children_cpu() - c0)
     return elapsed, proc.stdout
 
 
@@ -79,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=0,
                     help="prune's --jobs (default 0: one worker per CPU; 1: one process)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="time audit and prune --dry-run only (no execution, no fresh trees)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
@@ -103,15 +123,17 @@ def main(argv=None) -> int:
         facts.update(planned_files=len(rels), planned_bytes=plan["freed_bytes"],
                      redundant_checkpoints=len(redundant))
         revalidate_cmd = ck + ["audit", "--json", "--no-progress", "--min-age", "0", *redundant]
+        if args.plan_only:
+            times = {"audit": [], "dry-run": []}
         for rep in range(args.reps):
-            order = ["audit", "dry-run", "prune --yes", "rm", "audit of the redundant"]
+            order = list(times)
             for what in (order if rep % 2 == 0 else list(reversed(order))):
                 if what == "audit":
-                    t, _ = timed(audit_cmd, ok=(0, 1))
+                    t, _ = timed(audit_cmd, ok=(0, 1), what="audit")
                 elif what == "audit of the redundant":
                     t, _ = timed(revalidate_cmd, ok=(0, 1))
                 elif what == "dry-run":
-                    t, _ = timed(dry_cmd, ok=(0, 1))
+                    t, _ = timed(dry_cmd, ok=(0, 1), what="dry-run")
                 elif what == "prune --yes":
                     copy = fresh_copy(args.checkpoints, work / "copy")
                     log = work / "prune.jsonl"
@@ -137,24 +159,43 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+    # per repetition: the dry run over the audit timed next to it
+    pairs = [d / a for a, d in zip(times["audit"], times["dry-run"])]
+    cpu_med = {k: statistics.median(v) for k, v in CPU.items()}
+    doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()),
+                       "load_average_after": os.getloadavg()},
            "command": " ".join([sys.executable] + (argv if argv is not None else sys.argv)),
            "checkpoints": args.checkpoints, "files": info["files"], "reps": args.reps,
            "prune_jobs": args.jobs,
            "times": times, "median": med, **facts,
            "plan_over_audit": med["dry-run"] / med["audit"],
-           "execution_s": execution, "execution_median_s": statistics.median(execution),
-           "execution_over_rm": statistics.median(execution) / med["rm"],
-           "execution_over_rm_and_revalidation": statistics.median(execution)
-           / (med["rm"] + med["audit of the redundant"])}
-    suffix = "" if args.jobs == 0 else f"-jobs{args.jobs}"
+           "plan_over_audit_per_rep": pairs,
+           "cpu_s": CPU, "cpu_median_s": cpu_med,
+           "plan_over_audit_cpu": cpu_med["dry-run"] / cpu_med["audit"]}
+    if not args.plan_only:
+        doc |= {"execution_s": execution, "execution_median_s": statistics.median(execution),
+                "execution_over_rm": statistics.median(execution) / med["rm"],
+                "execution_over_rm_and_revalidation": statistics.median(execution)
+                / (med["rm"] + med["audit of the redundant"])}
+    suffix = ("" if args.jobs == 0 else f"-jobs{args.jobs}") + ("-plan" if args.plan_only else "")
+    suffix += f"-{args.checkpoints}"
     (args.out / f"prune_cost{suffix}.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# prune cost ({args.checkpoints:,} checkpoints, {info['files']:,} files, "
              f"{facts['planned_files']:,} merged files planned; prune --jobs {args.jobs})", "",
              "| command | wall time, median [min–max] |", "|---|---:|"]
     for k, v in times.items():
         lines.append(f"| {k} | {med[k]:.2f} s [{min(v):.2f}–{max(v):.2f}] |")
-    lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f}. Execution (prune --yes, from its "
+    lines += ["", f"Plan / audit: {doc['plan_over_audit']:.2f} (wall-time medians); per repetition "
+              f"{', '.join(f'{r:.2f}' for r in pairs)}. CPU time (user + system, workers "
+              f"included), median: audit {cpu_med['audit']:.2f} s, dry run {cpu_med['dry-run']:.2f} s: "
+              f"{doc['plan_over_audit_cpu']:.2f}. Load average after the run: "
+              f"{', '.join(f'{x:.1f}' for x in doc['machine']['load_average_after'])}."]
+    if args.plan_only:
+        md = "\n".join(lines) + "\n"
+        (args.out / f"prune_cost{suffix}.md").write_text(md)
+        print(md)
+        return 0
+    lines += ["", f"Execution (prune --yes, from its "
               f"--log: last plan line to last delete): {doc['execution_median_s']:.2f} s "
               f"[{min(execution):.2f}–{max(execution):.2f}], against {med['rm']:.2f} s for rm of the same files "
               f"({doc['execution_over_rm']:.1f}×) and {med['rm'] + med['audit of the redundant']:.2f} s "

@@ -210,7 +210,7 @@ def _gather(walks, units, results, progress) -> ScanResult:
 def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:
     """Group checkpoints into runs and fill in what prune could reclaim from each."""
     checkpoints = list(checkpoints)
-    plan = plan_prune(checkpoints)
+    plan = plan_prune(checkpoints, prove=False)   # audit is structural: it reads no tensor
     freed = plan.by_checkpoint()
     runs: dict[tuple[str, str], list[Checkpoint]] = {}
     for c in checkpoints:

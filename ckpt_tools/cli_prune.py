@@ -76,16 +76,20 @@ def render_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool, verbose:
             total += f" ({size_str(plan.held_bytes)} stays allocated: held by hard links outside the plan)"
         lines.append(total)
     if not quiet:
-        left = [c for c in scan.checkpoints if c.status != REDUNDANT]
+        # redundant checkpoints whose merged weights the plan could not prove redundant
+        unproven = {(s.root, s.path): s.reason for s in plan.skipped if s.status == REDUNDANT}
+        left = [(c, unproven.get((c.dir.root, c.path)) or skip_reason(c)) for c in scan.checkpoints
+                if c.status != REDUNDANT or (c.dir.root, c.path) in unproven]
         if left:
             lines.append("")
             lines.append(f"Left alone: {len(left)} checkpoint{'s' if len(left) != 1 else ''}")
             if verbose:
-                for c in left:
-                    lines.append(f"  {_where(c.dir.root, c.path, multi_root)}: {skip_reason(c)}")
+                for c, reason in left:
+                    lines.append(f"  {_where(c.dir.root, c.path, multi_root)}: {reason}")
             else:
                 # the count per kind of reason; the details of those holding merged weights below
-                kinds = Counter(skip_reason(c).split(" (")[0] for c in left)
+                kinds = Counter(reason.split(" (")[0].split(":")[0] if c.status == REDUNDANT
+                                else reason.split(" (")[0] for c, reason in left)
                 for reason, n in sorted(kinds.items()):
                     lines.append(f"  {n:>4}  {reason}")
                 if plan.skipped:
@@ -194,8 +198,11 @@ def register(cli: click.Group) -> None:
             for p in scan.problems:
                 if p.is_error:
                     click.echo(shown(f"ckpt-tools: {p.line()}"), err=True)
-        plan = plan_prune(scan.checkpoints)
+        plan = plan_prune(scan.checkpoints, jobs=jobs or default_jobs())
         emit_plan(plan, log=log)
+        for s in plan.skipped:
+            if s.status == REDUNDANT:   # structurally redundant, not proven by content: say so
+                click.echo(f"skipped: {_where(s.root, s.path, multi_root)}: {s.reason}", err=True)
         promised = PruneResult.from_plan(plan)
         show = render_plan(plan, scan, multi_root=multi_root, verbose=out.verbose, quiet=out.quiet)
 

@@ -47,6 +47,7 @@ from .formats import safetensors_header as st
 from .layout import Role
 from .problems import NAN_OR_INF, FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
+from .tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
 from .validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
 
 METHOD_COPY, METHOD_EXACT, METHOD_SVD = "copy", "exact", "svd"
@@ -232,7 +233,9 @@ def _method_for(c: Checkpoint) -> tuple[str | None, str | None]:
     if lay == layout.CANONICAL:
         return METHOD_COPY, None
     if lay == layout.CANONICAL_MERGED:
-        if c.facts.get("merged_kind") in ("v0", "v1", "hf", "hf-lora") and c.status == "redundant":
+        # peft-only here: a complete tree beside a merged export (validator: merged-export)
+        if c.facts.get("merged_kind") in ("v0", "v1", "hf", "hf-lora") and c.status in (
+                "redundant", PEFT_ONLY):
             return METHOD_COPY, None
         if c.facts.get("merged_kind") in ("v0", "v1"):
             return METHOD_EXACT, None
@@ -720,54 +723,32 @@ def _merged_locations(src: _Source) -> dict:
     for rel, role in src.files_with(Role.MERGED):
         if rel not in src.verdict.merged_files:
             continue
-        path = src.abs(rel)
-        found.update(locate(path, wanted=lambda k: ".lora_" in k or k.startswith(
-            layout.ROUTER_KEY_PREFIX)))
+        found.update(locate(src.abs(rel), wanted=lora_or_router_key))
     return found
 
 
 def _group_moe_lora(locs: dict, *, only_expert: int | None = None, where: str) -> dict:
     """{expert: {canonical key: TensorLocation}} from ``….lora_A.expert_<i>.weight`` keys."""
-    out: dict[int, dict] = {}
-    for key, loc in locs.items():
+    for key in locs:
         try:
             parts = layout.moe_lora_parts(key)
         except layout.BadIndex as exc:
             raise CheckpointFailure(f"{where}: {exc}") from None
         if parts is None:
             continue
-        module, part, expert, param = parts
+        _, part, expert, _ = parts
         if part not in _LORA_PARTS:
             raise CheckpointFailure(f"{where}: {key}: {part} (DoRA) is not supported by migrate")
         if only_expert is not None and expert != only_expert:
             raise CheckpointFailure(f"{where}: holds {key!r} of expert {expert}, "
                                     f"not expert {only_expert}")
-        ckey = layout.canonical_adapter_key(module, part, param)
-        out.setdefault(expert, {})[ckey] = dataclasses.replace(loc, name=ckey, key=key)
-    return out
-
-
-def _group_peft_lora(locs: dict) -> dict:
-    out = {}
-    for key, loc in locs.items():
-        parts = layout.peft_lora_parts(key)
-        if parts is None:
-            continue
-        module, part, param = parts
-        ckey = layout.canonical_adapter_key(module, part, param)
-        out[ckey] = dataclasses.replace(loc, name=ckey, key=key)
-    return out
+    return group_moe_lora(locs)
 
 
 def _router_from(locs: dict, *, where: str) -> dict:
     """gate.weight / gate.bias locations from any of the router key forms."""
-    out = {}
-    for key, loc in locs.items():
-        k = layout.router_key(key) or key
-        if k.startswith(layout.LEGACY_ROUTER_STATE + "."):
-            k = "gate." + k[len(layout.LEGACY_ROUTER_STATE) + 1:]
-        if k in (layout.GATE_WEIGHT, layout.GATE_BIAS):
-            out[k] = dataclasses.replace(loc, name=k, key=key)
+    out = {k: loc for k, loc in group_router(locs).items()
+           if k in (layout.GATE_WEIGHT, layout.GATE_BIAS)}
     if layout.GATE_WEIGHT not in out:
         raise CheckpointFailure(f"{where}: no {layout.GATE_WEIGHT} in the router state")
     return out
@@ -1012,7 +993,7 @@ def _tree_experts(src: _Source) -> tuple[dict, dict]:
         if not rel.endswith(".safetensors"):
             raise CheckpointFailure(f"{rel}: adapter_model.bin is not supported; expected "
                                     "adapter_model.safetensors")
-        expert_locs[role.expert] = _group_peft_lora(locate_safetensors(src.abs(rel)))
+        expert_locs[role.expert] = group_peft_lora(locate_safetensors(src.abs(rel)))
         d = os.path.dirname(src.abs(rel))
         dirs[role.expert] = (d, os.path.join(d, layout.ADAPTER_CONFIG))
     return expert_locs, dirs

@@ -10,8 +10,10 @@ once in worker processes, each checkpoint whole in one of them):
    followed, and every unlink goes through that fd (``os.unlink(name, dir_fd=fd)``), so
    nothing a path says later can redirect it out of the root;
 2. the directory is re-scanned with the scanner and re-validated with the validator: it
-   must still be ``redundant`` with no error, and the path must still lead to the
-   directory held open (checked before and after the re-scan, and before each unlink);
+   must still be ``redundant`` with no error, and its merged weights proven redundant by
+   content again (``content_proof``: the LoRA and router tensors they hold equal the PEFT
+   tree's, byte for byte); the path must still lead to the directory held open (checked
+   before and after the re-scan, and before each unlink);
 3. right before each unlink, the file's identity (device, inode, size, mtime_ns) is read
    with ``lstat`` through the fd and must equal the plan's and the re-scan's; a symlink
    is unlinked itself, never its target.
@@ -41,7 +43,8 @@ from . import scanner, workers
 from .faults import NO_FAULTS, Faults
 from .names import json_text
 from .api import DEFAULT_MIN_AGE_S, classify
-from .pruner import PlannedDeletion, PrunePlan, Skip, skip_reason
+from .content_proof import ContentProof
+from .pruner import PlannedDeletion, Prover, PrunePlan, Skip, skip_reason
 from .records import REDUNDANT, Checkpoint
 from .validator import HEADERS
 
@@ -265,22 +268,30 @@ def _open_log(path: str) -> int:
 
 
 class Revalidator:
-    """Re-scan one checkpoint directory with the scanner and re-run the validator on it.
+    """Re-scan one checkpoint directory with the scanner, re-run the validator on it and,
+    where it is still ``redundant``, prove its merged weights redundant by content again.
 
     ``min_age_s`` must be the plan's: a checkpoint written to since the plan is then
-    in progress again. ``clock`` gives "now" at each call.
+    in progress again. ``clock`` gives "now" at each call. ``prove`` as for ``plan_prune``:
+    a checkpoint whose proof fails now is skipped, the reason saying why.
     """
 
     def __init__(self, *, min_age_s: float = DEFAULT_MIN_AGE_S, level: str = HEADERS,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, prove: bool | Prover = True):
         self.min_age_s = min_age_s
         self.level = level
         self.clock = clock
+        self.prove: Prover | None = ContentProof() if prove is True else (prove or None)
 
     def __call__(self, root: str, checkpoint: str) -> Checkpoint:
         # with the original root: symlinks that stay inside it are judged as the plan's scan did
         ckpt = scanner.rescan_checkpoint(root, checkpoint)
-        return classify(ckpt, level=self.level, min_age_s=self.min_age_s, now=self.clock())
+        fresh = classify(ckpt, level=self.level, min_age_s=self.min_age_s, now=self.clock())
+        if self.prove is not None and fresh.status == REDUNDANT and not fresh.errors:
+            reason = self.prove(fresh)
+            if reason is not None:
+                raise _Changed(f"no longer proven redundant: {reason}")
+        return fresh
 
 
 def emit_plan(plan: PrunePlan, *, log: ActionLog | None = None,

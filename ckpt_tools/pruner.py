@@ -1,17 +1,25 @@
 """Plan the deletion of redundant merged weights.
 
-Planning is pure: it reads records and returns a ``PrunePlan``. Executing a plan is
-in ``prune_exec``; it re-validates and re-checks every file right before unlinking.
+Planning reads records and returns a ``PrunePlan``; the only files it reads are the LoRA and
+router tensors of each ``redundant`` checkpoint, to prove by content that its merged
+weights hold nothing its PEFT tree lacks (``content_proof``). Executing a plan is in
+``prune_exec``; it re-validates, proves again and re-checks every file right before unlinking.
 """
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from . import workers
 from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, Checkpoint, FileRecord
 
 _SKIP_REASONS = {
     PEFT_ONLY: "peft-only: no merged weights to remove",
+    # a peft-only checkpoint with merged weights: the validator's merged-export
+    "merged-export": "peft-only: its merged weights hold no LoRA tensors to compare with the "
+                     "PEFT tree (a merged export); kept",
     LEGACY: "legacy: no complete PEFT tree; migrate it first",
     BROKEN: "broken: has validation errors",
     IN_PROGRESS: "in-progress: being written or younger than --min-age",
@@ -27,6 +35,8 @@ def skip_reason(c: Checkpoint) -> str:
         if c.dir.tmp_name:
             return "in-progress: a tmp-checkpoint-* directory is still being written"
         return "in-progress: its newest file is younger than --min-age"
+    if c.status == PEFT_ONLY and c.merged_files:
+        return _SKIP_REASONS["merged-export"]
     return _SKIP_REASONS.get(c.status, c.status)
 
 
@@ -84,19 +94,36 @@ class PrunePlan:
         }
 
 
-def plan_prune(checkpoints) -> PrunePlan:
+Prover = Callable[[Checkpoint], "str | None"]
+# Below this many redundant checkpoints per worker, forking costs more than the proofs.
+_MIN_PROOFS_PER_WORKER = 100
+
+
+def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True,
+               jobs: int = 1) -> PrunePlan:
     """The merged-weight files of ``redundant`` checkpoints, with exact bytes freed.
+
+    With ``prove`` (the default) each redundant checkpoint's merged weights are first
+    proven redundant by content (``content_proof.ContentProof``, or the callable given: None
+    when proven, else the reason); one that is not is skipped with that reason and none of its
+    files is planned. ``prove=False`` plans from the verdicts alone: what ``audit`` reports as
+    reclaimable. ``jobs`` worker processes share the proofs of a large tree.
 
     A file frees its blocks only when every hard link to it is in the plan; what
     other links keep alive is reported as ``held_by_links``. Bytes are credited to
     the last link of a file in plan order, the one whose unlink really frees them.
     """
+    checkpoints = list(checkpoints)
+    unproven = _unproven(checkpoints, prove, jobs) if prove else {}
     candidates: list[tuple[Checkpoint, FileRecord]] = []
     skipped: list[Skip] = []
-    for c in checkpoints:
+    for i, c in enumerate(checkpoints):
         if c.status != REDUNDANT:
             if c.merged_files:
                 skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status))
+            continue
+        if i in unproven:
+            skipped.append(Skip(c.dir.root, c.path, unproven[i], c.status))
             continue
         for rel in c.merged_files:
             rec = c.dir.file(rel)
@@ -123,3 +150,36 @@ def plan_prune(checkpoints) -> PrunePlan:
                 frees, held = 0, (rec.allocated if credited else 0)
         deletions.append(PlannedDeletion(c.dir.root, c.path, rec.relpath, rec, frees, held, others))
     return PrunePlan(tuple(deletions), tuple(skipped))
+
+
+def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) -> dict[int, str]:
+    """{index: reason} of the redundant checkpoints whose merged weights are not proven
+    redundant by content; with ``jobs`` > 1 and enough of them, proven in forked workers."""
+    if prove is True:
+        from .content_proof import ContentProof   # only prune proves: audit never loads it
+        prove = ContentProof()
+    proof: Prover = prove
+    todo = [i for i, c in enumerate(checkpoints) if c.status == REDUNDANT]
+
+    def run(span: tuple[int, int]) -> list[tuple[int, str]]:
+        out = []
+        for i in todo[span[0]:span[1]]:
+            try:
+                reason = proof(checkpoints[i])
+            except Exception as exc:  # noqa: BLE001 - a proof that breaks proves nothing (§5.4.6)
+                reason = f"merged weights not proven redundant: {type(exc).__name__}: {exc}"
+            if reason is not None:
+                out.append((i, reason))
+        return out
+
+    n_workers = min(jobs, len(todo) // _MIN_PROOFS_PER_WORKER)
+    collecting = gc.isenabled()
+    gc.disable()   # the scan's records are many and acyclic: see api.scan
+    try:
+        if n_workers > 1 and workers.available():
+            with workers.Workers(workers.spans_of(len(todo), n_workers), n_workers, run) as w:
+                return dict(item for part in w.in_order() for item in part)
+        return dict(run((0, len(todo))))
+    finally:
+        if collecting:
+            gc.enable()

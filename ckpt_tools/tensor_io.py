@@ -1,15 +1,10 @@
 """Read single tensors out of large weight files, touching only their bytes.
 
-The pure readers (``formats.safetensors_header``, ``formats.torchsave``) say where every
-tensor lives without importing torch; this module turns such a location into a tensor
-with one ``pread`` of exactly the bytes it occupies:
-
-- safetensors: ``data_start + begin .. data_start + end`` of the header entry;
-- torch.save zip archives: the storage record's data offset inside the archive (from its
-  local file header; records are always stored uncompressed) plus the tensor's element
-  offset, up to the last element its shape and stride reach;
-- legacy (pre-1.6) torch.save files have no index of their storages: they are loaded whole
-  with ``torch.load(weights_only=True)``, the one case that reads more than it needs.
+``tensor_bytes`` says where every tensor lives, without importing torch (see there for
+safetensors, torch.save zip archives and legacy torch.save files); this module turns such
+a location into a tensor with one ``pread`` of exactly the bytes it occupies. Legacy
+(pre-1.6) torch.save files have no index of their storages: they are loaded whole with
+``torch.load(weights_only=True)``, the one case that reads more than it needs.
 
 No pickle is ever executed here (the zip reader evaluates data.pkl symbolically), and
 readahead is switched off on the files read (``POSIX_FADV_RANDOM``), so the bytes read
@@ -19,17 +14,15 @@ from storage stay close to the bytes of the tensors returned.
 from __future__ import annotations
 
 import os
-import struct
 import threading
-import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 
 from .formats import safetensors_header as st
-from .formats import torchsave
 from .problems import BAD_ARCHIVE, FormatError
+from .tensor_bytes import (TensorLocation, locate, locate_safetensors, locate_torch,  # noqa: F401
+                           read_range)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,24 +33,6 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
                      ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
-
-
-@dataclass(frozen=True)
-class TensorLocation:
-    """Where one tensor's bytes are. ``offset`` < 0: the file must be loaded whole (legacy)."""
-
-    path: str
-    name: str
-    dtype: str                     # a torch dtype name: "float32", "bfloat16", ...
-    shape: tuple[int, ...]
-    stride: tuple[int, ...] | None  # None: contiguous
-    offset: int                    # absolute byte offset of the first byte to read
-    nbytes: int                    # bytes to read
-    key: str | None = None         # the name inside the file, when ``name`` was remapped
-
-    @property
-    def file_key(self) -> str:
-        return self.key if self.key is not None else self.name
 
 
 class ReadStats:
@@ -84,78 +59,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise FormatError("dtype-unknown", f"unknown dtype {name!r}")
     return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-# --- locating ------------------------------------------------------------------------
-
-def locate_safetensors(path: str) -> dict[str, TensorLocation]:
-    header = st.read_header(path)
-    start = header.data_start
-    out = {}
-    for t in header.tensors:
-        out[t.name] = TensorLocation(path, t.name, _dtype_name(torch_dtype(t.dtype)), tuple(t.shape),
-                                     None, start + t.begin, t.end - t.begin)
-    return out
-
-
-def _record_data_offsets(path: str, prefix: str, keys: Iterable[str]) -> dict[str, int]:
-    """Absolute offset of the data of each storage record ``<prefix>/data/<key>``."""
-    wanted = {f"{prefix}/data/{k}": k for k in keys}
-    out: dict[str, int] = {}
-    fd = st.open_readonly(path)
-    try:
-        with open(fd, "rb", closefd=False) as stream, zipfile.ZipFile(stream) as archive:
-            infos = {i.filename: i for i in archive.infolist() if i.filename in wanted}
-        for name, key in wanted.items():
-            info = infos.get(name)
-            if info is None:
-                raise FormatError(BAD_ARCHIVE, f"storage record {name!r} is missing")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise FormatError(BAD_ARCHIVE, f"storage record {name!r} is compressed")
-            head = st.pread_full(fd, 30, info.header_offset)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                raise FormatError(BAD_ARCHIVE, f"no local header for {name!r}")
-            name_len, extra_len = struct.unpack_from("<HH", head, 26)
-            out[key] = info.header_offset + 30 + name_len + extra_len
-    finally:
-        os.close(fd)
-    return out
-
-
-def locate_torch(path: str, wanted=None) -> dict[str, TensorLocation]:
-    """Locations of the tensors of a torch.save state dict (nested keys joined with '.').
-
-    ``wanted(name) -> bool`` limits which storages are resolved (each costs a tiny read).
-    """
-    info = torchsave.inspect_torch_file(path, check_pickle=True)
-    flat = torchsave.flatten_tensors(info.obj)
-    if wanted is not None:
-        flat = {k: v for k, v in flat.items() if wanted(k)}
-    if info.format != "zip":
-        return {k: TensorLocation(path, k, t.dtype, tuple(t.shape), tuple(t.stride), -1, 0)
-                for k, t in flat.items()}
-    data_at = _record_data_offsets(path, info.record_prefix, {t.storage_key for t in flat.values()})
-    out = {}
-    for k, t in flat.items():
-        size = torchsave.DTYPE_SIZES[t.dtype]
-        first = t.storage_offset * size
-        end = t.storage_bytes_needed
-        stride = tuple(t.stride)
-        out[k] = TensorLocation(path, k, t.dtype, tuple(t.shape), stride,
-                                data_at[t.storage_key] + first, max(end - first, 0))
-    return out
-
-
-def locate(path: str, wanted=None) -> dict[str, TensorLocation]:
-    """Locations of every tensor of a safetensors or torch.save file."""
-    if path.endswith(".safetensors"):
-        found = locate_safetensors(path)
-        return found if wanted is None else {k: v for k, v in found.items() if wanted(k)}
-    return locate_torch(path, wanted)
 
 
 # --- reading -----------------------------------------------------------------------
@@ -206,15 +109,7 @@ def read_tensors(locations: Mapping[str, TensorLocation] | Iterable[TensorLocati
         try:
             _advise_random(fd)
             for loc in sorted(group, key=lambda item: item.offset):
-                buf = bytearray(loc.nbytes)
-                got = 0
-                view = memoryview(buf)
-                while got < loc.nbytes:
-                    n = os.preadv(fd, [view[got:]], loc.offset + got)
-                    if n == 0:
-                        raise FormatError("truncated", f"{path}: file ends inside tensor "
-                                                       f"{loc.file_key!r}")
-                    got += n
+                buf = read_range(fd, loc.offset, loc.nbytes, f"tensor {loc.file_key!r} of {path}")
                 if stats:
                     stats.add(loc.nbytes)
                 out[loc.name] = _from_bytes(buf, loc)

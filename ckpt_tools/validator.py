@@ -7,11 +7,16 @@ Three levels of scrutiny:
   (torch.save); configs are parsed. Trainer state files are only looked at.
 - ``full`` (validate): also the archive structure and pickle of every torch.save file of the
   checkpoint (``_pickle_check_of``).
-- ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file, and
-  ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there.
+- ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file,
+  ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there, and the LoRA and
+  router tensors of merged weights compared with the PEFT tree's (``merged-mismatch``, the
+  comparison prune's ``content_proof`` makes).
 
 No tensor data is read and neither torch nor peft is imported below ``deep``: the config
 checks that decide shapes and scaling (``_check_adapter_config``) are plain Python.
+``redundant`` is structural: a complete, sound PEFT tree beside merged weights that hold
+DyLoRA LoRA tensors (merged weights holding none are a merged export: ``peft-only``,
+``merged-export``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from .formats import torchsave
 from .layout import Role
 from .patterns import ModuleMatch, PatternTooCostly, match_modules
 from .problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
-                       EXPERT_COUNT_MISMATCH, EXPERT_MISSING, MISSING_FILE, MISSING_TENSOR,
+                       EXPERT_COUNT_MISMATCH, EXPERT_MISSING, MERGED_EXPORT, MERGED_MISMATCH,
+                       MISSING_FILE, MISSING_TENSOR,
                        PERMISSION_DENIED, RANK_MISMATCH, SHAPE_MISMATCH, SYMLINK_ESCAPE,
                        TARGET_MISMATCH, UNREADABLE, WARNING, FormatError, Problem)
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
@@ -823,6 +829,18 @@ def _bad_expert_indices(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor]) -> 
     return frozenset(bad)
 
 
+def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_rel: str | None,
+                          moe_dir: str) -> None:
+    """Deep mode: the LoRA and router tensors of the merged weights must equal the PEFT
+    tree's (prune's content proof, without its rule on symlinks)."""
+    from .content_proof import ContentProof
+    facts = {"tree_form": tree_form, "router": router_rel, "moe_dir": moe_dir}
+    failure = ContentProof().check(ctx.ckpt, merged, facts, own_tree=False)
+    if failure is not None and failure.mismatch:
+        shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
+        ctx.add(MERGED_MISMATCH, shown, failure.reason)
+
+
 def _adopt_parent_moe_state(ctx: _Ctx) -> str:
     """best_model/ keeps its dylo_moe_state/ in the run directory.
 
@@ -879,8 +897,8 @@ class _Found:
     """What ``_examine`` found, before the checkpoint's age is taken into account."""
 
     __slots__ = ("layout", "tree_form", "merged_kind", "merged", "num_experts", "tree_complete",
-                 "experts", "router_ok", "router", "root_cfg", "moe_cfg", "moe_dir", "facts",
-                 "_facts")
+                 "merged_export", "experts", "router_ok", "router", "root_cfg", "moe_cfg",
+                 "moe_dir", "facts", "_facts")
 
     def __init__(self, **kw):
         self._facts = None
@@ -913,7 +931,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     elif any(p.is_error for p in ctx.problems):
         status = BROKEN
     elif f.tree_complete:
-        status = REDUNDANT if merged else PEFT_ONLY
+        status = REDUNDANT if merged and not f.merged_export else PEFT_ONLY
     elif merged:
         status = LEGACY
     elif f.tree_form == layout.TREE_FLAT and f.experts and f.router_ok:
@@ -1093,8 +1111,24 @@ def _examine(ctx: _Ctx) -> _Found:
     has_config = (moe_cfg is not None or dylora_root
                   or (tree_form in (layout.TREE_CANONICAL, layout.TREE_NESTED)
                       and all(e.config is not None for e in experts.values())))
+    if tree_form == layout.TREE_FLAT:
+        # expert_<i>.pt files record no hyperparameters: once the merged weights are gone,
+        # only a config saying lora_alpha would (r comes from the shapes)
+        has_config = any(_finite(layout.first_key(cfg, layout.LORA_ALPHA_KEYS))
+                         for cfg in (moe_cfg, root_cfg if dylora_root else None))
     tree_complete = (tree_form != layout.TREE_NONE and bool(experts) and router_ok
                      and num_experts is not None and not tree_errors and has_config)
+    # A complete tree beside merged weights that hold no DyLoRA LoRA tensor (a truly merged
+    # export): nothing to prove the tree by, and the export is no copy of it: not redundant.
+    merged_export = (tree_complete and bool(merged) and merged_kind != "unreadable"
+                     and not any(".lora_" in k and layout.parse_moe_lora_key(k)
+                                 for k in merged_tensors))
+    if merged_export:
+        shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
+        ctx.add(MERGED_EXPORT, shown, f"{shown.rsplit('/', 1)[-1]} holds no LoRA tensors: a merged "
+                "export beside the PEFT tree, kept (not redundant)", WARNING)
+    elif level == DEEP and tree_complete and merged and not any(p.is_error for p in ctx.problems):
+        _check_merged_content(ctx, merged, tree_form, router_rel, moe_dir)
     if tree_form == layout.TREE_FLAT and not has_config and merged:
         ctx.add(BAD_CONFIG, layout.PEFT_DIR,
                 "expert_<i>.pt files with no config recording lora_alpha or the base model: "
@@ -1109,6 +1143,7 @@ def _examine(ctx: _Ctx) -> _Found:
 
     return _Found(layout=layout_name, tree_form=tree_form, merged_kind=merged_kind,
                   merged=tuple(merged), num_experts=num_experts, tree_complete=tree_complete,
+                  merged_export=merged_export,
                   experts=tuple(sorted(experts)), router_ok=router_ok, router=router_rel,
                   root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, facts=facts)
 

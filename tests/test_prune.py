@@ -143,6 +143,17 @@ def set_mtime_ns(path: Path, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
 
+def link_twin(root: Path, src: str, dst: str) -> None:
+    """``dst`` made a twin of ``src``: the same PEFT tree (copied, mtimes kept) and its merged
+    file a hard link of ``src``'s, as a dedup tool leaves two identical saves. prune proves
+    each merged file by content, so both checkpoints must hold the tensors it holds."""
+    for sub in ("peft_adapters", "dylo_moe_state"):
+        shutil.rmtree(root / dst / sub)
+        shutil.copytree(root / src / sub, root / dst / sub)
+    (root / dst / "model.safetensors").unlink()
+    os.link(root / src / "model.safetensors", root / dst / "model.safetensors")
+
+
 # ------------------------------------------------------------------ the whole fixture tree
 
 @pytest.fixture(scope="module")
@@ -221,9 +232,7 @@ def test_dry_run_changes_nothing_and_promises_exactly_what_the_real_run_frees(re
     root = copy_tree(src, tmp_path / "results")
     # one merged file hard-linked into two redundant checkpoints: freed once, by the second unlink
     a = root / "run_trainer/checkpoint-2/model.safetensors"
-    b = root / "run_trainer/checkpoint-4/model.safetensors"
-    b.unlink()
-    os.link(a, b)
+    link_twin(root, "run_trainer/checkpoint-2", "run_trainer/checkpoint-4")
     # one hard-linked to a file outside the plan: deleted from the checkpoint, frees nothing
     held = root / "seed_v3/checkpoint-100/model.safetensors"
     (root / "archive").mkdir()
@@ -261,9 +270,7 @@ def test_plan_credits_a_file_once_and_only_when_all_its_links_go(results_tree, t
     _, _, now = results_tree
     root = small_root(results_tree, tmp_path, "run_trainer")
     a = root / "run_trainer/checkpoint-2/model.safetensors"
-    b = root / "run_trainer/checkpoint-4/model.safetensors"
-    b.unlink()
-    os.link(a, b)
+    link_twin(root, "run_trainer/checkpoint-2", "run_trainer/checkpoint-4")
     plan = plan_of(root, now)
     alloc = os.lstat(a).st_blocks * 512
     assert [d.frees_bytes for d in plan.deletions] == [0, alloc]

@@ -15,7 +15,7 @@ import ckpt_tools.prune_exec as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
 from ckpt_tools.prune_exec import ActionLog, Revalidator, execute_prune
-from test_prune import allocated_bytes, listing, restamp_young
+from test_prune import allocated_bytes, link_twin, listing, restamp_young
 
 
 def _plan(root: Path, now: float):
@@ -55,10 +55,8 @@ def test_checkpoints_holding_links_of_one_file_stay_in_one_worker(results_tree, 
     roots = {}
     for name in ("one", "many"):
         root = copy_tree(src, tmp_path / name / "results", only=("run_trainer", "seed_v3", "benchmarked"))
-        ck2 = root / "run_trainer/checkpoint-2/model.safetensors"
-        ck4 = root / "run_trainer/checkpoint-4/model.safetensors"
-        ck4.unlink()
-        os.link(ck2, ck4)                          # two redundant checkpoints, one file
+        # two redundant checkpoints, one file
+        link_twin(root, "run_trainer/checkpoint-2", "run_trainer/checkpoint-4")
         roots[name] = root
     plan = _plan(roots["many"], now)
     groups: dict = {}

@@ -1,17 +1,37 @@
 """ckpt-tools: audit, validate, prune and migrate PEFT/LoRA mixture-of-experts checkpoints.
 
-Importing the package never imports torch; only the converter and the loader do.
+Importing the package never imports torch; only the converter and the loader do. The names
+below are imported on first use, so that starting the command line (``ckpt-tools --help``)
+pays for none of the library.
 """
-
-from .api import assemble, classify, scan
-from .problems import Problem
-from .pruner import PrunePlan, plan_prune
-from .records import Checkpoint, CheckpointDir, FileRecord, Run, ScanResult
 
 __version__ = "0.1.0"
 
+# public name → the module that defines it
+_EXPORTS = {
+    "scan": "api", "classify": "api", "assemble": "api",
+    "plan_prune": "pruner", "PrunePlan": "pruner",
+    "Problem": "problems",
+    "Checkpoint": "records", "CheckpointDir": "records", "FileRecord": "records",
+    "Run": "records", "ScanResult": "records",
+}
+
 __all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Checkpoint",
            "CheckpointDir", "FileRecord", "Run", "ScanResult", "load_checkpoint", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value   # once imported, an ordinary attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def load_checkpoint(path, base_model, **kwargs):

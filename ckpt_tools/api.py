@@ -9,11 +9,10 @@ from collections.abc import Callable, Iterable
 from itertools import chain
 from operator import itemgetter
 
-from . import scanner, workers
+from . import scanner
 from .pruner import plan_prune
 from .problems import Problem
 from .records import Checkpoint, CheckpointDir, Run, ScanResult, checkpoint_record, file_rows
-from .validator import HEADERS, validate_checkpoint
 
 DEFAULT_MIN_AGE_S = 3600.0
 # Below this many checkpoints, starting worker processes costs more than it saves.
@@ -54,15 +53,18 @@ def _size(ckpt: CheckpointDir) -> int:
     return _total_size((ckpt,))
 
 
-def classify(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
+def classify(ckpt: CheckpointDir, *, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE_S,
              now: float | None = None) -> Checkpoint:
-    """Validate one scanned checkpoint directory and return its verdict as a record."""
+    """Validate one scanned checkpoint directory and return its verdict as a record.
+    (``level``: validator.HEADERS, FULL or DEEP; the validator is imported only once there
+    is a checkpoint to judge.)"""
+    from .validator import validate_checkpoint
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
     return checkpoint_record(ckpt, v.status, v.layout, tuple(v.problems), v.merged_files,
                              v.num_experts, _size(ckpt), facts=v.facts)
 
 
-def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
+def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE_S,
          now: float | None = None, jobs: int = 1,
          progress: Callable[[int, int], None] | None = None) -> ScanResult:
     """Find, validate and classify every checkpoint under ``roots``.
@@ -80,6 +82,7 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     collecting = gc.isenabled()
     gc.disable()
     try:
+        from . import workers
         if jobs > 1 and workers.available():
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
         return _scan_here(roots, level, min_age_s, now, progress)
@@ -132,6 +135,7 @@ def _plan(roots) -> tuple[list, list]:
 
 
 def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now) -> tuple:
+    from .validator import validate_checkpoint
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
     return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
             _size(ckpt), v.facts)
@@ -164,8 +168,11 @@ def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResult:
+    from . import workers
     global _WORK
     walks, units = _plan(roots)
+    if units:
+        from . import validator  # noqa: F401 - imported before the fork: the workers inherit it
     jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
     _WORK = (walks, units, level, min_age_s, now)
     try:

@@ -132,12 +132,20 @@ class MigratePlan:
         return tuple(i for i in self.items if i.action == ACTION_MIGRATE)
 
     def to_dict(self) -> dict:
-        return {"src": self.src, "dst": self.dst, "options": dataclasses.asdict(self.options),
-                "items": [i.to_dict() for i in self.items], "problems": list(self.problems)}
+        """The plan as ``migrate --dry-run --json`` prints it (docs/migrate.md): ``planned``
+        (what will be migrated), ``skipped`` (the rest: skipped, or already migrated), the
+        empty outcome lists of a run that did nothing, and what ``from_dict`` needs besides."""
+        return {"dry_run": True, "src": self.src, "dst": self.dst,
+                "options": dataclasses.asdict(self.options),
+                "planned": [i.to_dict() for i in self.items if i.action == ACTION_MIGRATE],
+                "migrated": [],
+                "skipped": [i.to_dict() for i in self.items if i.action != ACTION_MIGRATE],
+                "failed": [], "problems": list(self.problems)}
 
     @classmethod
     def from_dict(cls, doc: dict) -> MigratePlan:
-        items = tuple(MigrateItem(**(d | {"notes": tuple(d.get("notes", ()))})) for d in doc["items"])
+        items = tuple(MigrateItem(**(d | {"notes": tuple(d.get("notes", ()))}))
+                      for d in doc["planned"] + doc["skipped"])
         return cls(doc["src"], doc["dst"], MigrateOptions(**doc["options"]), items,
                    tuple(doc.get("problems", ())))
 
@@ -321,6 +329,8 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
             notes.append(f"target will be replaced: {detail}")
         items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_MIGRATE, method,
                                  experts=experts, inputs_digest=digest, notes=tuple(notes)))
+    # what will be migrated first, then the rest, each in scan order: the order of to_dict's lists
+    items.sort(key=lambda i: i.action != ACTION_MIGRATE)
     return MigratePlan(src=src, dst=dst, options=options, items=tuple(items),
                        problems=tuple(p.to_dict() for p in result.problems))
 

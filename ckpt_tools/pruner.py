@@ -12,7 +12,6 @@ import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import workers
 from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, Checkpoint, FileRecord
 
 _SKIP_REASONS = {
@@ -176,6 +175,7 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
     collecting = gc.isenabled()
     gc.disable()   # the scan's records are many and acyclic: see api.scan
     try:
+        from . import workers
         if n_workers > 1 and workers.available():
             with workers.Workers(workers.spans_of(len(todo), n_workers), n_workers, run) as w:
                 return dict(item for part in w.in_order() for item in part)

@@ -1,12 +1,25 @@
-"""Render records and plans for people (tables) and machines (JSON). Decides nothing."""
+"""Render records and plans for people (lines of tables) and machines (JSON). Decides nothing.
+
+Renderers return lists of lines and the CLI's output sink writes them, each through
+``names.shown``; a name is escaped here too where a column's width is measured from it, so
+that tables stay aligned (escaping twice changes nothing).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from typing import TYPE_CHECKING
 
-from .names import json_text, shown, shown_lines
-from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, STATUSES, ScanResult
+from .names import json_text, shown
+
+from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, ScanResult
+
+if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
+    from .converter import MigratePlan, MigrateResult
+    from .prune_exec import PruneResult
+    from .pruner import PrunePlan
 
 
 def size_str(n: int) -> str:
@@ -75,7 +88,7 @@ def _run_title(root: str, run: str, multi_root: bool) -> str:
     return title
 
 
-def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> str:
+def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> list[str]:
     lines: list[str] = []
     multi_root = len(result.roots) > 1
     if not quiet:
@@ -108,7 +121,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
         if result.problems:
             lines.append("")
     lines.append(footer(result))
-    return shown_lines(lines)
+    return lines
 
 
 def footer(result: ScanResult) -> str:
@@ -125,7 +138,7 @@ def footer(result: ScanResult) -> str:
     return ", ".join(parts)
 
 
-def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> str:
+def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> list[str]:
     lines = []
 
     def full(root: str, rel: str) -> str:
@@ -151,7 +164,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
                 lines.append(f"  sha256 {digest}  {rel}")
     for p in result.problems:
         lines.append(p.line())
-    return shown_lines(lines)
+    return lines
 
 
 def validate_doc(result: ScanResult) -> dict:
@@ -168,5 +181,169 @@ def validate_doc(result: ScanResult) -> dict:
             "problems": [p.to_dict() for p in result.problems]}
 
 
-__all__ = ["render_audit", "render_validate", "footer", "size_str", "dumps", "validate_doc",
-           "STATUSES", "PEFT_ONLY"]
+# --- prune -----------------------------------------------------------------------------
+
+def prune_where(root: str, path: str, multi_root: bool) -> str:
+    """A checkpoint or file as the user reads it: under its root when there are several."""
+    if not multi_root:
+        return shown(path)
+    return shown(root if path == "." else os.path.join(root, path))
+
+
+def _links(n: int) -> str:
+    return f"held by {n} other link{'s' if n != 1 else ''}"
+
+
+def render_prune_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool,
+                      verbose: bool = False, quiet: bool = False) -> list[str]:
+    """The plan for people: each file with the bytes it frees, a total, then what is left alone."""
+    from .pruner import skip_reason
+    lines: list[str] = []
+    n_ckpt = len({(d.root, d.checkpoint) for d in plan.deletions})
+    if plan.deletions and not quiet:
+        lines.append(f"Plan: delete {len(plan.deletions)} merged-weight file"
+                     f"{'s' if len(plan.deletions) != 1 else ''} from {n_ckpt} redundant checkpoint"
+                     f"{'s' if n_ckpt != 1 else ''}:")
+        rows = [(prune_where(d.root, d.path, multi_root), size_str(d.frees_bytes),
+                 _links(d.other_links) if d.other_links else "") for d in plan.deletions]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        for path, size, note in rows:
+            lines.append(f"  {path.ljust(w0)}  {size.rjust(w1)}  {note}".rstrip())
+    if plan.deletions:
+        total = f"Total: {size_str(plan.freed_bytes)} to free"
+        if plan.held_bytes:
+            total += f" ({size_str(plan.held_bytes)} stays allocated: held by hard links outside the plan)"
+        lines.append(total)
+    if not quiet:
+        # redundant checkpoints whose merged weights the plan could not prove redundant
+        unproven = {(s.root, s.path): s.reason for s in plan.skipped if s.status == REDUNDANT}
+        left = [(c, unproven.get((c.dir.root, c.path)) or skip_reason(c)) for c in scan.checkpoints
+                if c.status != REDUNDANT or (c.dir.root, c.path) in unproven]
+        if left:
+            lines.append("")
+            lines.append(f"Left alone: {len(left)} checkpoint{'s' if len(left) != 1 else ''}")
+            if verbose:
+                for c, reason in left:
+                    lines.append(f"  {prune_where(c.dir.root, c.path, multi_root)}: {reason}")
+            else:
+                # the count per kind of reason; the details of those holding merged weights below
+                kinds = Counter(reason.split(" (")[0].split(":")[0] if c.status == REDUNDANT
+                                else reason.split(" (")[0] for c, reason in left)
+                for reason, n in sorted(kinds.items()):
+                    lines.append(f"  {n:>4}  {reason}")
+                if plan.skipped:
+                    lines.append("  of which hold merged weights:")
+                    for s in plan.skipped:
+                        lines.append(f"    {prune_where(s.root, s.path, multi_root)}: {s.reason}")
+        for p in scan.problems:
+            lines.append(p.line())
+    return lines
+
+
+def render_prune_outcome(result: PruneResult, *, dry_run: bool) -> str:
+    if dry_run:
+        return f"Dry run: nothing deleted. A real run would free {size_str(result.freed_bytes)}."
+    n = len(result.deleted)
+    text = f"Deleted {n} file{'s' if n != 1 else ''}, freed {size_str(result.freed_bytes)}"
+    if result.held_bytes:
+        text += f" ({size_str(result.held_bytes)} still held by other hard links)"
+    text += "."
+    if result.changed:
+        text += f" Skipped {len(result.changed)} that changed since the plan."
+    if result.failed:
+        text += f" {len(result.failed)} failed."
+    if result.stopped:
+        n = len(result.stopped)
+        text += f" Stopped: {n} planned file{'s' if n != 1 else ''} left, the log cannot be written."
+    return text
+
+
+
+# --- migrate ---------------------------------------------------------------------------
+
+def migrate_where(root: str, rel: str) -> str:
+    """A source or target as the user reads it: under SRC or DST."""
+    return shown(root if rel == "." else os.path.join(root, rel))
+
+
+def render_migrate_plan(plan: MigratePlan, *, verbose: bool = False,
+                        quiet: bool = False) -> list[str]:
+    from .converter import ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP
+    todo = [i for i in plan.items if i.action == ACTION_MIGRATE]
+    done = [i for i in plan.items if i.action == ACTION_DONE]
+    skip = [i for i in plan.items if i.action == ACTION_SKIP]
+    by_method: dict[str, int] = {}
+    for i in todo:
+        by_method[i.method] = by_method.get(i.method, 0) + 1
+    methods = ", ".join(f"{n} {m}" for m, n in sorted(by_method.items()))
+    lines = [f"Plan: migrate {len(todo)} checkpoint{'s' if len(todo) != 1 else ''}"
+             + (f" ({methods})" if methods else "")
+             + f" from {plan.src} to {plan.dst}; {len(done)} already migrated, {len(skip)} skipped."]
+    if quiet:
+        return lines
+    if todo:
+        sources = [shown(i.source) for i in todo]   # escaped before the widths are measured
+        w0 = max(map(len, sources))
+        w1 = max(len(i.layout) for i in todo)
+        for i, source in zip(todo, sources):
+            experts = f"{i.experts} expert{'s' if i.experts != 1 else ''}" if i.experts else ""
+            lines.append(f"  {source.ljust(w0)}  {i.layout.ljust(w1)}  {i.method:<5}  {experts}")
+            for n in i.notes:
+                lines.append(f"      note: {n}")
+    if done and verbose:
+        lines.append("Already migrated (checked again before being skipped):")
+        lines.extend(f"  {i.source}" for i in done)
+    if skip:
+        lines.append("Skipped:")
+        for i in skip:
+            lines.append(f"  {i.source}: {i.reason}")
+    for p in plan.problems:
+        lines.append(f"{p['severity']}: {p['path']}: {p['code']}: {p['message']}")
+    return lines
+
+
+def render_migrate_result(result: MigrateResult, plan: MigratePlan, *, verbose: bool = False,
+                          quiet: bool = False) -> list[str]:
+    lines = []
+    if not quiet:
+        for o in result.migrated:
+            experts = f"{o.experts} expert{'s' if o.experts != 1 else ''}"
+            head = (f"migrated  {migrate_where(plan.src, o.source)} -> "
+                    f"{migrate_where(plan.dst, o.target)}  ({o.method}, {experts}")
+            if o.method == "svd" and o.max_rel_error is not None:
+                head += f", worst relative error {o.max_rel_error:.3g}"
+            lines.append(head + ")")
+            if o.module_errors and (verbose or o.method == "svd"):
+                width = max(len(shown(m)) for m in o.module_errors)
+                worst = max(o.module_errors, key=o.module_errors.get)
+                for m, e in sorted(o.module_errors.items()):
+                    lines.append(f"      {shown(m).ljust(width)}  {e:.3g}"
+                                 + ("  (worst)" if m == worst else ""))
+            if o.verify:
+                v = o.verify
+                lines.append(f"      verify: max |Δlogits| {v['max_abs_diff']:.3g}, relative "
+                             f"{v['max_rel_diff']:.3g} (tolerance {v['tolerance']:g}): "
+                             f"{'passed' if v['passed'] else 'FAILED'}")
+            for w in o.warnings:
+                if verbose or w.startswith("warning"):
+                    lines.append(f"      {w}")
+        for o in result.skipped:
+            if verbose or o.reason == "already migrated":
+                lines.append(f"skipped   {migrate_where(plan.src, o.source)}: {o.reason}")
+    for o in result.failed:
+        lines.append(f"failed    {migrate_where(plan.src, o.source)}: {o.reason}")
+        if verbose and o.over_bound:
+            width = max(len(b["module"]) for b in o.over_bound)
+            for b in o.over_bound:
+                need = b["needed_rank"] if b["needed_rank"] is not None else "none"
+                lines.append(f"      {b['module'].ljust(width)}  {b['error']:.3g} at rank "
+                             f"{b['rank']} (bound {b['bound']:.3g}; rank needed: {need} of "
+                             f"{b['full_rank']})")
+        if verbose and o.verify:
+            lines.append(f"      verify: {o.verify}")
+        if verbose and o.detail:
+            lines.extend("      " + line for line in o.detail.rstrip().splitlines())
+    lines.append(f"Done: {len(result.migrated)} migrated, {len(result.skipped)} skipped, "
+                 f"{len(result.failed)} failed.")
+    return lines

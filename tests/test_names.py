@@ -272,7 +272,8 @@ def test_a_real_prune_says_what_it_deleted_with_visible_escapes(results_tree, tm
 def test_skipped_and_failed_lines_on_stderr_stay_one_line_each(results_tree, tmp_path, monkeypatch,
                                                                capfd):
     """What cron mails: an execute-time skip or failure whose path and reason hold escapes."""
-    from ckpt_tools import cli as cli_module, cli_prune
+    from ckpt_tools import cli as cli_module
+    from ckpt_tools.cli import prune as cli_prune
     from ckpt_tools.prune_exec import Failure, PruneEvent, PruneResult
     root = odd_tree(results_tree, tmp_path)
 

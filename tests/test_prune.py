@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from fixtures.copying import copy_tree
 from fixtures.tree import YOUNG_AGE_S
 
-import ckpt_tools.cli_prune as cli_prune
+import ckpt_tools.cli.prune as cli_prune
 import ckpt_tools.prune_exec as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli

@@ -44,7 +44,7 @@ from scorecard import Runs
 from test_reliability_crash import MIGRATE_SUBSET, check_dst, env_for, file_hashes, target_files
 
 from ckpt_tools import scan
-from ckpt_tools.cli import EXIT_OK, EXIT_PROBLEMS
+from ckpt_tools.cli.exits import ExitCode
 from fixtures.copying import copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def fault_seed() -> int:
 _SERVER = r"""
 import json, os, shutil, subprocess, sys, traceback
 from ckpt_tools import cli
-import ckpt_tools.cli_migrate, ckpt_tools.converter                  # what migrate imports
+import ckpt_tools.cli.migrate, ckpt_tools.converter                 # what migrate imports
 import peft, safetensors.torch, torch, transformers.utils.logging    # ... and what they import
 
 
@@ -229,7 +229,7 @@ def check_failure_doc(doc: dict | None, rc: int, stderr: str, dst: Path, conditi
         fails.append(f"a traceback on stderr: {stderr[-800:]}")
     if doc is None:
         return fails + [f"no JSON document on stdout (rc {rc}): {stderr[-500:]}"]
-    want_rc = EXIT_PROBLEMS if doc["failed"] else EXIT_OK
+    want_rc = ExitCode.PROBLEMS if doc["failed"] else ExitCode.OK
     if rc != want_rc:
         fails.append(f"exit status {rc}, not {want_rc}")
     for f in doc["failed"]:
@@ -363,7 +363,7 @@ def test_enospc_and_eio_fail_one_checkpoint_cleanly_and_rerun_completes(faults_s
         # the re-run finishes the job
         (rc2,) = cli.do([migrate_step(src, dst, Path(f"{out}-rerun"), None, r["link"])])
         doc2, _, stderr2 = outputs(Path(f"{out}-rerun"))
-        if rc2 != EXIT_OK or doc2 is None or doc2["failed"]:
+        if rc2 != ExitCode.OK or doc2 is None or doc2["failed"]:
             fails.append(f"re-run exited {rc2}: {(doc2 or {}).get('failed')} {stderr2[-500:]}")
         else:
             again = [m["target"] for m in doc2["migrated"]]
@@ -518,7 +518,7 @@ def test_a_full_tmpfs_fails_what_does_not_fit_cleanly(faults_setup):
             fails.append("the source tree changed")
         # room again: the re-run finishes the job
         doc2, _, stderr2 = outputs(rerun)
-        if rc2 != EXIT_OK or doc2 is None or doc2["failed"]:
+        if rc2 != ExitCode.OK or doc2 is None or doc2["failed"]:
             return fails + [f"re-run exited {rc2}: {(doc2 or {}).get('failed')} {stderr2[-500:]}"], facts
         again = sorted(m["target"] for m in doc2["migrated"])
         if again != failed:

@@ -1,0 +1,88 @@
+"""The one place where a failure becomes a line on stderr and an exit code.
+
+The codes mean the same for every command (README, "Exit status"):
+
+* 0   done, or healthy;
+* 1   problems found, or something planned failed (the run went on over the others);
+* 2   usage error or refusal: a bad option or path, a root that cannot be scanned, a
+      ``--log`` or ``--lock`` that is not a regular file, no ``--yes`` and no terminal;
+* 75  the lock is held by another run (sysexits' EX_TEMPFAIL: try again later);
+* 130 interrupted.
+
+Commands return 0 or 1 themselves; everything else reaches ``handle`` as an exception.
+The library's exceptions are told apart by class name, so that this module imports none of
+the modules that define them (a command's failure must not make ``--help`` slower) and a
+class keeps its code when it moves between the library's modules.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import click
+
+from ..names import shown
+from .output import PROGRAM, Output
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    PROBLEMS = 1
+    USAGE = 2
+    LOCKED = 75
+    INTERRUPTED = 130
+
+
+# the library's exceptions that are the user's to fix, and what they mean; any other
+# exception is a failure of ckpt-tools itself (exit 1, with -v's traceback)
+_LIBRARY_ERRORS = {
+    "ScanError": ExitCode.USAGE,       # scanner: a root that does not exist or cannot be read
+    "MigrateError": ExitCode.USAGE,    # migrate cannot start: bad roots, DST inside SRC
+    "LockError": ExitCode.USAGE,       # --lock names something that is not a regular file
+    "LogOpenError": ExitCode.USAGE,    # --log cannot be opened or is not a regular file
+    "LogWriteError": ExitCode.PROBLEMS,   # prune's log failed before any deletion
+    "LockHeld": ExitCode.LOCKED,
+}
+
+
+def _library_code(exc: BaseException) -> ExitCode | None:
+    for cls in type(exc).__mro__:
+        if cls.__module__.startswith("ckpt_tools.") and cls.__name__ in _LIBRARY_ERRORS:
+            return _LIBRARY_ERRORS[cls.__name__]
+    return None
+
+
+def _show_click_error(exc: click.ClickException) -> None:
+    exc.message = shown(exc.message)   # it may quote an argument: a name
+    if isinstance(exc, click.FileError):
+        exc.ui_filename = shown(exc.ui_filename)
+    exc.show()
+
+
+def handle(exc: BaseException, out: Output | None = None) -> int:
+    """Say ``exc`` in one line on stderr (``-v``: its traceback first) and return its exit code.
+
+    ``click.exceptions.Exit`` is no failure: its code is returned as it is."""
+    out = out or Output()
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
+        click.echo(f"{PROGRAM}: interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, click.ClickException):   # a usage error, or a refusal worded by click
+        _show_click_error(exc)
+        return ExitCode.USAGE
+    if isinstance(exc, BrokenPipeError):        # the reader went away: nothing left to say
+        return ExitCode.OK
+    code = _library_code(exc)
+    if code is ExitCode.LOCKED:
+        out.say(f"{PROGRAM}: {exc}; nothing done. Try again later or raise --lock-timeout.")
+        return code
+    if code is not None:
+        out.error(str(exc))
+        return code
+    if out.verbose:
+        out.traceback(exc)
+    out.say(f"{PROGRAM}: error: {type(exc).__name__}: {exc}"
+            + ("" if out.verbose else " (run with -v for the traceback)"))
+    return ExitCode.PROBLEMS

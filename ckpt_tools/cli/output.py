@@ -1,0 +1,124 @@
+"""The one output sink of the command line: every command writes through an ``Output``.
+
+Three modes, chosen once from the global options: text (a report for people on stdout),
+json (one JSON document on stdout and nothing else there) and quiet (only the summary and
+errors; the renderers decide what the summary is). Lines for people on stderr (errors,
+skipped and failed files, a held lock) go out in every mode: cron mails them.
+
+Names are data (see ``names``): every line leaves through ``shown``/``shown_lines`` here,
+and every document through ``report.dumps``, so no name can drive a terminal, whichever
+command printed it. Renderers escape a name before measuring a column's width (so tables
+stay aligned); escaping is idempotent, so the sink's pass changes nothing there.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import click
+
+from ..names import shown, shown_lines
+
+PROGRAM = "ckpt-tools"
+
+
+class Mode(enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+    QUIET = "quiet"
+
+
+@dataclass
+class Output:
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    progress: bool = True
+
+    @property
+    def mode(self) -> Mode:
+        return Mode.JSON if self.json else Mode.QUIET if self.quiet else Mode.TEXT
+
+    def merged(self, *, as_json: bool = False, quiet: bool = False, verbose: bool = False,
+               no_progress: bool = False) -> Output:
+        """These options given after the command name as well as before it."""
+        return Output(json=self.json or as_json, quiet=self.quiet or quiet,
+                      verbose=self.verbose or verbose, progress=self.progress and not no_progress)
+
+    # --- stdout ---------------------------------------------------------------------
+
+    def report(self, lines: Iterable[str], *, err: bool = False) -> None:
+        """A rendered report for people, one line per item of ``lines``; nothing in json
+        mode, unless ``err`` sends it to stderr (a plan shown before a question)."""
+        if self.json and not err:
+            return
+        click.echo(shown_lines(lines), err=err)
+
+    def document(self, doc) -> None:
+        """``--json``'s one document on stdout, in UTF-8 whatever the locale (RFC 8259)."""
+        from ..report import dumps
+        text = dumps(doc)
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:   # a text-only stand-in for stdout (an in-process caller's)
+            click.echo(text)
+            return
+        sys.stdout.flush()
+        buffer.write(text.encode("utf-8") + b"\n")
+        buffer.flush()
+
+    # --- stderr ---------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        """One line on stderr in every mode: what cron must mail (a skip, a failure)."""
+        click.echo(shown(text), err=True)
+
+    def error(self, text: str) -> None:
+        """``ckpt-tools: error: TEXT`` on stderr, in every mode."""
+        self.say(f"{PROGRAM}: error: {text}")
+
+    def note(self, text: str) -> None:
+        """A line for people on stderr, left out by ``--quiet``."""
+        if not self.quiet:
+            self.say(text)
+
+    def ask(self, question: str) -> bool:
+        """A yes/no question on stderr (a terminal is there: the caller checked)."""
+        return click.confirm(shown(question), default=False, err=True)
+
+    def bar(self, total: int, desc: str):
+        """A tqdm bar on stderr, only on a terminal and when wanted; else None."""
+        if not self.progress or self.quiet or not sys.stderr.isatty() or total < 2:
+            return None
+        from tqdm import tqdm
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except OSError:
+            size = os.terminal_size((0, 0))
+        # a terminal that reports no size (a bare pty) would get a hidden, zero-width bar
+        return tqdm(total=total, desc=shown(desc), unit="ckpt", file=sys.stderr, leave=False,
+                    ncols=None if size.columns else 80, nrows=None if size.lines else 24)
+
+    def traceback(self, exc: BaseException) -> None:
+        """``-v``'s traceback on stderr, with control characters in its texts made visible."""
+        import traceback
+        for chunk in traceback.TracebackException.from_exception(exc).format():
+            if chunk.startswith("  File "):   # a frame: its lines, from the source files
+                text = shown_lines(chunk.rstrip("\n").split("\n"))
+            else:                             # a heading, or an exception's text: may quote a name
+                text = ("\n" if chunk.startswith("\n") else "") + shown(chunk.strip("\n"))
+            click.echo(text, err=True)
+
+
+def speak_any_locale() -> None:
+    """Text that a locale's encoding cannot say (a name in Japanese under latin-1) is written
+    as a backslash escape, not turned into a UnicodeEncodeError. Control characters and bytes
+    that are not UTF-8 never get here: ``shown`` made them visible escapes already."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):   # not a TextIOWrapper; or already closed
+            pass

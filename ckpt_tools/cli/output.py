@@ -13,7 +13,6 @@ stay aligned); escaping is idempotent, so the sink's pass changes nothing there.
 
 from __future__ import annotations
 
-import enum
 import os
 import sys
 from collections.abc import Iterable
@@ -26,22 +25,12 @@ from ..names import shown, shown_lines
 PROGRAM = "ckpt-tools"
 
 
-class Mode(enum.Enum):
-    TEXT = "text"
-    JSON = "json"
-    QUIET = "quiet"
-
-
 @dataclass
 class Output:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
     progress: bool = True
-
-    @property
-    def mode(self) -> Mode:
-        return Mode.JSON if self.json else Mode.QUIET if self.quiet else Mode.TEXT
 
     def merged(self, *, as_json: bool = False, quiet: bool = False, verbose: bool = False,
                no_progress: bool = False) -> Output:

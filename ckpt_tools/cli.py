@@ -26,6 +26,7 @@ class Output:
     quiet: bool = False
     verbose: bool = False
     progress: bool = True
+    fs: object = None   # the file operations prune and migrate go through (None: local); see main(obj=)
 
     def echo(self, text: str = "") -> None:
         if not self.json:
@@ -67,7 +68,7 @@ def _merge(ctx: click.Context, **local) -> Output:
     return Output(json=base.json or local.get("as_json", False),
                   quiet=base.quiet or local.get("quiet", False),
                   verbose=base.verbose or local.get("verbose", False),
-                  progress=base.progress and not local.get("no_progress", False))
+                  progress=base.progress and not local.get("no_progress", False), fs=base.fs)
 
 
 def output_options(f):
@@ -152,7 +153,8 @@ class _Group(click.Group):
 @click.pass_context
 def cli(ctx, as_json, quiet, verbose, no_progress):
     """Audit, validate, prune and migrate PEFT/LoRA mixture-of-experts checkpoints."""
-    ctx.obj = Output(json=as_json, quiet=quiet, verbose=verbose, progress=not no_progress)
+    ctx.obj = Output(json=as_json, quiet=quiet, verbose=verbose, progress=not no_progress,
+                     fs=getattr(ctx.obj, "fs", None))
 
 
 def _scan(out: Output, roots, **kwargs):
@@ -265,11 +267,12 @@ def _speak_any_locale() -> None:
 _as_program = False
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, obj=None) -> int:
     """Entry point: one clear line and an exit code for every failure, never a traceback.
 
     Without ``argv`` it is the program itself, reading ``sys.argv``: then ``audit`` ends the
-    process as soon as its report is written."""
+    process as soon as its report is written. ``obj``: what the commands find in
+    ``ctx.obj`` (its ``fs``: the file operations; a test entry point passes a faulty one)."""
     global _as_program
     _as_program = argv is None
     if _as_program:
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
     from .scanner import ScanError
     verbose = "-v" in (argv or sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
     try:
-        rv = cli.main(args=argv, prog_name="ckpt-tools", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="ckpt-tools", standalone_mode=False, obj=obj)
         return rv if isinstance(rv, int) else EXIT_OK
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -252,7 +252,7 @@ def register(cli: click.Group) -> None:
         try:
             with quiet_libraries(out.verbose):
                 result = execute_migrate(plan, jobs=jobs, on_event=on_event,
-                                         lock_timeout=lock_timeout, lock_path=lock_path)
+                                         lock_timeout=lock_timeout, lock_path=lock_path, fs=out.fs)
         except LockHeld as exc:
             click.echo(shown(f"ckpt-tools: {exc}"), err=True)
             ctx.exit(EXIT_LOCKED)

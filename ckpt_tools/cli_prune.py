@@ -249,7 +249,7 @@ def register(cli: click.Group) -> None:
 
         try:
             result = execute_prune(plan, revalidate=Revalidator(min_age_s=min_age), log=log,
-                                   on_event=on_event, jobs=jobs or default_jobs())
+                                   on_event=on_event, jobs=jobs or default_jobs(), fs=out.fs)
         finally:
             if bar is not None:
                 bar.close()

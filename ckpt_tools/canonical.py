@@ -29,10 +29,10 @@ def hyper(*, r, alpha, dropout, base) -> dict:
     return {"lora_r": r, "lora_alpha": alpha, "lora_dropout": dropout, "base_model_name_or_path": base}
 
 
-def target_modules_value(targets) -> str | list:
+def target_modules_value(targets) -> str | list | None:
     """``target_modules`` for JSON: a regex string as is; a set in sorted order (PEFT keeps
     them in a set, whose order changes from one process to the next); a list as given."""
-    if isinstance(targets, str):
+    if targets is None or isinstance(targets, str):
         return targets
     if isinstance(targets, (set, frozenset)) and all(isinstance(t, str) for t in targets):
         return sorted(targets)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 import time
 from collections import Counter
@@ -41,8 +40,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import __version__, layout, scanner
-from .faults import NO_FAULTS as _NO_FAULTS, Faults as _Faults
+from . import __version__, canonical, commit, layout, scanner
+from .fs import FileOps, SyncError, local_or
 from .formats import safetensors_header as st
 from .layout import Role
 from .problems import NAN_OR_INF, FormatError
@@ -417,75 +416,27 @@ def storage_error(exc: BaseException) -> str | None:
 
 # --- durable file writing ----------------------------------------------------------------
 
-def _fsync_path(path: str, directory: bool = False, faults: _Faults | None = None) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        if faults is not None:
-            faults.fail("fsync", path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(top: str, faults: _Faults, shown: Callable[[str], str]) -> None:
-    """fsync every file and directory under ``top``; a failure names the file as ``shown``."""
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        paths = [(os.path.join(dirpath, n), False) for n in filenames] + [(dirpath, True)]
-        for p, is_dir in paths:
-            if not is_dir and os.path.islink(p):
-                continue
-            _sync_or_fail(p, is_dir, faults, shown(p))
-
-
-def _remove_tree(path: str, faults: _Faults) -> OSError | None:
-    """Remove ``path`` and everything under it, going on past errors; the first error, or None."""
-    first: OSError | None = None
-
-    def remove(p: str, rm: Callable[[str], None]) -> None:
-        nonlocal first
-        try:
-            faults.fail("remove", p)
-            rm(p)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            first = first or exc
-
-    if not os.path.lexists(path):
+def _discard(path: str, fs: FileOps, shown: str) -> str | None:
+    """Remove a temporary directory (``commit.discard``); None once it is gone, else why it
+    stays (the next migrate of that DST removes it: ``clean_stale``)."""
+    error = commit.discard(path, fs)
+    if error is None:
         return None
-    if os.path.islink(path) or not os.path.isdir(path):
-        remove(path, os.unlink)
-        return first
-    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            remove(os.path.join(dirpath, name), os.unlink)
-        remove(dirpath, os.rmdir)
-    return first if os.path.lexists(path) else None
-
-
-def _discard(path: str, faults: _Faults, shown: str) -> str | None:
-    """Remove a temporary directory, retrying past a failed unlink; None once it is gone, else
-    why it stays (the next migrate of that DST removes it: ``clean_stale``)."""
-    error = None
-    for _ in range(3):
-        error = _remove_tree(path, faults)
-        if error is None:
-            return None
     why = storage_error(error) or (error.strerror or str(error)).lower()
     return (f"the temporary directory {shown} could not be removed ({why}: {error.filename}); "
             "the next migrate of this DST removes it")
 
 
 class _Writer:
-    """Writes the files of one target under its temporary directory.
+    """Writes the files of one target under its temporary directory, through ``fs``.
 
     A file that cannot be written (a full disk, an I/O error) becomes one ``CheckpointFailure``
     naming it under ``shown``, the target as the user knows it (not its temporary name).
     """
 
-    def __init__(self, root: str, faults: _Faults, link: bool, shown: str):
+    def __init__(self, root: str, fs: FileOps, link: bool, shown: str):
         self.root = root
-        self.faults = faults
+        self.fs = fs
         self.link = link
         self.shown = shown
         self.written: dict[str, int] = {}
@@ -500,69 +451,40 @@ class _Writer:
             return self.shown + path[len(self.root):]
         return path
 
-    def done(self, rel: str) -> None:
-        self.written[rel] = os.path.getsize(self._abs(rel))
-        self.faults.hit("after_write")
-
-    def _write(self, rels: tuple[str, ...], write: Callable[..., None], *, shared: bool = False) -> None:
-        """``write(*paths)`` creates the files ``rels``.
-
-        ``shared``: the file may be a hard link to a source file, so an injected fault strikes
-        before it is made and never cuts it.
-        """
-        paths = [self._abs(r) for r in rels]
-        failing = paths[0]
+    def _write(self, rel: str, write: Callable[[str], None]) -> None:
+        """``write(path)`` creates the file ``rel`` through the file operations."""
+        path = self._abs(rel)
         try:
-            os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
-            if shared:
-                self.faults.fail("write", paths[0])
-            write(*paths)
-            for p in [] if shared else paths:
-                failing = p
-                try:
-                    self.faults.fail("write", p)
-                except OSError:
-                    os.truncate(p, os.path.getsize(p) // 2)
-                    raise
+            self.fs.makedirs(os.path.dirname(path))
+            write(path)
         except Exception as exc:  # noqa: BLE001 - libraries wrap OSError in their own types
             why = storage_error(exc)
             if why is None:
                 raise
             where = getattr(exc, "filename", None)
             if not (isinstance(where, str) and _inside(where, self.root)):
-                where = failing
+                where = path
             raise CheckpointFailure(f"{why} writing {self.shown_path(where)}") from None
-        for rel in rels:
-            self.done(rel)
+        self.written[rel] = self.fs.lstat(path).st_size
 
     def copy(self, src_abs: str, rel: str, *, allow_link: bool = True) -> None:
-        def copy_bytes(dst: str) -> None:
-            shutil.copyfile(src_abs, dst)      # follows a symlink inside the root: its content
-            try:
-                shutil.copystat(src_abs, dst)  # mode and times: carried files stay byte-and-stat equal
-            except OSError:
-                pass
-
         def link_or_copy(dst: str) -> None:
             try:
-                os.link(os.path.realpath(src_abs), dst)
+                self.fs.link(os.path.realpath(src_abs), dst)
             except OSError as exc:
                 if exc.errno in _STORAGE_ERRORS:    # a copy would fail the same way
                     raise
                 if not self.warnings or "hard link" not in self.warnings[-1]:
                     self.warnings.append(f"cannot hard-link ({exc.strerror or exc}); copied instead")
-                copy_bytes(dst)
+                self.fs.copy_file(src_abs, dst)
 
         if self.link and allow_link:
-            self._write((rel,), link_or_copy, shared=True)
+            self._write(rel, link_or_copy)
         else:
-            self._write((rel,), copy_bytes)
+            self._write(rel, lambda dst: self.fs.copy_file(src_abs, dst))
 
     def json(self, rel: str, doc: dict) -> None:
-        def write(path: str) -> None:
-            with open(path, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        self._write((rel,), write)
+        self._write(rel, lambda path: self.fs.write_bytes(path, canonical.json_bytes(doc)))
 
     def torch_save(self, rel: str, obj) -> None:
         import torch
@@ -572,35 +494,23 @@ class _Writer:
             # torch's own C++ writer only says "unexpected pos"
             with open(path, "wb") as fh:
                 torch.save(obj, fh)
-        self._write((rel,), write)
+        self._write(rel, lambda path: self.fs.write_file(path, write))
 
     def adapter(self, rel_dir: str, tensors: dict, config: dict) -> None:
-        from peft import LoraConfig
         from safetensors.torch import save_file
 
         def weights(path: str) -> None:
             save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
-        def config_file(path: str) -> None:
-            # the file PEFT writes for this config, with target_modules in a stable order: PEFT
-            # keeps them in a set, whose order changes from one process to the next
-            LoraConfig(**config).save_pretrained(os.path.dirname(path))
-            with open(path, encoding="utf-8") as fh:
-                written = json.load(fh)
-            if isinstance(written.get("target_modules"), list):
-                written["target_modules"] = sorted(written["target_modules"])
-                with open(path, "w", encoding="utf-8") as fh:
-                    json.dump(written, fh, indent=2, sort_keys=True)
-                    fh.write("\n")
-
-        self._write((f"{rel_dir}/{layout.ADAPTER_WEIGHTS}",), weights)
-        self._write((f"{rel_dir}/{layout.ADAPTER_CONFIG}",), config_file)
+        self._write(f"{rel_dir}/{layout.ADAPTER_WEIGHTS}", lambda p: self.fs.write_file(p, weights))
+        self._write(f"{rel_dir}/{layout.ADAPTER_CONFIG}",
+                    lambda p: self.fs.write_file(p, canonical.peft_config_writer(config)))
 
     def extracted_adapter(self, rel_dir: str, extraction) -> None:
         """A low-rank extraction's adapter_model.safetensors and adapter_config.json."""
         from . import lowrank
-        self._write((f"{rel_dir}/{layout.ADAPTER_WEIGHTS}", f"{rel_dir}/{layout.ADAPTER_CONFIG}"),
-                    lambda weights, config: lowrank.write_adapter(extraction, os.path.dirname(weights)))
+        for rel, produce in lowrank.adapter_files(extraction):
+            self._write(f"{rel_dir}/{rel}", lambda p, produce=produce: self.fs.write_file(p, produce))
 
 
 # --- the in-memory conversion (shared with the loader) ------------------------------------
@@ -952,28 +862,23 @@ def _full_grid(modules: list[str]) -> bool:
 
 
 def _lora_config(h: _Hyper, has_bias: bool) -> dict:
-    targets = h.target_modules if isinstance(h.target_modules, str) else list(h.target_modules)
-    return {"r": h.r, "lora_alpha": h.alpha, "lora_dropout": h.dropout,
-            "target_modules": targets, "bias": "none",
-            "task_type": layout.LORA_TASK_TYPE, "base_model_name_or_path": h.base,
-            "rank_pattern": dict(h.rank_pattern), "lora_bias": has_bias, "inference_mode": True}
+    return canonical.lora_config(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base,
+                                 target_modules=h.target_modules, rank_pattern=h.rank_pattern,
+                                 lora_bias=has_bias)
+
+
+def _hyper(h: _Hyper) -> dict:
+    return canonical.hyper(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base)
 
 
 def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
-    cfg = dict(src.facts.get("moe_config") or {})
-    for k, v in extra.items():
-        cfg.setdefault(k, v)
-    cfg.update({"num_experts": num_experts, "lora_r": h.r, "lora_alpha": h.alpha,
-                "lora_dropout": h.dropout, "base_model_name_or_path": h.base,
-                "target_modules": h.target_modules if isinstance(h.target_modules, str)
-                else list(h.target_modules)})
-    return cfg
+    # the source's own MoE config is kept over what was inferred (extra)
+    return canonical.moe_config(num_experts, _hyper(h), h.target_modules,
+                                under={**extra, **(src.facts.get("moe_config") or {})})
 
 
 def _root_config(num_experts: int, h: _Hyper) -> dict:
-    return {"model_type": layout.DYLORA_MODEL_TYPE, "checkpoint_type": layout.PEFT_ONLY_TYPE,
-            "num_experts": num_experts, "base_model_name_or_path": h.base, "lora_r": h.r,
-            "lora_alpha": h.alpha, "lora_dropout": h.dropout}
+    return canonical.root_config(num_experts, _hyper(h))
 
 
 def _carried(src: _Source, *, exclude_roles=()) -> list[tuple[str, str]]:
@@ -1149,11 +1054,7 @@ def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_
     new_root = {}
     if replace_root:
         moe = src.facts.get("moe_config") or {}
-        new_root = {"model_type": layout.DYLORA_MODEL_TYPE, "checkpoint_type": layout.PEFT_ONLY_TYPE,
-                    "num_experts": num_experts}
-        for k in ("base_model_name_or_path", "lora_r", "lora_alpha", "lora_dropout"):
-            if k in moe:
-                new_root[k] = moe[k]
+        new_root = canonical.root_config(num_experts, moe)
         if root_cfg is not None:
             warnings.append("config.json is not a DyLoRA-MoE config (rewritten by another tool); "
                             "replaced with the canonical one")
@@ -1236,11 +1137,10 @@ def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
                float(cfg.get("lora_dropout") or 0.0), options.base_model,
                sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], list)
                else cfg["target_modules"], [])
-    moe = {"num_experts": 1, "lora_r": h.r, "lora_alpha": h.alpha, "lora_dropout": h.dropout,
-           "base_model_name_or_path": h.base, "target_modules": h.target_modules,
-           "hidden_size": hidden, "top_k": 1, "extracted": {
-               "method": METHOD_SVD, "rank": options.rank, "energy": options.energy,
-               "max_rel_error": ex.max_rel_error, "max_error": options.max_error}}
+    moe = canonical.moe_config(1, _hyper(h), h.target_modules, under={
+        "hidden_size": hidden, "top_k": 1, "extracted": {
+            "method": METHOD_SVD, "rank": options.rank, "energy": options.energy,
+            "max_rel_error": ex.max_rel_error, "max_error": options.max_error}})
     expert = ExpertAdapter(0, cfg, tensors=dict(ex.lora_state))
     return Conversion(
         method=METHOD_SVD, layout=src.verdict.layout, num_experts=1, experts=[expert],
@@ -1325,44 +1225,18 @@ def _reread_check(conv: Conversion, tmp: str) -> None:
         same(conv.router, got, "router.pt")
 
 
-def _rmtree(path: str) -> None:
-    def onerror(func, p, exc_info):
-        if isinstance(exc_info[1], FileNotFoundError):
-            return
-        raise exc_info[1]
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=onerror)
-
-
-def clean_stale(parent: str) -> list[str]:
+def clean_stale(parent: str, fs: FileOps | None = None) -> list[str]:
     """Remove migrate's temporary and parked directories left in ``parent`` by a dead run.
 
     Callers hold DST's lock, so no live run owns them.
     """
-    removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for e in entries:
-        if e.name.startswith((layout.MIGRATE_TMP_PREFIX, layout.MIGRATE_OLD_PREFIX)) and \
-                e.is_dir(follow_symlinks=False):
-            # one that cannot be removed (a failing disk) stays hidden and never stops the run:
-            # new temporary directories carry this run's pid
-            if _remove_tree(e.path, _NO_FAULTS) is None:
-                removed.append(e.path)
-    if removed:
-        try:
-            _fsync_path(parent, directory=True)
-        except OSError:
-            pass    # only the removals' durability: their directories are gone either way
-    return removed
+    return commit.remove_stale(parent, (layout.MIGRATE_TMP_PREFIX, layout.MIGRATE_OLD_PREFIX), fs)
 
 
 @dataclass
 class _Context:
     plan: MigratePlan
-    faults: _Faults
+    fs: FileOps
     run_cache: dict = field(default_factory=dict)   # run dir -> its configs (lora_alpha lookup)
 
 
@@ -1388,11 +1262,11 @@ def _missing_dirs(path: str) -> list[str]:
     return missing
 
 
-def _remove_empty(dirs: list[str]) -> None:
+def _remove_empty(dirs: list[str], fs: FileOps) -> None:
     """Remove the directories made for a target that failed, deepest first, while empty."""
     for d in dirs:
         try:
-            os.rmdir(d)
+            fs.rmdir(d)
         except OSError:
             return
 
@@ -1467,16 +1341,18 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
     if state == "foreign":
         raise CheckpointFailure(f"target {target} exists: {detail}")
 
-    parent = os.path.dirname(target)
-    name = os.path.basename(target)
-    tmp = os.path.join(parent, f"{layout.MIGRATE_TMP_PREFIX}{name}-{os.getpid()}")
+    staging = commit.RenameCommit(target, ctx.fs, replace=state == "stale")
+    tmp = staging.tmp
     shown = _shown_target(plan, item)
-    new_dirs = _missing_dirs(parent)
+    new_dirs = _missing_dirs(os.path.dirname(target))
+    job = _TargetJob(src, method, digest, item, shown, outcome)
     try:
-        result = _write_target(ctx, src, method, state, digest, item, target, tmp, shown, outcome)
+        result = _write_target(ctx, job, staging)
+    except _VerifyFailed as exc:
+        result = exc.outcome
     except BaseException as exc:
-        left = _discard(tmp, ctx.faults, os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
-        _remove_empty(new_dirs)
+        left = _discard(tmp, ctx.fs, os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
+        _remove_empty(new_dirs, ctx.fs)
         reason = str(exc) if isinstance(exc, CheckpointFailure) else None
         # only an OSError of its own here (mkdir, rename, a read): the writer names the file
         # of a failed write itself, and other exceptions go up as they are
@@ -1490,113 +1366,116 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
             raise       # a bug: execute_migrate reports it (its traceback with -v)
         raise CheckpointFailure(reason + (f"; {left}" if left else ""),
                                 fields=getattr(exc, "fields", None)) from None
-    left = _discard(tmp, ctx.faults, tmp)      # a --verify failure leaves it; a success renamed it
-    if result.outcome == "failed":
-        _remove_empty(new_dirs)
+    if result.outcome == "failed":     # --verify refused it: rolled back like any failure
+        left = _discard(tmp, ctx.fs, tmp)
+        _remove_empty(new_dirs, ctx.fs)
+    else:
+        left = _discard(staging.parked, ctx.fs, staging.parked) if staging.parked else None
     if left:
         result = dataclasses.replace(result, warnings=result.warnings + (f"warning: {left}",))
     return result
 
 
-def _write_target(ctx: _Context, src: _Source, method: str, state: str, digest: str,
-                  item: MigrateItem, target: str, tmp: str, shown: str,
-                  outcome: Callable[..., MigrateOutcome]) -> MigrateOutcome:
-    """Build the target under ``tmp``, verify it, rename it into place: all or nothing."""
-    opts, v = ctx.plan.options, src.verdict
-    parent = os.path.dirname(target)
-    name = os.path.basename(target)
-    os.makedirs(parent, exist_ok=True)
-    _rmtree(tmp)
-    os.mkdir(tmp)
+@dataclass(frozen=True)
+class _TargetJob:
+    """One target to write: from which source, how, and how the user names it."""
+
+    src: _Source
+    method: str
+    digest: str                 # of the source's input files, as the marker records it
+    item: MigrateItem
+    shown: str                  # the target as the user named it
+    outcome: Callable[..., MigrateOutcome]
+
+
+class _VerifyFailed(Exception):
+    """--verify refused a written target: nothing is committed, the outcome says why."""
+
+    def __init__(self, outcome: MigrateOutcome):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def _write_target(ctx: _Context, job: _TargetJob, staging: commit.RenameCommit) -> MigrateOutcome:
+    """Build the target in ``staging``, verify it, rename it into place: all or nothing."""
+    opts, src, shown = ctx.plan.options, job.src, job.shown
+    written: dict = {}
+
+    def write(tmp: str) -> None:
+        try:
+            conv = build_conversion(src, job.method, opts, run_cache=ctx.run_cache)
+            w = _Writer(tmp, ctx.fs, opts.link, shown)
+            _write_conversion(conv, w)
+        except (OSError, FormatError) as exc:
+            if _source_changed(src, job.digest):
+                raise _SourceChanged(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        w.json(layout.MIGRATED_MARKER, _marker(job, conv, w))
+        written.update(conv=conv, w=w)
+
+    def validate(tmp: str) -> None:
+        _, tv = _validate_dir(tmp, os.path.basename(staging.final))
+        errors = [p for p in tv.problems if p.is_error]
+        if errors or tv.status != PEFT_ONLY:
+            why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
+            raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
+        if tv.layout != layout.CANONICAL:
+            raise CheckpointFailure(f"the written checkpoint is {tv.layout}, not canonical")
+
+    def read_back(tmp: str) -> None:
+        conv = written["conv"]
+        _reread_check(conv, tmp)
+        if opts.verify:
+            from .loader import verify_conversion
+            verify = verify_conversion(conv, tmp, src, opts)
+            written["verify"] = verify
+            if not verify["passed"]:
+                why = verify.get("error") or (
+                    f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
+                    f"tolerance {verify['tolerance']:g}")
+                raise _VerifyFailed(job.outcome("failed", method=job.method, verify=verify,
+                                                reason=f"--verify: {why}"))
+
     try:
-        conv = build_conversion(src, method, opts, run_cache=ctx.run_cache)
-        w = _Writer(tmp, ctx.faults, opts.link, shown)
-        _write_conversion(conv, w)
-    except (OSError, FormatError) as exc:
-        if _source_changed(src, digest):
-            raise _SourceChanged(f"{type(exc).__name__}: {exc}") from exc
-        raise
-    marker = {
+        commit.commit(staging, write, validate=validate, read_back=read_back)
+    except SyncError as exc:
+        failure = _sync_failure(exc, staging, shown)
+        if failure is None:
+            raise
+        raise failure from None
+    conv, w = written["conv"], written["w"]
+    return job.outcome("migrated", method=job.method, experts=conv.num_experts,
+                       max_rel_error=conv.max_rel_error, module_errors=conv.module_errors,
+                       max_error=opts.max_error if job.method == METHOD_SVD else None,
+                       verify=written.get("verify"), warnings=tuple(conv.warnings + w.warnings))
+
+
+def _marker(job: _TargetJob, conv: Conversion, w: _Writer) -> dict:
+    """``.ckpt-tools-migrated.json``: where the target came from, written last."""
+    v = job.src.verdict
+    return {
         "format": _MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
-        "source": item.source, "source_path": os.path.realpath(src.abspath),
-        "layout": v.layout, "method": method, "experts": conv.num_experts,
-        "max_rel_error": conv.max_rel_error, "inputs_digest": digest,
-        "inputs": [list(x) for x in _input_files(src.ckpt, v.facts)],
+        "source": job.item.source, "source_path": os.path.realpath(job.src.abspath),
+        "layout": v.layout, "method": job.method, "experts": conv.num_experts,
+        "max_rel_error": conv.max_rel_error, "inputs_digest": job.digest,
+        "inputs": [list(x) for x in _input_files(job.src.ckpt, v.facts)],
         "written": dict(sorted(w.written.items())),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    w.json(layout.MIGRATED_MARKER, marker)
-    _fsync_tree(tmp, ctx.faults, w.shown_path)
-    _fsync_dir(parent, ctx.faults, os.path.dirname(shown))
-
-    # verify before committing: our validator, then the tensors read back
-    _, tv = _validate_dir(tmp, name)
-    errors = [p for p in tv.problems if p.is_error]
-    if errors or tv.status != PEFT_ONLY:
-        why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
-        raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
-    if tv.layout != layout.CANONICAL:
-        raise CheckpointFailure(f"the written checkpoint is {tv.layout}, not canonical")
-    _reread_check(conv, tmp)
-    verify = None
-    if opts.verify:
-        from .loader import verify_conversion
-        verify = verify_conversion(conv, tmp, src, opts)
-        if not verify["passed"]:
-            why = verify.get("error") or (
-                f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
-                f"tolerance {verify['tolerance']:g}")
-            return outcome("failed", method=method, verify=verify, reason=f"--verify: {why}")
-
-    ctx.faults.hit("before_rename")
-    old = None
-    warnings = list(conv.warnings + w.warnings)
-    if state == "stale":
-        old = os.path.join(parent, f"{layout.MIGRATE_OLD_PREFIX}{name}-{os.getpid()}")
-        _rmtree(old)
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-    else:
-        if os.path.isdir(target):
-            os.rmdir(target)     # absent or an empty directory (checked above)
-        os.rename(tmp, target)
-    try:
-        # the rename is what commits the target: a failed fsync of it undoes it, so that what
-        # is reported (failed) is what is on disk (no target, or the old one)
-        _fsync_dir(parent, ctx.faults, os.path.dirname(shown))
-    except BaseException:
-        os.rename(target, tmp)
-        if old is not None:
-            os.rename(old, target)
-        raise
-    ctx.faults.hit("after_rename")
-    if old is not None:
-        left = _discard(old, ctx.faults, old)
-        if left:
-            warnings.append(f"warning: {left}")
-    return outcome("migrated", method=method, experts=conv.num_experts,
-                   max_rel_error=conv.max_rel_error, module_errors=conv.module_errors,
-                   max_error=opts.max_error if method == METHOD_SVD else None,
-                   verify=verify, warnings=tuple(warnings))
 
 
-def _sync_or_fail(path: str, directory: bool, faults: _Faults, what: str) -> None:
-    """fsync ``path``; a storage error becomes this checkpoint's one-line failure."""
-    try:
-        _fsync_path(path, directory=directory, faults=faults)
-    except OSError as exc:
-        why = storage_error(exc)
-        if why is None:
-            raise
-        raise CheckpointFailure(f"{why} syncing {what}") from None
-
-
-def _fsync_dir(path: str, faults: _Faults, shown: str) -> None:
-    _sync_or_fail(path, True, faults, f"the directory {shown or '.'}")
+def _sync_failure(exc: SyncError, staging: commit.RenameCommit, shown: str) -> CheckpointFailure | None:
+    """A failed fsync of the staging tree or of its parent, as this checkpoint's one-line
+    failure naming the file as it would be under DST; None for any other ``OSError``."""
+    why = storage_error(exc)
+    if why is None:
+        return None
+    where = exc.filename
+    if where == staging.parent:
+        return CheckpointFailure(f"{why} syncing the directory {os.path.dirname(shown) or '.'}")
+    if _inside(where, staging.tmp):
+        where = shown + where[len(staging.tmp):]
+    return CheckpointFailure(f"{why} syncing {where}")
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -1631,16 +1510,16 @@ def lock_dir_for(plan: MigratePlan) -> str:
 def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                     on_event: Callable[[MigrateEvent], None] | None = None,
                     lock: bool = True, lock_timeout: float = 0.0,
-                    lock_path: str | None = None) -> MigrateResult:
+                    lock_path: str | None = None, fs: FileOps | None = None) -> MigrateResult:
     """Carry out ``plan``: every item is re-checked against the source as it is now.
 
     Takes DST's tree lock exclusively and SRC's shared (and their lock files: SRC's where
     it has one; or ``lock_path`` instead) unless ``lock`` is False; raises
-    ``locking.LockHeld`` when another run holds it.
+    ``locking.LockHeld`` when another run holds it. ``fs``: the file operations every
+    write, fsync, rename and removal of DST goes through (None: the local file system).
     """
     from contextlib import ExitStack
-    faults = _Faults.from_env()
-    ctx = _Context(plan, faults)
+    ctx = _Context(plan, local_or(fs))
     migrated: list[MigrateOutcome] = []
     skipped: list[MigrateOutcome] = []
     failed: list[MigrateOutcome] = []
@@ -1663,7 +1542,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                                           shared_roots=[plan.src]))
         for parent in sorted({os.path.dirname(_target_abs(plan, i)) for i in work}):
             if parent == os.path.dirname(dst) or _inside(parent, dst):
-                clean_stale(parent)
+                clean_stale(parent, ctx.fs)
 
         def run(item: MigrateItem) -> None:
             if on_event:

@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,11 +58,12 @@ from pathlib import Path
 import torch
 
 from .formats.safetensors_header import open_readonly, read_header, require_regular
+from .fs import FileOps
 from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MERGED_INDEX,
-                     MERGED_SINGLE, ROOT_CONFIG)
+                     MERGED_SINGLE, MIGRATE_TMP_PREFIX, ROOT_CONFIG)
 
 __all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "TensorSource",
-           "Extraction", "OverBound", "BaseMismatch", "extract", "write_adapter", "main"]
+           "Extraction", "OverBound", "BaseMismatch", "extract", "adapter_files", "write_adapter", "main"]
 
 TOLERANCE = 0.01                 # randomized error ≤ (1 + TOLERANCE) × exact SVD error
 FAILURE_PROBABILITY = 1e-6       # of the probabilistic bound on ‖M‖₂
@@ -1123,47 +1124,57 @@ def _lora_key(module: str, part: str, param: str) -> str:
 # Writing the adapter
 # --------------------------------------------------------------------------------------------
 
-def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True) -> list[Path]:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``.
+def adapter_files(extraction: Extraction, *, use_peft: bool = True) -> list[tuple[str, Callable[[str], None]]]:
+    """The files of the adapter as (name, writer of that file at a path), the weights first.
 
     With ``use_peft`` the config file is written by ``peft.LoraConfig(...).save_pretrained``
     (exactly what PEFT writes); without it the same keyword arguments are written as JSON,
     which PEFT reads into the same ``LoraConfig`` and which spares the CLI peft's import
-    (seconds). Each file is written under a temporary name and renamed into place.
+    (seconds).
     """
     from safetensors.torch import save_file
 
-    if not extraction.adapter_config.get("target_modules"):
+    from .canonical import peft_config_writer
+
+    config = extraction.adapter_config
+    if not config.get("target_modules"):
         raise ValueError("nothing to write: no linear module of the fine-tune differs from the "
                          "base, and PEFT needs at least one LoRA target")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / ADAPTER_WEIGHTS
-    config_path = out / ADAPTER_CONFIG
-    tmp_weights = out / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}"
-    tmp_config = out / f".{ADAPTER_CONFIG}.tmp-{os.getpid()}"
-    tmp_dir = out / f".adapter-config.tmp-{os.getpid()}"
-    try:
-        state = {k: v.contiguous() for k, v in extraction.lora_state.items()}
-        save_file(state, str(tmp_weights), metadata={"format": "pt"})
-        if use_peft:
-            from peft import LoraConfig
 
-            tmp_dir.mkdir(exist_ok=True)
-            LoraConfig(**extraction.adapter_config).save_pretrained(str(tmp_dir))
-            os.replace(tmp_dir / ADAPTER_CONFIG, tmp_config)
-        else:
-            tmp_config.write_text(json.dumps(extraction.adapter_config, indent=2, sort_keys=True)
-                                  + "\n", encoding="utf-8")
-        # The weights go in first: a config never names weights that are not there.
-        os.replace(tmp_weights, weights)
-        os.replace(tmp_config, config_path)
-    finally:
-        for leftover in (tmp_weights, tmp_config, *(tmp_dir.iterdir() if tmp_dir.exists() else ())):
-            leftover.unlink(missing_ok=True)
-        if tmp_dir.exists():
-            tmp_dir.rmdir()
-    return [weights, config_path]
+    def weights(path: str) -> None:
+        save_file({k: v.contiguous() for k, v in extraction.lora_state.items()}, path,
+                  metadata={"format": "pt"})
+
+    def plain_config(path: str) -> None:
+        Path(path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return [(ADAPTER_WEIGHTS, weights),
+            (ADAPTER_CONFIG, peft_config_writer(config) if use_peft else plain_config)]
+
+
+def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True,
+                  fs: FileOps | None = None) -> list[Path]:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``out_dir``
+    (``adapter_files``) through the commit protocol: both are written and fsynced in a
+    temporary directory inside ``out_dir``, then renamed into place, the weights first, so
+    that a config never names weights that are not there."""
+    from . import commit
+    from .fs import local_or
+
+    fs = local_or(fs)
+    files = adapter_files(extraction, use_peft=use_peft)
+    out = Path(out_dir)
+    fs.makedirs(str(out))
+    staging = commit.EntriesCommit(str(out), tuple(name for name, _ in files), fs,
+                                   tmp_prefix=f"{MIGRATE_TMP_PREFIX}adapter-")
+
+    def write(tmp: str) -> None:
+        for name, produce in files:
+            fs.write_file(os.path.join(tmp, name), produce)
+
+    commit.commit(staging, write)
+    staging.cleanup()
+    return [out / name for name, _ in files]
 
 
 # --------------------------------------------------------------------------------------------

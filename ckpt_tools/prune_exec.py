@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import scanner, workers
-from .faults import NO_FAULTS, Faults
+from .fs import FileOps, local_or
 from .names import json_text
 from .api import DEFAULT_MIN_AGE_S, classify
 from .content_proof import ContentProof
@@ -385,12 +385,10 @@ class _Outcome:
     """What a run did, gathered as it happens: each action goes to the log (and to
     ``on_event``) the moment it is done."""
 
-    def __init__(self, log: ActionLog | None, on_event, faults: Faults = NO_FAULTS,
-                 in_worker: bool = False) -> None:
+    def __init__(self, log: ActionLog | None, on_event, fs: FileOps) -> None:
         self.log = log
         self.on_event = on_event
-        self.faults = faults
-        self.fault_point = "after_unlink_in_worker" if in_worker else "after_unlink"
+        self.fs = fs           # what the unlinks go through (forked workers inherit it)
         self.suffix = ""   # said after each skip and failure reason
         self.deleted: list[Deleted] = []
         self.skipped: list[Skip] = []
@@ -429,7 +427,6 @@ class _Outcome:
         self.skipped.append(Skip(d.root, d.path, f"not started: {self.log.error()}", STOPPED))
 
     def unlinked(self, d: PlannedDeletion, st: os.stat_result) -> None:
-        self.faults.hit(self.fault_point)
         freed = self.acct.unlinked(st)
         deleted = Deleted(d.root, d.path, freed)
         self.deleted.append(deleted)
@@ -453,7 +450,7 @@ class _Outcome:
 def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoint] | None = None,
                   log: ActionLog | None = None,
                   on_event: Callable[[PruneEvent], None] | None = None,
-                  jobs: int = 1) -> PruneResult:
+                  jobs: int = 1, fs: FileOps | None = None) -> PruneResult:
     """Carry out ``plan``: unlink each planned file that is still what the plan saw.
 
     ``revalidate(root, checkpoint_path)`` must return the checkpoint as it is now;
@@ -471,12 +468,15 @@ def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoin
     left with part of its merged weights) and no other is started: those are skipped with
     status ``STOPPED``; the result says why (``log_error``) and which deletions the log
     lacks (``unlogged``).
+
+    ``fs``: the file operations the identity checks and unlinks go through (None: the local
+    file system); the re-validation reads the disk itself.
     """
     revalidate = revalidate if revalidate is not None else Revalidator()
     groups: dict[tuple[str, str], list[PlannedDeletion]] = {}
     for d in plan.deletions:
         groups.setdefault((d.root, d.checkpoint), []).append(d)
-    out = _Outcome(log, on_event, Faults.from_env())
+    out = _Outcome(log, on_event, local_or(fs))
     out.skipped.extend(plan.skipped)
     collecting = gc.isenabled()
     gc.disable()   # the plan's records are many and acyclic; see api.scan
@@ -548,7 +548,7 @@ def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> 
         parts = []
         for unit in units[span[0]:span[1]]:
             events: list[PruneEvent] = []
-            part = _Outcome(out.log, events.append, out.faults, in_worker=True)
+            part = _Outcome(out.log, events.append, out.fs)
             for key in unit:
                 _prune_checkpoint(key, groups[key], revalidate, part)
             parts.append((part.part(), events))
@@ -667,7 +667,7 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
         return
     try:
         try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            st = out.fs.lstat(name, dir_fd=fd)
         except FileNotFoundError:
             skip(d, "vanished since the plan")
             return
@@ -698,7 +698,7 @@ def _unlink_one(d: PlannedDeletion, ckpt_fd: int, fresh: Checkpoint, still_there
                     "this checkpoint as its newest")
             return
         try:
-            os.unlink(name, dir_fd=fd)   # a symlink goes itself; its target is never touched
+            out.fs.unlink(name, dir_fd=fd)   # a symlink goes itself; its target is never touched
         except FileNotFoundError:
             skip(d, "vanished since the plan")
             return

@@ -145,10 +145,10 @@ def test_prune_and_migrate_get_the_callers_file_operations_through_the_context(
                  ["migrate", "--min-age", "0", str(src), str(tmp_path / "dst")]):
         assert cli.main(args, obj=CliContext(fs=fs), standalone_mode=False) == 1
     assert seen == {"prune": fs, "migrate": fs}
-    # without one, the group makes its own: the local file system, nothing passed down
+    # without one, the group makes its own: fs=None, the local file system
     seen.clear()
     assert cli.main(["prune", "--yes", "--min-age", "0", str(src)], standalone_mode=False) == 1
-    assert seen == {"prune": "not given"}
+    assert seen == {"prune": None}
 
 
 def test_global_verbose_reaches_the_handler_after_the_command_name(tmp_path, monkeypatch, capfd):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fault_entry
 from ckpt_tools import scan
 from ckpt_tools.converter import (ACTION_DONE, ACTION_MIGRATE, MigrateOptions,
                                   MigratePlan, execute_migrate, plan_migrate)
@@ -575,10 +576,8 @@ def _small_source(root: Path, into: Path) -> Path:
 
 def _cli_process(src: Path, dst: Path, fault: str | None, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("CKPT_TOOLS_FAULT", None)
-    if fault:
-        env["CKPT_TOOLS_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "ckpt_tools.cli", "migrate", str(src), str(dst),
+    cmd = fault_entry.command(fault) if fault else [sys.executable, "-m", "ckpt_tools.cli"]
+    return subprocess.run([*cmd, "migrate", str(src), str(dst),
                            "--min-age", "0", "--json", *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 

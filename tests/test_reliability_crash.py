@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fault_entry
 from ckpt_tools import scan
 from fixtures.copying import copy_tree
 
@@ -67,12 +68,8 @@ def crash_jobs() -> int:
     return max(1, int(value)) if value else max(2, min(4, (os.cpu_count() or 1) + 1))
 
 
-def env_for(fault: str | None = None) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("CKPT_TOOLS_FAULT", None)
-    if fault:
-        env["CKPT_TOOLS_FAULT"] = fault
-    return env
+def env_for() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -207,8 +204,11 @@ def report(scenario: str, seed: int, records: list[dict], checks: list[str], ext
 
 # --- migrate ------------------------------------------------------------------------------------
 
-def migrate_args(src: Path, dst: Path, jobs: int = 1) -> list[str]:
-    return [sys.executable, "-m", "ckpt_tools.cli", "migrate", str(src), str(dst),
+def migrate_args(src: Path, dst: Path, jobs: int = 1, fault: str | None = None) -> list[str]:
+    """The migrate command line; with ``fault``, run through the fault entry point with a
+    ``tests/faulty_fs.py`` spec."""
+    cmd = fault_entry.command(fault) if fault else [sys.executable, "-m", "ckpt_tools.cli"]
+    return [*cmd, "migrate", str(src), str(dst),
             "--min-age", "0", "--json", "--no-progress", "--jobs", str(jobs)]
 
 
@@ -334,7 +334,7 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
             count = n_files if point == "after_write" else len(ref_targets)
             fault = f"{point}:{rng.randint(1, count)}"
             rec |= {"mode": "fault", "fault": fault}
-            end = run_and_kill(migrate_args(src, dst, jobs), env_for(fault))
+            end = run_and_kill(migrate_args(src, dst, jobs, fault), env_for())
             if not end.killed:
                 rec["failures"].append(f"the fault {fault} did not kill it (rc {end.returncode}): "
                                        f"{end.stderr[-500:]}")
@@ -381,7 +381,7 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
 
     records = run_trials(n, seed, trial)
     checks = [
-        "killed: the process died of SIGKILL (fault hook: CKPT_TOOLS_FAULT=after_write|before_rename|"
+        "killed: the process died of SIGKILL (fault hook: fault entry point: after_write|before_rename|"
         "after_rename:N, or a timed kill of its process group at a random delay; a run that "
         "finished before its kill is tried again with a delay below its own run time, the third "
         "try at 0 s)",
@@ -409,10 +409,12 @@ def effective_status(entry) -> str:
     return entry.status_as_root if os.geteuid() == 0 else entry.status
 
 
-def prune_args(root: Path, log: Path) -> list[str]:
+def prune_args(root: Path, log: Path, fault: str | None = None) -> list[str]:
     exe = shutil.which("ckpt-tools", path=os.pathsep.join([str(REPO / ".venv" / "bin"),
                                                            str(Path(sys.executable).parent)]))
     cmd = [exe] if exe else [sys.executable, "-m", "ckpt_tools.cli"]
+    if fault:
+        cmd = fault_entry.command(fault)
     return [*cmd, "prune", "--yes", "--min-age", "0", "--no-progress", "--json", "--log", str(log),
             str(root)]
 
@@ -516,7 +518,7 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
             # the process kills itself right after its k-th unlink, before logging it
             k = rng.randint(1, max(1, len(expected) - 1))
             rec |= {"mode": "fault", "fault": f"after_unlink:{k}"}
-            end = run_and_kill(prune_args(root, log), env_for(f"after_unlink:{k}"))
+            end = run_and_kill(prune_args(root, log, f"after_unlink:{k}"), env_for())
         else:
             # right after the k-th deletion was logged (0: once the plan is logged, before any)
             k = rng.randint(0, len(expected) - 1)
@@ -556,7 +558,7 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         "run that finished first is tried again with a delay below its own run time, the third "
         "try at 0 s); "
         "right after the k-th deletion appeared in its --log; by the fault hook right after its "
-        "k-th unlink, before logging it (CKPT_TOOLS_FAULT=after_unlink:k); k random",
+        "k-th unlink, before logging it (fault entry point: after_unlink:k); k random",
         "every checkpoint keeps a complete copy: all its merged files, or a PEFT tree auditing "
         "peft-only/redundant with no error; legacy, broken and tmp-checkpoint-* keep every merged file",
         "nothing deleted but the expected redundant merged files; every other file unchanged (sha256, mtime)",
@@ -665,7 +667,8 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
             # reporting it; at least one of the two gets that far (each has about 50)
             k = rng.randint(1, 45)
             rec |= {"mode": "worker", "fault": f"after_unlink_in_worker:{k}"}
-            proc = subprocess.run(args, env=env_for(f"after_unlink_in_worker:{k}"),
+            proc = subprocess.run([*prune_args(root, log, f"after_unlink_in_worker:{k}"), "--jobs", "2"],
+                                  env=env_for(),
                                   capture_output=True, text=True, timeout=300,
                                   stdin=subprocess.DEVNULL)
             rec["killed"] = False
@@ -704,7 +707,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
         "two worker processes re-validate and unlink); half the runs: SIGKILL of the process "
         "group right after the k-th deletion appeared in its --log; the other half: each worker "
         "SIGKILLs itself right after its "
-        "k-th unlink (CKPT_TOOLS_FAULT=after_unlink_in_worker:k, k random), the prune process "
+        "k-th unlink (fault entry point: after_unlink_in_worker:k, k random), the prune process "
         "goes on",
         "a dead worker's checkpoints are taken over by the prune process: every merged file gone, "
         "exit 1, the skips it reports say a worker process ended",

@@ -3,8 +3,8 @@ nothing partial left in DST, the source intact, the other checkpoints still migr
 
 Two sources of errors:
 
-- the converter's fault hook (``CKPT_TOOLS_FAULT=enospc@write:N``, ``eio@write:N``,
-  ``eio@fsync:N``; see ``ckpt_tools.faults``): the N-th file written (left cut to half its
+- a faulty file-operations seam (``enospc@write:N``, ``eio@write:N``, ``eio@fsync:N``; see
+  ``tests/faulty_fs.py``, entered through ``tests/fault_entry.py``): the N-th file written (left cut to half its
   length) or the N-th fsync of the migration fails with a real ``OSError``. N is spread over the
   whole migration, so every checkpoint and every kind of file (safetensors, torch.save, JSON,
   copies, hard links with ``--link``) is struck, and the fsync of each directory too;
@@ -20,8 +20,8 @@ strata (printed with a failure's captured output).
 
 Dozens of migrations would spend most of their time importing torch and peft, so each run
 is a child forked by a process that has imported them once (``WarmCli``): the child runs
-``ckpt_tools.cli.main(argv)``, what ``python -m ckpt_tools.cli`` runs, with its own
-environment, stdout and stderr.
+``fault_entry.run(spec, argv)`` (``ckpt_tools.cli.main(argv)`` with the faulty seam), with its
+own environment, stdout and stderr.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def fault_seed() -> int:
 
 _SERVER = r"""
 import json, os, shutil, subprocess, sys, traceback
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import fault_entry                                                    # the CLI with a faulty seam
 from ckpt_tools import cli
 import ckpt_tools.cli.migrate, ckpt_tools.converter                 # what migrate imports
 import peft, safetensors.torch, torch, transformers.utils.logging    # ... and what they import
@@ -95,7 +97,7 @@ def run_cli(step):
                 f = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(f, fd)
                 os.close(f)
-            code = cli.main(step["argv"])
+            code = fault_entry.run(step.get("fault"), step["argv"])
         except BaseException:
             traceback.print_exc()
         finally:
@@ -173,7 +175,7 @@ def migrate_step(src: Path, dst: Path, out: Path, fault: str | None = None,
                  link: bool = False) -> dict:
     argv = ["migrate", str(src), str(dst), "--min-age", "0", "--json", "--no-progress",
             "--jobs", "1"] + (["--link"] if link else [])
-    return {"argv": argv, "env": env_for(fault), "cwd": str(REPO),
+    return {"argv": argv, "env": env_for(), "fault": fault, "cwd": str(REPO),
             "stdout": f"{out}.stdout", "stderr": f"{out}.stderr"}
 
 

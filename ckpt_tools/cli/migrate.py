@@ -130,11 +130,10 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
             elif out.verbose and e.outcome is not None and not out.json:
                 out.note(f"{e.outcome.outcome}: {e.item.source}")
 
-    seam = {} if fs is None else {"fs": fs}   # execute_migrate takes fs= once the seam exists
     try:
         with quiet_libraries(out.verbose):
             result = execute_migrate(plan, jobs=jobs, on_event=on_event,
-                                     lock_timeout=lock_timeout, lock_path=lock_path, **seam)
+                                     lock_timeout=lock_timeout, lock_path=lock_path, fs=fs)
     finally:
         if bar is not None:
             bar.close()

@@ -163,10 +163,9 @@ def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResu
         elif e.action == "delete" and out.verbose:
             out.report([f"deleted {prune_where(e.root, e.path, multi_root)} ({size_str(e.bytes)})"])
 
-    seam = {} if fs is None else {"fs": fs}   # execute_prune takes fs= once the seam exists
     try:
         return execute_prune(plan, revalidate=Revalidator(min_age_s=min_age), log=log,
-                             on_event=on_event, jobs=jobs or default_jobs(), **seam)
+                             on_event=on_event, jobs=jobs or default_jobs(), fs=fs)
     finally:
         if bar is not None:
             bar.close()

@@ -22,11 +22,9 @@ the Trainer's own code. ``docs/callback.md`` tells the story for users.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +36,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import __version__, layout, scanner
+from .. import __version__, canonical, commit, layout, scanner
+from ..fs import FileOps, local_or
 from ..problems import Problem
 from ..prune_exec import Revalidator, execute_prune
 from ..pruner import plan_prune
@@ -149,15 +148,18 @@ def _safe_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- writers
 
 def write_expert_adapter(peft_model, adapter_name: str, dest: str, *,
-                         save_embedding_layers: bool = False) -> dict[str, torch.Tensor]:
+                         save_embedding_layers: bool = False,
+                         fs: FileOps | None = None) -> dict[str, torch.Tensor]:
     """One adapter as PEFT serialises it, straight into ``dest/`` (no ``name/name`` nesting).
 
     Returns the tensors written, for the read-back check.
     """
+    fs = local_or(fs)
     state = _safe_tensors(get_peft_model_state_dict(peft_model, adapter_name=adapter_name,
                                                     save_embedding_layers=save_embedding_layers))
-    os.makedirs(dest, exist_ok=True)
-    save_file(state, os.path.join(dest, layout.ADAPTER_WEIGHTS), metadata=_ST_METADATA)
+    fs.makedirs(dest)
+    fs.write_file(os.path.join(dest, layout.ADAPTER_WEIGHTS),
+                  lambda path: save_file(state, path, metadata=_ST_METADATA))
     config = copy.deepcopy(peft_model.peft_config[adapter_name])
     config.inference_mode = True   # as PeftModel.save_pretrained writes it
     if config.base_model_name_or_path is None:
@@ -166,7 +168,8 @@ def write_expert_adapter(peft_model, adapter_name: str, dest: str, *,
     if config.task_type is None:   # PEFT records the base class of a custom model the same way
         base_cls = type(peft_model.get_base_model())
         auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-    config.save_pretrained(dest, auto_mapping_dict=auto_mapping)
+    fs.write_file(os.path.join(dest, layout.ADAPTER_CONFIG),
+                  lambda path: config.save_pretrained(os.path.dirname(path), auto_mapping_dict=auto_mapping))
     return state
 
 
@@ -174,18 +177,6 @@ def _base_model_name(peft_model) -> str | None:
     base = peft_model.get_base_model()
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
     return name or None
-
-
-def _json_value(v):
-    if isinstance(v, (set, frozenset, tuple)):
-        return sorted(v) if all(isinstance(x, str) for x in v) else list(v)
-    return v
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
 
 
 def _skill_library_state(lib) -> dict:
@@ -199,24 +190,6 @@ def _skill_library_state(lib) -> dict:
                     "pass get_skill_library= returning a dict of tensors and plain values")
 
 
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise  # some file systems refuse fsync on a directory; a file must reach the disk
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(top: str) -> None:
-    for dirpath, _dirs, files in os.walk(top):
-        for name in files:
-            _fsync(os.path.join(dirpath, name))
-        _fsync(dirpath, directory=True)
-
-
 @dataclass(frozen=True)
 class WrittenTree:
     """What ``write_peft_tree`` put into a checkpoint."""
@@ -227,23 +200,22 @@ class WrittenTree:
     tensors: dict = field(compare=False, repr=False)              # relpath → tensors written
 
 
-def tmp_dir_name() -> str:
-    return f"{layout.PEFT_TREE_TMP_PREFIX}{os.getpid()}"
-
-
 def write_peft_tree(model: nn.Module, directory: str, *,
                     get_peft_model: Callable = default_peft_model,
                     get_router: Callable = default_router,
                     get_skill_library: Callable = default_skill_library,
                     config_extra: Mapping | Callable | None = None,
-                    save_embedding_layers: bool = False) -> WrittenTree:
+                    save_embedding_layers: bool = False,
+                    fs: FileOps | None = None) -> WrittenTree:
     """Write the canonical PEFT tree of ``model`` into the existing ``directory``.
 
-    Everything is written under ``directory/.peft_tree.tmp-<pid>/``, fsynced, then renamed
-    into place part by part (replacing any previous version of those parts), the root
-    ``config.json`` last. Raises on any failure, leaving no temporary directory behind
-    where it can remove it; files other than the tree's are never touched.
+    Through ``commit.EntriesCommit``: everything is written under
+    ``directory/.ckpt-tools-tmp-peft-tree-<pid>/``, fsynced, then renamed into place part by
+    part (replacing any previous version of those parts), the root ``config.json`` last.
+    Raises on any failure, leaving no temporary directory behind where it can remove it;
+    files other than the tree's are never touched. ``verify_and_prune`` checks the result.
     """
+    fs = local_or(fs)
     model = _unwrap(model)
     peft_model = get_peft_model(model)
     router = get_router(model)
@@ -251,82 +223,60 @@ def write_peft_tree(model: nn.Module, directory: str, *,
     extra = dict(config_extra(model) if callable(config_extra) else (config_extra or {}))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: the checkpoint directory does not exist")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
 
-    tmp = os.path.join(directory, tmp_dir_name())
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)   # our own pid's leftover: nobody else writes under this name
-    os.mkdir(tmp)
-    try:
-        tensors: dict[str, dict[str, torch.Tensor]] = {}
+    def write(tmp: str) -> None:
         for i, name in enumerate(names):
             rel = f"{layout.PEFT_DIR}/{layout.EXPERT_DIR_PREFIX}{i}"
             tensors[f"{rel}/{layout.ADAPTER_WEIGHTS}"] = write_expert_adapter(
                 peft_model, name, os.path.join(tmp, *rel.split("/")),
-                save_embedding_layers=save_embedding_layers)
+                save_embedding_layers=save_embedding_layers, fs=fs)
 
         first = peft_model.peft_config[names[0]]
-        base_name = first.base_model_name_or_path or _base_model_name(peft_model)
-        moe_config = {"num_experts": len(names), "lora_r": first.r, "lora_alpha": first.lora_alpha,
-                      "lora_dropout": first.lora_dropout, "base_model_name_or_path": base_name,
-                      "target_modules": _json_value(first.target_modules)}
-        gate = getattr(router, "gate", None)
-        if isinstance(gate, nn.Linear):
-            moe_config["hidden_size"] = gate.in_features
-        for attr in ("top_k", "temperature"):
-            value = getattr(router, attr, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                moe_config[attr] = value
-        moe_config.update(extra)
+        hyper = canonical.hyper(r=first.r, alpha=first.lora_alpha, dropout=first.lora_dropout,
+                                base=first.base_model_name_or_path or _base_model_name(peft_model))
         moe_dir = os.path.join(tmp, layout.MOE_STATE_DIR)
-        os.mkdir(moe_dir)
-        _write_json(os.path.join(moe_dir, layout.MOE_CONFIG), moe_config)
+        fs.mkdir(moe_dir)
+        fs.write_bytes(os.path.join(moe_dir, layout.MOE_CONFIG), canonical.json_bytes(
+            canonical.moe_config(len(names), hyper, first.target_modules,
+                                 under=_router_facts(router), over=extra)))
         router_state = {k: v.detach().cpu().clone() for k, v in router.state_dict().items()}
-        torch.save(router_state, os.path.join(moe_dir, layout.ROUTER_PT))
+        fs.write_file(os.path.join(moe_dir, layout.ROUTER_PT), lambda p: torch.save(router_state, p))
         tensors[f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}"] = router_state
-        torch.save(_skill_library_state(get_skill_library(model)),
-                   os.path.join(moe_dir, layout.SKILL_LIBRARY))
+        skills = _skill_library_state(get_skill_library(model))
+        fs.write_file(os.path.join(moe_dir, layout.SKILL_LIBRARY), lambda p: torch.save(skills, p))
 
         trainable = _safe_tensors(trainable_state_dict(model, peft_model, router, names))
-        save_file(trainable, os.path.join(tmp, layout.TRAINABLE_STATE),
-                  metadata={**_ST_METADATA, "ckpt_tools": "trainable_state"})
+        fs.write_file(os.path.join(tmp, layout.TRAINABLE_STATE), lambda p: save_file(
+            trainable, p, metadata={**_ST_METADATA, "ckpt_tools": "trainable_state"}))
         tensors[layout.TRAINABLE_STATE] = trainable
 
-        root_config = {"model_type": layout.DYLORA_MODEL_TYPE, "checkpoint_type": layout.PEFT_ONLY_TYPE,
-                       "num_experts": len(names), "base_model_name_or_path": base_name,
-                       "lora_r": first.r, "lora_alpha": first.lora_alpha,
-                       "lora_dropout": first.lora_dropout, "written_by": f"ckpt-tools {__version__}"}
-        root_config.update(extra)
-        _write_json(os.path.join(tmp, layout.ROOT_CONFIG), root_config)
+        fs.write_bytes(os.path.join(tmp, layout.ROOT_CONFIG), canonical.json_bytes(
+            canonical.root_config(len(names), hyper,
+                                  extra={"written_by": f"ckpt-tools {__version__}", **extra})))
 
-        _fsync_tree(tmp)
-        _install(tmp, directory)
-    except BaseException:
-        _remove_tmp(tmp)
-        raise
-    _remove_tmp(tmp)
+    staging = commit.EntriesCommit(directory, _TREE_ENTRIES, fs, tmp_prefix=layout.PEFT_TREE_TMP_PREFIX)
+    try:
+        commit.commit(staging, write)
+    finally:
+        error = staging.cleanup()
+        if error is not None:
+            # it is named as in progress, so audit and prune leave it (and its checkpoint) alone
+            logger.error("%s: could not remove the temporary PEFT tree: %s", staging.tmp, error)
     return WrittenTree(os.path.abspath(directory), len(names), _TREE_ENTRIES, tensors)
 
 
-def _install(tmp: str, directory: str) -> None:
-    """Rename the parts of the tree from ``tmp`` into ``directory``; older versions go to ``tmp``."""
-    replaced = os.path.join(tmp, ".replaced")
-    for name in _TREE_ENTRIES:
-        src, dst = os.path.join(tmp, name), os.path.join(directory, name)
-        if os.path.lexists(dst) and (os.path.isdir(src) or os.path.isdir(dst)):
-            os.makedirs(replaced, exist_ok=True)
-            os.rename(dst, os.path.join(replaced, name))
-        os.replace(src, dst)
-    _fsync(directory, directory=True)
-
-
-def _remove_tmp(tmp: str) -> None:
-    if not os.path.lexists(tmp):
-        return
-    try:
-        shutil.rmtree(tmp)
-    except OSError as exc:
-        # it is named as in progress, so audit and prune leave it (and its checkpoint) alone
-        logger.error("%s: could not remove the temporary PEFT tree: %s", tmp, exc)
+def _router_facts(router: nn.Module) -> dict:
+    """What the MoE config records of the router besides the hyperparameters."""
+    facts = {}
+    gate = getattr(router, "gate", None)
+    if isinstance(gate, nn.Linear):
+        facts["hidden_size"] = gate.in_features
+    for attr in ("top_k", "temperature"):
+        value = getattr(router, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            facts[attr] = value
+    return facts
 
 
 # --------------------------------------------------------------------------- verification

@@ -4,14 +4,16 @@ Importing the package never imports torch; only the converter and the loader do.
 """
 
 from .api import assemble, classify, scan
-from .problems import Problem
+from .kinds import Layout, Status
+from .problems import Problem, Severity
 from .pruner import PrunePlan, plan_prune
 from .records import Checkpoint, CheckpointDir, FileRecord, Run, ScanResult
 
 __version__ = "0.1.0"
 
-__all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Checkpoint",
-           "CheckpointDir", "FileRecord", "Run", "ScanResult", "load_checkpoint", "__version__"]
+__all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Severity",
+           "Checkpoint", "CheckpointDir", "FileRecord", "Run", "ScanResult", "Status", "Layout",
+           "load_checkpoint", "__version__"]
 
 
 def load_checkpoint(path, base_model, **kwargs):

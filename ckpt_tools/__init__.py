@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "scan": "api", "classify": "api", "assemble": "api",
     "plan_prune": "pruner", "PrunePlan": "pruner",
-    "Problem": "problems",
+    "Problem": "problems", "Severity": "problems", "Status": "kinds", "Layout": "kinds",
     "Checkpoint": "records", "CheckpointDir": "records", "FileRecord": "records",
     "Run": "records", "ScanResult": "records",
 }
 
-__all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Checkpoint",
-           "CheckpointDir", "FileRecord", "Run", "ScanResult", "load_checkpoint", "__version__"]
+__all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Severity",
+           "Checkpoint", "CheckpointDir", "FileRecord", "Run", "ScanResult", "Status", "Layout",
+           "load_checkpoint", "__version__"]
 
 
 def __getattr__(name: str):

@@ -7,12 +7,16 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from itertools import chain
-from operator import itemgetter
+from typing import TYPE_CHECKING
+from operator import attrgetter
 
 from . import scanner
 from .pruner import plan_prune
 from .problems import Problem
-from .records import Checkpoint, CheckpointDir, Run, ScanResult, checkpoint_record, file_rows
+from .records import Checkpoint, CheckpointDir, Run, ScanResult
+
+if TYPE_CHECKING:
+    from .validator import Verdict
 
 DEFAULT_MIN_AGE_S = 3600.0
 # Below this many checkpoints, starting worker processes costs more than it saves.
@@ -28,28 +32,29 @@ def default_jobs() -> int:
     return max(1, min(n, 8))
 
 
-_INODE = itemgetter(3, 4)   # FileRecord row fields: dev, ino
-_DEV = itemgetter(3)
-_INO = itemgetter(4)
-_ALLOCATED = itemgetter(2)
+_INODE = attrgetter("dev", "ino")
+_DEV = attrgetter("dev")
+_INO = attrgetter("ino")
+_ALLOCATED = attrgetter("allocated")
+_FILES = attrgetter("files")
 
 
 def _total_size(dirs) -> int:
     """Allocated bytes of all the files of ``dirs``, a file hard-linked more than once into
     them counted once (with the size its first link was seen with)."""
-    rows = list(chain.from_iterable(map(file_rows, dirs)))
-    rows.reverse()  # so that the first link seen is the last one written below
-    if len(set(map(_DEV, rows))) <= 1:  # one filesystem: the inode number is the file
-        seen = dict(zip(map(_INO, rows), map(_ALLOCATED, rows)))
+    files = list(chain.from_iterable(map(_FILES, dirs)))
+    files.reverse()  # so that the first link seen is the last one written below
+    if len(set(map(_DEV, files))) <= 1:  # one filesystem: the inode number is the file
+        seen = dict(zip(map(_INO, files), map(_ALLOCATED, files)))
     else:
-        seen = dict(zip(map(_INODE, rows), map(_ALLOCATED, rows)))
+        seen = dict(zip(map(_INODE, files), map(_ALLOCATED, files)))
     return sum(seen.values())
 
 
 def _size(ckpt: CheckpointDir) -> int:
-    rows = file_rows(ckpt)
-    if len(set(map(_INODE, rows))) == len(rows):  # no two links to one file
-        return sum(map(_ALLOCATED, rows))
+    files = ckpt.files
+    if len(set(map(_INODE, files))) == len(files):  # no two links to one file
+        return sum(map(_ALLOCATED, files))
     return _total_size((ckpt,))
 
 
@@ -60,8 +65,7 @@ def classify(ckpt: CheckpointDir, *, level: str = "headers", min_age_s: float = 
     is a checkpoint to judge.)"""
     from .validator import validate_checkpoint
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
-    return checkpoint_record(ckpt, v.status, v.layout, tuple(v.problems), v.merged_files,
-                             v.num_experts, _size(ckpt), facts=v.facts)
+    return Checkpoint.from_verdict(ckpt, v, _size(ckpt))
 
 
 def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE_S,
@@ -134,19 +138,19 @@ def _plan(roots) -> tuple[list, list]:
     return walks, units
 
 
-def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now) -> tuple:
+def _judged(ckpt: CheckpointDir, level, min_age_s, now) -> tuple[Verdict, int]:
+    """(verdict, size in bytes) of ``ckpt``: what ``Checkpoint.from_verdict`` needs besides
+    the directory, which the parent rebuilds from the values it is sent."""
     from .validator import validate_checkpoint
-    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
-    return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
-            _size(ckpt), v.facts)
+    return validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now), _size(ckpt)
 
 
 def _run_unit(i: int) -> list:
-    """Unit ``i``: [Problem | (checkpoint values, verdict)] in walk order."""
+    """Unit ``i``: [Problem | (checkpoint values, (verdict, size))] in walk order."""
     walks, units, level, min_age_s, now = _WORK
     r, item = units[i]
     if isinstance(item, CheckpointDir):  # listed by the parent already
-        return [(None, _verdict_of(item, level, min_age_s, now))]
+        return [(None, _judged(item, level, min_age_s, now))]
     root, root_abs, root_real, _ = walks[r]
     out = []
     for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
@@ -154,17 +158,12 @@ def _run_unit(i: int) -> list:
             out.append(x)
         else:
             values, ckpt = x
-            out.append((values, _verdict_of(ckpt, level, min_age_s, now)))
+            out.append((values, _judged(ckpt, level, min_age_s, now)))
     return out
 
 
 def _run_units(lo_hi: tuple[int, int]) -> list:
     return [_run_unit(i) for i in range(*lo_hi)]
-
-
-def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
-    status, lay, probs, merged, n, size, facts = verdict
-    return checkpoint_record(d, status, lay, probs, merged, n, size, facts=facts)
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResult:
@@ -203,9 +202,9 @@ def _gather(walks, units, results, progress) -> ScanResult:
                 if isinstance(x, Problem):
                     problems.append(x)
                     continue
-                values, verdict = x
-                d = unit_item if values is None else scanner.checkpoint_from_rows(values)
-                found.append(_checkpoint(d, verdict))
+                values, (verdict, size) = x
+                d = unit_item if values is None else CheckpointDir.from_values(values)
+                found.append(Checkpoint.from_verdict(d, verdict, size))
                 done += 1
                 if progress:
                     progress(done, max(total, done))
@@ -224,8 +223,7 @@ def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems
         d = c.dir
         rec = freed.get((d.root, d.path), 0) if freed else 0
         if rec:
-            c = checkpoint_record(d, c.status, c.layout, c.problems, c.merged_files,
-                                  c.num_experts, c.size_bytes, rec, c.facts)
+            c = c.with_reclaimable(rec)
         runs.setdefault((d.root, d.run), []).append(c)
     run_records = tuple(Run(root, path, tuple(cs)) for (root, path), cs in runs.items())
     total = _total_size(c.dir for r in run_records for c in r.checkpoints)

@@ -34,7 +34,7 @@ from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
 from .problems import TRUNCATED, FormatError
-from .records import Checkpoint, CheckpointDir, file_rows
+from .records import Checkpoint, CheckpointDir
 from .tensor_bytes import (TensorLocation, group_moe_lora, group_peft_lora, group_router,
                            locate_safetensors, locate_torch, lora_or_router_key)
 
@@ -153,7 +153,7 @@ class ContentProof:
         """The proof for ``ckpt``, whose verdict found ``merged_files`` and ``facts``;
         ``own_tree=False`` leaves out the rule that the PEFT tree must be the checkpoint's own
         (``validate --deep`` compares contents only)."""
-        rows = file_rows(ckpt)
+        rows = ckpt.files
         # Unlinking a symlink loses nothing (its target stays): only the merged files that
         # are files of their own must hold nothing the tree lacks. FileRecord row fields:
         # relpath, is_symlink at 0, 7.

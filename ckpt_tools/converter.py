@@ -43,14 +43,15 @@ from dataclasses import dataclass, field
 from . import __version__, canonical, commit, layout, scanner
 from .fs import FileOps, SyncError, local_or
 from .formats import safetensors_header as st
+from .kinds import MigrateAction, MigrateMethod
 from .layout import Role
 from .problems import NAN_OR_INF, FormatError
 from .records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
 from .tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
 from .validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
 
-METHOD_COPY, METHOD_EXACT, METHOD_SVD = "copy", "exact", "svd"
-ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = "migrate", "skip", "done"
+METHOD_COPY, METHOD_EXACT, METHOD_SVD = MigrateMethod.COPY, MigrateMethod.EXACT, MigrateMethod.SVD
+ACTION_MIGRATE, ACTION_SKIP, ACTION_DONE = MigrateAction.MIGRATE, MigrateAction.SKIP, MigrateAction.DONE
 # --verify: the largest max|Δlogits| / max|logits| accepted. Exact adapters differ from their
 # source only by float rounding (PEFT's unmerged forward against our own hooks, in float32);
 # a low-rank extraction differs by its truncation, which the user chose with --rank/--energy.

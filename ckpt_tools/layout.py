@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
+from .kinds import Layout, MergedKind, TreeForm
+
 # --- directory and file names -------------------------------------------------
 
 PEFT_DIR = "peft_adapters"
@@ -381,8 +383,9 @@ def canonical_adapter_key(module: str, part: str, param: str | None = "weight") 
     return f"{CANONICAL_KEY_PREFIX}{module}.{part}" + (f".{param}" if param else "")
 
 
-def merged_key_kind(keys) -> str:
-    """Which variant a merged state dict's keys belong to: 'v0', 'v1' or 'hf' (plain)."""
+def merged_key_kind(keys) -> MergedKind:
+    """Which variant a merged state dict's keys belong to: v0, v1, or a plain model's (hf,
+    hf-lora when its keys still name LoRA tensors)."""
     v0 = v1 = lora = 0
     for k in keys:
         if k.startswith(V1_PREFIX):
@@ -392,10 +395,10 @@ def merged_key_kind(keys) -> str:
         if ".lora_" in k:
             lora += 1
     if v1:
-        return "v1"
+        return MergedKind.V1
     if v0:
-        return "v0"
-    return "hf-lora" if lora else "hf"
+        return MergedKind.V0
+    return MergedKind.HF_LORA if lora else MergedKind.HF
 
 
 def router_key(key: str) -> str | None:
@@ -438,37 +441,40 @@ def is_hf_model_config(config: dict | None) -> bool:
 
 # --- layout labels --------------------------------------------------------------------
 
-CANONICAL = "canonical"
-CANONICAL_MERGED = "canonical+merged"
-V0, V1, V2, V3, V4, V5 = "v0", "v1", "v2", "v3", "v4", "v5"
-HF_MERGED = "hf-merged"
-UNKNOWN = "unknown"
-LAYOUTS = (CANONICAL, CANONICAL_MERGED, V0, V1, V2, V3, V4, V5, HF_MERGED, UNKNOWN)
+# The enums are kinds.Layout and kinds.TreeForm; these names are what the modules that
+# ask this one spell.
+CANONICAL = Layout.CANONICAL
+CANONICAL_MERGED = Layout.CANONICAL_MERGED
+V0, V1, V2, V3, V4, V5 = Layout.V0, Layout.V1, Layout.V2, Layout.V3, Layout.V4, Layout.V5
+HF_MERGED = Layout.HF_MERGED
+UNKNOWN = Layout.UNKNOWN
+LAYOUTS = tuple(Layout)
 
 # forms of the PEFT tree
-TREE_CANONICAL = "dirs"       # peft_adapters/expert_i/adapter_*
-TREE_NESTED = "nested"        # peft_adapters/expert_i/expert_i/adapter_* (PEFT's own nesting)
-TREE_FLAT = "flat"            # peft_adapters/expert_i.pt
-TREE_NONE = "none"
+TREE_CANONICAL = TreeForm.DIRS       # peft_adapters/expert_i/adapter_*
+TREE_NESTED = TreeForm.NESTED        # peft_adapters/expert_i/expert_i/adapter_* (PEFT's own nesting)
+TREE_FLAT = TreeForm.FLAT            # peft_adapters/expert_i.pt
+TREE_NONE = TreeForm.NONE
 
 
-def layout_label(tree_form: str, merged_kind: str | None, has_dylora_root_config: bool) -> str:
+def layout_label(tree_form: TreeForm, merged_kind: MergedKind | None,
+                 has_dylora_root_config: bool) -> Layout:
     """Name the layout variant from the PEFT tree's form and the merged weights' keys."""
-    if tree_form == TREE_CANONICAL:
-        return CANONICAL_MERGED if merged_kind else CANONICAL
-    if tree_form == TREE_NESTED:
-        return V5
-    if tree_form == TREE_FLAT:
+    if tree_form == TreeForm.DIRS:
+        return Layout.CANONICAL_MERGED if merged_kind else Layout.CANONICAL
+    if tree_form == TreeForm.NESTED:
+        return Layout.V5
+    if tree_form == TreeForm.FLAT:
         if merged_kind is None:
-            return V4
-        return V3 if has_dylora_root_config else V2
-    if merged_kind == "v0":
-        return V0
-    if merged_kind == "v1":
-        return V1
-    if merged_kind in ("hf", "hf-lora"):
-        return HF_MERGED
-    return UNKNOWN
+            return Layout.V4
+        return Layout.V3 if has_dylora_root_config else Layout.V2
+    if merged_kind == MergedKind.V0:
+        return Layout.V0
+    if merged_kind == MergedKind.V1:
+        return Layout.V1
+    if merged_kind in (MergedKind.HF, MergedKind.HF_LORA):
+        return Layout.HF_MERGED
+    return Layout.UNKNOWN
 
 
 # --- the Trainer callback (ckpt_tools.integrations.transformers) --------------------------

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
-ERROR = "error"
-WARNING = "warning"
+
+class Severity(StrEnum):
+    """How bad a problem is: an error makes its checkpoint broken, a warning does not."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+
+ERROR = Severity.ERROR
+WARNING = Severity.WARNING
 
 MISSING_FILE = "missing-file"
 MISSING_TENSOR = "missing-tensor"
@@ -46,15 +55,26 @@ class Problem:
     code: str
     path: str
     message: str
-    severity: str = ERROR
+    severity: Severity = Severity.ERROR
+
+    def __post_init__(self):
+        # A severity given as its string becomes the member; any other string is a bug.
+        if type(self.severity) is not Severity:
+            object.__setattr__(self, "severity", Severity(self.severity))
 
     @property
     def is_error(self) -> bool:
-        return self.severity == ERROR
+        return self.severity is Severity.ERROR
 
     def to_dict(self) -> dict:
+        """The JSON shape the README documents: ``{code, path, message, severity}``."""
         return {"code": self.code, "path": self.path, "message": self.message,
                 "severity": self.severity}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> Problem:
+        """The inverse of ``to_dict`` (a plan read back from JSON)."""
+        return cls(doc["code"], doc["path"], doc["message"], doc.get("severity", Severity.ERROR))
 
     def line(self, path: str | None = None) -> str:
         """The one line a person reads: ``severity: path: code: message``."""

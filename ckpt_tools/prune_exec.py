@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from . import scanner, workers
 from .fs import FileOps, local_or
+from .kinds import PruneAction
 from .names import json_text
 from .api import DEFAULT_MIN_AGE_S, classify
 from .content_proof import ContentProof
@@ -48,7 +49,7 @@ from .pruner import PlannedDeletion, Prover, PrunePlan, Skip, skip_reason
 from .records import REDUNDANT, Checkpoint
 from .validator import HEADERS
 
-PLAN, DELETE, SKIP, FAIL = "plan", "delete", "skip", "fail"
+PLAN, DELETE, SKIP, FAIL = PruneAction.PLAN, PruneAction.DELETE, PruneAction.SKIP, PruneAction.FAIL
 CHANGED = "changed"    # Skip.status of what was skipped at execute time because it changed
 STOPPED = "stopped"    # Skip.status of what was not started because the log cannot be written
 

@@ -12,30 +12,31 @@ import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .records import BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, Checkpoint, FileRecord
+from .kinds import Status
+from .records import Checkpoint, FileRecord
 
 _SKIP_REASONS = {
-    PEFT_ONLY: "peft-only: no merged weights to remove",
-    # a peft-only checkpoint with merged weights: the validator's merged-export
-    "merged-export": "peft-only: its merged weights hold no LoRA tensors to compare with the "
-                     "PEFT tree (a merged export); kept",
-    LEGACY: "legacy: no complete PEFT tree; migrate it first",
-    BROKEN: "broken: has validation errors",
-    IN_PROGRESS: "in-progress: being written or younger than --min-age",
+    Status.PEFT_ONLY: "peft-only: no merged weights to remove",
+    Status.LEGACY: "legacy: no complete PEFT tree; migrate it first",
+    Status.BROKEN: "broken: has validation errors",
+    Status.IN_PROGRESS: "in-progress: being written or younger than --min-age",
 }
+# a peft-only checkpoint with merged weights: the validator's merged-export
+_MERGED_EXPORT_REASON = ("peft-only: its merged weights hold no LoRA tensors to compare with the "
+                         "PEFT tree (a merged export); kept")
 
 
 def skip_reason(c: Checkpoint) -> str:
     """Why prune leaves ``c`` alone, for people and logs (one line)."""
-    if c.status == BROKEN:
+    if c.status is Status.BROKEN:
         codes = sorted({p.code for p in c.errors})
-        return _SKIP_REASONS[BROKEN] + (f" ({', '.join(codes)})" if codes else "")
-    if c.status == IN_PROGRESS:
+        return _SKIP_REASONS[Status.BROKEN] + (f" ({', '.join(codes)})" if codes else "")
+    if c.status is Status.IN_PROGRESS:
         if c.dir.tmp_name:
             return "in-progress: a tmp-checkpoint-* directory is still being written"
         return "in-progress: its newest file is younger than --min-age"
-    if c.status == PEFT_ONLY and c.merged_files:
-        return _SKIP_REASONS["merged-export"]
+    if c.status is Status.PEFT_ONLY and c.merged_files:
+        return _MERGED_EXPORT_REASON
     return _SKIP_REASONS.get(c.status, c.status)
 
 
@@ -61,7 +62,9 @@ class Skip:
     root: str
     path: str
     reason: str
-    status: str = ""       # the checkpoint's status when skipped at plan time
+    # the checkpoint's Status when skipped at plan time; prune_exec's CHANGED or STOPPED
+    # when skipped at execute time
+    status: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True
     candidates: list[tuple[Checkpoint, FileRecord]] = []
     skipped: list[Skip] = []
     for i, c in enumerate(checkpoints):
-        if c.status != REDUNDANT:
+        if c.status is not Status.REDUNDANT:
             if c.merged_files:
                 skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status))
             continue
@@ -158,7 +161,7 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
         from .content_proof import ContentProof   # only prune proves: audit never loads it
         prove = ContentProof()
     proof: Prover = prove
-    todo = [i for i, c in enumerate(checkpoints) if c.status == REDUNDANT]
+    todo = [i for i, c in enumerate(checkpoints) if c.status is Status.REDUNDANT]
 
     def run(span: tuple[int, int]) -> list[tuple[int, str]]:
         out = []

@@ -6,22 +6,32 @@ Sizes are integers of bytes everywhere; rendering them for people happens in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
+from .kinds import Layout, Status
 from .problems import Problem
 
-PEFT_ONLY = "peft-only"
-REDUNDANT = "redundant"
-LEGACY = "legacy"
-BROKEN = "broken"
-IN_PROGRESS = "in-progress"
-STATUSES = (PEFT_ONLY, REDUNDANT, LEGACY, BROKEN, IN_PROGRESS)
+if TYPE_CHECKING:   # the validator imports this module: no cycle at run time
+    from .validator import Verdict
+
+# The names other modules use; the members are the documented strings (kinds.Status).
+PEFT_ONLY = Status.PEFT_ONLY
+REDUNDANT = Status.REDUNDANT
+LEGACY = Status.LEGACY
+BROKEN = Status.BROKEN
+IN_PROGRESS = Status.IN_PROGRESS
+STATUSES = tuple(Status)
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    """One directory entry inside a checkpoint, as ``lstat`` saw it during the scan."""
+class FileRecord(NamedTuple):
+    """One directory entry inside a checkpoint, as ``lstat`` saw it during the scan.
+
+    A named tuple: a scan makes one per file (hundreds of thousands) and worker processes
+    send them back pickled, where a tuple costs a fraction of an object with a ``__dict__``.
+    """
 
     relpath: str          # relative to the checkpoint directory, '/'-separated
     size: int             # st_size (for a symlink: the link itself)
@@ -46,29 +56,8 @@ class FileRecord:
         return self.relpath.rsplit("/", 1)[-1]
 
 
-_FILE_FIELDS = ("relpath", "size", "allocated", "dev", "ino", "nlink", "mtime_ns", "is_symlink",
-                "symlink_target", "escapes_root", "target_size", "is_regular")
-_new = object.__new__
-_set = object.__setattr__
-
-
-def file_record_from_row(row: tuple) -> FileRecord:
-    """A ``FileRecord`` from its field values in declaration order, as ``FileRecord(*row)``
-    makes it, at a third of the cost (scans build tens of thousands of them)."""
-    (relpath, size, allocated, dev, ino, nlink, mtime_ns, is_symlink, symlink_target,
-     escapes_root, target_size, is_regular) = row
-    rec = _new(FileRecord)
-    _set(rec, "__dict__", {
-        "relpath": relpath, "size": size, "allocated": allocated, "dev": dev, "ino": ino,
-        "nlink": nlink, "mtime_ns": mtime_ns, "is_symlink": is_symlink,
-        "symlink_target": symlink_target, "escapes_root": escapes_root,
-        "target_size": target_size, "is_regular": is_regular})
-    return rec
-
-
-def file_records_from_rows(rows) -> tuple[FileRecord, ...]:
-    """``tuple(FileRecord(*row) for row in rows)``, fast."""
-    return tuple(map(file_record_from_row, rows))
+# ``FileRecord._make`` without its length check: the scanner's rows always have every field.
+_file_record = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -80,59 +69,31 @@ class CheckpointDir:
     run: str              # the run directory, relative to root ('.' for the root itself)
     name: str
     step: int | None
-    files: tuple[FileRecord, ...]
+    files: tuple[FileRecord, ...]      # sorted by relpath
     newest_mtime_ns: int
     tmp_name: bool        # named tmp-checkpoint-*: always in progress
     unreadable: tuple[str, ...] = ()   # sub-paths the scan could not list (permission)
     dev: int = 0                       # identity of the directory itself, as scanned
     ino: int = 0
 
+    @classmethod
+    def from_values(cls, values: tuple) -> CheckpointDir:
+        """The directory whose field values, in declaration order, are ``values``, with
+        ``files`` as plain tuples of FileRecord fields: what the scanner collects and
+        worker processes send back."""
+        root, path, run, name, step, rows, newest, tmp_name, unreadable, dev, ino = values
+        files = tuple([_file_record(FileRecord, row) for row in rows])
+        return cls(root, path, run, name, step, files, newest, tmp_name, unreadable, dev, ino)
+
     @property
     def abspath(self) -> str:
         return os.path.normpath(os.path.join(self.root, self.path))
 
     def file(self, relpath: str) -> FileRecord | None:
-        if "files" not in self.__dict__:  # built from rows: make only the record asked for
-            for row in self.__dict__["_file_rows"]:
-                if row[0] == relpath:
-                    return file_record_from_row(row)
-            return None
         for f in self.files:
             if f.relpath == relpath:
                 return f
         return None
-
-    def __getattr__(self, name: str):
-        # Reached only for an attribute the instance lacks: ``files`` of a directory that
-        # ``checkpoint_from_rows`` made, which holds the rows and builds the records on
-        # first use (a scan makes tens of thousands and most are never looked at).
-        if name == "files":
-            rows = self.__dict__.get("_file_rows")
-            if rows is not None:
-                files = file_records_from_rows(rows)
-                _set(self, "files", files)
-                return files
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-def checkpoint_from_rows(values: tuple) -> CheckpointDir:
-    """The ``CheckpointDir`` of the field values ``values``, in declaration order, with
-    ``files`` as FileRecord rows (see ``file_records_from_rows``); its records are built
-    when first asked for."""
-    root, path, run, name, step, rows, newest, tmp_name, unreadable, dev, ino = values
-    ckpt = _new(CheckpointDir)
-    _set(ckpt, "__dict__", {"root": root, "path": path, "run": run, "name": name, "step": step,
-                            "_file_rows": rows, "newest_mtime_ns": newest, "tmp_name": tmp_name,
-                            "unreadable": unreadable, "dev": dev, "ino": ino})
-    return ckpt
-
-
-def file_rows(ckpt: CheckpointDir) -> tuple[tuple, ...]:
-    """``ckpt``'s files as FileRecord rows, without building records that do not exist yet."""
-    rows = ckpt.__dict__.get("_file_rows")
-    if rows is None:
-        rows = tuple(tuple(getattr(f, name) for name in _FILE_FIELDS) for f in ckpt.files)
-    return rows
 
 
 @dataclass(frozen=True)
@@ -140,14 +101,31 @@ class Checkpoint:
     """A checkpoint with its verdict: status, layout, problems and what prune could free."""
 
     dir: CheckpointDir
-    status: str
-    layout: str
+    status: Status
+    layout: Layout
     problems: tuple[Problem, ...]
     merged_files: tuple[str, ...]      # relpaths (to the checkpoint) of merged-weight files
     num_experts: int | None
     size_bytes: int = 0
     reclaimable_bytes: int = 0
     facts: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        # Records built from strings (a plan read back, a caller's own) get the members too.
+        if type(self.status) is not Status:
+            object.__setattr__(self, "status", Status(self.status))
+        if type(self.layout) is not Layout:
+            object.__setattr__(self, "layout", Layout(self.layout))
+
+    @classmethod
+    def from_verdict(cls, dir: CheckpointDir, verdict: Verdict, size_bytes: int = 0) -> Checkpoint:
+        """The record of ``dir`` judged ``verdict``; what prune could free is filled in
+        later, over all the checkpoints of a scan (``api.assemble``)."""
+        return cls(dir, verdict.status, verdict.layout, tuple(verdict.problems),
+                   verdict.merged_files, verdict.num_experts, size_bytes, facts=verdict.facts)
+
+    def with_reclaimable(self, reclaimable_bytes: int) -> Checkpoint:
+        return dataclasses.replace(self, reclaimable_bytes=reclaimable_bytes)
 
     @property
     def path(self) -> str:
@@ -178,18 +156,6 @@ class Checkpoint:
             "reclaimable_bytes": self.reclaimable_bytes,
             "problems": [p.to_dict() for p in self.problems],
         }
-
-
-def checkpoint_record(dir: CheckpointDir, status: str, layout: str, problems: tuple,
-                      merged_files: tuple, num_experts: int | None, size_bytes: int = 0,
-                      reclaimable_bytes: int = 0, facts: dict | None = None) -> Checkpoint:
-    """``Checkpoint(...)`` with these fields, at a fraction of the frozen ``__init__``'s cost."""
-    rec = _new(Checkpoint)
-    _set(rec, "__dict__", {"dir": dir, "status": status, "layout": layout, "problems": problems,
-                           "merged_files": merged_files, "num_experts": num_experts,
-                           "size_bytes": size_bytes, "reclaimable_bytes": reclaimable_bytes,
-                           "facts": {} if facts is None else facts})
-    return rec
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from sys import intern
 
 from . import layout
 from .problems import PERMISSION_DENIED, UNREADABLE, Problem
-from .records import CheckpointDir, FileRecord, checkpoint_from_rows, file_record_from_row
+from .records import CheckpointDir, FileRecord
 
 
 class ScanError(Exception):
@@ -63,7 +63,7 @@ def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
 
 
 def _file_record(entry: os.DirEntry, relpath: str, root_real: str) -> FileRecord:
-    return file_record_from_row(_file_row(entry, relpath, root_real))
+    return FileRecord._make(_file_row(entry, relpath, root_real))
 
 
 def _list(path: str) -> list[os.DirEntry]:
@@ -149,7 +149,7 @@ def walk(root: str, root_abs: str, root_real: str,
             and name not in layout.CHECKPOINT_SUBDIRS
         if is_ckpt:
             values, nested = collect_rows(root, root_abs, root_real, path, entries)
-            ckpt = checkpoint_from_rows(values)
+            ckpt = CheckpointDir.from_values(values)
             yield (values, ckpt) if rows else ckpt
             stack.extend((p, None) for p in reversed(nested))
             continue
@@ -168,13 +168,13 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
                         entries: list[os.DirEntry]) -> tuple[CheckpointDir, list[str]]:
     """All files of one checkpoint; directories that are checkpoints themselves are returned."""
     ckpt, nested = collect_rows(root, root_abs, root_real, path, entries)
-    return checkpoint_from_rows(ckpt), nested
+    return CheckpointDir.from_values(ckpt), nested
 
 
 def collect_rows(root: str, root_abs: str, root_real: str, path: str,
                  entries: list[os.DirEntry]) -> tuple[tuple, list[str]]:
     """``_collect_checkpoint`` as plain values: the CheckpointDir's field values in
-    declaration order, with ``files`` as FileRecord rows (see ``checkpoint_from_rows``);
+    declaration order, with ``files`` as FileRecord rows (see ``CheckpointDir.from_values``);
     cheap to build and to send between processes."""
     rows: list[tuple] = []
     append = rows.append

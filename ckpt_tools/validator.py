@@ -39,7 +39,7 @@ from .problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
                        PERMISSION_DENIED, RANK_MISMATCH, SHAPE_MISMATCH, SYMLINK_ESCAPE,
                        TARGET_MISMATCH, UNREADABLE, WARNING, FormatError, Problem)
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
-                      FileRecord, file_rows)
+                      FileRecord)
 
 HEADERS, FULL, DEEP = "headers", "full", "deep"
 _RELPATH = itemgetter(0)
@@ -212,7 +212,7 @@ class _Ctx:
         self.problems: list[Problem] = []
         self.raw: list[tuple] = []   # the problems as added: (code, relpath, message, severity)
         self.trace: list | None = None  # reads (kind, relpath, arg, value) while recording
-        self.rows = file_rows(ckpt)
+        self.rows = ckpt.files
         self._by_path: dict[str, FileRecord] | None = None
         self.shape = _shape_of(tuple(map(_RELPATH, self.rows)))  # rows are sorted by relpath
         self.roles = self.shape.roles  # shared between checkpoints: never mutate it

@@ -2,7 +2,7 @@
 
 Whole small torch.save archives memoised on the bytes the reader looks at, safetensors headers
 taken from the last read at the same relpath, sizes from the scan's ``lstat`` instead of an
-``fstat``, records built from rows when first asked for, forked workers, the JSON writer:
+``fstat``, records built from the scanner's rows, forked workers, the JSON writer:
 each is compared with the plain way on real files and on damaged ones.
 """
 
@@ -35,8 +35,7 @@ from ckpt_tools import api, report, scanner, validator, workers
 from ckpt_tools.formats import safetensors_header as sh
 from ckpt_tools.formats import torchsave
 from ckpt_tools.problems import UNREADABLE, FormatError
-from ckpt_tools.records import (CheckpointDir, FileRecord, checkpoint_from_rows, file_record_from_row,
-                                file_records_from_rows, file_rows)
+from ckpt_tools.records import CheckpointDir, FileRecord
 
 REPO = Path(__file__).resolve().parents[1]
 _WORK = tempfile.TemporaryDirectory(prefix="fast-paths-")
@@ -323,27 +322,32 @@ def test_a_fifo_in_a_checkpoint_is_unreadable_not_a_hang(small_tree, tmp_path):
 
 
 def test_records_made_from_rows_are_the_records_of_those_rows(small_tree):
-    dirs, _ = scanner.find_checkpoints(str(small_tree))
-    lazy = dirs[0]
-    assert "files" not in vars(lazy)
-    rows = file_rows(lazy)
-    assert lazy.file("config.json") == file_record_from_row(next(r for r in rows
-                                                                 if r[0] == "config.json"))
-    assert lazy.file("nothing") is None and "files" not in vars(lazy)  # still not built
-    eager = CheckpointDir(root=lazy.root, path=lazy.path, run=lazy.run, name=lazy.name,
-                          step=lazy.step, files=file_records_from_rows(rows),
-                          newest_mtime_ns=lazy.newest_mtime_ns, tmp_name=lazy.tmp_name,
-                          unreadable=lazy.unreadable, dev=lazy.dev, ino=lazy.ino)
-    copy = pickle.loads(pickle.dumps(lazy))
-    assert lazy == eager == copy and hash(lazy) == hash(eager) and repr(lazy) == repr(eager)
-    assert lazy.files == tuple(FileRecord(*r) for r in rows) and file_rows(eager) == rows
+    # The scanner's values (what workers send back) make the same directory record as its
+    # fields given one by one, FileRecords by keyword.
+    root_abs = str(small_tree.resolve())
+    path = next(p for p in sorted(small_tree.rglob("checkpoint-*")) if p.is_dir())
+    values, _ = scanner.collect_rows(str(small_tree), root_abs, root_abs, str(path),
+                                     list(os.scandir(path)))
+    made = CheckpointDir.from_values(values)
+    rows = values[5]
+    by_field = CheckpointDir(
+        root=values[0], path=values[1], run=values[2], name=values[3], step=values[4],
+        files=tuple(FileRecord(**dict(zip(FileRecord._fields, r))) for r in rows),
+        newest_mtime_ns=values[6], tmp_name=values[7], unreadable=values[8], dev=values[9],
+        ino=values[10])
+    copy = pickle.loads(pickle.dumps(made))
+    assert made == by_field == copy and hash(made) == hash(by_field) and repr(made) == repr(by_field)
+    assert all(type(f) is FileRecord for f in made.files + copy.files)
+    config = made.file("config.json")
+    assert config is not None and config.relpath == "config.json" and config.is_regular
+    assert made.file("nothing") is None
     with pytest.raises(AttributeError):
-        lazy.no_such_field  # noqa: B018
+        made.no_such_field  # noqa: B018
 
 
 def test_total_size_counts_each_file_once_with_its_first_size():
     def ckpt(*rows):
-        return checkpoint_from_rows(("r", "p", ".", "p", None, rows, 0, False, (), 0, 0))
+        return CheckpointDir.from_values(("r", "p", ".", "p", None, rows, 0, False, (), 0, 0))
 
     def row(dev, ino, allocated):
         return (f"f{dev}-{ino}-{allocated}", 1, allocated, dev, ino, 2, 0, False, None, False,

@@ -12,6 +12,7 @@ from operator import itemgetter
 from . import scanner, workers
 from .pruner import plan_prune
 from .problems import Problem
+from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult, checkpoint_record, file_rows
 from .validator import HEADERS, validate_checkpoint
 
@@ -55,21 +56,25 @@ def _size(ckpt: CheckpointDir) -> int:
 
 
 def classify(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
-             now: float | None = None) -> Checkpoint:
-    """Validate one scanned checkpoint directory and return its verdict as a record."""
-    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
+             now: float | None = None, cache: ReadCache | None = None) -> Checkpoint:
+    """Validate one scanned checkpoint directory and return its verdict as a record.
+    ``cache``: as for ``scan``."""
+    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache)
     return checkpoint_record(ckpt, v.status, v.layout, tuple(v.problems), v.merged_files,
                              v.num_experts, _size(ckpt), facts=v.facts)
 
 
 def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
          now: float | None = None, jobs: int = 1,
-         progress: Callable[[int, int], None] | None = None) -> ScanResult:
+         progress: Callable[[int, int], None] | None = None,
+         cache: ReadCache | None = None) -> ScanResult:
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
     ``jobs`` worker processes scan and validate in parallel (0: one per CPU, at most 8);
-    small scans stay in this process. The result is the same for every ``jobs``.
+    small scans stay in this process. ``cache``: a ``ReadCache`` for this scan (create one
+    per scan: the checkpoints of a run then cost their reads only), or None to read and judge
+    every file afresh. The result is the same for every ``jobs`` and either ``cache``.
     Raises ``scanner.ScanError`` when a root cannot be scanned at all.
     """
     now = time.time() if now is None else now
@@ -81,14 +86,14 @@ def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S
     gc.disable()
     try:
         if jobs > 1 and workers.available():
-            return _scan_in_processes(roots, jobs, level, min_age_s, now, progress)
-        return _scan_here(roots, level, min_age_s, now, progress)
+            return _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache)
+        return _scan_here(roots, level, min_age_s, now, progress, cache)
     finally:
         if collecting:
             gc.enable()
 
 
-def _scan_here(roots, level, min_age_s, now, progress) -> ScanResult:
+def _scan_here(roots, level, min_age_s, now, progress, cache) -> ScanResult:
     found: list[CheckpointDir] = []
     problems = []
     for root in scanner.iter_roots(roots):
@@ -97,7 +102,7 @@ def _scan_here(roots, level, min_age_s, now, progress) -> ScanResult:
         problems.extend(probs)
     checkpoints: list[Checkpoint] = []
     for i, d in enumerate(found, 1):
-        checkpoints.append(classify(d, level=level, min_age_s=min_age_s, now=now))
+        checkpoints.append(classify(d, level=level, min_age_s=min_age_s, now=now, cache=cache))
         if progress:
             progress(i, len(found))
     return assemble(tuple(scanner.iter_roots(roots)), checkpoints, problems)
@@ -110,7 +115,9 @@ def _scan_here(roots, level, min_age_s, now, progress) -> ScanResult:
 # of work. Workers, forked once the units are known, inherit them; each walks its units'
 # subtrees (lstat of every file), validates the checkpoints found, and sends back plain
 # tuples, which the parent turns into records in the units' order. Problems of the walk
-# keep their place, so the result equals that of jobs=1.
+# keep their place, so the result equals that of jobs=1. The scan's ReadCache travels in
+# the work too: each worker starts from a copy of the parent's cache as it was at the fork
+# and adds to its own copy (see read_cache).
 
 # The work of forked workers: inherited from the parent at fork time, never pickled.
 _WORK: tuple = ()
@@ -131,18 +138,18 @@ def _plan(roots) -> tuple[list, list]:
     return walks, units
 
 
-def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now) -> tuple:
-    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now)
+def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now, cache) -> tuple:
+    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache)
     return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
             _size(ckpt), v.facts)
 
 
 def _run_unit(i: int) -> list:
     """Unit ``i``: [Problem | (checkpoint values, verdict)] in walk order."""
-    walks, units, level, min_age_s, now = _WORK
+    walks, units, level, min_age_s, now, cache = _WORK
     r, item = units[i]
     if isinstance(item, CheckpointDir):  # listed by the parent already
-        return [(None, _verdict_of(item, level, min_age_s, now))]
+        return [(None, _verdict_of(item, level, min_age_s, now, cache))]
     root, root_abs, root_real, _ = walks[r]
     out = []
     for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
@@ -150,7 +157,7 @@ def _run_unit(i: int) -> list:
             out.append(x)
         else:
             values, ckpt = x
-            out.append((values, _verdict_of(ckpt, level, min_age_s, now)))
+            out.append((values, _verdict_of(ckpt, level, min_age_s, now, cache)))
     return out
 
 
@@ -163,11 +170,11 @@ def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
     return checkpoint_record(d, status, lay, probs, merged, n, size, facts=facts)
 
 
-def _scan_in_processes(roots, jobs, level, min_age_s, now, progress) -> ScanResult:
+def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache) -> ScanResult:
     global _WORK
     walks, units = _plan(roots)
     jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
-    _WORK = (walks, units, level, min_age_s, now)
+    _WORK = (walks, units, level, min_age_s, now, cache)
     try:
         if jobs > 1:
             with workers.Workers(workers.spans_of(len(units), jobs), jobs, _run_units) as w:

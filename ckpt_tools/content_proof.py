@@ -34,6 +34,7 @@ from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
 from .problems import TRUNCATED, FormatError
+from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, file_rows
 from .tensor_bytes import (TensorLocation, group_moe_lora, group_peft_lora, group_router,
                            locate_safetensors, locate_torch, lora_or_router_key)
@@ -119,13 +120,13 @@ class _File:
             raise FormatError(TRUNCATED, "file ends inside a tensor")
         return memoryview(data)[offset:offset + nbytes]
 
-    def header(self, first_read: int) -> st.SafetensorsHeader:
+    def header(self, first_read: int, memo: dict | None) -> st.SafetensorsHeader:
         data = self.whole if self.whole is not None else st.pread_full(self.fd, first_read, 0)
         if len(data) >= 8:
             need = 8 + int.from_bytes(data[:8], "little")
             if len(data) < need <= min(self.size, 8 + st.MAX_HEADER_BYTES):
                 data += st.pread_full(self.fd, need - len(data), len(data))
-        return st.parse_cached(data, self.size)
+        return st.parse_cached(data, self.size, memo)
 
 
 class ContentProof:
@@ -135,10 +136,13 @@ class ContentProof:
     One object serves a whole prune run: it remembers which byte ranges to compare for each
     combination of headers met (the checkpoints of a run repeat them; the readers share the
     parsed headers of identical bytes), so that a checkpoint like the one before costs only
-    its reads. It holds no open file between calls.
+    its reads. It holds no open file between calls. ``cache``: the ``ReadCache`` its reads
+    of headers and torch.save files go through (the scan's, when it has one); by default one
+    of its own, which lives as long as this object.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache: ReadCache | None = None) -> None:
+        self._cache = ReadCache() if cache is None else cache
         self._pairings: dict[tuple, _Pairing] = {}
         self._inputs: dict[tuple, list[_Input] | str] = {}
         self._first_read: dict[str, int] = {}
@@ -226,8 +230,9 @@ class ContentProof:
         try:
             if not f.rel.endswith(".safetensors"):
                 return torchsave.inspect_torch_file(f.path, check_pickle=True, shared=True,
-                                                    file_size=f.size)
-            header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES))
+                                                    file_size=f.size, cache=self._cache)
+            header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES),
+                              self._cache.headers)
             self._first_read[f.rel] = (header.data_start + 4095) // 4096 * 4096
             return header
         except ValueError:   # the file ended before the header it declares (it shrank)

@@ -21,14 +21,14 @@ DyLoRA LoRA tensors (merged weights holding none are a merged export: ``peft-onl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from . import layout
+from . import checkpoint_reads as reads
+from . import layout, replay
 from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
@@ -38,12 +38,13 @@ from .problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
                        MISSING_FILE, MISSING_TENSOR,
                        PERMISSION_DENIED, RANK_MISMATCH, SHAPE_MISMATCH, SYMLINK_ESCAPE,
                        TARGET_MISMATCH, UNREADABLE, WARNING, FormatError, Problem)
+from .read_cache import ReadCache, bounded_put
 from .records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
                       FileRecord, file_rows)
 
 HEADERS, FULL, DEEP = "headers", "full", "deep"
-_RELPATH = itemgetter(0)
-_MAX_JSON_BYTES = 16 * 1024 * 1024
+_RELPATH = itemgetter(reads.ROW_RELPATH)
+_MAX_JSON_BYTES = reads.MAX_JSON_BYTES
 
 
 @dataclass(frozen=True)
@@ -82,88 +83,34 @@ class Verdict:
 class _Recorder:
     """Stands in for a _Ctx while a memoised check runs: it only collects problems."""
 
-    def __init__(self):
+    def __init__(self, cache: ReadCache):
+        self.cache = cache  # a check memoised inside another is memoised in the same cache
         self.items: list[tuple] = []
 
     def add(self, code: str, relpath: str, message: str, severity: str = ERROR) -> None:
         self.items.append((code, relpath, message, severity))
 
 
-_MEMO: dict = {}
-_MEMO_MAX = 16384
-
-
 def _memoised(ctx, key, keepalive, fn):
-    """Run ``fn(recorder)`` once per ``key`` and replay its value and problems afterwards.
+    """``fn(ctx)``; with a cache, run once per ``key`` and replayed afterwards (its value
+    and the problems it added).
 
     The checkpoints of a run repeat the same headers and configs; the parsed objects are
     shared by the readers' caches, so checks on them are keyed by identity. ``keepalive``
     holds those objects so that their ids stay theirs while the entry lives.
     """
-    hit = _MEMO.get(key)
+    cache = ctx.cache
+    if cache is None:
+        return fn(ctx)
+    hit = cache.checks.get(key)
     if hit is None:
-        rec = _Recorder()
+        rec = _Recorder(cache)
         value = fn(rec)
-        if len(_MEMO) >= _MEMO_MAX:
-            _MEMO.clear()
-        hit = _MEMO[key] = (keepalive, value, tuple(rec.items))
+        hit = (keepalive, value, tuple(rec.items))
+        bounded_put(cache.checks, key, hit)
     for code, rel, msg, sev in hit[2]:
         ctx.add(code, rel, msg, sev)
     return hit[1]
-
-
-_JSON_CACHE: dict[bytes, object] = {}
-
-
-def _parse_json(raw: bytes):
-    """JSON object or an error string; memoised on the bytes (configs repeat across a run)."""
-    hit = _JSON_CACHE.get(raw)
-    if hit is not None:
-        return hit
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        value = "not UTF-8 text"
-    except RecursionError:
-        value = "JSON nested too deeply"
-    except ValueError as exc:
-        value = f"invalid JSON: {exc}"
-    else:
-        if not isinstance(value, dict):
-            value = f"expected a JSON object, found {type(value).__name__}"
-    if len(raw) <= 1 << 16:
-        if len(_JSON_CACHE) >= _MEMO_MAX:
-            _JSON_CACHE.clear()
-        _JSON_CACHE[raw] = value
-    return value
-
-
-# relpath → (first read size, header bytes, file size, header) of the header last read there
-_HEADER_HINTS: dict[str, tuple] = {}
-
-
-def _read_header(path: str, relpath: str, file_size: int | None):
-    """``st.read_header``, with the first read sized by the header last read at this relpath:
-    a run's checkpoints repeat their headers, so it takes one ``pread`` of about its own size
-    rather than 64 KiB, and bytes equal to that header's (same file size) are that header,
-    without hashing them for ``st.parse_cached``. The same bytes are read either way."""
-    hint = _HEADER_HINTS.get(relpath)
-    data, size = st.read_header_bytes(
-        path, file_size=file_size, first_read=st.FIRST_READ_BYTES if hint is None else hint[0])
-    if hint is not None and size == hint[2] and data.startswith(hint[1]):
-        return hint[3]
-    header = st.parse_cached(data, size)
-    end = 8 + header.header_len
-    if len(_HEADER_HINTS) >= _MEMO_MAX:
-        _HEADER_HINTS.clear()
-    _HEADER_HINTS[relpath] = ((end + 4095) // 4096 * 4096, data[:end], size, header)
-    return header
-
-
-def _read_json_bytes(path: str, file_size: int | None) -> bytes:
-    """The file's bytes, or its first _MAX_JSON_BYTES + 1 when it is larger. ``file_size``
-    as for ``st.open_regular``."""
-    return st.read_bounded(path, _MAX_JSON_BYTES, file_size)
 
 
 class _Shape:
@@ -188,25 +135,23 @@ class _Shape:
         self.bad_indices = tuple(sorted({r.bad_index for r in roles.values() if r.bad_index}))
 
 
-_SHAPES: dict[tuple[str, ...], _Shape] = {}
-
-
-def _shape_of(relpaths: tuple[str, ...]) -> _Shape:
-    shape = _SHAPES.get(relpaths)
+def _shape_of(relpaths: tuple[str, ...], cache: ReadCache | None) -> _Shape:
+    if cache is None:
+        return _Shape(relpaths)
+    shape = cache.shapes.get(relpaths)
     if shape is None:
         shape = _Shape(relpaths)
-        if len(_SHAPES) >= _MEMO_MAX:
-            _SHAPES.clear()
-        _SHAPES[relpaths] = shape
+        bounded_put(cache.shapes, relpaths, shape)
     return shape
 
 
 class _Ctx:
     """The state of one validation: where things are and the problems found so far."""
 
-    def __init__(self, ckpt: CheckpointDir, level: str):
+    def __init__(self, ckpt: CheckpointDir, level: str, cache: ReadCache | None):
         self.ckpt = ckpt
         self.level = level
+        self.cache = cache
         self.base = base = ckpt.abspath
         self._prefix = base if base.endswith(os.sep) else base + os.sep
         self.problems: list[Problem] = []
@@ -214,7 +159,7 @@ class _Ctx:
         self.trace: list | None = None  # reads (kind, relpath, arg, value) while recording
         self.rows = file_rows(ckpt)
         self._by_path: dict[str, FileRecord] | None = None
-        self.shape = _shape_of(tuple(map(_RELPATH, self.rows)))  # rows are sorted by relpath
+        self.shape = _shape_of(tuple(map(_RELPATH, self.rows)), cache)  # rows are sorted by relpath
         self.roles = self.shape.roles  # shared between checkpoints: never mutate it
 
     @property
@@ -236,12 +181,11 @@ class _Ctx:
         at = self.shape.position.get(relpath)
         if at is None:
             return None
-        row = self.rows[at]  # FileRecord row: size, is_symlink, is_regular at 1, 7, 11
-        return row[1] if row[11] and not row[7] else None
+        return reads.regular_size(self.rows[at])
 
     def reshape(self) -> None:
         """Derive what the relpaths alone decide (after ``by_path`` changed)."""
-        self.shape = _shape_of(tuple(self.by_path))
+        self.shape = _shape_of(tuple(self.by_path), self.cache)
         self.roles = self.shape.roles  # shared between checkpoints: never mutate it
 
     def rel(self, relpath: str) -> str:
@@ -293,7 +237,7 @@ class _Ctx:
     def read_json(self, relpath: str) -> dict | None:
         """A JSON object, shared with other readers of the same bytes: never mutate it."""
         try:
-            raw = _read_json_bytes(self.abspath(relpath), self.size_hint(relpath))
+            raw = reads.read_json_bytes(self.abspath(relpath), self.size_hint(relpath))
         except OSError as exc:
             self.trace = None
             self.os_problem(relpath, exc)
@@ -302,7 +246,7 @@ class _Ctx:
             self.trace = None
             self.add(BAD_JSON, relpath, f"larger than {_MAX_JSON_BYTES} bytes")
             return None
-        value = _parse_json(raw)
+        value = reads.parse_json(raw, self.cache)
         if isinstance(value, str):
             self.trace = None
             self.add(BAD_JSON, relpath, value)
@@ -324,8 +268,8 @@ class _Ctx:
         return None
 
     def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
-        header = self._guarded(relpath, lambda: _read_header(
-            self.abspath(relpath), relpath, self.size_hint(relpath)))
+        header = self._guarded(relpath, lambda: reads.read_header(
+            self.abspath(relpath), relpath, self.size_hint(relpath), self.cache))
         if header is None:
             return None
         if self.trace is not None:
@@ -335,13 +279,12 @@ class _Ctx:
 
     def read_torch(self, relpath: str, check_pickle: bool | frozenset[str] = True):
         # shared: the validator never mutates what it reads
-        info = self._guarded(relpath, lambda: torchsave.inspect_torch_file(
-            self.abspath(relpath), check_pickle=check_pickle, shared=True,
-            file_size=self.size_hint(relpath)))
+        info = self._guarded(relpath, lambda: reads.inspect_torch(
+            self.abspath(relpath), check_pickle, self.size_hint(relpath), self.cache))
         if info is None:
             return None
         if self.trace is not None:
-            token = _torch_token(info)
+            token = reads.torch_token(info, self.cache)
             if token is None:
                 self.trace = None
             else:
@@ -732,20 +675,17 @@ def _load_flat_experts(ctx: _Ctx) -> dict[int, ExpertInfo]:
     return experts
 
 
-def _router_shapes(ctx: _Ctx, rel: str) -> dict[str, Tensor] | None:
-    """gate.weight / gate.bias of a router file, in any of its three forms."""
+def _router_shapes(ctx: _Ctx, rel: str) -> tuple[dict[str, Tensor] | None, object]:
+    """(gate.weight / gate.bias of a router file, in any of its three forms; the number of
+    experts the V2 router dict states beside its gate, as found, else None)."""
     if rel.endswith(".safetensors"):
         tensors = ctx.read_safetensors(rel)
         if tensors is None:
-            return None
-        out = {}
-        for k, t in tensors.items():
-            key = layout.router_key(k) or k
-            out[key] = t
-        return out
+            return None, None
+        return {(layout.router_key(k) or k): t for k, t in tensors.items()}, None
     info = ctx.read_torch(rel)
     if info is None:
-        return None
+        return None, None
     obj = info.obj
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("gate_state_dict"), dict):
@@ -753,9 +693,7 @@ def _router_shapes(ctx: _Ctx, rel: str) -> dict[str, Tensor] | None:
         obj = {f"gate.{k}": v for k, v in obj["gate_state_dict"].items()}
     flat = torchsave.flatten_tensors(obj) if isinstance(obj, dict) else {}
     out = {(layout.router_key(k) or k): Tensor(v.dtype, tuple(v.shape)) for k, v in flat.items()}
-    if meta.get("num_experts") is not None:
-        out["__num_experts__"] = meta["num_experts"]
-    return out
+    return out, meta.get("num_experts")
 
 
 def _pickle_check_of(name: str) -> bool | frozenset[str]:
@@ -835,7 +773,7 @@ def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_r
     tree's (prune's content proof, without its rule on symlinks)."""
     from .content_proof import ContentProof
     facts = {"tree_form": tree_form, "router": router_rel, "moe_dir": moe_dir}
-    failure = ContentProof().check(ctx.ckpt, merged, facts, own_tree=False)
+    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, facts, own_tree=False)
     if failure is not None and failure.mismatch:
         shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
         ctx.add(MERGED_MISMATCH, shown, failure.reason)
@@ -871,23 +809,30 @@ def _adopt_parent_moe_state(ctx: _Ctx) -> str:
 
 
 def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = 3600,
-                        now: float | None = None) -> Verdict:
-    """Validate one checkpoint directory and classify it."""
+                        now: float | None = None, cache: ReadCache | None = None) -> Verdict:
+    """Validate one checkpoint directory and classify it.
+
+    ``cache``: the scan's ``ReadCache``, or None to read and judge every file afresh; the
+    verdict is the same either way."""
     now = time.time() if now is None else now
-    ctx = _Ctx(ckpt, level)
-    # At 'headers' level a checkpoint's findings are a pure function of its relpaths, the
-    # flags of its symlinks and what its files' reads returned (see _Plan): a checkpoint
-    # whose reads return the very objects an earlier one's did is concluded from that
-    # one's findings, after reading every one of its own files again.
-    memo = level == HEADERS and ckpt.name != layout.BEST_MODEL_DIR
-    found = _replay(ctx) if memo else None
-    if found is None:
+    ctx = _Ctx(ckpt, level, cache)
+    # At 'headers' level a checkpoint's findings are a pure function of its signature and
+    # what its files' reads returned (``replay``): a checkpoint whose reads return the very
+    # objects an earlier one's did is concluded from that one's findings, after reading
+    # every one of its own files again. best_model/ reads its parent's MoE state: not replayed.
+    memo = cache is not None and level == HEADERS and ckpt.name != layout.BEST_MODEL_DIR
+    replayed = replay.replay(ctx, cache) if memo else None
+    if replayed is not None:
+        found, problems = replayed
+        for code, rel, message, severity in problems:
+            ctx.add(code, rel, message, severity)
+    else:
         if memo:
             ctx.trace = []
         found = _examine(ctx)
         if memo and ctx.trace is not None:
-            _remember(ctx, found)
-    if layout.step_out_of_range(ckpt.name):  # not part of what _remember keys on: added here
+            replay.remember(ctx, cache, ctx.trace, found, tuple(ctx.raw))
+    if layout.step_out_of_range(ckpt.name):  # not part of the replay's signature: added here
         ctx.add(BAD_NAME, ".", f"the step in its name has more than {layout.MAX_STEP_DIGITS} "
                                "digits: the step is unknown", WARNING)
     return _conclude(ctx, found, now, min_age_s)
@@ -1010,6 +955,7 @@ def _examine(ctx: _Ctx) -> _Found:
     # router
     router_rel = None
     router: dict | None = None
+    router_says = None  # the expert count the router file states (V2 router dict)
     if tree_form == layout.TREE_NESTED or layout.ROUTER_SAFETENSORS in ctx.by_path:
         router_rel = layout.ROUTER_SAFETENSORS
     if f"{moe_dir}/{layout.ROUTER_PT}" in ctx.by_path:
@@ -1022,7 +968,7 @@ def _examine(ctx: _Ctx) -> _Found:
             if tree_form != layout.TREE_NONE:
                 ctx.add(MISSING_FILE, router_rel, "the router state is missing")
         elif ctx.readable(router_rel, True):
-            router = _router_shapes(ctx, router_rel)
+            router, router_says = _router_shapes(ctx, router_rel)
             if router is not None and layout.GATE_WEIGHT not in router:
                 ctx.add(MISSING_TENSOR, router_rel, f"no {layout.GATE_WEIGHT} in the router state")
     skill = f"{moe_dir}/{layout.SKILL_LIBRARY}"
@@ -1054,8 +1000,8 @@ def _examine(ctx: _Ctx) -> _Found:
                                             layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
     declared.append((layout.ROOT_CONFIG, _expert_count(
         ctx, layout.ROOT_CONFIG, layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
-    if router:
-        declared.append((router_rel, _expert_count(ctx, router_rel, router.get("__num_experts__"))))
+    if router is not None:
+        declared.append((router_rel, _expert_count(ctx, router_rel, router_says)))
     declared = [(p, n) for p, n in declared if n is not None]
     present = set(experts)
     if merged_kind in ("v0", "v1") and tree_form == layout.TREE_NONE:
@@ -1148,169 +1094,3 @@ def _examine(ctx: _Ctx) -> _Found:
                   root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, facts=facts)
 
 
-# --- memo of whole examinations (level 'headers') --------------------------------------
-#
-# ``_examine`` at 'headers' level reads files in an order that its input alone decides:
-# the relpaths (the _Shape), the unreadable entries, the flags of symlinks, and the value
-# of each read before it (which files it opens never depends on a read that succeeded).
-# Its findings and problems are then a pure function of that input and those values. So
-# the first examination of a signature records its reads (a _Plan); a later checkpoint
-# with that signature performs the same reads, every one of them, and when each returns
-# the very object that an examination recorded (the readers share the objects they parse
-# from identical bytes), it takes that examination's findings and problems. A read that
-# fails, or returns an object no examination saw, means a full examination.
-
-class _Plan:
-    __slots__ = ("reads", "steps", "found")
-
-    def __init__(self, reads: tuple, position: dict[str, int]):
-        self.reads = reads                       # ((kind, relpath, arg), ...)
-        # the same reads ready to run: (reader, relpath, index of its FileRecord row, arg)
-        self.steps = tuple((_QUIET_READERS[kind], rel, position.get(rel), arg)
-                           for kind, rel, arg in reads)
-        self.found: dict[tuple, tuple] = {}      # ids of the reads' values → (values, _Found, problems)
-
-
-_PLANS: dict[tuple, _Plan] = {}
-
-
-def _signature(ctx: _Ctx) -> tuple:
-    # (relpath, escapes_root, symlink_target) of each symlink: FileRecord row fields 0, 9, 8
-    links = tuple((r[0], r[9], r[8]) for r in ctx.rows if r[7])
-    return (ctx.level, ctx.shape, ctx.ckpt.unreadable, links)
-
-
-def _remember(ctx: _Ctx, found: _Found) -> None:
-    reads = tuple((kind, rel, arg) for kind, rel, arg, _ in ctx.trace)
-    values = [v for _, _, _, v in ctx.trace]
-    sig = _signature(ctx)
-    plan = _PLANS.get(sig)
-    if plan is None or plan.reads != reads:
-        if len(_PLANS) >= _MEMO_MAX:
-            _PLANS.clear()
-        plan = _PLANS[sig] = _Plan(reads, ctx.shape.position)
-    if len(plan.found) >= 64:
-        plan.found.clear()
-    plan.found[tuple(map(id, values))] = (values, found, tuple(ctx.raw))
-
-
-def _replay(ctx: _Ctx) -> _Found | None:
-    plan = _PLANS.get(_signature(ctx))
-    if plan is None:
-        return None
-    rows = ctx.rows  # the signature holds the shape: the rows are where the plan says
-    values: list = []  # alive until the lookup: no id of theirs can be another object's
-    append = values.append
-    for read, rel, at, arg in plan.steps:
-        size = None  # as _Ctx.size_hint: FileRecord row fields size, is_symlink, is_regular
-        if at is not None:
-            row = rows[at]
-            if row[11] and not row[7]:
-                size = row[1]
-        value = read(ctx.abspath(rel), rel, size, arg)
-        if value is None:
-            return None
-        append(value)
-    hit = plan.found.get(tuple(map(id, values)))
-    if hit is None:
-        return None
-    for code, rel, message, severity in hit[2]:
-        ctx.add(code, rel, message, severity)
-    return hit[1]
-
-
-# What each reader of _Ctx records for a file; None where it would find a problem.
-
-def _quiet_json(path: str, rel: str, size: int | None, _):
-    try:
-        raw = _read_json_bytes(path, size)
-    except OSError:
-        return None
-    if len(raw) > _MAX_JSON_BYTES:
-        return None
-    value = _parse_json(raw)
-    return None if isinstance(value, str) else value
-
-
-def _quiet_safetensors(path: str, rel: str, size: int | None, _):
-    try:
-        return _read_header(path, rel, size)
-    except (FormatError, OSError):
-        return None
-
-
-def _quiet_torch(path: str, rel: str, size: int | None, check_pickle: bool):
-    try:
-        return _torch_token(torchsave.inspect_torch_file(path, check_pickle=check_pickle,
-                                                         shared=True, file_size=size))
-    except (FormatError, OSError):
-        return None
-
-
-_QUIET_READERS = {"json": _quiet_json, "st": _quiet_safetensors, "torch": _quiet_torch}
-
-
-class _NoToken(Exception):
-    pass
-
-
-_TORCH_TOKENS: dict[tuple, tuple] = {}
-_TOKEN_MAX_NODES = 512
-
-
-_TOKEN_OF: dict[int, tuple] = {}  # id(info) → (info, token): infos the reader shares repeat
-
-
-def _torch_token(info):
-    """One shared object for every ``TorchFileInfo`` of equal content (types included), or
-    None for one too large or holding what this does not compare."""
-    hit = _TOKEN_OF.get(id(info))
-    if hit is not None and hit[0] is info:
-        return hit[1]
-    token = _torch_token_of(info)
-    if token is not None:  # then info is small
-        if len(_TOKEN_OF) >= _MEMO_MAX:
-            _TOKEN_OF.clear()
-        _TOKEN_OF[id(info)] = (info, token)  # holds info: its id stays its own
-    return token
-
-
-def _torch_token_of(info):
-    budget = [_TOKEN_MAX_NODES]
-    try:
-        key = (info.format, info.record_prefix, _canon(info.obj, budget),
-               _canon(info.storages, budget))
-    except _NoToken:
-        return None
-    token = _TORCH_TOKENS.get(key)
-    if token is None:
-        if len(_TORCH_TOKENS) >= _MEMO_MAX:
-            _TORCH_TOKENS.clear()
-        token = _TORCH_TOKENS[key] = key
-    return token
-
-
-_EXACT = frozenset({str, int, bytes, type(None)})  # values of these types equal only their own type's
-
-
-def _canon(x, budget: list):
-    """A hashable form of an object tree in which equal means same types and same values."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise _NoToken
-    t = type(x)
-    if t in _EXACT or t is bool:
-        return (t, x)
-    if t is float:
-        return (t, x.hex())
-    if t is dict:
-        return (t, tuple((_canon(k, budget), _canon(v, budget)) for k, v in x.items()))
-    if t is list or t is tuple:
-        if all(type(v) in _EXACT for v in x):
-            budget[0] -= len(x)
-            return (t, tuple(x))
-        return (t, tuple(_canon(v, budget) for v in x))
-    if t is torchsave.TensorRef:
-        return (t, _canon(x.dtype, budget), _canon(x.shape, budget), _canon(x.stride, budget),
-                _canon(x.storage_key, budget), _canon(x.storage_offset, budget))
-    raise _NoToken

@@ -20,14 +20,13 @@ import codecs
 import math
 import os
 import struct
-import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from operator import itemgetter
 
 from ckpt_tools.formats.safetensors_header import no_readahead, open_regular, pread_full
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
+from ckpt_tools.read_cache import ArchiveMemo, BoundedMemo, ReadCache
 
 MAX_PICKLE_BYTES = 256 * 1024 * 1024
 
@@ -1270,9 +1269,10 @@ def _inflate(f: _File, start: int, csize: int, usize: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def _inspect_zip(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
-    info, _, _ = _read_zip(f, check_pickle, max_pickle_bytes)
-    return _handed_out(info)
+def _inspect_zip(f: _File, check_pickle: bool, max_pickle_bytes: int,
+                 cache: ReadCache | None) -> TorchFileInfo:
+    info, _, _ = _read_zip(f, check_pickle, max_pickle_bytes, cache)
+    return info if cache is None else _handed_out(info)
 
 
 def _handed_out(info: TorchFileInfo) -> TorchFileInfo:
@@ -1281,9 +1281,9 @@ def _handed_out(info: TorchFileInfo) -> TorchFileInfo:
                          dict(info.storages), info.record_prefix)
 
 
-def _read_zip(f: _File, check_pickle: bool, max_pickle_bytes: int):
-    """(info, central directory entries, its offset) of a sound zip archive; ``info.obj``
-    is the memoised tree, shared: never hand it out (``_handed_out``)."""
+def _read_zip(f: _File, check_pickle: bool, max_pickle_bytes: int, cache: ReadCache | None):
+    """(info, central directory entries, its offset) of a sound zip archive; with a
+    ``cache``, ``info.obj`` is the memoised tree, shared: never hand it out (``_handed_out``)."""
     found = _find_central_directory(f)
     if found is None:
         raise _diagnose_no_end_record(f)
@@ -1314,7 +1314,8 @@ def _read_zip(f: _File, check_pickle: bool, max_pickle_bytes: int):
         raise _bad(f"data.pkl is {pkl[7]} bytes, over the {max_pickle_bytes}-byte limit")
     data = _read_record(f, pkl)
 
-    obj, refs, late_error = _evaluate_data_pkl(data, check_pickle)
+    obj, refs, late_error = _evaluate_data_pkl(data, check_pickle,
+                                               None if cache is None else cache.pickles)
     storages: dict[str, tuple[str, int]] = {}
     for key, storage in refs.items():
         entry = records.get(f"{folder}data/{key}")
@@ -1334,74 +1335,21 @@ def _read_zip(f: _File, check_pickle: bool, max_pickle_bytes: int):
 
 # -- memo of data.pkl evaluations ---------------------------------------------------------
 
-class _Memo:
-    """A bounded, thread-safe LRU map: at most ``max_entries`` entries, and at most
-    ``max_weight`` in total of the weights given to ``put`` (an estimate of bytes held)."""
-
-    def __init__(self, max_entries: int, max_weight: int):
-        self.max_entries = max_entries
-        self.max_weight = max_weight
-        self.weight = 0
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key):
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                return found[0]
-        return None
-
-    def put(self, key, value, weight: int) -> None:
-        if weight > self.max_weight // 8:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = (value, weight)
-            self.weight += weight
-            while len(self._entries) > self.max_entries or self.weight > self.max_weight:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self.weight -= dropped
-
-    def recent(self) -> list:
-        """The keys, most recently used first."""
-        with self._lock:
-            return list(reversed(self._entries))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.weight = 0
-
-
 _MEMO_MAX_PICKLE = 1 << 20  # larger pickles are evaluated afresh every time
 _MEMO_VALUE_WEIGHT = 128  # bytes counted per value the VM pushed, for the memo's budget
-#: (pickle bytes, strict, pid_len) → evaluation: pid_len 5 for a zip archive's data.pkl,
-#: 6 for the run of pickles that opens a legacy file.
-_PICKLE_MEMO = _Memo(max_entries=4096, max_weight=64 << 20)
-#: Lengths of the pickle runs of the legacy files seen last: where to cut a legacy file's
-#: bytes to look its run up in ``_PICKLE_MEMO`` before evaluating it.
-_LEGACY_RUNS = _Memo(max_entries=16, max_weight=1 << 20)
+# ``ReadCache.pickles``: (pickle bytes, strict, pid_len) → evaluation: pid_len 5 for a zip
+# archive's data.pkl, 6 for the run of pickles that opens a legacy file.
+# ``ReadCache.legacy_runs``: lengths of the pickle runs of the legacy files seen last: where
+# to cut a legacy file's bytes to look its run up in ``pickles`` before evaluating it.
 
 
-def _clear_pickle_cache() -> None:
-    """Forget every memoised pickle evaluation and archive (tests, benchmarks)."""
-    _PICKLE_MEMO.clear()
-    _LEGACY_RUNS.clear()
-    _clear_archive_memo()
-
-
-def _evaluate_data_pkl(data: bytes, strict: bool):
+def _evaluate_data_pkl(data: bytes, strict: bool, memo: BoundedMemo | None):
     """(obj, storages by key, late error) of a zip archive's data.pkl; memoised.
 
     Raises the ``FormatError`` for a pickle the VM refuses. ``late_error`` is the
     (code, message) of a failed tensor-extent or object-tree check, which the caller
     raises after checking the storage records, as a fresh read would order them.
+    ``memo``: a ``ReadCache.pickles``, or None to evaluate afresh.
 
     The evaluation and those checks are a pure function of the pickle's bytes and
     ``strict``, so the checkpoints of a run, whose router.pt / skill_library.pt /
@@ -1409,12 +1357,12 @@ def _evaluate_data_pkl(data: bytes, strict: bool):
     in data.pkl), share one evaluation. The memoised ``obj`` tree is never handed out:
     ``_fresh`` gives every caller its own copy of the containers.
     """
-    key = (data, strict, 5) if len(data) <= _MEMO_MAX_PICKLE else None
-    found = _PICKLE_MEMO.get(key) if key is not None else None
+    key = (data, strict, 5) if memo is not None and len(data) <= _MEMO_MAX_PICKLE else None
+    found = memo.get(key) if key is not None else None
     if found is None:
         found, weight = _evaluate_afresh(data, strict)
         if key is not None:
-            _PICKLE_MEMO.put(key, found, weight)
+            memo.put(key, found, weight)
     early_error, obj, refs, late_error = found
     if early_error is not None:
         raise FormatError(*early_error)
@@ -1496,15 +1444,6 @@ def _fresh(node, memo: dict | None = None):
 # check, so it gets the same result. Every byte outside the ranges is compared (it is part
 # of the key): a difference anywhere the reader looks means a full read.
 
-_MAX_LAYOUTS_PER_SIZE = 4
-_LAYOUTS: dict[int, list] = {}  # size → [_Layout], newest first
-_layout_ids = iter(range(1, 1 << 62))
-_ARCHIVES: dict[tuple, TorchFileInfo] = {}  # (layout id, check_pickle, max bytes, kept bytes) → info
-_ARCHIVES_MAX = 1024
-_ARCHIVES_MAX_BYTES = 32 << 20
-_archive_bytes = [0]
-
-
 def _unread_ranges(data: bytes, entries: list[tuple], cd_offset: int,
                    pkl_name: str) -> list[tuple[int, int]]:
     """Byte ranges of a sound archive (read whole) that no check depends on. (The local
@@ -1525,13 +1464,14 @@ def _unread_ranges(data: bytes, entries: list[tuple], cd_offset: int,
     return cut
 
 
-class _Layout:
-    """Where the bytes every check depends on lie, in archives of one size and structure."""
+class ArchiveRanges:
+    """The byte ranges that every check depends on (all but the unread ranges cut), in
+    archives of one size and structure; ``kept(data)`` is the memo key's part from a file."""
 
     __slots__ = ("ident", "cut", "_pick", "last")
 
-    def __init__(self, size: int, cut: tuple[tuple[int, int], ...]):
-        self.ident = next(_layout_ids)
+    def __init__(self, ident: int, size: int, cut: tuple[tuple[int, int], ...]):
+        self.ident = ident
         self.cut = cut
         keep = []
         at = 0
@@ -1552,51 +1492,44 @@ class _Layout:
         return b"".join(self._pick(data))
 
 
-def _archive_from_memo(data: bytes, check_pickle: bool, max_pickle_bytes: int):
-    for layout in _LAYOUTS.get(len(data), ()):
-        kept = layout.kept(data)
-        last = layout.last
+def _archive_from_memo(memo: ArchiveMemo, data: bytes, check_pickle: bool,
+                       max_pickle_bytes: int):
+    for ranges in memo.ranges.get(len(data), ()):
+        kept = ranges.kept(data)
+        last = ranges.last
         if (last is not None and last[2] == kept and last[0] == check_pickle
                 and last[1] == max_pickle_bytes):
             return last[3]
-        hit = _ARCHIVES.get((layout.ident, check_pickle, max_pickle_bytes, kept))
+        hit = memo.results.get((ranges.ident, check_pickle, max_pickle_bytes, kept))
         if hit is not None:
-            layout.last = (check_pickle, max_pickle_bytes, kept, hit)
+            ranges.last = (check_pickle, max_pickle_bytes, kept, hit)
             return hit
     return None
 
 
-def _remember_archive(data: bytes, info: TorchFileInfo, entries: list[tuple], cd_offset: int,
-                      check_pickle: bool, max_pickle_bytes: int) -> None:
+def _remember_archive(memo: ArchiveMemo, data: bytes, info: TorchFileInfo, entries: list[tuple],
+                      cd_offset: int, check_pickle: bool, max_pickle_bytes: int) -> None:
     cut = tuple(_unread_ranges(data, entries, cd_offset, f"{info.record_prefix}/data.pkl"))
     size = len(data)
-    layouts = _LAYOUTS.get(size)
-    if layouts is None:
-        if len(_LAYOUTS) >= _ARCHIVES_MAX:
-            _LAYOUTS.clear()
-            _ARCHIVES.clear()
-            _archive_bytes[0] = 0
-        layouts = _LAYOUTS[size] = []
-    for layout in layouts:
-        if layout.cut == cut:
+    known = memo.ranges.get(size)
+    if known is None:
+        if len(memo.ranges) >= memo.MAX_ARCHIVES:
+            memo.clear()
+        known = memo.ranges[size] = []
+    for ranges in known:
+        if ranges.cut == cut:
             break
     else:
-        layout = _Layout(size, cut)
-        layouts.insert(0, layout)
-        del layouts[_MAX_LAYOUTS_PER_SIZE:]
-    kept = layout.kept(data)
-    if len(_ARCHIVES) >= _ARCHIVES_MAX or _archive_bytes[0] > _ARCHIVES_MAX_BYTES:
-        _ARCHIVES.clear()
-        _archive_bytes[0] = 0
-    _ARCHIVES[(layout.ident, check_pickle, max_pickle_bytes, kept)] = info
-    _archive_bytes[0] += 2 * size
-    layout.last = (check_pickle, max_pickle_bytes, kept, info)
-
-
-def _clear_archive_memo() -> None:
-    _LAYOUTS.clear()
-    _ARCHIVES.clear()
-    _archive_bytes[0] = 0
+        ranges = ArchiveRanges(memo.new_ident(), size, cut)
+        known.insert(0, ranges)
+        del known[memo.MAX_RANGES_PER_SIZE:]
+    kept = ranges.kept(data)
+    if len(memo.results) >= memo.MAX_ARCHIVES or memo.weight > memo.MAX_BYTES:
+        memo.results.clear()
+        memo.weight = 0
+    memo.results[(ranges.ident, check_pickle, max_pickle_bytes, kept)] = info
+    memo.weight += 2 * size
+    ranges.last = (check_pickle, max_pickle_bytes, kept, info)
 
 
 # -- legacy container -----------------------------------------------------------------
@@ -1628,7 +1561,7 @@ def _parse_legacy_pickles(data: bytes, check_pickle: bool):
     return vm, obj, keys, pos
 
 
-def _legacy_pickles(data: bytes, check_pickle: bool):
+def _legacy_pickles(data: bytes, check_pickle: bool, cache: ReadCache | None):
     """``_parse_legacy_pickles`` and the late checks, memoised: (obj, storages by key,
     storage keys, end of the pickles, late error). Raises ``_Short`` and errors as it does.
 
@@ -1637,30 +1570,32 @@ def _legacy_pickles(data: bytes, check_pickle: bool):
     so the run lengths seen last are tried. The VM reads nothing past a STOP, so a run
     that evaluated whole from those bytes evaluates the same from any longer prefix.
     """
-    for length in _LEGACY_RUNS.recent():
-        if length <= len(data):
-            found = _PICKLE_MEMO.get((data[:length], check_pickle, 6))
-            if found is not None:
-                _LEGACY_RUNS.get(length)
-                return found
+    if cache is not None:
+        for length in cache.legacy_runs.recent():
+            if length <= len(data):
+                found = cache.pickles.get((data[:length], check_pickle, 6))
+                if found is not None:
+                    cache.legacy_runs.get(length)
+                    return found
     vm, obj, keys, pos = _parse_legacy_pickles(data, check_pickle)
     late_error = _late_checks(vm, obj, check_pickle)
     found = (obj if check_pickle and late_error is None else None, vm.storages, keys, pos,
              late_error)
-    if pos <= _MEMO_MAX_PICKLE:
-        _PICKLE_MEMO.put((data[:pos], check_pickle, 6), found,
-                         pos + _MEMO_VALUE_WEIGHT * vm.pushes)
-        _LEGACY_RUNS.put(pos, True, 1)
+    if cache is not None and pos <= _MEMO_MAX_PICKLE:
+        cache.pickles.put((data[:pos], check_pickle, 6), found,
+                          pos + _MEMO_VALUE_WEIGHT * vm.pushes)
+        cache.legacy_runs.put(pos, True, 1)
     return found
 
 
-def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int) -> TorchFileInfo:
+def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int,
+                    cache: ReadCache | None) -> TorchFileInfo:
     size = f.size
     want = min(_FIRST_LEGACY_READ, max_pickle_bytes)
     while True:
         data = f.get(0, min(size, want))
         try:
-            obj, refs, keys, pos, late_error = _legacy_pickles(data, check_pickle)
+            obj, refs, keys, pos, late_error = _legacy_pickles(data, check_pickle, cache)
             break
         except _Short:
             if len(data) >= size:
@@ -1694,13 +1629,16 @@ def _inspect_legacy(f: _File, check_pickle: bool, max_pickle_bytes: int) -> Torc
         storages[key] = (storage.dtype, nbytes)
     if late_error is not None:
         raise FormatError(*late_error)
-    return TorchFileInfo("legacy", _fresh(obj) if check_pickle else None, storages)
+    if check_pickle and cache is not None:
+        obj = _fresh(obj)  # the memoised tree is shared: the caller gets its own containers
+    return TorchFileInfo("legacy", obj if check_pickle else None, storages)
 
 
 def inspect_torch_file(path: str | os.PathLike, *,
                        check_pickle: bool | frozenset[str] = True,
                        max_pickle_bytes: int = MAX_PICKLE_BYTES, shared: bool = False,
-                       file_size: int | None = None) -> TorchFileInfo:
+                       file_size: int | None = None,
+                       cache: ReadCache | None = None) -> TorchFileInfo:
     """Check a ``torch.save`` file's container and pickle without unpickling it.
 
     Reads the zip directory and the pickle, never the tensor data: a file of up to
@@ -1710,9 +1648,10 @@ def inspect_torch_file(path: str | os.PathLike, *,
     does not model, raises ``FormatError`` ``unsafe-pickle``; without it (for files such
     as ``training_args.bin`` that are never loaded) globals are not judged and ``obj`` is
     None. Other damage raises ``bad-archive`` or ``truncated``; errors from the OS
-    propagate as ``OSError``. Evaluations of a zip archive's data.pkl, and whole small
-    archives, are memoised (see above); each call gets its own ``obj`` tree, unless
-    ``shared``: then the result may be the very object other calls get, never to be mutated.
+    propagate as ``OSError``. With a ``cache`` (``ReadCache``), evaluations of pickles and
+    whole small archives are memoised in it (see above); each call gets its own ``obj`` tree,
+    unless ``shared``: then the result may be the very object other calls with that cache
+    get, never to be mutated. Without one, nothing is memoised and every result is new.
     ``file_size``: the size of a regular file as the caller's own ``lstat`` saw it (see
     ``safetensors_header.open_regular``). ``check_pickle`` may be a frozenset of global
     names (``TRAINER_RNG_GLOBALS``): then it is True with those globals allowed too.
@@ -1725,10 +1664,13 @@ def inspect_torch_file(path: str | os.PathLike, *,
             data = pread_full(fd, size, 0)
             f = _File(fd, len(data), data)  # a file cut short since fstat: what is there
             if data[:4] == _ZIP_LOCAL:
-                info = _archive_from_memo(data, check_pickle, max_pickle_bytes)
+                if cache is None:
+                    return _read_zip(f, check_pickle, max_pickle_bytes, None)[0]
+                memo = cache.archives
+                info = _archive_from_memo(memo, data, check_pickle, max_pickle_bytes)
                 if info is None:
-                    info, entries, cd_offset = _read_zip(f, check_pickle, max_pickle_bytes)
-                    _remember_archive(data, info, entries, cd_offset, check_pickle,
+                    info, entries, cd_offset = _read_zip(f, check_pickle, max_pickle_bytes, cache)
+                    _remember_archive(memo, data, info, entries, cd_offset, check_pickle,
                                       max_pickle_bytes)
                 return info if shared else _handed_out(info)
         else:
@@ -1736,8 +1678,8 @@ def inspect_torch_file(path: str | os.PathLike, *,
             f = _File(fd, size)
             data = f.keep(0, _HEAD_READ)
         if data[:4] == _ZIP_LOCAL:
-            return _inspect_zip(f, check_pickle, max_pickle_bytes)
-        return _inspect_legacy(f, check_pickle, max_pickle_bytes)
+            return _inspect_zip(f, check_pickle, max_pickle_bytes, cache)
+        return _inspect_legacy(f, check_pickle, max_pickle_bytes, cache)
     finally:
         os.close(fd)
 

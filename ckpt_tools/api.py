@@ -8,8 +8,10 @@ import time
 from collections.abc import Callable, Iterable
 from itertools import chain
 from operator import itemgetter
+from typing import NamedTuple
 
 from . import scanner, workers
+from .checkpoint_reads import ROW_ALLOCATED, ROW_DEV, ROW_INO
 from .pruner import plan_prune
 from .problems import Problem
 from .read_cache import ReadCache
@@ -30,10 +32,10 @@ def default_jobs() -> int:
     return max(1, min(n, 8))
 
 
-_INODE = itemgetter(3, 4)   # FileRecord row fields: dev, ino
-_DEV = itemgetter(3)
-_INO = itemgetter(4)
-_ALLOCATED = itemgetter(2)
+_INODE = itemgetter(ROW_DEV, ROW_INO)
+_DEV = itemgetter(ROW_DEV)
+_INO = itemgetter(ROW_INO)
+_ALLOCATED = itemgetter(ROW_ALLOCATED)
 
 
 def _total_size(dirs) -> int:
@@ -138,10 +140,22 @@ def _plan(roots) -> tuple[list, list]:
     return walks, units
 
 
-def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now, cache) -> tuple:
+class _Judged(NamedTuple):
+    """A worker's verdict on one checkpoint, as it travels back to the parent (pickled)."""
+
+    status: str
+    layout: str
+    problems: tuple[Problem, ...]
+    merged_files: tuple[str, ...]
+    num_experts: int | None
+    size_bytes: int
+    facts: object
+
+
+def _verdict_of(ckpt: CheckpointDir, level, min_age_s, now, cache) -> _Judged:
     v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache)
-    return (v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
-            _size(ckpt), v.facts)
+    return _Judged(v.status, v.layout, tuple(v.problems), v.merged_files, v.num_experts,
+                   _size(ckpt), v.facts)
 
 
 def _run_unit(i: int) -> list:
@@ -165,9 +179,9 @@ def _run_units(lo_hi: tuple[int, int]) -> list:
     return [_run_unit(i) for i in range(*lo_hi)]
 
 
-def _checkpoint(d: CheckpointDir, verdict: tuple) -> Checkpoint:
-    status, lay, probs, merged, n, size, facts = verdict
-    return checkpoint_record(d, status, lay, probs, merged, n, size, facts=facts)
+def _checkpoint(d: CheckpointDir, v: _Judged) -> Checkpoint:
+    return checkpoint_record(d, v.status, v.layout, v.problems, v.merged_files, v.num_experts,
+                             v.size_bytes, facts=v.facts)
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache) -> ScanResult:

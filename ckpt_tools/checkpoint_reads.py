@@ -132,9 +132,10 @@ def _canon(x, budget: list):
 
 # Positions of FileRecord fields in the scan's rows (records.py's declaration order), until
 # the rows carry their field names.
-(ROW_RELPATH, ROW_SIZE, ROW_IS_SYMLINK, ROW_SYMLINK_TARGET, ROW_ESCAPES_ROOT,
- ROW_IS_REGULAR) = (_FILE_FIELDS.index(name) for name in (
-     "relpath", "size", "is_symlink", "symlink_target", "escapes_root", "is_regular"))
+(ROW_RELPATH, ROW_SIZE, ROW_ALLOCATED, ROW_DEV, ROW_INO, ROW_IS_SYMLINK, ROW_SYMLINK_TARGET,
+ ROW_ESCAPES_ROOT, ROW_IS_REGULAR) = (_FILE_FIELDS.index(name) for name in (
+     "relpath", "size", "allocated", "dev", "ino", "is_symlink", "symlink_target",
+     "escapes_root", "is_regular"))
 
 
 def regular_size(row: tuple) -> int | None:

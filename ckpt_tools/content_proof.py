@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import layout
+from .checkpoint_reads import ROW_IS_SYMLINK, ROW_RELPATH, ROW_SYMLINK_TARGET, regular_size
 from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
@@ -159,15 +160,14 @@ class ContentProof:
         (``validate --deep`` compares contents only)."""
         rows = file_rows(ckpt)
         # Unlinking a symlink loses nothing (its target stays): only the merged files that
-        # are files of their own must hold nothing the tree lacks. FileRecord row fields:
-        # relpath, is_symlink at 0, 7.
-        links = {r[0] for r in rows if r[7]}
+        # are files of their own must hold nothing the tree lacks.
+        links = {r[ROW_RELPATH] for r in rows if r[ROW_IS_SYMLINK]}
         held = tuple(m for m in merged_files
                      if m not in links and layout.role_of(m).role is Role.MERGED)
         if not held:
             return None
         try:
-            inputs = self._inputs_of(tuple(r[0] for r in rows), held, facts)
+            inputs = self._inputs_of(tuple(r[ROW_RELPATH] for r in rows), held, facts)
             if own_tree:
                 _check_own(ckpt, rows, facts, inputs)
             self._compare(ckpt, rows, inputs, facts)
@@ -198,8 +198,7 @@ class ContentProof:
     def _compare(self, ckpt: CheckpointDir, rows, inputs: list[_Input], facts: dict) -> None:
         base = ckpt.abspath
         prefix = base if base.endswith(os.sep) else base + os.sep
-        # FileRecord row fields: relpath, size, is_symlink, is_regular at 0, 1, 7, 11
-        sizes = {r[0]: r[1] for r in rows if r[11] and not r[7]}
+        sizes = {r[ROW_RELPATH]: regular_size(r) for r in rows if regular_size(r) is not None}
         files: list[_File] = []
         try:
             for inp in inputs:
@@ -291,10 +290,10 @@ def _check_own(ckpt: CheckpointDir, rows, facts: dict, inputs: list[_Input]) -> 
             raise _Fail(f"{NOT_PROVEN}: {rel} lies outside this checkpoint (the run's, "
                         "rewritten by its next save): it proves nothing")
     real = None
-    for row in rows:   # FileRecord rows: relpath, is_symlink, symlink_target at 0, 7, 8
-        if not row[7]:
+    for row in rows:
+        if not row[ROW_IS_SYMLINK]:
             continue
-        rel = row[0]
+        rel = row[ROW_RELPATH]
         top = rel.split("/", 1)[0]
         role = layout.role_of(rel).role
         if not (role in layout.PEFT_TREE_ROLES or role is Role.ROOT_CONFIG
@@ -302,7 +301,7 @@ def _check_own(ckpt: CheckpointDir, rows, facts: dict, inputs: list[_Input]) -> 
             continue
         if real is None:
             real = os.path.realpath(ckpt.abspath)
-        target = row[8]
+        target = row[ROW_SYMLINK_TARGET]
         if target is None or not _inside(target, real):
             raise _Fail(f"{NOT_PROVEN}: {rel} is a symlink to {target or 'nothing'}, outside "
                         "this checkpoint: a PEFT tree that is not the checkpoint's own proves nothing")

@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
+from typing import NamedTuple
 
 from . import checkpoint_reads as reads
 from . import layout, replay
@@ -65,19 +66,53 @@ class ExpertInfo:
     config_path: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class VerdictFacts:
+    """What a verdict found besides its status, for the commands that act on it: where the
+    PEFT tree and the MoE state are, the parsed configs, the experts present; ``hashes``
+    (a content hash per file) only in deep mode. The configs are shared with other
+    verdicts: never mutate them."""
+
+    tree_form: str
+    merged_kind: str | None
+    router: str | None            # relpath of the router state, where one is expected
+    experts: tuple[int, ...]      # indices of the experts present
+    root_config: dict | None
+    moe_config: dict | None
+    moe_dir: str                  # relpath of dylo_moe_state/ (the run's for best_model/)
+    young: bool                   # written within the minimum age
+    hashes: dict | None = None
+
+    # Readers written for the former dict (converter, loader, content_proof, report) use
+    # facts.get(name), facts[name] and name in facts; "hashes" is there only in deep mode.
+    def __contains__(self, name: str) -> bool:
+        return name in _FACT_NAMES and (name != "hashes" or self.hashes is not None)
+
+    def __getitem__(self, name: str):
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in self else default
+
+
+_FACT_NAMES = frozenset(VerdictFacts.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class Verdict:
     """What the validator concluded about one checkpoint."""
 
     layout: str
     status: str
-    problems: list[Problem]
+    problems: tuple[Problem, ...]
     tree_form: str
     merged_kind: str | None
     merged_files: tuple[str, ...]
     num_experts: int | None
     tree_complete: bool
-    facts: dict
+    facts: VerdictFacts
 
 
 class _Recorder:
@@ -838,31 +873,30 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     return _conclude(ctx, found, now, min_age_s)
 
 
-class _Found:
-    """What ``_examine`` found, before the checkpoint's age is taken into account."""
+class _Found(NamedTuple):
+    """What ``_examine`` found, before the checkpoint's age is taken into account; a
+    replayed finding serves many checkpoints, so it is immutable."""
 
-    __slots__ = ("layout", "tree_form", "merged_kind", "merged", "num_experts", "tree_complete",
-                 "merged_export", "experts", "router_ok", "router", "root_cfg", "moe_cfg",
-                 "moe_dir", "facts", "_facts")
+    layout: str
+    tree_form: str
+    merged_kind: str | None
+    merged: tuple[str, ...]
+    num_experts: int | None
+    tree_complete: bool
+    merged_export: bool
+    experts: tuple[int, ...]
+    router_ok: bool
+    router: str | None
+    root_cfg: dict | None
+    moe_cfg: dict | None
+    moe_dir: str
+    hashes: dict | None
 
-    def __init__(self, **kw):
-        self._facts = None
-        for k, v in kw.items():
-            setattr(self, k, v)
-
-    def verdict_facts(self, young: bool) -> dict:
-        """The facts of a verdict on this finding: a new dict each time (a replayed finding
-        serves many checkpoints), with its own ``experts`` list."""
-        base = self._facts
-        if base is None:
-            base = self._facts = dict(self.facts)
-            base.update(tree_form=self.tree_form, merged_kind=self.merged_kind,
-                        router=self.router, experts=None, root_config=self.root_cfg,
-                        moe_config=self.moe_cfg, moe_dir=self.moe_dir, young=None)
-        facts = base.copy()
-        facts["experts"] = list(self.experts)
-        facts["young"] = young
-        return facts
+    def verdict_facts(self, young: bool) -> VerdictFacts:
+        return VerdictFacts(tree_form=self.tree_form, merged_kind=self.merged_kind,
+                            router=self.router, experts=self.experts, root_config=self.root_cfg,
+                            moe_config=self.moe_cfg, moe_dir=self.moe_dir, young=young,
+                            hashes=self.hashes)
 
 
 def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
@@ -885,7 +919,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
         status = BROKEN
         ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")
     facts = f.verdict_facts(young)
-    return Verdict(layout=f.layout, status=status, problems=ctx.problems, tree_form=f.tree_form,
+    return Verdict(layout=f.layout, status=status, problems=tuple(ctx.problems), tree_form=f.tree_form,
                    merged_kind=f.merged_kind, merged_files=merged, num_experts=f.num_experts,
                    tree_complete=f.tree_complete, facts=facts)
 
@@ -894,7 +928,7 @@ def _examine(ctx: _Ctx) -> _Found:
     """Every check of the checkpoint; what it found, its problems in ``ctx``."""
     ckpt = ctx.ckpt
     level = ctx.level
-    facts: dict = {}
+    hashes = None
 
     for rel in ckpt.unreadable:
         ctx.add(PERMISSION_DENIED, rel, "cannot read this entry")
@@ -1049,7 +1083,7 @@ def _examine(ctx: _Ctx) -> _Found:
                 ctx.read_json(rel)
     if level == DEEP:
         from .deep import deep_check
-        facts["hashes"] = deep_check(ctx)
+        hashes = deep_check(ctx)
 
     # completeness and status
     tree_errors = [p for p in ctx.problems if p.is_error]
@@ -1091,6 +1125,6 @@ def _examine(ctx: _Ctx) -> _Found:
                   merged=tuple(merged), num_experts=num_experts, tree_complete=tree_complete,
                   merged_export=merged_export,
                   experts=tuple(sorted(experts)), router_ok=router_ok, router=router_rel,
-                  root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, facts=facts)
+                  root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, hashes=hashes)
 
 

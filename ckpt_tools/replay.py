@@ -1,7 +1,7 @@
 """Replaying a whole examination: a checkpoint judged from an earlier one's findings.
 
 **The invariant.** At level ``headers`` the validator's examination of a checkpoint
-(``validator._examine``) is a pure function of
+(``validator.examine._examine``) is a pure function of
 
 1. its signature: the level, the set of relpaths (``_Shape``: every role and form derived from
    them), the entries it could not list (``ckpt.unreadable``), and per symlink its relpath,

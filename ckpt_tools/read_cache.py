@@ -89,7 +89,7 @@ class ArchiveMemo:
     MAX_RANGES_PER_SIZE = 4
 
     def __init__(self) -> None:
-        self.ranges: dict[int, list] = {}   # file size → [torchsave.ArchiveRanges], newest first
+        self.ranges: dict[int, list] = {}   # file size → [torchsave.zip_archive.ArchiveRanges], newest first
         self.results: dict[tuple, object] = {}  # (ranges id, options, kept bytes) → TorchFileInfo
         self.weight = 0                     # bytes held by the keys of ``results``, about
         self._next_ident = 0

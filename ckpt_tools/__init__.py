@@ -6,12 +6,14 @@ Importing the package never imports torch; only the converter and the loader do.
 from .api import assemble, classify, scan
 from .problems import Problem
 from .pruner import PrunePlan, plan_prune
+from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, FileRecord, Run, ScanResult
 
 __version__ = "0.1.0"
 
 __all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Checkpoint",
-           "CheckpointDir", "FileRecord", "Run", "ScanResult", "load_checkpoint", "__version__"]
+           "CheckpointDir", "FileRecord", "Run", "ScanResult", "ReadCache", "load_checkpoint",
+           "__version__"]
 
 
 def load_checkpoint(path, base_model, **kwargs):

@@ -66,19 +66,33 @@ def classify(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = DE
                              v.num_experts, _size(ckpt), facts=v.facts)
 
 
+class _NewCache:
+    """``scan``'s default ``cache``: a new ``ReadCache`` for each scan."""
+
+    def __repr__(self) -> str:
+        return "NEW_CACHE"
+
+
+#: ``scan(cache=NEW_CACHE)``, the default: the scan creates its own ReadCache and drops it after.
+NEW_CACHE = _NewCache()
+
+
 def scan(*roots: str, level: str = HEADERS, min_age_s: float = DEFAULT_MIN_AGE_S,
          now: float | None = None, jobs: int = 1,
          progress: Callable[[int, int], None] | None = None,
-         cache: ReadCache | None = None) -> ScanResult:
+         cache: ReadCache | _NewCache | None = NEW_CACHE) -> ScanResult:
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
     ``jobs`` worker processes scan and validate in parallel (0: one per CPU, at most 8);
-    small scans stay in this process. ``cache``: a ``ReadCache`` for this scan (create one
-    per scan: the checkpoints of a run then cost their reads only), or None to read and judge
-    every file afresh. The result is the same for every ``jobs`` and either ``cache``.
+    small scans stay in this process. ``cache``: by default a new ``ReadCache`` for this scan
+    (the checkpoints of a run then cost their reads only; at 10,000 checkpoints a sixth of
+    the time without it); a ``ReadCache`` of the caller's; or None to read and judge every
+    file afresh. The result is the same for every ``jobs`` and every ``cache``.
     Raises ``scanner.ScanError`` when a root cannot be scanned at all.
     """
+    if cache is NEW_CACHE:
+        cache = ReadCache()
     now = time.time() if now is None else now
     if jobs == 0:
         jobs = default_jobs()

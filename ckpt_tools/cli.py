@@ -157,7 +157,6 @@ def cli(ctx, as_json, quiet, verbose, no_progress):
 
 def _scan(out: Output, roots, **kwargs):
     from .api import scan
-    from .read_cache import ReadCache
     bar = None
     state = {}
 
@@ -169,7 +168,7 @@ def _scan(out: Output, roots, **kwargs):
             b.update(1)
 
     try:
-        return scan(*roots, progress=progress, cache=ReadCache(), **kwargs)
+        return scan(*roots, progress=progress, **kwargs)
     finally:
         bar = state.get("bar")
         if bar is not None:

@@ -285,10 +285,8 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
                  now: float | None = None, jobs: int = 1, progress=None) -> MigratePlan:
     """Scan SRC and decide what to do with each checkpoint (nothing is written)."""
     from .api import scan
-    from .read_cache import ReadCache
     check_roots(src, dst)
-    result = scan(src, min_age_s=options.min_age_s, now=now, jobs=jobs, progress=progress,
-                  cache=ReadCache())
+    result = scan(src, min_age_s=options.min_age_s, now=now, jobs=jobs, progress=progress)
     items = []
     for c in result.checkpoints:
         target = c.path

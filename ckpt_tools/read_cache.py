@@ -2,10 +2,10 @@
 
 The checkpoints of a run repeat the same configs, headers and pickles byte for byte, so a
 scan that remembers what it concluded from those bytes judges the next checkpoint from its
-reads alone. Every such memo lives in one ``ReadCache`` that the caller creates (one per
-scan: ``api.scan``'s caller, the CLI, migrate's planning) and passes down explicitly; the
-library keeps none of its own. ``cache=None`` anywhere means no memo: every file is read
-and judged afresh. A verdict never depends on the cache (tests/test_read_cache_differential.py
+reads alone. Every such memo lives in one ``ReadCache``, owned by one scan (``api.scan``
+creates one per call unless given its own) and passed down explicitly; the library keeps
+no memo at module level. ``cache=None`` anywhere means no memo: every file is read and
+judged afresh. A verdict never depends on the cache (tests/test_read_cache_differential.py
 proves it on every fixture, the parser corpora and mutated sibling runs).
 
 Sharing: one cache may serve several threads (each memo's get and put is atomic: dict
@@ -108,7 +108,7 @@ class ArchiveMemo:
 
 
 class ReadCache:
-    """Every memo one scan keeps; create one per scan and pass it as ``cache=``.
+    """Every memo one scan keeps; one per scan, passed as ``cache=``.
 
     Format readers: ``pickles`` (torch.save pickle evaluations, keyed by the pickle bytes),
     ``legacy_runs`` (lengths of the legacy files' pickle runs met last), ``archives`` (whole

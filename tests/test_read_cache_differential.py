@@ -88,8 +88,8 @@ def test_fixture_checkpoints_get_the_same_verdict_with_and_without_the_cache(res
         cache = ReadCache()
         assert [_verdict(validate_checkpoint(d, level=level, now=now, min_age_s=min_age,
                                              cache=cache)) for d in reversed(dirs)] == fresh[::-1]
-    scanned = ckpt_tools.scan(str(root), now=now, level=level)
-    cached = ckpt_tools.scan(str(root), now=now, level=level, cache=ReadCache())
+    scanned = ckpt_tools.scan(str(root), now=now, level=level, cache=None)
+    cached = ckpt_tools.scan(str(root), now=now, level=level)  # a new cache of its own
     assert scanned.to_dict() == cached.to_dict()
     assert [_record(c) for c in scanned.checkpoints] == [_record(c) for c in cached.checkpoints]
 
@@ -335,4 +335,4 @@ def test_mutated_siblings_alone_together_and_with_workers_agree(mutated_runs, mo
     workers = ckpt_tools.scan(str(root), now=FAR_FUTURE, jobs=2, cache=cache)
     assert {c.path: _record(c) for c in workers.checkpoints} == alone
     assert workers.to_dict() == together.to_dict() == ckpt_tools.scan(
-        str(root), now=FAR_FUTURE, jobs=2).to_dict()
+        str(root), now=FAR_FUTURE, jobs=2, cache=None).to_dict()

@@ -32,7 +32,7 @@ def test_jobs_do_not_change_the_result_on_the_fixture_tree(results_tree, monkeyp
     one = ckpt_tools.scan(str(root), now=now, jobs=1, level=level)
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)  # processes even for a small tree
     two = ckpt_tools.scan(str(root), now=now, jobs=2, level=level, cache=ReadCache())
-    three = ckpt_tools.scan(str(root), now=now, jobs=3, level=level)
+    three = ckpt_tools.scan(str(root), now=now, jobs=3, level=level, cache=None)
     assert one.to_dict() == two.to_dict() == three.to_dict()
     assert _everything(one) == _everything(two) == _everything(three)
 
@@ -106,4 +106,5 @@ def test_jobs_do_not_change_the_result_on_a_generated_tree(generated_tree):
     assert one.to_dict() == two.to_dict()
     assert _everything(one) == _everything(two)
     assert _everything(ckpt_tools.scan(str(generated_tree), now=now, jobs=2)) == _everything(one)
-    assert _everything(ckpt_tools.scan(str(generated_tree), now=now, jobs=1)) == _everything(one)
+    assert _everything(ckpt_tools.scan(str(generated_tree), now=now, jobs=1, cache=None)) == \
+        _everything(one)

@@ -13,12 +13,12 @@ _EXPORTS = {
     "plan_prune": "pruner", "PrunePlan": "pruner",
     "Problem": "problems", "Severity": "problems", "Status": "kinds", "Layout": "kinds",
     "Checkpoint": "records", "CheckpointDir": "records", "FileRecord": "records",
-    "Run": "records", "ScanResult": "records",
+    "Run": "records", "ScanResult": "records", "ReadCache": "read_cache",
 }
 
 __all__ = ["scan", "classify", "assemble", "plan_prune", "PrunePlan", "Problem", "Severity",
            "Checkpoint", "CheckpointDir", "FileRecord", "Run", "ScanResult", "Status", "Layout",
-           "load_checkpoint", "__version__"]
+           "ReadCache", "load_checkpoint", "__version__"]
 
 
 def __getattr__(name: str):

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import layout
+from .checkpoint_reads import ROW_IS_SYMLINK, ROW_RELPATH, ROW_SYMLINK_TARGET, regular_size
 from .formats import safetensors_header as st
 from .formats import torchsave
 from .layout import Role
 from .problems import TRUNCATED, FormatError
+from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir
 from .tensor_bytes import (TensorLocation, group_moe_lora, group_peft_lora, group_router,
                            locate_safetensors, locate_torch, lora_or_router_key)
@@ -119,13 +121,13 @@ class _File:
             raise FormatError(TRUNCATED, "file ends inside a tensor")
         return memoryview(data)[offset:offset + nbytes]
 
-    def header(self, first_read: int) -> st.SafetensorsHeader:
+    def header(self, first_read: int, memo: dict | None) -> st.SafetensorsHeader:
         data = self.whole if self.whole is not None else st.pread_full(self.fd, first_read, 0)
         if len(data) >= 8:
             need = 8 + int.from_bytes(data[:8], "little")
             if len(data) < need <= min(self.size, 8 + st.MAX_HEADER_BYTES):
                 data += st.pread_full(self.fd, need - len(data), len(data))
-        return st.parse_cached(data, self.size)
+        return st.parse_cached(data, self.size, memo)
 
 
 class ContentProof:
@@ -135,10 +137,13 @@ class ContentProof:
     One object serves a whole prune run: it remembers which byte ranges to compare for each
     combination of headers met (the checkpoints of a run repeat them; the readers share the
     parsed headers of identical bytes), so that a checkpoint like the one before costs only
-    its reads. It holds no open file between calls.
+    its reads. It holds no open file between calls. ``cache``: the ``ReadCache`` its reads
+    of headers and torch.save files go through (the scan's, when it has one); by default one
+    of its own, which lives as long as this object.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cache: ReadCache | None = None) -> None:
+        self._cache = ReadCache() if cache is None else cache
         self._pairings: dict[tuple, _Pairing] = {}
         self._inputs: dict[tuple, list[_Input] | str] = {}
         self._first_read: dict[str, int] = {}
@@ -155,15 +160,14 @@ class ContentProof:
         (``validate --deep`` compares contents only)."""
         rows = ckpt.files
         # Unlinking a symlink loses nothing (its target stays): only the merged files that
-        # are files of their own must hold nothing the tree lacks. FileRecord row fields:
-        # relpath, is_symlink at 0, 7.
-        links = {r[0] for r in rows if r[7]}
+        # are files of their own must hold nothing the tree lacks.
+        links = {r[ROW_RELPATH] for r in rows if r[ROW_IS_SYMLINK]}
         held = tuple(m for m in merged_files
                      if m not in links and layout.role_of(m).role is Role.MERGED)
         if not held:
             return None
         try:
-            inputs = self._inputs_of(tuple(r[0] for r in rows), held, facts)
+            inputs = self._inputs_of(tuple(r[ROW_RELPATH] for r in rows), held, facts)
             if own_tree:
                 _check_own(ckpt, rows, facts, inputs)
             self._compare(ckpt, rows, inputs, facts)
@@ -194,8 +198,7 @@ class ContentProof:
     def _compare(self, ckpt: CheckpointDir, rows, inputs: list[_Input], facts: dict) -> None:
         base = ckpt.abspath
         prefix = base if base.endswith(os.sep) else base + os.sep
-        # FileRecord row fields: relpath, size, is_symlink, is_regular at 0, 1, 7, 11
-        sizes = {r[0]: r[1] for r in rows if r[11] and not r[7]}
+        sizes = {r[ROW_RELPATH]: regular_size(r) for r in rows if regular_size(r) is not None}
         files: list[_File] = []
         try:
             for inp in inputs:
@@ -226,8 +229,9 @@ class ContentProof:
         try:
             if not f.rel.endswith(".safetensors"):
                 return torchsave.inspect_torch_file(f.path, check_pickle=True, shared=True,
-                                                    file_size=f.size)
-            header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES))
+                                                    file_size=f.size, cache=self._cache)
+            header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES),
+                              self._cache.headers)
             self._first_read[f.rel] = (header.data_start + 4095) // 4096 * 4096
             return header
         except ValueError:   # the file ended before the header it declares (it shrank)
@@ -286,10 +290,10 @@ def _check_own(ckpt: CheckpointDir, rows, facts: dict, inputs: list[_Input]) -> 
             raise _Fail(f"{NOT_PROVEN}: {rel} lies outside this checkpoint (the run's, "
                         "rewritten by its next save): it proves nothing")
     real = None
-    for row in rows:   # FileRecord rows: relpath, is_symlink, symlink_target at 0, 7, 8
-        if not row[7]:
+    for row in rows:
+        if not row[ROW_IS_SYMLINK]:
             continue
-        rel = row[0]
+        rel = row[ROW_RELPATH]
         top = rel.split("/", 1)[0]
         role = layout.role_of(rel).role
         if not (role in layout.PEFT_TREE_ROLES or role is Role.ROOT_CONFIG
@@ -297,7 +301,7 @@ def _check_own(ckpt: CheckpointDir, rows, facts: dict, inputs: list[_Input]) -> 
             continue
         if real is None:
             real = os.path.realpath(ckpt.abspath)
-        target = row[8]
+        target = row[ROW_SYMLINK_TARGET]
         if target is None or not _inside(target, real):
             raise _Fail(f"{NOT_PROVEN}: {rel} is a symlink to {target or 'nothing'}, outside "
                         "this checkpoint: a PEFT tree that is not the checkpoint's own proves nothing")

@@ -29,6 +29,7 @@ from ckpt_tools.formats import torchsave
 from ckpt_tools.formats.torchsave import (
     ALLOWED_GLOBALS, TensorRef, TorchFileInfo, TorchSymbol, flatten_tensors, inspect_torch_file)
 from ckpt_tools.problems import BAD_ARCHIVE, TRUNCATED, UNSAFE_PICKLE, FormatError
+from ckpt_tools.read_cache import BoundedMemo, ReadCache
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ["zip", "legacy"]
@@ -409,7 +410,7 @@ def test_shared_leaves_are_fine(tmp_path):
 
 
 def test_value_count_is_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr(torchsave, "_MAX_PUSHES", 1000)
+    monkeypatch.setattr(torchsave.pickle_vm, "_MAX_PUSHES", 1000)
     path = _zip_archive(tmp_path / "many.pt", b"\x80\x02]" + b"Na" * 1500 + b".")
     with pytest.raises(FormatError, match="more than 1000 values"):
         inspect_torch_file(path)
@@ -831,7 +832,7 @@ def test_deflated_data_pkl_is_inflated_in_bounds(tmp_path, real_files, monkeypat
     src = real_files["V2 router", "zip"]
     stored = inspect_torch_file(src)
     path = _rezip(src, tmp_path / "deflated.pt", compress={"data.pkl"})
-    monkeypatch.setattr(torchsave, "_INFLATE_CHUNK", 7)  # many chunks
+    monkeypatch.setattr(torchsave.zip_archive, "_INFLATE_CHUNK", 7)  # many chunks
     deflated = inspect_torch_file(path)
     assert (deflated.obj, deflated.storages) == (stored.obj, stored.storages)
 
@@ -909,7 +910,7 @@ def test_directory_parse_agrees_with_zipfile(blob):
 @given(st.one_of(_mutations(_REAL_ZIP), _mutations(_DEFLATED_ZIP)))
 def test_data_pkl_is_read_as_zipfile_reads_it(blob):
     read = []
-    real = torchsave._read_record
+    real = torchsave.zip_archive._read_record
 
     def spy(f, entry):
         read.append((entry[1], real(f, entry)))
@@ -917,7 +918,7 @@ def test_data_pkl_is_read_as_zipfile_reads_it(blob):
 
     path = Path(_WORK.name) / "pkl.pt"
     path.write_bytes(blob)
-    with mock.patch.object(torchsave, "_read_record", spy):
+    with mock.patch.object(torchsave.zip_archive, "_read_record", spy):
         try:
             inspect_torch_file(path, check_pickle=False)
         except FormatError:
@@ -935,8 +936,8 @@ def _outcome(path: Path, check_pickle: bool):
     return info.format, repr(info.obj), info.storages, info.record_prefix
 
 
-_SMALL_WINDOWS = dict(_SMALL_FILE=0, _HEAD_READ=64, _TAIL_READ=64, _READ_AHEAD=64,
-                      _INFLATE_CHUNK=16)
+_SMALL_WINDOWS = dict(_SMALL_FILE=0, _HEAD_READ=64)   # read by torchsave itself
+_SMALL_ZIP_WINDOWS = dict(_TAIL_READ=64, _READ_AHEAD=64, _INFLATE_CHUNK=16)  # by its zip reader
 
 
 @pytest.mark.fuzz
@@ -947,7 +948,8 @@ def test_windowed_reads_give_what_one_read_gives(blob):
     path.write_bytes(blob)
     for check in (True, False):
         whole = _outcome(path, check)
-        with mock.patch.multiple(torchsave, **_SMALL_WINDOWS):
+        with mock.patch.multiple(torchsave, **_SMALL_WINDOWS), \
+                mock.patch.multiple(torchsave.zip_archive, **_SMALL_ZIP_WINDOWS):
             assert _outcome(path, check) == whole
 
 
@@ -974,25 +976,25 @@ def test_large_file_reads_only_what_it_needs(tmp_path):
 
 def test_memo_hit_equals_miss(real_files):
     for (name, fmt), path in real_files.items():
-        torchsave._clear_pickle_cache()
-        miss = inspect_torch_file(path)
-        hit = inspect_torch_file(path)
-        assert hit == miss, name
+        cache = ReadCache()
+        miss = inspect_torch_file(path, cache=cache)
+        hit = inspect_torch_file(path, cache=cache)
+        assert hit == miss == inspect_torch_file(path), name
         assert _describe_inspected(hit.obj) == _describe_loaded(torch.load(path, weights_only=True))
-        assert len(torchsave._PICKLE_MEMO) == 1
+        assert len(cache.pickles) == 1
 
 
 def test_memo_hands_every_caller_its_own_tree(tmp_path):
     shared = [1, 2]
     path = _save(tmp_path / "s.pt", {"a": shared, "b": shared, "t": (shared, 3), "s": {4},
                                      "w": torch.ones(2), "d": {"x": [torch.zeros(1)]}})
-    torchsave._clear_pickle_cache()
-    first = inspect_torch_file(path)
+    cache = ReadCache()
+    first = inspect_torch_file(path, cache=cache)
     first.obj["a"].append(99)
     first.obj["s"].add(5)
     first.obj["d"]["x"].clear()
     first.obj["new"] = 1
-    second = inspect_torch_file(path)
+    second = inspect_torch_file(path, cache=cache)
     assert second.obj["a"] == [1, 2] and second.obj["s"] == {4} and "new" not in second.obj
     assert len(second.obj["d"]["x"]) == 1
     # Sharing within one tree is kept; immutable leaves are shared between trees.
@@ -1005,7 +1007,7 @@ def test_memo_hands_every_caller_its_own_tree(tmp_path):
 def test_memo_serves_files_that_differ_only_in_tensor_values(tmp_path, fmt):
     # As in training: the same parameters, updated in place, saved at each checkpoint (the
     # legacy format names storages by address, so only the same storages give one pickle).
-    torchsave._clear_pickle_cache()
+    cache = ReadCache()
     weight, bias = torch.randn(4, 8), torch.randn(4)
     infos = []
     for i in range(5):
@@ -1014,28 +1016,29 @@ def test_memo_serves_files_that_differ_only_in_tensor_values(tmp_path, fmt):
         path = tmp_path / f"ckpt-{i}" / "router.pt"
         path.parent.mkdir()
         _save(path, {"gate.weight": weight, "gate.bias": bias}, fmt)
-        infos.append(inspect_torch_file(path))
-    assert len(torchsave._PICKLE_MEMO) == 1
+        infos.append(inspect_torch_file(path, cache=cache))
+    assert len(cache.pickles) == 1
     assert all(info == infos[0] for info in infos)
 
 
 def test_legacy_memo_checks_each_file_past_its_pickles(real_files, tmp_path):
     blob, storages_at = _legacy_layout(real_files["state dict", "legacy"])
-    torchsave._clear_pickle_cache()
-    inspect_torch_file(real_files["state dict", "legacy"])
+    cache = ReadCache()
+    inspect_torch_file(real_files["state dict", "legacy"], cache=cache)
     miscounted = bytearray(blob)
     struct.pack_into("<q", miscounted, storages_at,
                      struct.unpack_from("<q", miscounted, storages_at)[0] + 1)
     (tmp_path / "count.pt").write_bytes(miscounted)
     (tmp_path / "cut.pt").write_bytes(blob[:-1])
-    assert _code(tmp_path / "count.pt") == BAD_ARCHIVE
-    assert _code(tmp_path / "cut.pt") == TRUNCATED
-    assert len(torchsave._PICKLE_MEMO) == 1  # both were memo hits
+    assert _code(tmp_path / "count.pt", cache=cache) == BAD_ARCHIVE
+    assert _code(tmp_path / "cut.pt", cache=cache) == TRUNCATED
+    assert len(cache.pickles) == 1  # both were memo hits
 
 
 def test_container_checks_run_on_a_memo_hit(tmp_path, real_files):
     src = real_files["state dict", "zip"]
-    inspect_torch_file(src)  # its data.pkl is now memoised
+    cache = ReadCache()
+    inspect_torch_file(src, cache=cache)  # its data.pkl is now memoised
     damaged = {
         "missing": _rezip(src, tmp_path / "a.pt", lambda r: r.pop("data/1")),
         "holds": _rezip(src, tmp_path / "b.pt", lambda r: r.update({"data/0": b"x" * 10})),
@@ -1047,7 +1050,7 @@ def test_container_checks_run_on_a_memo_hit(tmp_path, real_files):
     damaged["CRC"] = tmp_path / "d.pt"
     for what, path in damaged.items():
         with pytest.raises(FormatError, match=what) as err:
-            inspect_torch_file(path)
+            inspect_torch_file(path, cache=cache)
         assert err.value.code == BAD_ARCHIVE
 
 
@@ -1063,36 +1066,36 @@ def test_memo_keeps_the_order_of_errors(real_files, tmp_path):
 
     only_past = _rezip(src, tmp_path / "a.pt", past)
     both = _rezip(src, tmp_path / "b.pt", past_and_missing)
-    torchsave._clear_pickle_cache()
+    cache = ReadCache()
     for path, what in ((both, "is missing"), (only_past, "needs"), (both, "is missing"),
                        (only_past, "needs")):
         with pytest.raises(FormatError, match=what):
-            inspect_torch_file(path)
+            inspect_torch_file(path, cache=cache)
 
 
 @pytest.mark.parametrize("data", [_HASH_BOMB, _LAUGHS, b"\x80\x02cos\nsystem\n.",
                                   b"\x80\x02X\x10\x00\x00\x00abc"])
 def test_refused_pickles_are_refused_again_from_the_memo(tmp_path, data):
     path = _zip_archive(tmp_path / "r.pt", data)
-    torchsave._clear_pickle_cache()
+    cache = ReadCache()
     errors = []
     for _ in range(2):
         with pytest.raises(FormatError) as err:
-            inspect_torch_file(path)
+            inspect_torch_file(path, cache=cache)
         errors.append((err.value.code, err.value.message))
     assert errors[0] == errors[1]
 
 
 def test_check_pickle_is_part_of_the_memo_key(tmp_path):
     path = _zip_archive(tmp_path / "u.pt", b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.")
-    torchsave._clear_pickle_cache()
-    assert inspect_torch_file(path, check_pickle=False).obj is None
-    assert _code(path) == UNSAFE_PICKLE
-    assert inspect_torch_file(path, check_pickle=False).obj is None
+    cache = ReadCache()
+    assert inspect_torch_file(path, check_pickle=False, cache=cache).obj is None
+    assert _code(path, cache=cache) == UNSAFE_PICKLE
+    assert inspect_torch_file(path, check_pickle=False, cache=cache).obj is None
 
 
 def test_memo_is_bounded(tmp_path, monkeypatch):
-    memo = torchsave._Memo(max_entries=3, max_weight=800)
+    memo = BoundedMemo(max_entries=3, max_weight=800)
     for i in range(5):
         memo.put(i, f"v{i}", 10)
     assert len(memo) == 3 and memo.get(0) is None and memo.get(4) == "v4"
@@ -1107,15 +1110,16 @@ def test_memo_is_bounded(tmp_path, monkeypatch):
     memo.clear()
     assert len(memo) == 0 and memo.weight == 0
 
-    monkeypatch.setattr(torchsave, "_PICKLE_MEMO", torchsave._Memo(2, 1 << 20))
+    cache = ReadCache()
+    cache.pickles = BoundedMemo(2, 1 << 20)
     for i in range(4):
         _zip_archive(tmp_path / f"{i}.pt", b"\x80\x02K%c." % i)
-        assert inspect_torch_file(tmp_path / f"{i}.pt").obj == i
-    assert len(torchsave._PICKLE_MEMO) == 2
-    monkeypatch.setattr(torchsave, "_MEMO_MAX_PICKLE", 3)
-    torchsave._PICKLE_MEMO.clear()
-    assert inspect_torch_file(tmp_path / "0.pt").obj == 0
-    assert len(torchsave._PICKLE_MEMO) == 0  # a pickle over the size limit is not kept
+        assert inspect_torch_file(tmp_path / f"{i}.pt", cache=cache).obj == i
+    assert len(cache.pickles) == 2
+    monkeypatch.setattr(torchsave.evaluation, "_MEMO_MAX_PICKLE", 3)
+    cache.clear()
+    assert inspect_torch_file(tmp_path / "0.pt", cache=cache).obj == 0
+    assert len(cache.pickles) == 0  # a pickle over the size limit is not kept
 
 
 # --- no torch ----------------------------------------------------------------------

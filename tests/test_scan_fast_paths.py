@@ -31,23 +31,15 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 import ckpt_tools
-from ckpt_tools import api, report, scanner, validator, workers
+from ckpt_tools import api, checkpoint_reads, report, scanner, validator, workers
 from ckpt_tools.formats import safetensors_header as sh
 from ckpt_tools.formats import torchsave
 from ckpt_tools.problems import UNREADABLE, FormatError
+from ckpt_tools.read_cache import ReadCache
 from ckpt_tools.records import CheckpointDir, FileRecord
 
 REPO = Path(__file__).resolve().parents[1]
 _WORK = tempfile.TemporaryDirectory(prefix="fast-paths-")
-
-
-def _forget() -> None:
-    """Every memo of the readers and the validator, as in a new process."""
-    torchsave._clear_pickle_cache()
-    sh._cache.clear()
-    for memo in (validator._PLANS, validator._MEMO, validator._SHAPES, validator._HEADER_HINTS,
-                 validator._JSON_CACHE, validator._TOKEN_OF, validator._TORCH_TOKENS):
-        memo.clear()
 
 
 # --- torch.save: whole small archives memoised ---------------------------------------
@@ -81,10 +73,9 @@ def _memo_and_fresh(blob: bytes, check: bool):
     template.write_bytes(_TEMPLATE)
     path = Path(_WORK.name) / "damaged.pt"
     path.write_bytes(blob)
-    _forget()
-    torchsave.inspect_torch_file(template, check_pickle=check)
-    memo = _outcome(path, check)
-    _forget()
+    cache = ReadCache()
+    torchsave.inspect_torch_file(template, check_pickle=check, cache=cache)
+    memo = _outcome(path, check, cache=cache)
     return memo, _outcome(path, check)
 
 
@@ -104,23 +95,22 @@ def test_every_single_byte_change_reads_as_a_fresh_read_would():
     template.write_bytes(_TEMPLATE)
     path = Path(_WORK.name) / "one-byte.pt"
     for check in (True, False):
-        _forget()
-        torchsave.inspect_torch_file(template, check_pickle=check)
+        cache = ReadCache()
+        torchsave.inspect_torch_file(template, check_pickle=check, cache=cache)
         memo, served = {}, set()
         for at in range(len(_TEMPLATE)):
             blob = bytearray(_TEMPLATE)
             blob[at] ^= 0xFF
             path.write_bytes(blob)
-            before = len(torchsave._ARCHIVES)
-            memo[at] = _outcome(path, check)
-            if memo[at][0] == "zip" and len(torchsave._ARCHIVES) == before:
+            before = len(cache.archives)
+            memo[at] = _outcome(path, check, cache=cache)
+            if memo[at][0] == "zip" and len(cache.archives) == before:
                 served.add(at)
         for at in range(len(_TEMPLATE)):
             blob = bytearray(_TEMPLATE)
             blob[at] ^= 0xFF
             path.write_bytes(blob)
-            torchsave._clear_pickle_cache()
-            assert _outcome(path, check) == memo[at], at
+            assert _outcome(path, check) == memo[at], at  # no cache: a fresh read
         for name in ("archive/data/0", "archive/data/1", "archive/.data/serialization_id"):
             assert set(_payload(_TEMPLATE, name)) <= served, name
         assert not served & set(_payload(_TEMPLATE, "archive/data.pkl"))
@@ -148,44 +138,44 @@ def test_damaged_archives_read_as_fresh_reads_do(data):
 
 
 def test_archives_that_differ_in_tensor_values_share_one_read(tmp_path):
-    _forget()
+    cache = ReadCache()
     outcomes = []
     for seed in range(5):
         path = tmp_path / f"router-{seed}.pt"
         path.write_bytes(_router(seed))
-        outcomes.append(_outcome(path, True))
-    assert len(torchsave._ARCHIVES) == 1  # the first was read; the others came from the memo
+        outcomes.append(_outcome(path, True, cache=cache))
+    assert len(cache.archives) == 1  # the first was read; the others came from the memo
     assert len({o[:2] for o in outcomes}) == 1
     for seed in range(5):
-        _forget()
         assert _outcome(tmp_path / f"router-{seed}.pt", True) == outcomes[seed]
 
 
 def test_a_shared_result_is_shared_and_a_plain_one_is_the_callers(tmp_path):
     path = tmp_path / "r.pt"
     path.write_bytes(_TEMPLATE)
-    _forget()
-    shared = torchsave.inspect_torch_file(path, shared=True)
-    assert torchsave.inspect_torch_file(path, shared=True) is shared
-    mine = torchsave.inspect_torch_file(path)
+    cache = ReadCache()
+    shared = torchsave.inspect_torch_file(path, shared=True, cache=cache)
+    assert torchsave.inspect_torch_file(path, shared=True, cache=cache) is shared
+    mine = torchsave.inspect_torch_file(path, cache=cache)
     assert mine == shared and mine.obj is not shared.obj and mine.storages is not shared.storages
     mine.obj["num_experts"] = 99
     mine.obj["gate.weight"] = None
     mine.storages.clear()
-    again = torchsave.inspect_torch_file(path)
+    again = torchsave.inspect_torch_file(path, cache=cache)
     assert again == shared and again.obj["num_experts"] == 4 and again.storages
+    # without a cache nothing is shared: every call reads and builds its own
+    assert torchsave.inspect_torch_file(path, shared=True) is not torchsave.inspect_torch_file(
+        path, shared=True)
 
 
 def test_file_size_from_the_caller_reads_the_same(tmp_path):
     path = tmp_path / "r.pt"
     path.write_bytes(_TEMPLATE)
-    _forget()
     assert _outcome(path, True, file_size=len(_TEMPLATE)) == _outcome(path, True)
     expected = _outcome(path, True)
     # a file that grew since its size was taken: what was there then is what is read
     grown = tmp_path / "grown.pt"
     grown.write_bytes(_TEMPLATE + b"\0" * 10)
-    _forget()
     assert _outcome(grown, True, file_size=len(_TEMPLATE)) == expected
     assert _outcome(grown, True)[0] == "bad-archive"
 
@@ -200,7 +190,7 @@ _ADAPTER = save({f"m.{i}.lora_A.weight": torch.zeros(4, 16) for i in range(8)},
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_header_from_the_last_read_equals_a_fresh_parse(data):
-    # _read_header answers from the header last read at the relpath when the bytes agree
+    # read_header answers from the header last read at the relpath when the bytes agree
     blob = bytearray(_ADAPTER)
     for _ in range(data.draw(st.integers(0, 3))):
         at = data.draw(st.integers(0, len(blob) - 1))
@@ -211,8 +201,8 @@ def test_header_from_the_last_read_equals_a_fresh_parse(data):
     first = Path(_WORK.name) / "first.safetensors"
     first.write_bytes(_ADAPTER)
     path.write_bytes(blob)
-    _forget()
-    validator._read_header(str(first), "expert/adapter.safetensors", None)
+    cache = ReadCache()
+    checkpoint_reads.read_header(str(first), "expert/adapter.safetensors", None, cache)
 
     def outcome(fn):
         try:
@@ -220,9 +210,9 @@ def test_header_from_the_last_read_equals_a_fresh_parse(data):
         except FormatError as exc:
             return exc.code, exc.message
 
-    hinted = outcome(lambda: validator._read_header(str(path), "expert/adapter.safetensors",
-                                                    data.draw(st.sampled_from([None, len(blob)]))))
-    _forget()
+    hinted = outcome(lambda: checkpoint_reads.read_header(
+        str(path), "expert/adapter.safetensors", data.draw(st.sampled_from([None, len(blob)])),
+        cache))
     assert hinted == outcome(lambda: sh.read_header(path))
 
 
@@ -312,9 +302,8 @@ def test_a_fifo_in_a_checkpoint_is_unreadable_not_a_hang(small_tree, tmp_path):
     assert rec is not None and not rec.is_regular and not rec.is_symlink
     assert next(d for d in dirs if d.name == "checkpoint-100").file("config.json").is_regular
     for jobs in (1, 2):
-        _forget()
         with mock.patch.object(api, "_MIN_PER_PROCESS", 1):
-            result = ckpt_tools.scan(str(root), jobs=jobs)
+            result = ckpt_tools.scan(str(root), jobs=jobs, cache=ReadCache())
         broken = [c for c in result.checkpoints if c.status == "broken"]
         assert [c.name for c in (c.dir for c in broken)] == ["checkpoint-200"]
         assert [(p.code, p.path.rsplit("/", 2)[-2:], "not a regular file" in p.message)
@@ -385,13 +374,10 @@ def test_verdicts_through_the_memos_equal_fresh_ones_on_damaged_files(small_tree
         _replace(target, bytes(blob))
         now = target.stat().st_mtime + 86400
         dirs, _ = scanner.find_checkpoints(str(root / "t"))
-        _forget()
-        replayed = [vars(validator.validate_checkpoint(d, now=now))
+        cache = ReadCache()
+        replayed = [vars(validator.validate_checkpoint(d, now=now, cache=cache))
                     for d in dirs]  # checkpoint-100..400 prime every memo first
-        fresh = []
-        for d in dirs:
-            _forget()
-            fresh.append(vars(validator.validate_checkpoint(d, now=now)))
+        fresh = [vars(validator.validate_checkpoint(d, now=now)) for d in dirs]  # no memo
         assert replayed == fresh
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ import pytest
 
 import ckpt_tools
 from ckpt_tools import api, scanner, validator
+from ckpt_tools.read_cache import ReadCache
 from ckpt_tools.validator import DEEP, FULL, HEADERS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,20 +26,13 @@ def _everything(result):
     return doc
 
 
-def _forget():
-    validator._PLANS.clear()
-    validator._MEMO.clear()
-    validator._SHAPES.clear()
-    validator._HEADER_HINTS.clear()
-
-
 @pytest.mark.parametrize("level", [HEADERS, FULL])
 def test_jobs_do_not_change_the_result_on_the_fixture_tree(results_tree, monkeypatch, level):
     root, _, now = results_tree
     one = ckpt_tools.scan(str(root), now=now, jobs=1, level=level)
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)  # processes even for a small tree
-    two = ckpt_tools.scan(str(root), now=now, jobs=2, level=level)
-    three = ckpt_tools.scan(str(root), now=now, jobs=3, level=level)
+    two = ckpt_tools.scan(str(root), now=now, jobs=2, level=level, cache=ReadCache())
+    three = ckpt_tools.scan(str(root), now=now, jobs=3, level=level, cache=None)
     assert one.to_dict() == two.to_dict() == three.to_dict()
     assert _everything(one) == _everything(two) == _everything(three)
 
@@ -78,15 +72,15 @@ def test_memoised_verdicts_equal_fresh_ones(results_tree, level):
     root, _, now = results_tree
     dirs, _ = scanner.find_checkpoints(str(root))
 
-    def verdicts():
-        return [vars(validator.validate_checkpoint(d, level=level, now=now, min_age_s=m))
+    def verdicts(cache):
+        return [vars(validator.validate_checkpoint(d, level=level, now=now, min_age_s=m,
+                                                   cache=cache))
                 for d in dirs for m in (3600, 0)]
 
-    _forget()
-    fresh = verdicts()
-    assert verdicts() == fresh  # replayed from the memo where it applies
-    _forget()
-    assert verdicts() == fresh
+    fresh = verdicts(None)
+    cache = ReadCache()
+    assert verdicts(cache) == fresh
+    assert verdicts(cache) == fresh  # replayed from the memo where it applies
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +100,11 @@ def generated_tree(tmp_path_factory):
 def test_jobs_do_not_change_the_result_on_a_generated_tree(generated_tree):
     import time
     now = time.time()
-    _forget()
-    one = ckpt_tools.scan(str(generated_tree), now=now, jobs=1)
-    _forget()
-    two = ckpt_tools.scan(str(generated_tree), now=now, jobs=2)
+    one = ckpt_tools.scan(str(generated_tree), now=now, jobs=1, cache=ReadCache())
+    two = ckpt_tools.scan(str(generated_tree), now=now, jobs=2, cache=ReadCache())
     assert len(one.checkpoints) == 300
     assert one.to_dict() == two.to_dict()
     assert _everything(one) == _everything(two)
     assert _everything(ckpt_tools.scan(str(generated_tree), now=now, jobs=2)) == _everything(one)
+    assert _everything(ckpt_tools.scan(str(generated_tree), now=now, jobs=1, cache=None)) == \
+        _everything(one)

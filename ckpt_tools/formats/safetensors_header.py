@@ -509,40 +509,40 @@ def read_header_bytes(path: str | os.PathLike, *, file_size: int | None = None,
 
 
 def read_header(path: str | os.PathLike, *, file_size: int | None = None,
-                first_read: int = FIRST_READ_BYTES) -> SafetensorsHeader:
+                first_read: int = FIRST_READ_BYTES, memo: dict | None = None) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
     Reads the first ``first_read`` bytes (64 KiB) in one ``pread`` and the rest of the
     header only when it is longer; tensor data is never read. ``file_size``: the size of a
     regular file as the caller's own ``lstat`` saw it (see ``open_regular``); a caller that
-    knows the header's likely size may pass it as ``first_read``. Raises ``FormatError`` for
-    bad data and ``OSError`` from the OS.
+    knows the header's likely size may pass it as ``first_read``. ``memo``: as for
+    ``parse_cached``. Raises ``FormatError`` for bad data and ``OSError`` from the OS.
     """
     data, file_size = read_header_bytes(path, file_size=file_size, first_read=first_read)
-    return parse_cached(data, file_size)
+    return parse_cached(data, file_size, memo)
 
 
 _CACHE_MAX = 4096
-_cache: dict[tuple[bytes, int], SafetensorsHeader] = {}
 
 
-def parse_cached(data: bytes, file_size: int) -> SafetensorsHeader:
-    """``parse_header`` memoised on the exact header bytes and file size.
+def parse_cached(data: bytes, file_size: int, memo: dict | None = None) -> SafetensorsHeader:
+    """``parse_header``, memoised in ``memo`` (a ``ReadCache.headers``; None: no memo) on the
+    exact header bytes and file size.
 
     The checkpoints of one run hold byte-identical adapter headers; the parse is a pure
     function of these two values, and the result is immutable, so it can be shared.
     Failures are not cached: they are rare and carry their own message.
     """
-    if len(data) >= 8:
+    if memo is not None and len(data) >= 8:
         (n,) = _U64_LE.unpack_from(data)
         if n <= 1 << 20:
             key = (bytes(data[:8 + n]), file_size)
-            hit = _cache.get(key)
+            hit = memo.get(key)
             if hit is not None:
                 return hit
             header = parse_header(data, file_size)
-            if len(_cache) >= _CACHE_MAX:
-                _cache.clear()  # atomic under threads, unlike popping the oldest entry
-            _cache[key] = header
+            if len(memo) >= _CACHE_MAX:
+                memo.clear()  # atomic under threads, unlike popping the oldest entry
+            memo[key] = header
             return header
     return parse_header(data, file_size)

@@ -1,0 +1,434 @@
+"""Decide what a checkpoint is: its layout, its problems and its status.
+
+Three levels of scrutiny:
+
+- ``headers`` (audit): every file of the PEFT tree and every merged-weight file is
+  checked by its header (safetensors) or archive structure and pickle opcodes
+  (torch.save); configs are parsed. Trainer state files are only looked at.
+- ``full`` (validate): also the archive structure and pickle of every torch.save file of the
+  checkpoint (``_pickle_check_of``).
+- ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file,
+  ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there, and the LoRA and
+  router tensors of merged weights compared with the PEFT tree's (``merged-mismatch``, the
+  comparison prune's ``content_proof`` makes).
+
+No tensor data is read and neither torch nor peft is imported below ``deep``: the config
+checks that decide shapes and scaling (``_check_adapter_config``) are plain Python.
+``redundant`` is structural: a complete, sound PEFT tree beside merged weights that hold
+DyLoRA LoRA tensors (merged weights holding none are a merged export: ``peft-only``,
+``merged-export``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import layout, replay
+from ..formats import safetensors_header as st
+from ..formats import torchsave
+from ..layout import Role
+from ..problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
+                        EXPERT_COUNT_MISMATCH, MERGED_EXPORT, MERGED_MISMATCH, MISSING_FILE,
+                        MISSING_TENSOR, PERMISSION_DENIED, SHAPE_MISMATCH, SYMLINK_ESCAPE, WARNING,
+                        FormatError, Problem)
+from ..read_cache import ReadCache
+from ..records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
+                       FileRecord)
+from .context import _Ctx, _count, _finite, _memoised
+from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _expert_count,
+                      _load_dir_experts, _load_flat_experts, _ranges, _report_missing_experts,
+                      _tree_form)
+from .verdict import DEEP, FULL, HEADERS, Tensor, Verdict, _Found
+
+
+def _router_shapes(ctx: _Ctx, rel: str) -> tuple[dict[str, Tensor] | None, object]:
+    """(gate.weight / gate.bias of a router file, in any of its three forms; the number of
+    experts the V2 router dict states beside its gate, as found, else None)."""
+    if rel.endswith(".safetensors"):
+        tensors = ctx.read_safetensors(rel)
+        if tensors is None:
+            return None, None
+        return {(layout.router_key(k) or k): t for k, t in tensors.items()}, None
+    info = ctx.read_torch(rel)
+    if info is None:
+        return None, None
+    obj = info.obj
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("gate_state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if k != "gate_state_dict"}
+        obj = {f"gate.{k}": v for k, v in obj["gate_state_dict"].items()}
+    flat = torchsave.flatten_tensors(obj) if isinstance(obj, dict) else {}
+    out = {(layout.router_key(k) or k): Tensor(v.dtype, tuple(v.shape)) for k, v in flat.items()}
+    return out, meta.get("num_experts")
+
+
+def _pickle_check_of(name: str) -> bool | frozenset[str]:
+    """How the pickle of a Trainer state file is judged (``inspect_torch_file``'s
+    ``check_pickle``): as ``torch.load(weights_only=True)`` would, with what the Trainer allows
+    besides for its RNG state, or not at all for ``training_args.bin``."""
+    if layout.is_rng_state_name(name):
+        return torchsave.TRAINER_RNG_GLOBALS
+    return not layout.never_unpickle(name)
+
+
+def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
+    """Tensor names of a safetensors file whose data is damaged but whose header parses.
+
+    Used only to name the layout of a broken merged file; never to trust it.
+    """
+    try:
+        data, _ = st.read_header_bytes(path)   # a FIFO or device is refused
+    except (OSError, FormatError):
+        return {}
+    unknown = Tensor("?", ())
+    return dict.fromkeys(st.lenient_names(data), unknown)
+
+
+def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]:
+    """Keys (with shapes where known) of the merged weights; False when unreadable."""
+    keys: dict[str, Tensor] = {}
+    ok = True
+    indexes = [m for m in merged if ctx.roles[m].role is Role.MERGED_INDEX]
+    for idx in indexes:
+        if not ctx.readable(idx, False):
+            continue
+        cfg = ctx.read_json(idx)
+        if cfg is None:
+            ok = False
+            continue
+        wm = cfg.get("weight_map")
+        if not isinstance(wm, dict):
+            ctx.add(BAD_JSON, idx, "no weight_map object")
+            ok = False
+            continue
+        folder = idx.rsplit("/", 1)[0] + "/" if "/" in idx else ""
+        for shard in sorted(set(v for v in wm.values() if isinstance(v, str))):
+            if folder + shard not in ctx.by_path:
+                ctx.add(MISSING_FILE, folder + shard, f"shard named by {idx} is missing")
+                ok = False
+    for m in merged:
+        if ctx.roles[m].role is not Role.MERGED or not ctx.readable(m, False):
+            continue
+        tensors = ctx.read_tensors(m)
+        if tensors is None:
+            ok = False
+            tensors = _lenient_safetensors_names(ctx.abspath(m)) if m.endswith(".safetensors") else {}
+        bad = _bad_expert_indices(ctx, m, tensors)
+        if bad:
+            tensors = {k: t for k, t in tensors.items() if k not in bad}
+        keys.update(tensors)
+    return keys, ok
+
+
+def _bad_expert_indices(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor]) -> frozenset[str]:
+    """The tensor names whose expert index is out of range, each a problem on the file."""
+    bad = set()
+    for key in tensors:
+        if ".expert_" in key:
+            try:
+                layout.parse_moe_lora_key(key)
+            except layout.BadIndex as exc:
+                bad.add(key)
+                ctx.add(EXPERT_COUNT_MISMATCH, relpath, str(exc))
+    return frozenset(bad)
+
+
+def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_rel: str | None,
+                          moe_dir: str) -> None:
+    """Deep mode: the LoRA and router tensors of the merged weights must equal the PEFT
+    tree's (prune's content proof, without its rule on symlinks)."""
+    from ..content_proof import ContentProof
+    facts = {"tree_form": tree_form, "router": router_rel, "moe_dir": moe_dir}
+    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, facts, own_tree=False)
+    if failure is not None and failure.mismatch:
+        shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
+        ctx.add(MERGED_MISMATCH, shown, failure.reason)
+
+
+def _adopt_parent_moe_state(ctx: _Ctx) -> str:
+    """best_model/ keeps its dylo_moe_state/ in the run directory.
+
+    Returns the relative directory where this checkpoint's MoE state lives.
+    """
+    own = layout.MOE_STATE_DIR
+    if ctx.ckpt.name != layout.BEST_MODEL_DIR or any(
+            p.startswith(own + "/") for p in ctx.by_path):
+        return own
+    parent = os.path.join(os.path.dirname(ctx.base), own)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return own
+    for e in entries:
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            stt = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        rel = f"{layout.PARENT_DIR}/{own}/{e.name}"
+        ctx.by_path[rel] = FileRecord(relpath=rel, size=stt.st_size, allocated=stt.st_blocks * 512,
+                                      dev=stt.st_dev, ino=stt.st_ino, nlink=stt.st_nlink,
+                                      mtime_ns=stt.st_mtime_ns)
+    ctx.reshape()
+    return f"{layout.PARENT_DIR}/{own}"
+
+
+def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = 3600,
+                        now: float | None = None, cache: ReadCache | None = None) -> Verdict:
+    """Validate one checkpoint directory and classify it.
+
+    ``cache``: the scan's ``ReadCache``, or None to read and judge every file afresh; the
+    verdict is the same either way."""
+    now = time.time() if now is None else now
+    ctx = _Ctx(ckpt, level, cache)
+    # At 'headers' level a checkpoint's findings are a pure function of its signature and
+    # what its files' reads returned (``replay``): a checkpoint whose reads return the very
+    # objects an earlier one's did is concluded from that one's findings, after reading
+    # every one of its own files again. best_model/ reads its parent's MoE state: not replayed.
+    memo = cache is not None and level == HEADERS and ckpt.name != layout.BEST_MODEL_DIR
+    replayed = replay.replay(ctx, cache) if memo else None
+    if replayed is not None:
+        found, problems = replayed
+        for code, rel, message, severity in problems:
+            ctx.add(code, rel, message, severity)
+    else:
+        if memo:
+            ctx.trace = []
+        found = _examine(ctx)
+        if memo and ctx.trace is not None:
+            replay.remember(ctx, cache, ctx.trace, found, tuple(ctx.raw))
+    if layout.step_out_of_range(ckpt.name):  # not part of the replay's signature: added here
+        ctx.add(BAD_NAME, ".", f"the step in its name has more than {layout.MAX_STEP_DIGITS} "
+                               "digits: the step is unknown", WARNING)
+    return _conclude(ctx, found, now, min_age_s)
+
+
+def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
+    ckpt = ctx.ckpt
+    young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
+    merged = f.merged
+    if ckpt.tmp_name or young:
+        status = IN_PROGRESS
+        # half-written is expected while it is written: say what is missing, as warnings
+        ctx.problems = [Problem(p.code, p.path, p.message, WARNING) for p in ctx.problems]
+    elif any(p.is_error for p in ctx.problems):
+        status = BROKEN
+    elif f.tree_complete:
+        status = REDUNDANT if merged and not f.merged_export else PEFT_ONLY
+    elif merged:
+        status = LEGACY
+    elif f.tree_form == layout.TREE_FLAT and f.experts and f.router_ok:
+        status = PEFT_ONLY
+    else:
+        status = BROKEN
+        ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")
+    facts = f.verdict_facts(young)
+    return Verdict(layout=f.layout, status=status, problems=tuple(ctx.problems), tree_form=f.tree_form,
+                   merged_kind=f.merged_kind, merged_files=merged, num_experts=f.num_experts,
+                   tree_complete=f.tree_complete, facts=facts)
+
+
+def _examine(ctx: _Ctx) -> _Found:
+    """Every check of the checkpoint; what it found, its problems in ``ctx``."""
+    ckpt = ctx.ckpt
+    level = ctx.level
+    hashes = None
+
+    for rel in ckpt.unreadable:
+        ctx.add(PERMISSION_DENIED, rel, "cannot read this entry")
+
+    # symlinks first: a PEFT-tree file that points out of the root is never opened
+    for rec in ckpt.files:
+        if rec.is_symlink and rec.escapes_root:
+            role = ctx.roles[rec.relpath]
+            in_tree = role.in_peft_tree
+            ctx.add(SYMLINK_ESCAPE, rec.relpath,
+                    f"symlink to {rec.symlink_target or 'a missing target'} outside the root",
+                    ERROR if in_tree else WARNING)
+
+    for rel in ctx.shape.bad_indices:
+        ctx.add(EXPERT_COUNT_MISMATCH, rel, f"its name holds an expert index beyond the "
+                                            f"{layout.MAX_EXPERTS} experts a checkpoint may have")
+
+    merged = list(ctx.shape.merged)
+    root_cfg = None
+    if layout.ROOT_CONFIG in ctx.by_path and ctx.readable(layout.ROOT_CONFIG, False):
+        root_cfg = ctx.read_json(layout.ROOT_CONFIG)
+    moe_dir = _adopt_parent_moe_state(ctx)
+    moe_cfg_rel = f"{moe_dir}/{layout.MOE_CONFIG}"
+    moe_cfg = None
+    if moe_cfg_rel in ctx.by_path and ctx.readable(moe_cfg_rel, True):
+        moe_cfg = ctx.read_json(moe_cfg_rel)
+
+    tree_form = _tree_form(ctx)
+    merged_kind = None
+    merged_tensors: dict[str, Tensor] = {}
+    if merged:
+        merged_tensors, merged_ok = _merged_keys(ctx, merged)
+        merged_kind = layout.merged_key_kind(merged_tensors) if merged_tensors else "unreadable"
+        if not merged_ok:
+            merged_tensors = {k: t for k, t in merged_tensors.items() if t.dtype != "?"}
+
+    # experts
+    if tree_form == layout.TREE_CANONICAL:
+        experts = _load_dir_experts(ctx, nested=False)
+    elif tree_form == layout.TREE_NESTED:
+        experts = _load_dir_experts(ctx, nested=True)
+    elif tree_form == layout.TREE_FLAT:
+        experts = _load_flat_experts(ctx)
+    else:
+        experts = {}
+    dylora_root = layout.is_dylora_config(root_cfg)
+    cfg_for_r = moe_cfg or (root_cfg if dylora_root else None)
+    default_r = _count(layout.first_key(cfg_for_r, layout.LORA_R_KEYS))
+    for ex in experts.values():
+        r = default_r if ex.config is None else None
+        _memoised(ctx, ("shapes", id(ex.modules), id(ex.config), r, ex.source, ex.loaded),
+                  (ex.modules, ex.config), lambda rec: _check_expert_shapes(rec, ex, r))
+    key = ("compare",) + tuple((i, id(e.modules), id(e.config), e.loaded, e.source, e.config_path)
+                               for i, e in sorted(experts.items()))
+    _memoised(ctx, key, [(e.modules, e.config) for e in experts.values()],
+              lambda rec: _compare_experts(rec, experts))
+
+    # router
+    router_rel = None
+    router: dict | None = None
+    router_says = None  # the expert count the router file states (V2 router dict)
+    if tree_form == layout.TREE_NESTED or layout.ROUTER_SAFETENSORS in ctx.by_path:
+        router_rel = layout.ROUTER_SAFETENSORS
+    if f"{moe_dir}/{layout.ROUTER_PT}" in ctx.by_path:
+        router_rel = f"{moe_dir}/{layout.ROUTER_PT}"
+    if router_rel is None and tree_form != layout.TREE_NONE:
+        router_rel = (layout.ROUTER_SAFETENSORS if tree_form == layout.TREE_NESTED
+                      else f"{moe_dir}/{layout.ROUTER_PT}")
+    if router_rel is not None:
+        if router_rel not in ctx.by_path:
+            if tree_form != layout.TREE_NONE:
+                ctx.add(MISSING_FILE, router_rel, "the router state is missing")
+        elif ctx.readable(router_rel, True):
+            router, router_says = _router_shapes(ctx, router_rel)
+            if router is not None and layout.GATE_WEIGHT not in router:
+                ctx.add(MISSING_TENSOR, router_rel, f"no {layout.GATE_WEIGHT} in the router state")
+    skill = f"{moe_dir}/{layout.SKILL_LIBRARY}"
+    if skill in ctx.by_path and ctx.readable(skill, True):
+        ctx.read_torch(skill)
+    # the callback's resume file: part of the PEFT tree (never merged weights), checked by its header
+    if layout.TRAINABLE_STATE in ctx.by_path and ctx.readable(layout.TRAINABLE_STATE, True):
+        ctx.read_safetensors(layout.TRAINABLE_STATE)
+    if tree_form == layout.TREE_CANONICAL and moe_cfg_rel not in ctx.by_path:
+        ctx.add(MISSING_FILE, moe_cfg_rel, "the MoE config is missing")
+
+    # expert count
+    router_rows = None
+    if router and isinstance(router.get(layout.GATE_WEIGHT), Tensor):
+        gw = router[layout.GATE_WEIGHT]
+        if len(gw.shape) == 2:
+            router_rows = _expert_count(ctx, router_rel, gw.shape[0], _ROUTER_ROWS)
+        else:
+            ctx.add(SHAPE_MISMATCH, router_rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
+        gb = router.get(layout.GATE_BIAS)
+        if isinstance(gb, Tensor) and router_rows is not None and gb.shape != (router_rows,):
+            ctx.add(SHAPE_MISMATCH, router_rel,
+                    f"gate.bias has shape {list(gb.shape)}, expected [{router_rows}]")
+    if merged_kind in ("v0", "v1"):
+        gw = merged_tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
+        if gw is not None and len(gw.shape) == 2 and router_rows is None and tree_form == layout.TREE_NONE:
+            router_rows = _expert_count(ctx, merged[0], gw.shape[0], _ROUTER_ROWS)
+    declared = [(moe_cfg_rel, _expert_count(ctx, moe_cfg_rel,
+                                            layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
+    declared.append((layout.ROOT_CONFIG, _expert_count(
+        ctx, layout.ROOT_CONFIG, layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
+    if router is not None:
+        declared.append((router_rel, _expert_count(ctx, router_rel, router_says)))
+    declared = [(p, n) for p, n in declared if n is not None]
+    present = set(experts)
+    if merged_kind in ("v0", "v1") and tree_form == layout.TREE_NONE:
+        for key in merged_tensors:
+            lk = layout.parse_moe_lora_key(key)  # out-of-range indices were dropped: _merged_keys
+            if lk is not None:
+                present.add(lk.expert)
+    num_experts = None
+    if declared:
+        num_experts = declared[0][1]
+        for p, n in declared[1:]:
+            if n != num_experts:
+                ctx.add(EXPERT_COUNT_MISMATCH, p,
+                        f"says {n} experts, {declared[0][0]} says {num_experts}")
+    elif router_rows is not None:
+        num_experts = router_rows
+    elif present:
+        num_experts = max(present) + 1
+        if tree_form != layout.TREE_NONE:
+            ctx.add(COUNT_UNCONFIRMED, layout.PEFT_DIR,
+                    f"no config or router states the expert count; assuming {num_experts}", WARNING)
+    if num_experts is not None:  # at most layout.MAX_EXPERTS
+        if router_rows is not None and router_rows != num_experts:
+            if declared:
+                ctx.add(EXPERT_COUNT_MISMATCH, declared[0][0],
+                        f"says {num_experts} experts but the router has {router_rows} rows")
+            else:
+                ctx.add(EXPERT_COUNT_MISMATCH, router_rel,
+                        f"router has {router_rows} rows for {num_experts} experts")
+        if tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1"):
+            _report_missing_experts(ctx, [i for i in range(num_experts) if i not in present],
+                                    num_experts, tree_form, merged)
+        extra = sorted(i for i in present if i >= num_experts)
+        if extra:
+            ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,
+                    f"expert(s) {_ranges(extra)} beyond the {num_experts} declared")
+
+    # files outside the PEFT tree: at 'full' level, the archive structure of each torch file
+    if level in (FULL, DEEP):
+        for rel, role in sorted(ctx.roles.items()):
+            if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
+                if ctx.readable(rel, False):
+                    ctx.read_torch(rel, check_pickle=_pickle_check_of(rel.rsplit("/", 1)[-1]))
+            elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
+                ctx.read_json(rel)
+    if level == DEEP:
+        from ..deep import deep_check
+        hashes = deep_check(ctx)
+
+    # completeness and status
+    tree_errors = [p for p in ctx.problems if p.is_error]
+    router_ok = router is not None and router_rows is not None
+    has_config = (moe_cfg is not None or dylora_root
+                  or (tree_form in (layout.TREE_CANONICAL, layout.TREE_NESTED)
+                      and all(e.config is not None for e in experts.values())))
+    if tree_form == layout.TREE_FLAT:
+        # expert_<i>.pt files record no hyperparameters: once the merged weights are gone,
+        # only a config saying lora_alpha would (r comes from the shapes)
+        has_config = any(_finite(layout.first_key(cfg, layout.LORA_ALPHA_KEYS))
+                         for cfg in (moe_cfg, root_cfg if dylora_root else None))
+    tree_complete = (tree_form != layout.TREE_NONE and bool(experts) and router_ok
+                     and num_experts is not None and not tree_errors and has_config)
+    # A complete tree beside merged weights that hold no DyLoRA LoRA tensor (a truly merged
+    # export): nothing to prove the tree by, and the export is no copy of it: not redundant.
+    merged_export = (tree_complete and bool(merged) and merged_kind != "unreadable"
+                     and not any(".lora_" in k and layout.parse_moe_lora_key(k)
+                                 for k in merged_tensors))
+    if merged_export:
+        shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
+        ctx.add(MERGED_EXPORT, shown, f"{shown.rsplit('/', 1)[-1]} holds no LoRA tensors: a merged "
+                "export beside the PEFT tree, kept (not redundant)", WARNING)
+    elif level == DEEP and tree_complete and merged and not any(p.is_error for p in ctx.problems):
+        _check_merged_content(ctx, merged, tree_form, router_rel, moe_dir)
+    if tree_form == layout.TREE_FLAT and not has_config and merged:
+        ctx.add(BAD_CONFIG, layout.PEFT_DIR,
+                "expert_<i>.pt files with no config recording lora_alpha or the base model: "
+                "migrate this checkpoint before removing its merged weights", WARNING)
+
+    layout_name = layout.layout_label(tree_form, merged_kind if merged else None, dylora_root)
+    if merged_kind == "unreadable":
+        layout_name = layout.layout_label(tree_form, "v1", dylora_root) if tree_form != layout.TREE_NONE \
+            else layout.UNKNOWN
+    if layout.is_hf_model_config(root_cfg) and tree_form == layout.TREE_NONE and merged:
+        layout_name = layout.HF_MERGED
+
+    return _Found(layout=layout_name, tree_form=tree_form, merged_kind=merged_kind,
+                  merged=tuple(merged), num_experts=num_experts, tree_complete=tree_complete,
+                  merged_export=merged_export,
+                  experts=tuple(sorted(experts)), router_ok=router_ok, router=router_rel,
+                  root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, hashes=hashes)

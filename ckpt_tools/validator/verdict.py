@@ -1,0 +1,103 @@
+"""What a validation concludes: the levels of scrutiny, the tensors and experts found, the
+verdict and its facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from ..problems import Problem
+
+
+HEADERS, FULL, DEEP = "headers", "full", "deep"
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor's name, dtype and shape as a header or a pickle declares them."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ExpertInfo:
+    index: int
+    source: str                        # relpath of the weights file
+    loaded: bool = False               # its tensors could be read
+    modules: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module → part → tensor
+    config: dict | None = None
+    config_path: str | None = None
+
+
+@dataclass(frozen=True)
+class VerdictFacts:
+    """What a verdict found besides its status, for the commands that act on it: where the
+    PEFT tree and the MoE state are, the parsed configs, the experts present; ``hashes``
+    (a content hash per file) only in deep mode. The configs are shared with other
+    verdicts: never mutate them."""
+
+    tree_form: str
+    merged_kind: str | None
+    router: str | None            # relpath of the router state, where one is expected
+    experts: tuple[int, ...]      # indices of the experts present
+    root_config: dict | None
+    moe_config: dict | None
+    moe_dir: str                  # relpath of dylo_moe_state/ (the run's for best_model/)
+    young: bool                   # written within the minimum age
+    hashes: dict | None = None
+
+    # Readers written for the former dict (converter, loader, content_proof, report) use
+    # facts.get(name), facts[name] and name in facts; "hashes" is there only in deep mode.
+    def __contains__(self, name: str) -> bool:
+        return name in _FACT_NAMES and (name != "hashes" or self.hashes is not None)
+
+    def __getitem__(self, name: str):
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in self else default
+
+
+_FACT_NAMES = frozenset(VerdictFacts.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the validator concluded about one checkpoint."""
+
+    layout: str
+    status: str
+    problems: tuple[Problem, ...]
+    tree_form: str
+    merged_kind: str | None
+    merged_files: tuple[str, ...]
+    num_experts: int | None
+    tree_complete: bool
+    facts: VerdictFacts
+
+
+class _Found(NamedTuple):
+    """What ``_examine`` found, before the checkpoint's age is taken into account; a
+    replayed finding serves many checkpoints, so it is immutable."""
+
+    layout: str
+    tree_form: str
+    merged_kind: str | None
+    merged: tuple[str, ...]
+    num_experts: int | None
+    tree_complete: bool
+    merged_export: bool
+    experts: tuple[int, ...]
+    router_ok: bool
+    router: str | None
+    root_cfg: dict | None
+    moe_cfg: dict | None
+    moe_dir: str
+    hashes: dict | None
+
+    def verdict_facts(self, young: bool) -> VerdictFacts:
+        return VerdictFacts(tree_form=self.tree_form, merged_kind=self.merged_kind,
+                            router=self.router, experts=self.experts, root_config=self.root_cfg,
+                            moe_config=self.moe_cfg, moe_dir=self.moe_dir, young=young,
+                            hashes=self.hashes)

@@ -299,7 +299,7 @@ def render_migrate_plan(plan: MigratePlan, *, verbose: bool = False,
         for i in skip:
             lines.append(f"  {i.source}: {i.reason}")
     for p in plan.problems:
-        lines.append(f"{p['severity']}: {p['path']}: {p['code']}: {p['message']}")
+        lines.append(p.line())
     return lines
 
 

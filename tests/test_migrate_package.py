@@ -54,3 +54,20 @@ def test_the_converter_module_keeps_the_names_the_readme_gives():
     from ckpt_tools import converter, migrate
     assert converter.plan_migrate is migrate.plan_migrate
     assert converter.execute_migrate is migrate.execute_migrate
+
+
+def test_a_plans_problems_are_problem_values_printed_as_before(tmp_path):
+    from ckpt_tools.migrate import MigrateOptions, MigratePlan
+    from ckpt_tools.problems import PERMISSION_DENIED, Problem
+    from ckpt_tools.report import render_migrate_plan
+    problem = Problem(PERMISSION_DENIED, "run_a", "cannot list it: Permission denied")
+    plan = MigratePlan(str(tmp_path / "src"), str(tmp_path / "dst"), MigrateOptions(), (),
+                       problems=(problem,))
+    doc = plan.to_dict()
+    assert doc["problems"] == [{"code": "permission-denied", "path": "run_a",
+                                "message": "cannot list it: Permission denied",
+                                "severity": "error"}]
+    again = MigratePlan.from_dict(json.loads(json.dumps(doc)))
+    assert again == plan and again.problems[0].is_error
+    assert render_migrate_plan(plan)[-1] == (
+        "error: run_a: permission-denied: cannot list it: Permission denied")

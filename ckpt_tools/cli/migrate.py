@@ -142,8 +142,8 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     else:
         out.report(render_migrate_result(result, plan, verbose=out.verbose, quiet=out.quiet))
     # a directory of SRC that could not be listed: whatever it holds was not migrated
-    unread = [p for p in plan.problems if p.get("severity") == "error"]
+    unread = [p for p in plan.problems if p.is_error]
     for p in unread:
-        out.error(f"{migrate_where(plan.src, p['path'])}: {p['code']}: {p['message']}; "
+        out.error(f"{migrate_where(plan.src, p.path)}: {p.code}: {p.message}; "
                   "nothing under it was migrated")
     ctx.exit(ExitCode.PROBLEMS if result.failed or unread else ExitCode.OK)

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from .. import layout, scanner
+from ..problems import Problem
 from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
 from ..validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
@@ -82,7 +83,7 @@ class MigratePlan:
     dst: str
     options: MigrateOptions
     items: tuple[MigrateItem, ...]
-    problems: tuple[dict, ...] = ()     # scan problems tied to no checkpoint
+    problems: tuple[Problem, ...] = ()     # scan problems tied to no checkpoint
 
     @property
     def to_migrate(self) -> tuple[MigrateItem, ...]:
@@ -97,14 +98,14 @@ class MigratePlan:
                 "planned": [i.to_dict() for i in self.items if i.action == ACTION_MIGRATE],
                 "migrated": [],
                 "skipped": [i.to_dict() for i in self.items if i.action != ACTION_MIGRATE],
-                "failed": [], "problems": list(self.problems)}
+                "failed": [], "problems": [p.to_dict() for p in self.problems]}
 
     @classmethod
     def from_dict(cls, doc: dict) -> MigratePlan:
         items = tuple(MigrateItem(**(d | {"notes": tuple(d.get("notes", ()))}))
                       for d in doc["planned"] + doc["skipped"])
         return cls(doc["src"], doc["dst"], MigrateOptions(**doc["options"]), items,
-                   tuple(doc.get("problems", ())))
+                   tuple(Problem(**p) for p in doc.get("problems", ())))
 
 
 # --- roots -------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
     # what will be migrated first, then the rest, each in scan order: the order of to_dict's lists
     items.sort(key=lambda i: i.action != ACTION_MIGRATE)
     return MigratePlan(src=src, dst=dst, options=options, items=tuple(items),
-                       problems=tuple(p.to_dict() for p in result.problems))
+                       problems=tuple(result.problems))
 
 
 def _read_json(path: str) -> dict | None:

@@ -17,6 +17,7 @@ from ..records import CheckpointDir
 from ..tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
 from ..validator import HEADERS, Verdict, validate_checkpoint
 from .errors import CheckpointFailure
+from .hub import NotCached, cached_snapshot
 from .hyper import _Hyper, _hyper, _lora_config, _moe_config, _ranks, _resolve_hyper, _root_config
 from .plan import METHOD_COPY, METHOD_EXACT, METHOD_SVD, MigrateOptions, _read_json
 
@@ -334,15 +335,13 @@ def resolve_model_dir(path_or_id: str) -> str:
         return os.path.abspath(path_or_id)
     if os.path.exists(path_or_id):
         raise CheckpointFailure(f"base model {path_or_id}: not a directory")
-    if path_or_id.count("/") > 1 or path_or_id.startswith((".", "/")):
-        raise CheckpointFailure(f"base model {path_or_id}: no such directory")
     try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_id, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - the hub raises several kinds for "not cached"
+        return cached_snapshot(path_or_id)
+    except NotCached as exc:
+        if exc.why is None:
+            raise CheckpointFailure(f"base model {path_or_id}: no such directory") from None
         raise CheckpointFailure(f"base model {path_or_id}: not a local directory and not in the "
-                                f"local Hugging Face cache (no network is used; "
-                                f"{type(exc).__name__})") from None
+                                f"local Hugging Face cache (no network is used; {exc.why})") from None
 
 
 def _hidden_size(cfg: dict | None) -> int | None:

@@ -58,6 +58,7 @@ import torch
 
 from ..fs import FileOps
 from ..layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MIGRATE_TMP_PREFIX
+from ..tensor_io import bit_equal
 from .decompose import TOLERANCE, Decomposition, _fro_norm, decompose, rank_for_error, rounding_floor
 from .tensor_source import _OUTPUT_EMBEDDINGS, TensorSource, _input_embedding
 
@@ -200,15 +201,6 @@ def _module_of(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point and a.element_size() in (1, 2, 4, 8):
-        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.view(view), b.view(view))
-    return torch.equal(a, b)
-
-
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """float32 on ``dev``; a half-precision tensor crosses to a GPU before it is widened."""
     if dev.type != "cpu" and t.element_size() < 4:
@@ -333,7 +325,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         # decompose() leaves out. Only a non-finite delta needs a look at the bits.
         delta = _to_device(w, dev) - _to_device(w0, dev)
         if not bool(torch.isfinite(delta).all()):
-            if not _bit_equal(w, w0):
+            if not bit_equal(w, w0):
                 raise ValueError(f"{wname}: NaN or Inf in the weight delta")
             delta = None
         msrc.release(real(m_alias, wname))
@@ -342,7 +334,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         bname = linear_biases.get(module)
         if bname is not None:
             b, b0 = msrc.get(real(m_alias, bname)), bsrc.get(real(b_alias, bname))
-            if not _bit_equal(b, b0):
+            if not bit_equal(b, b0):
                 bd = b.float() - b0.float()
                 if not bool(torch.isfinite(bd).all()):
                     raise ValueError(f"{bname}: NaN or Inf in the bias delta")
@@ -434,7 +426,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
                 # Non-linear tensors and embeddings: compared by the same workers.
                 def unchanged(name: str) -> bool:
                     m_real, b_real = real(m_alias, name), real(b_alias, name)
-                    same = _bit_equal(msrc.get(m_real), bsrc.get(b_real))
+                    same = bit_equal(msrc.get(m_real), bsrc.get(b_real))
                     msrc.release(m_real)
                     bsrc.release(b_real)
                     return same

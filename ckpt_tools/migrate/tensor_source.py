@@ -14,17 +14,11 @@ import torch
 
 from ..formats.safetensors_header import open_readonly, read_header, require_regular
 from ..layout import MERGED_INDEX, MERGED_SINGLE, ROOT_CONFIG
+from ..tensor_io import SAFETENSORS_DTYPES
+from .hub import NotCached, cached_snapshot
 
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _SAFETENSORS_DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
 
 
 class _SafetensorsFile:
@@ -40,7 +34,7 @@ class _SafetensorsFile:
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         e = self.entries[name]
-        dtype = _SAFETENSORS_DTYPES.get(e.dtype)
+        dtype = SAFETENSORS_DTYPES.get(e.dtype)
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name!r} has dtype {e.dtype}, which torch "
                              f"cannot read here")
@@ -185,14 +179,13 @@ class TensorSource:
 
 
 def _from_hub_cache(repo_id: str) -> Path:
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
-        raise FileNotFoundError(f"{repo_id}: no such file or directory")
     try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # the hub raises several kinds for "not in the cache"
+        return Path(cached_snapshot(repo_id))
+    except NotCached as exc:
+        if exc.why is None:
+            raise FileNotFoundError(f"{repo_id}: no such file or directory") from None
         raise FileNotFoundError(f"{repo_id}: not a directory and not in the local Hugging Face "
-                                f"cache ({type(exc).__name__})") from None
+                                f"cache ({exc.why})") from None
 
 
 def _input_embedding(src: TensorSource) -> str | None:

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out_ck, out_mk = work / "adapter-ckpt-tools", work / "adapter-mergekit"
-    ck_cmd = [sys.executable, "-m", "ckpt_tools.lowrank", str(base_dir), str(merged_dir),
+    ck_cmd = [sys.executable, "-m", "ckpt_tools.migrate.lowrank", str(base_dir), str(merged_dir),
               str(out_ck), "--rank", str(args.rank), "--device", args.device, "--json"]
     mk_cmd = [mergekit_py, "-m", "mergekit.scripts.extract_lora", "--model", str(merged_dir), "--base-model", str(base_dir),
               "--out-path", str(out_mk), "--max-rank", str(args.rank), "--no-copy-tokenizer",

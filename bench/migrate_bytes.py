@@ -154,7 +154,7 @@ def child(src: str, dst: str) -> None:
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
-    from ckpt_tools.converter import MigrateOptions, execute_migrate, plan_migrate
+    from ckpt_tools.migrate import MigrateOptions, execute_migrate, plan_migrate
     io0 = _io()
     plan = plan_migrate(src, dst, MigrateOptions(min_age_s=0))
     io1 = _io()

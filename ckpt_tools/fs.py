@@ -1,8 +1,8 @@
 """The file operations ckpt-tools does to storage, behind one seam (``FileOps``).
 
 Used today by everything that changes storage: prune's unlinks (``prune_exec``), and the
-writes, fsyncs, renames and removals of migrate (``converter``), of the Trainer callback
-(``integrations.transformers``) and of the low-rank writer (``lowrank.write_adapter``), all
+writes, fsyncs, renames and removals of migrate (``migrate.write``), of the Trainer callback
+(``integrations.transformers``) and of the low-rank writer (``migrate.lowrank.write_adapter``), all
 three through ``commit``. Reads (scanner, validator, format readers, migrate's extraction)
 do not go through it yet.
 

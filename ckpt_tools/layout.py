@@ -253,6 +253,12 @@ def step_out_of_range(name: str) -> bool:
     return digits is not None and len(digits) > MAX_STEP_DIGITS
 
 
+def expert_index(name: str) -> int | None:
+    """``i`` of an adapter or directory named ``expert_<i>``; None for any other name."""
+    m = _EXPERT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def is_checkpoint_name(name: str) -> bool:
     return bool(_CHECKPOINT_RE.match(name)) or name == BEST_MODEL_DIR or is_tmp_checkpoint_name(name)
 

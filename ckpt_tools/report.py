@@ -17,7 +17,7 @@ from .names import json_text, shown
 from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
-    from .converter import MigratePlan, MigrateResult
+    from .migrate import MigratePlan, MigrateResult
     from .prune_exec import PruneResult
     from .pruner import PrunePlan
 
@@ -269,7 +269,7 @@ def migrate_where(root: str, rel: str) -> str:
 
 def render_migrate_plan(plan: MigratePlan, *, verbose: bool = False,
                         quiet: bool = False) -> list[str]:
-    from .converter import ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP
+    from .migrate import ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP
     todo = [i for i in plan.items if i.action == ACTION_MIGRATE]
     done = [i for i in plan.items if i.action == ACTION_DONE]
     skip = [i for i in plan.items if i.action == ACTION_SKIP]
@@ -299,7 +299,7 @@ def render_migrate_plan(plan: MigratePlan, *, verbose: bool = False,
         for i in skip:
             lines.append(f"  {i.source}: {i.reason}")
     for p in plan.problems:
-        lines.append(f"{p['severity']}: {p['path']}: {p['code']}: {p['message']}")
+        lines.append(p.line())
     return lines
 
 

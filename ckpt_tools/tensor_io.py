@@ -21,18 +21,13 @@ import torch
 
 from .formats import safetensors_header as st
 from .problems import BAD_ARCHIVE, FormatError
-from .tensor_bytes import (TensorLocation, locate, locate_safetensors, locate_torch,  # noqa: F401
-                           read_range)
+from .tensor_bytes import (SAFETENSORS_DTYPE_NAMES, TensorLocation, locate,  # noqa: F401
+                           locate_safetensors, locate_torch, read_range)
 
+#: safetensors dtype names → torch dtypes: ``tensor_bytes``' names, as this torch has them.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+    code: getattr(torch, name) for code, name in SAFETENSORS_DTYPE_NAMES.items()
+    if hasattr(torch, name)}
 
 
 class ReadStats:

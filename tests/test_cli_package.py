@@ -74,7 +74,7 @@ def test_an_audit_of_an_empty_directory_imports_no_validator_and_no_torch(tmp_pa
 # --- one mapping of failures to exit codes ----------------------------------------------------
 
 def _library_errors():
-    from ckpt_tools.converter import MigrateError
+    from ckpt_tools.migrate import MigrateError
     from ckpt_tools.locking import LockError, LockHeld
     from ckpt_tools.prune_exec import LogOpenError, LogWriteError
     from ckpt_tools.scanner import ScanError
@@ -125,7 +125,7 @@ def test_a_held_lock_exits_75_in_prune_and_in_migrate_with_the_same_line(results
 
 def test_prune_and_migrate_get_the_callers_file_operations_through_the_context(
         results_tree, tmp_path, monkeypatch):
-    from ckpt_tools import converter
+    from ckpt_tools import migrate
     from ckpt_tools.cli import CliContext, cli
     from ckpt_tools.cli import prune as prune_command
     root, _, _ = results_tree
@@ -139,7 +139,7 @@ def test_prune_and_migrate_get_the_callers_file_operations_through_the_context(
         return execute
 
     monkeypatch.setattr(prune_command, "execute_prune", stop("prune"))
-    monkeypatch.setattr(converter, "execute_migrate", stop("migrate"))   # imported when run
+    monkeypatch.setattr(migrate, "execute_migrate", stop("migrate"))   # imported when run
     fs = object()
     for args in (["prune", "--yes", "--min-age", "0", str(src)],
                  ["migrate", "--min-age", "0", str(src), str(tmp_path / "dst")]):
@@ -168,7 +168,7 @@ def test_global_verbose_reaches_the_handler_after_the_command_name(tmp_path, mon
 # --- migrate --dry-run --json -----------------------------------------------------------------
 
 def test_migrate_dry_run_json_is_the_plans_to_dict(results_tree, tmp_path):
-    from ckpt_tools.converter import MigrateOptions, MigratePlan, plan_migrate
+    from ckpt_tools.migrate import MigrateOptions, MigratePlan, plan_migrate
     from ckpt_tools.report import dumps
     root, _, _ = results_tree
     src = copy_tree(root / "legacy_v1", tmp_path / "src" / "legacy_v1").parent

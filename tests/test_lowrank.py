@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ckpt_tools.lowrank import TensorSource, decompose, extract, main, write_adapter
+from ckpt_tools.migrate.lowrank import TensorSource, decompose, extract, main, write_adapter
 
 HIDDEN, FFN, VOCAB = 64, 160, 96
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

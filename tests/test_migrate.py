@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import fault_entry
 from ckpt_tools import scan
-from ckpt_tools.converter import (ACTION_DONE, ACTION_MIGRATE, MigrateOptions,
+from ckpt_tools.migrate import (ACTION_DONE, ACTION_MIGRATE, MigrateOptions,
                                   MigratePlan, execute_migrate, plan_migrate)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +34,13 @@ EXPECTED_METHOD = {"canonical": "copy", "canonical+merged": "copy", "v0": "exact
 
 def _has_lowrank() -> bool:
     try:
-        from ckpt_tools import lowrank
+        from ckpt_tools.migrate import lowrank
         return hasattr(lowrank, "extract") and hasattr(lowrank, "write_adapter")
     except ImportError:
         return False
 
 
-needs_lowrank = pytest.mark.skipif(not _has_lowrank(), reason="ckpt_tools.lowrank.extract missing")
+needs_lowrank = pytest.mark.skipif(not _has_lowrank(), reason="ckpt_tools.migrate.lowrank.extract missing")
 
 
 # --- independent readers of the source ------------------------------------------------------

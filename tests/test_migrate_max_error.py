@@ -3,7 +3,7 @@
 A full fine-tune (a plain Hugging Face model directory whose delta from its base is not
 low-rank) used to be "migrated" at ``--rank 4`` with a worst relative error of 0.87. The
 expected ranks here are computed from the files with ``torch.linalg.svdvals``, never with
-``ckpt_tools.lowrank``.
+``ckpt_tools.migrate.lowrank``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ckpt_tools import scan
-from ckpt_tools.converter import DEFAULT_MAX_ERROR, MigrateOptions, execute_migrate, plan_migrate
+from ckpt_tools.migrate import DEFAULT_MAX_ERROR, MigrateOptions, execute_migrate, plan_migrate
 from test_migrate import _run_cli, copy_tree, load_base, needs_lowrank
 
 pytestmark = needs_lowrank
@@ -221,7 +221,7 @@ def test_a_bf16_merged_lora_passes_at_its_rank_though_rounding_is_above_1pct(res
     """Saving W0 + B·A in bfloat16 rounds every weight by up to half a unit in the last place:
     that rounding, not the extraction, is most of the error of a small delta. It is accepted;
     a bfloat16 full fine-tune of the same size is not."""
-    from ckpt_tools.lowrank import extract
+    from ckpt_tools.migrate.lowrank import extract
     root, manifest, now = results_tree
     base_dir = tmp_path / "base-bf16"
     load_base(manifest.base_model_dirs["llama"]).to(torch.bfloat16).save_pretrained(str(base_dir))
@@ -241,7 +241,7 @@ def test_a_bf16_merged_lora_passes_at_its_rank_though_rounding_is_above_1pct(res
 def test_a_base_of_another_architecture_is_refused_before_extraction(results_tree, tmp_path,
                                                                      monkeypatch, kind):
     from fixtures.dylora import build_base
-    from ckpt_tools import lowrank
+    from ckpt_tools.migrate import lowrank
     root, manifest, now = results_tree
     if kind == "gemma":
         base_dir = manifest.base_model_dirs["gemma"]
@@ -293,7 +293,7 @@ def test_the_default_in_the_help_is_the_one_applied():
 
 
 def test_lowrank_cli_max_error_writes_nothing_above_the_bound(trees, tmp_path, capsys):
-    from ckpt_tools.lowrank import main
+    from ckpt_tools.migrate.lowrank import main
     base_dir, src, _ = trees
     out = tmp_path / "adapter"
     assert main([str(base_dir), str(src / "ft"), str(out), "--rank", "4", "--device", "cpu",

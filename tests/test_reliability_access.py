@@ -613,7 +613,7 @@ def _prune_swap_case(name, swap, reasons, src: Path, case_dir: Path, now: float)
 # --- plan, swap, execute: migrate --------------------------------------------------------------
 
 def _migrate_swap_cases(src: Path, case_dir: Path, now: float, base: Baseline) -> list[RunRecord]:
-    from ckpt_tools.converter import MigrateOptions, execute_migrate, plan_migrate
+    from ckpt_tools.migrate import MigrateOptions, execute_migrate, plan_migrate
     root = copy_tree(src, case_dir / "results", only=SUBSET)
     outside, dst = case_dir / "outside", case_dir / "dst"
     outside.mkdir()

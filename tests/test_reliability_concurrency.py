@@ -514,7 +514,7 @@ def check_targets(dst: Path, ref: Path, ref_targets: set[str], pruned: bool) -> 
 @pytest.fixture(scope="module")
 def migrate_reference(results_tree, tmp_path_factory):
     """An undisturbed migration of the source subset, through the library."""
-    from ckpt_tools.converter import MigrateOptions, execute_migrate, plan_migrate
+    from ckpt_tools.migrate import MigrateOptions, execute_migrate, plan_migrate
     src, manifest, _ = results_tree
     base = tmp_path_factory.mktemp("concurrency-migrate")
     ref_src = base / "ref-src"

@@ -81,7 +81,7 @@ import json, os, shutil, subprocess, sys, traceback
 sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 import fault_entry                                                    # the CLI with a faulty seam
 from ckpt_tools import cli
-import ckpt_tools.cli.migrate, ckpt_tools.converter                 # what migrate imports
+import ckpt_tools.cli.migrate, ckpt_tools.migrate                   # what migrate imports
 import peft, safetensors.torch, torch, transformers.utils.logging    # ... and what they import
 
 

@@ -1,7 +1,7 @@
 """``ckpt-tools migrate SRC DST``: convert checkpoints to the canonical layout.
 
-A thin layer: plan (``converter.plan_migrate``) → show → execute (``converter.execute_migrate``)
-→ report. Every decision lives in the converter.
+A thin layer: plan (``migrate.plan_migrate``) → show → execute (``migrate.execute_migrate``)
+→ report. Every decision lives in ``ckpt_tools.migrate``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .exits import ExitCode
 from .options import Duration, PathArgument, command_output, finite, output_options
 
 if TYPE_CHECKING:  # the converter is imported when migrate runs, not when the CLI starts
-    from ..converter import MigrateEvent
+    from ..migrate import MigrateEvent
 
 
 @contextlib.contextmanager
@@ -104,7 +104,7 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     # no network, ever: hub ids resolve from the local cache only
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from ..converter import ACTION_SKIP, MigrateOptions, execute_migrate, plan_migrate
+    from ..migrate import ACTION_SKIP, MigrateOptions, execute_migrate, plan_migrate
     out = command_output(ctx, **opts)
     fs = ctx.find_root().obj.fs   # the file-operations seam (None: the local file system)
     bound = {} if max_error is None else {"max_error": max_error}
@@ -142,8 +142,8 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     else:
         out.report(render_migrate_result(result, plan, verbose=out.verbose, quiet=out.quiet))
     # a directory of SRC that could not be listed: whatever it holds was not migrated
-    unread = [p for p in plan.problems if p.get("severity") == "error"]
+    unread = [p for p in plan.problems if p.is_error]
     for p in unread:
-        out.error(f"{migrate_where(plan.src, p['path'])}: {p['code']}: {p['message']}; "
+        out.error(f"{migrate_where(plan.src, p.path)}: {p.code}: {p.message}; "
                   "nothing under it was migrated")
     ctx.exit(ExitCode.PROBLEMS if result.failed or unread else ExitCode.OK)

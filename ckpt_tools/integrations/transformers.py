@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ logger = logging.getLogger("ckpt_tools")
 # it from; but a file server whose clock runs ahead of ours stamps mtimes in our future, which
 # would make a fresh checkpoint look in progress. Judge it from a minute ahead.
 _CLOCK_SKEW_S = 60.0
-_EXPERT_NAME_RE = re.compile(r"^expert_(\d+)$")
 _ST_METADATA = {"format": "pt"}
 # The order in which the parts of the tree are renamed into place; the root config.json,
 # which tells readers "this is a PEFT-only checkpoint", comes last.
@@ -91,9 +89,9 @@ def expert_adapter_names(peft_model) -> list[str]:
     """The adapters named ``expert_0 .. expert_{E-1}``, in expert order; an error on a gap."""
     found = {}
     for name in peft_model.peft_config:
-        m = _EXPERT_NAME_RE.match(name)
-        if m:
-            found[int(m.group(1))] = name
+        index = layout.expert_index(name)
+        if index is not None:
+            found[index] = name
     if not found:
         raise ValueError(f"the PEFT model has no adapters named expert_<i> "
                          f"(it has {sorted(peft_model.peft_config)})")
@@ -349,9 +347,7 @@ def verify_and_prune(directory: str, written: WrittenTree, step: int = -1) -> Sa
     if reasons:
         return SaveOutcome(directory, step, True, False, verdict.status, tuple(verdict.problems),
                            kept=merged, error="; ".join(reasons))
-    record = Checkpoint(dir=ckpt, status=verdict.status, layout=verdict.layout,
-                        problems=tuple(verdict.problems), merged_files=merged,
-                        num_experts=verdict.num_experts)
+    record = Checkpoint.from_verdict(ckpt, verdict)
     result = execute_prune(plan_prune([record]), revalidate=Revalidator(
         min_age_s=0, level=FULL, clock=lambda: time.time() + _CLOCK_SKEW_S))
     removed = tuple(d.path for d in result.deleted)

@@ -35,7 +35,8 @@ where the randomized factors missed the bound by their 1% but the exact ones mee
 ones are kept. The modules above it are reported (``Extraction.over_bound``), not refused: the
 caller decides.
 
-This module imports torch at its top: only the converter and the CLI entry use it.
+These modules import torch at their top: only the execution of an svd migrate, the loader
+and the command line entry (``python -m ckpt_tools.migrate.lowrank``) import them.
 """
 
 from __future__ import annotations
@@ -44,555 +45,31 @@ import argparse
 import dataclasses
 import json
 import math
-import mmap
 import os
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .formats.safetensors_header import open_readonly, read_header, require_regular
-from .fs import FileOps
-from .layout import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MERGED_INDEX,
-                     MERGED_SINGLE, MIGRATE_TMP_PREFIX, ROOT_CONFIG)
+from ..fs import FileOps
+from ..layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MIGRATE_TMP_PREFIX
+from ..tensor_io import bit_equal
+from .decompose import TOLERANCE, Decomposition, _fro_norm, decompose, rank_for_error, rounding_floor
+from .tensor_source import _OUTPUT_EMBEDDINGS, TensorSource, _input_embedding
 
 __all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "TensorSource",
            "Extraction", "OverBound", "BaseMismatch", "extract", "adapter_files", "write_adapter", "main"]
-
-TOLERANCE = 0.01                 # randomized error ≤ (1 + TOLERANCE) × exact SVD error
-FAILURE_PROBABILITY = 1e-6       # of the probabilistic bound on ‖M‖₂
-_PROBE_COLUMNS = 8
-# Bounds on ‖M‖₂ tried in turn: 0 is ‖M‖_F (free, deterministic); then 2, 4, 8 steps of the
-# probe, each continuing the last.
-_PROBE_SCHEDULE = (0, 2, 4, 8)
-_MAX_POWER_ITERS = 5
-_F32_EPS = float(torch.finfo(torch.float32).eps)
 
 # Leaf names of modules that hold a vocabulary axis: never LoRA targets, full copies instead.
 _EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out",
                                "word_embeddings", "position_embeddings", "token_type_embeddings",
                                "embed_positions", "shared"})
-_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
-_INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _SAFETENSORS_DTYPES.update({"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2})
-
-
-# --------------------------------------------------------------------------------------------
-# Decomposition of one matrix
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decomposition:
-    """D ≈ B·A. ``A`` is [rank, in], ``B`` is [out, rank], both float32 on D's device."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    rank: int
-    rel_error: float          # ‖D − B·A‖_F / ‖D‖_F
-    exact_used: bool          # the exact SVD was computed (by request or as the fallback)
-
-
-def _chi2_8_lower_quantile(p: float) -> float:
-    """τ with P(χ²₈ < τ) = p (closed form of the χ² CDF for 8 degrees of freedom, bisection)."""
-    def cdf(t: float) -> float:
-        x = t / 2.0
-        return -math.expm1(-x) - math.exp(-x) * (x + x * x / 2.0 + x ** 3 / 6.0)
-
-    lo, hi = 0.0, 8.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        if cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-_TAU = _chi2_8_lower_quantile(FAILURE_PROBABILITY)
-
-
-def _orth(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x, mode="reduced").Q
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
-def _fro_norm(x: torch.Tensor) -> float:
-    """‖x‖_F accurate to float64 rounding: float32 row norms, summed in float64."""
-    if x.ndim < 2:
-        return float(torch.linalg.vector_norm(x.double()))
-    rows = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
-    return float(torch.linalg.vector_norm(rows.double()))
-
-
-def _noise_floor(norm_d: float, shape: tuple[int, int]) -> float:
-    """An error this small is float32 rounding of D itself: no method can tell them apart."""
-    return 4.0 * _F32_EPS * math.sqrt(min(shape)) * norm_d
-
-
-def _smallest_rank_for_energy(sq: torch.Tensor, target: float) -> int | None:
-    """Smallest r with sum(sq[:r]) ≥ target (sq float64, descending), or None."""
-    cum = torch.cumsum(sq, 0)
-    hits = torch.nonzero(cum >= target)
-    return int(hits[0]) + 1 if len(hits) else None
-
-
-class _Sketch:
-    """Randomized subspace iteration on D with its certificate (see the module docstring)."""
-
-    def __init__(self, d: torch.Tensor, k: int, seed: int):
-        self.d = d
-        self.m, self.n = d.shape
-        self.k = k
-        self.seed = seed
-        gen = _generator(d.device, seed)
-        omega = torch.randn(self.n, k, device=d.device, dtype=d.dtype, generator=gen)
-        self.q = _orth(d @ omega)
-        self.iters = 0
-        self._finish()
-
-    def iterate(self) -> None:
-        """One more power iteration: the basis of Dᵀ·Q is already in hand (w_basis)."""
-        self.q = _orth(self.d @ self.w_basis)
-        self.iters += 1
-        self._finish()
-
-    def _finish(self) -> None:
-        self.bt = self.d.T @ self.q                         # (QᵀD)ᵀ, n×k
-        self.w_basis, r_factor = torch.linalg.qr(self.bt, mode="reduced")
-        # QᵀD = R_factorᵀ · w_basisᵀ: the small SVD, in float64 on the CPU.
-        u_s, s, vh_s = torch.linalg.svd(r_factor.T.double().cpu(), full_matrices=False)
-        self.sigma = s                                      # float64, CPU, descending
-        self.u_small = u_s.to(self.d.device, self.d.dtype)  # k×k
-        self.w = self.w_basis @ vh_s.T.to(self.d.device, self.d.dtype)   # n×k right Ritz vectors
-        self._probe: torch.Tensor | None = None
-        self._probe_log = 0.0
-        self._probe_steps = 0
-        self._nu_sq = math.inf
-        self._resid_sq: float | None = None
-        self._leaks: dict[int, float] = {}
-
-    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        root = self.sigma[:r].sqrt().to(self.d.device, self.d.dtype)
-        a = root[:, None] * self.w[:, :r].T
-        b = (self.q @ self.u_small[:, :r]) * root[None, :]
-        return a, b
-
-    def residual_energy(self, norm_d_sq: float) -> float:
-        """‖M‖²_F = ‖D − QQᵀD‖²_F, directly when the subtraction of norms would cancel."""
-        if self._resid_sq is None:
-            tail = norm_d_sq - float((self.sigma ** 2).sum())
-            if tail > 1e-2 * norm_d_sq:
-                self._resid_sq = tail
-            else:
-                self._resid_sq = _fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
-        return self._resid_sq
-
-    def error_sq(self, r: int, norm_d_sq: float) -> float:
-        return self.residual_energy(norm_d_sq) + float((self.sigma[r:] ** 2).sum())
-
-    def leak(self, r: int) -> float:
-        """ρ = ‖M·W_r‖₂: how much of D along the top-r Ritz vectors lies outside Q."""
-        if r == 0:
-            return 0.0
-        if r in self._leaks:
-            return self._leaks[r]
-        top = self.u_small[:, :r] * self.sigma[:r].to(self.d.device, self.d.dtype)[None, :]
-        resid = torch.addmm(self.d @ self.w[:, :r], self.q, top, alpha=-1)
-        self._leaks[r] = float(torch.linalg.matrix_norm(resid.double(), ord=2))
-        return self._leaks[r]
-
-    def nu_bound_sq(self, steps: int) -> float:
-        """An upper bound on ‖M‖₂²; ``steps=0`` gives the deterministic ‖M‖²_F.
-
-        With steps > 0 the bound fails with probability FAILURE_PROBABILITY at most:
-        ‖(MᵀM)ʲX₀‖²_F ≥ ν^{4j}·χ²₈ for a Gaussian n×8 probe X₀, so on the event χ²₈ ≥ τ
-        every j gives ν² ≤ (‖(MᵀM)ʲX₀‖²_F / τ)^{1/(2j)}; the smallest over j is kept.
-        More steps continue the same probe.
-        """
-        frobenius = self._resid_sq if self._resid_sq is not None else math.inf
-        if steps == 0:
-            return frobenius
-        if self._probe is None:
-            gen = _generator(self.d.device, self.seed ^ 0x5EED)
-            x = torch.randn(self.n, _PROBE_COLUMNS, device=self.d.device, dtype=self.d.dtype,
-                            generator=gen)
-            nrm = float(torch.linalg.vector_norm(x))
-            self._probe, self._probe_log = x / nrm, math.log(nrm)
-        while self._probe_steps < steps and self._nu_sq > 0.0:
-            y = self.d @ self._probe
-            y = y - self.q @ (self.q.T @ y)
-            x = self.d.T @ y                                # (MᵀM)·x, as y ⊥ Q
-            nrm = float(torch.linalg.vector_norm(x))
-            self._probe_steps += 1
-            if nrm == 0.0:
-                self._nu_sq = 0.0
-                break
-            if not math.isfinite(nrm):
-                break
-            self._probe_log += math.log(nrm)
-            self._probe = x / nrm
-            j = self._probe_steps
-            self._nu_sq = min(self._nu_sq,
-                              math.exp((2.0 * self._probe_log - math.log(_TAU)) / (2.0 * j)))
-        return min(self._nu_sq, frobenius)
-
-    def deficit_bound(self, r: int, norm_d_sq: float, probe_steps: int) -> float:
-        """Upper bound on E_r² − E*² (module docstring, step 2)."""
-        s2 = (self.sigma ** 2).tolist()
-        gap = s2[r - 1] - (s2[r] if r < len(s2) else 0.0)
-        nu2 = self.nu_bound_sq(probe_steps)
-        rho2 = self.leak(r) ** 2
-        best = min(r * nu2, self.residual_energy(norm_d_sq))
-        if math.isfinite(nu2):
-            for e in range(-40, 41):
-                lam = 2.0 ** (e / 2.0)
-                best = min(best, r * max((1.0 + lam) * rho2, (1.0 + 1.0 / lam) * nu2 - gap))
-        return max(best, 0.0)
-
-    def certify(self, r: int, norm_d_sq: float, tolerance: float, floor_sq: float,
-                target: float | None) -> bool:
-        """Is the rank-r truncation within ``tolerance`` of optimal (and r minimal for target)?"""
-        err_sq = self.error_sq(r, norm_d_sq)
-        ok = err_sq <= floor_sq
-        for steps in _PROBE_SCHEDULE:
-            if ok:
-                break
-            ok = _certified(err_sq, self.deficit_bound(r, norm_d_sq, steps), tolerance)
-        if ok and target is not None and r > 1:
-            # r is the smallest rank only if even the best case for r − 1 misses the target.
-            below = float((self.sigma[: r - 1] ** 2).sum())
-            ok = any(below + self.deficit_bound(r - 1, norm_d_sq, steps) < target
-                     for steps in _PROBE_SCHEDULE)
-        return ok
-
-
-def _certified(err_sq: float, deficit: float, tolerance: float) -> bool:
-    return err_sq <= (1.0 + tolerance) ** 2 * max(err_sq - deficit, 0.0)
-
-
-def _exact(d: torch.Tensor, rank: int | None, energy: float | None, norm_d_sq: float):
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    s64 = s.double().cpu()
-    r = rank if rank is not None else min(d.shape)
-    if energy is not None:
-        hit = _smallest_rank_for_energy(s64 ** 2, energy * norm_d_sq)
-        r = min(r, hit if hit is not None else len(s64))
-    root = s[:r].clamp_min(0).sqrt()
-    a = root[:, None] * vh[:r]
-    b = u[:, :r] * root[None, :]
-    tail = float((s64[r:] ** 2).sum())
-    return a, b, r, tail
-
-
-def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-              method: str = "auto", tolerance: float = TOLERANCE,
-              seed: int = 0) -> Decomposition | None:
-    """Best rank-r factors B·A of ``delta`` (float32), or None when the delta is zero.
-
-    Give ``rank``, or ``energy`` (the share of Σs² to keep; the smallest such rank is
-    chosen), or both (``rank`` then caps the energy's rank). ``method``: ``"auto"``
-    (randomized, certified within ``tolerance`` of the exact SVD's error, exact fallback),
-    ``"randomized"`` (no fallback), ``"exact"``. ``seed`` makes the randomized path
-    deterministic. Raises ValueError for a non-finite delta.
-    """
-    if rank is None and energy is None:
-        raise ValueError("give rank, energy, or both")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
-    if method not in ("auto", "randomized", "exact"):
-        raise ValueError(f"unknown method {method!r}")
-    if delta.ndim != 2:
-        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
-    d = delta if delta.dtype == torch.float32 else delta.float()
-    norm_d = _fro_norm(d)
-    if not math.isfinite(norm_d):
-        raise ValueError("delta has NaN or Inf entries")
-    if norm_d == 0.0:
-        return None
-    norm_d_sq = norm_d * norm_d
-    kmax = min(d.shape)
-    cap = min(rank, kmax) if rank is not None else kmax
-
-    def finish(a, b, r, err_sq, exact_used):
-        rel = math.sqrt(max(err_sq, 0.0)) / norm_d
-        return Decomposition(A=a.contiguous(), B=b.contiguous(), rank=r, rel_error=rel,
-                             exact_used=exact_used)
-
-    def exact():
-        a, b, r, tail = _exact(d, cap, energy, norm_d_sq)
-        return finish(a, b, r, tail, True)
-
-    if method == "exact":
-        return exact()
-
-    floor_sq = _noise_floor(norm_d, d.shape) ** 2
-    target = None if energy is None else energy * norm_d_sq
-    guess = cap if target is None else min(cap, 32)
-    # Stage 1: modest oversampling, enough where the spectrum has a gap at r. Stage 2: a
-    # wider sketch, which lowers ‖M‖₂ below the gap of a steadily decaying spectrum.
-    for stage, (widen, iters) in enumerate(((lambda g: g + max(8, g // 2), 3),
-                                            (lambda g: 4 * g + 16, 3))):
-        sketch = r = None
-        while True:
-            k = min(widen(guess), kmax)
-            if method == "auto" and 3 * k > kmax:
-                break
-            sketch = _Sketch(d, k, seed + stage)
-            sketch.iterate()
-            if target is None:
-                r = cap
-                break
-            hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
-            if hit is not None and hit <= guess:
-                r = hit
-                break
-            if guess >= cap or k == kmax:
-                r = min(hit or cap, cap)
-                break
-            guess = min(cap, 2 * guess)
-        if r is None:
-            break
-        for attempt in range(iters):
-            if attempt:
-                sketch.iterate()
-                if target is not None:
-                    hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
-                    r = min(hit, cap) if hit is not None else r
-            if method == "randomized" or sketch.certify(r, norm_d_sq, tolerance, floor_sq, target):
-                a, b = sketch.factors(r)
-                return finish(a, b, r, sketch.error_sq(r, norm_d_sq), False)
-        guess = r
-    return exact()
-
-
-def rank_for_error(delta: torch.Tensor, max_error: float) -> int:
-    """Smallest r whose best rank-r approximation of ``delta`` has relative error ≤ ``max_error``.
-
-    From the exact singular values: the error² at rank r is the tail Σ_{i≥r} σ_i², summed from
-    the smallest up (no cancellation). At most min(delta.shape), whose error is 0.
-    """
-    d = delta if delta.dtype == torch.float32 else delta.float()
-    sq = torch.linalg.svdvals(d).double().cpu() ** 2
-    tails = torch.cumsum(sq.flip(0), 0).flip(0)             # tails[r] = error² at rank r
-    hits = torch.nonzero(tails <= (max_error * _fro_norm(d)) ** 2)
-    return max(1, int(hits[0])) if len(hits) else len(sq)
-
-
-def rounding_floor(w: torch.Tensor) -> float:
-    """‖N‖_F of the largest rounding error ``w``'s dtype allows: half a unit in the last place
-    of every element. A fine-tune stored in that dtype is known to within this and no better:
-    a reconstruction error below it cannot be told from the rounding of the stored weights."""
-    if not w.dtype.is_floating_point:
-        return 0.0
-    x = w if w.dtype in (torch.float32, torch.float64) else w.float()
-    _, exponent = torch.frexp(x)          # x = m·2^e, ½ ≤ |m| < 1: ulp(x) = eps·2^(e−1)
-    half_ulp = torch.ldexp(torch.full_like(x, torch.finfo(w.dtype).eps / 4), exponent)
-    return _fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))
-
-
-# --------------------------------------------------------------------------------------------
-# Reading tensors one at a time
-# --------------------------------------------------------------------------------------------
-
-class _SafetensorsFile:
-    """Zero-copy tensors over a private (copy-on-write) mmap of one safetensors file."""
-
-    def __init__(self, path: Path):
-        header = read_header(path)
-        self.path = path
-        self.entries = {t.name: t for t in header.tensors}
-        self.data_start = header.data_start
-        self._mm: mmap.mmap | None = None
-        self._lock = threading.Lock()
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        e = self.entries[name]
-        dtype = _SAFETENSORS_DTYPES.get(e.dtype)
-        if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has dtype {e.dtype}, which torch "
-                             f"cannot read here")
-        return dtype, tuple(e.shape)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        dtype, shape = self.meta(name)
-        e = self.entries[name]
-        if e.end == e.begin:
-            return torch.empty(shape, dtype=dtype)
-        with self._lock:
-            if self._mm is None:
-                fd = open_readonly(self.path)   # a FIFO in its place since is refused
-                try:
-                    self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                finally:
-                    os.close(fd)
-        return torch.frombuffer(self._mm, dtype=dtype, count=e.numel,
-                                offset=self.data_start + e.begin).view(shape)
-
-    def release(self, name: str) -> None:
-        """Drop the pages of ``name`` from this process (they stay in the page cache), so
-        that resident memory does not grow with the model. Views of it must be unused."""
-        e = self.entries[name]
-        if self._mm is None or e.end == e.begin:
-            return
-        page = mmap.PAGESIZE
-        start = -(-(self.data_start + e.begin) // page) * page
-        end = (self.data_start + e.end) // page * page
-        if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
-class _DictFile:
-    """Tensors already in memory (or memory-mapped): nothing to release."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self.path = None
-        self.entries = dict(tensors)
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        t = self.entries[name]
-        return t.dtype, tuple(t.shape)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.entries[name]
-
-    def release(self, name: str) -> None:
-        pass
-
-
-class _TorchFile(_DictFile):
-    """A torch.save'd state dict, opened with ``weights_only=True, mmap=True``."""
-
-    def __init__(self, path: Path):
-        require_regular(path)   # torch.load would block on a FIFO
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
-                                                      for v in state.values()):
-            raise ValueError(f"{path}: not a flat state dict of tensors")
-        super().__init__(state)
-        self.path = path
-
-
-def _open_weights_file(path: Path):
-    if path.suffix == ".safetensors":
-        return _SafetensorsFile(path)
-    return _TorchFile(path)
-
-
-class TensorSource:
-    """The tensors of one model, read one at a time and never all at once.
-
-    ``TensorSource.open`` takes a model directory (``model.safetensors``, a sharded
-    safetensors index, ``pytorch_model.bin`` or its index), a single weights file, a hub id
-    already in the local Hugging Face cache, or a dict of tensors (for tests).
-    """
-
-    def __init__(self, files: list, *, path: Path | None = None, config: dict | None = None):
-        self.path = path
-        self.config = config
-        self._where: dict[str, object] = {}
-        for f in files:
-            for name in f.entries:
-                self._where.setdefault(name, f)
-
-    @classmethod
-    def open(cls, source) -> TensorSource:
-        if isinstance(source, TensorSource):
-            return source
-        if isinstance(source, Mapping):
-            return cls([_DictFile(source)])
-        path = Path(source)
-        if not path.exists():
-            path = _from_hub_cache(str(source))
-        if path.is_file():
-            return cls([_open_weights_file(path)], path=path.resolve(), config=None)
-        config = None
-        if (path / ROOT_CONFIG).is_file():
-            config = json.loads((path / ROOT_CONFIG).read_text(encoding="utf-8"))
-        for index_name in MERGED_INDEX:
-            index = path / index_name
-            if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-                if not isinstance(weight_map, dict):
-                    raise ValueError(f"{index}: no weight_map")
-                shards = sorted(set(weight_map.values()))
-                return cls([_open_weights_file(path / s) for s in shards],
-                           path=path.resolve(), config=config)
-        for single in MERGED_SINGLE:
-            if (path / single).is_file() and single.endswith((".safetensors", ".bin")):
-                return cls([_open_weights_file(path / single)], path=path.resolve(),
-                           config=config)
-        raise FileNotFoundError(f"{path}: no model weights (looked for "
-                                f"{', '.join(MERGED_INDEX + MERGED_SINGLE[:2])})")
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self._where[name].meta(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, as stored (a zero-copy view for safetensors and mmapped .bin files)."""
-        return self._where[name].tensor(name)
-
-    def release(self, name: str) -> None:
-        """Done with ``name``: its memory-mapped pages may leave this process."""
-        self._where[name].release(name)
-
-    def ties_embeddings(self) -> bool:
-        """Does this model use its input embedding as lm_head?"""
-        config = self.config or {}
-        for cfg in (config, config.get("text_config") or {}):
-            if "tie_word_embeddings" in cfg:
-                return bool(cfg["tie_word_embeddings"])
-        return _input_embedding(self) is not None and not any(n in self for n in _OUTPUT_EMBEDDINGS)
-
-
-def _from_hub_cache(repo_id: str) -> Path:
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
-        raise FileNotFoundError(f"{repo_id}: no such file or directory")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # the hub raises several kinds for "not in the cache"
-        raise FileNotFoundError(f"{repo_id}: not a directory and not in the local Hugging Face "
-                                f"cache ({type(exc).__name__})") from None
-
-
-def _input_embedding(src: TensorSource) -> str | None:
-    for name in src.names:
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDING_LEAVES:
-            return name
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Extraction of a whole model
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Extraction:
@@ -724,15 +201,6 @@ def _module_of(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point and a.element_size() in (1, 2, 4, 8):
-        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.view(view), b.view(view))
-    return torch.equal(a, b)
-
-
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """float32 on ``dev``; a half-precision tensor crosses to a GPU before it is widened."""
     if dev.type != "cpu" and t.element_size() < 4:
@@ -857,7 +325,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         # decompose() leaves out. Only a non-finite delta needs a look at the bits.
         delta = _to_device(w, dev) - _to_device(w0, dev)
         if not bool(torch.isfinite(delta).all()):
-            if not _bit_equal(w, w0):
+            if not bit_equal(w, w0):
                 raise ValueError(f"{wname}: NaN or Inf in the weight delta")
             delta = None
         msrc.release(real(m_alias, wname))
@@ -866,7 +334,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         bname = linear_biases.get(module)
         if bname is not None:
             b, b0 = msrc.get(real(m_alias, bname)), bsrc.get(real(b_alias, bname))
-            if not _bit_equal(b, b0):
+            if not bit_equal(b, b0):
                 bd = b.float() - b0.float()
                 if not bool(torch.isfinite(bd).all()):
                     raise ValueError(f"{bname}: NaN or Inf in the bias delta")
@@ -958,7 +426,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
                 # Non-linear tensors and embeddings: compared by the same workers.
                 def unchanged(name: str) -> bool:
                     m_real, b_real = real(m_alias, name), real(b_alias, name)
-                    same = _bit_equal(msrc.get(m_real), bsrc.get(b_real))
+                    same = bit_equal(msrc.get(m_real), bsrc.get(b_real))
                     msrc.release(m_real)
                     bsrc.release(b_real)
                     return same
@@ -1134,7 +602,7 @@ def adapter_files(extraction: Extraction, *, use_peft: bool = True) -> list[tupl
     """
     from safetensors.torch import save_file
 
-    from .canonical import peft_config_writer
+    from ..canonical import peft_config_writer
 
     config = extraction.adapter_config
     if not config.get("target_modules"):
@@ -1158,8 +626,8 @@ def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True,
     (``adapter_files``) through the commit protocol: both are written and fsynced in a
     temporary directory inside ``out_dir``, then renamed into place, the weights first, so
     that a config never names weights that are not there."""
-    from . import commit
-    from .fs import local_or
+    from .. import commit
+    from ..fs import local_or
 
     fs = local_or(fs)
     files = adapter_files(extraction, use_peft=use_peft)
@@ -1178,12 +646,12 @@ def write_adapter(extraction: Extraction, out_dir, *, use_peft: bool = True,
 
 
 # --------------------------------------------------------------------------------------------
-# python -m ckpt_tools.lowrank
+# python -m ckpt_tools.migrate.lowrank
 # --------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ckpt_tools.lowrank",
+        prog="python -m ckpt_tools.migrate.lowrank",
         description="Extract a LoRA adapter from a fine-tuned model and its base.")
     p.add_argument("base", help="base model directory, weights file or cached hub id")
     p.add_argument("merged", help="fine-tuned (merged) model, same forms")

@@ -1,0 +1,224 @@
+"""The LoRA hyperparameters of a checkpoint: r from the tensor shapes; lora_alpha, dropout,
+the base model and the target modules from its own configs, then its run's, then the options."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import canonical, layout
+from ..layout import Role
+from .errors import CheckpointFailure
+from .plan import _read_json
+
+if TYPE_CHECKING:
+    from .extract import _Source
+    from .plan import MigrateOptions
+
+
+# hyperparameters ----------------------------------------------------------------------
+
+def _ranks(expert_locs: dict) -> dict[str, int]:
+    """module → r, from the shapes of lora_A ([r, in]) / lora_embedding_A ([r, vocab])."""
+    ranks = {}
+    for locs in expert_locs.values():
+        for ckey, loc in locs.items():
+            parts = layout.peft_lora_parts(ckey)
+            if parts and parts[1] in ("lora_A", "lora_embedding_A") and loc.shape:
+                ranks.setdefault(parts[0], loc.shape[0])
+    return ranks
+
+
+def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, dict]]:
+    """(path, config) of the DyLoRA configs of a run: its dylo_moe_state/config.json, and the
+    root, MoE and first adapter configs of its other checkpoints (newest first)."""
+    key = (run_dir, own)
+    if cache is not None and key in cache:
+        return cache[key]
+    found: list[tuple[str, dict]] = []
+    p = os.path.join(run_dir, layout.MOE_STATE_DIR, layout.MOE_CONFIG)
+    cfg = _read_json(p)
+    if cfg is not None:
+        found.append((p, cfg))
+    try:
+        names = [e.name for e in os.scandir(run_dir)
+                 if e.is_dir(follow_symlinks=False) and layout.is_checkpoint_name(e.name)
+                 and not layout.is_tmp_checkpoint_name(e.name)]
+    except OSError:
+        names = []
+    names.sort(key=lambda n: (layout.checkpoint_step(n) or -1, n), reverse=True)
+    expert0 = f"{layout.EXPERT_DIR_PREFIX}0"
+    for name in names[:32]:
+        d = os.path.join(run_dir, name)
+        if os.path.realpath(d) == os.path.realpath(own):
+            continue
+        for rel in (layout.ROOT_CONFIG, f"{layout.MOE_STATE_DIR}/{layout.MOE_CONFIG}",
+                    f"{layout.PEFT_DIR}/{expert0}/{layout.ADAPTER_CONFIG}",
+                    f"{layout.PEFT_DIR}/{expert0}/{expert0}/{layout.ADAPTER_CONFIG}"):
+            p = os.path.join(d, *rel.split("/"))
+            cfg = _read_json(p)
+            if cfg is None:
+                continue
+            if rel == layout.ROOT_CONFIG and not layout.is_dylora_config(cfg):
+                continue
+            found.append((p, cfg))
+    if cache is not None:
+        cache[key] = found
+    return found
+
+
+def _cfg_r(cfg: dict) -> int | None:
+    r = cfg.get("r") if "peft_type" in cfg else layout.first_key(cfg, layout.LORA_R_KEYS)
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _cfg_alpha(cfg: dict):
+    a = layout.first_key(cfg, layout.LORA_ALPHA_KEYS)
+    return a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def _cfg_dropout(cfg: dict):
+    d = layout.first_key(cfg, layout.LORA_DROPOUT_KEYS)
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def _cfg_base(cfg: dict) -> str | None:
+    for k in ("base_model_name_or_path", "_name_or_path"):
+        v = cfg.get(k)
+        if isinstance(v, str) and v:
+            return v
+    return None
+
+
+@dataclass
+class _Hyper:
+    r: int
+    rank_pattern: dict
+    alpha: float
+    dropout: float
+    base: str | None
+    target_modules: list[str]
+    notes: list[str]
+
+
+def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
+                   run_cache: dict | None) -> _Hyper:
+    """r from the shapes; alpha, dropout and the base model from the configs."""
+    if not ranks:
+        raise CheckpointFailure("no LoRA tensors found")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
+    notes: list[str] = []
+
+    own: list[tuple[str, dict]] = []
+    moe_cfg = src.facts.get("moe_config")
+    if isinstance(moe_cfg, dict):
+        own.append((f"{src.moe_dir}/{layout.MOE_CONFIG}", moe_cfg))
+    root_cfg = src.facts.get("root_config")
+    if isinstance(root_cfg, dict):
+        own.append((layout.ROOT_CONFIG, root_cfg))
+    for rel, role in src.files_with(Role.ADAPTER_CONFIG):
+        cfg = _read_json(src.abs(rel))
+        if cfg is not None:
+            own.append((rel, cfg))
+    run_dir = os.path.dirname(src.abspath)
+    run = [(os.path.relpath(p, run_dir), c) for p, c in _run_configs(run_dir, src.abspath, run_cache)]
+
+    def pick(getter, what: str, candidates, need_r: bool):
+        for where, cfg in candidates:
+            v = getter(cfg)
+            if v is None:
+                continue
+            cr = _cfg_r(cfg)
+            if need_r and cr is not None and cr != r:
+                continue
+            if need_r and cr is None and where not in [w for w, _ in own]:
+                continue    # a run config that does not say r may be of another setup
+            return v, where
+        return None, None
+
+    alpha, where = pick(_cfg_alpha, "lora_alpha", own, need_r=False)
+    if alpha is None:
+        values = {}
+        for w, cfg in run:
+            a = _cfg_alpha(cfg)
+            if a is not None and _cfg_r(cfg) == r:
+                values.setdefault(a, w)
+        if len(values) == 1:
+            alpha, where = next(iter(values.items()))
+            where = f"the run's {where}"
+        elif len(values) > 1:
+            notes.append(f"the run's configs disagree on lora_alpha ({sorted(values)}); not using them")
+    if alpha is None and options.lora_alpha is not None:
+        alpha, where = options.lora_alpha, "--lora-alpha"
+    if alpha is None:
+        alpha = 2 * r
+        notes.append(f"warning: no config records lora_alpha; guessed lora_alpha = 2·r = {alpha} "
+                     "(the upstream convention; pass --lora-alpha if training used another)")
+    else:
+        if options.lora_alpha is not None and where != "--lora-alpha" and options.lora_alpha != alpha:
+            notes.append(f"warning: --lora-alpha {options.lora_alpha} ignored: {where} says {alpha}")
+        notes.append(f"lora_alpha = {alpha} from {where}")
+    if isinstance(alpha, float) and alpha.is_integer():
+        alpha = int(alpha)
+
+    dropout, _ = pick(_cfg_dropout, "lora_dropout", own + run, need_r=False)
+    if dropout is None:
+        dropout = layout.DEFAULT_LORA_DROPOUT
+    base, _ = pick(_cfg_base, "base_model_name_or_path", own + run, need_r=False)
+    if base is None and options.base_model:
+        base = options.base_model
+    if base is None:
+        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
+                     "(pass --base-model)")
+    targets = None
+    for _, cfg in own:
+        t = cfg.get("target_modules")
+        if isinstance(t, list) and t and all(isinstance(x, str) for x in t):
+            targets = t
+            break
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in ranks})
+    if targets is None or not set(leaves) <= set(targets):
+        targets = leaves
+    if not _full_grid(list(ranks)):
+        # only some layers were adapted: leaf names would make PEFT adapt them all
+        return _Hyper(r, rank_pattern, alpha, float(dropout), base,
+                      "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$", notes)
+    return _Hyper(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
+
+
+def _full_grid(modules: list[str]) -> bool:
+    """Whether the modules are every layer 0..n-1 times every kind (then leaf names are exact)."""
+    by_kind: dict[str, set[int]] = {}
+    for m in modules:
+        found = re.search(r"\.(\d{1,18})\.", m)  # a longer number is no layer index
+        kind = m if found is None else m[:found.start()] + ".#." + m[found.end():]
+        by_kind.setdefault(kind, set()).add(-1 if found is None else int(found.group(1)))
+    layer_sets = {frozenset(v) for v in by_kind.values()}
+    if len(layer_sets) != 1:
+        return False
+    layers = next(iter(layer_sets))
+    return layers == {-1} or layers == frozenset(range(len(layers)))
+
+
+def _lora_config(h: _Hyper, has_bias: bool) -> dict:
+    return canonical.lora_config(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base,
+                                 target_modules=h.target_modules, rank_pattern=h.rank_pattern,
+                                 lora_bias=has_bias)
+
+
+def _hyper(h: _Hyper) -> dict:
+    return canonical.hyper(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base)
+
+
+def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
+    # the source's own MoE config is kept over what was inferred (extra)
+    return canonical.moe_config(num_experts, _hyper(h), h.target_modules,
+                                under={**extra, **(src.facts.get("moe_config") or {})})
+
+
+def _root_config(num_experts: int, h: _Hyper) -> dict:
+    return canonical.root_config(num_experts, _hyper(h))

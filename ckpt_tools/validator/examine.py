@@ -139,8 +139,9 @@ def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_r
     """Deep mode: the LoRA and router tensors of the merged weights must equal the PEFT
     tree's (prune's content proof, without its rule on symlinks)."""
     from ..content_proof import ContentProof
-    facts = {"tree_form": tree_form, "router": router_rel, "moe_dir": moe_dir}
-    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, facts, own_tree=False)
+    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, tree_form=tree_form,
+                                                  router=router_rel, moe_dir=moe_dir,
+                                                  own_tree=False)
     if failure is not None and failure.mismatch:
         shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
         ctx.add(MERGED_MISMATCH, shown, failure.reason)

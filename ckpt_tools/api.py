@@ -6,6 +6,7 @@ import gc
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -139,9 +140,6 @@ def _scan_here(roots, level, min_age_s, now, progress, cache) -> ScanResult:
 # the work too: each worker starts from a copy of the parent's cache as it was at the fork
 # and adds to its own copy (see read_cache).
 
-# The work of forked workers: inherited from the parent at fork time, never pickled.
-_WORK: tuple = ()
-
 
 def _plan(roots) -> tuple[list, list]:
     """(walks, units): per root, (root, root_abs, root_real, items) where items are what its walk
@@ -158,50 +156,57 @@ def _plan(roots) -> tuple[list, list]:
     return walks, units
 
 
-def _judged(ckpt: CheckpointDir, level, min_age_s, now, cache) -> tuple[Verdict, int]:
-    """(verdict, size in bytes) of ``ckpt``: what ``Checkpoint.from_verdict`` needs besides
-    the directory, which the parent rebuilds from the values it is sent."""
-    from .validator import validate_checkpoint
-    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache)
-    return v, _size(ckpt)
+@dataclass(frozen=True)
+class _ScanWork:
+    """The work of one scan's workers: its walks and units and how to judge a checkpoint.
+    ``workers.Workers`` is handed the bound ``run_span``: the workers are forked once this
+    object exists and inherit it with the method, so neither is ever pickled."""
 
+    walks: list
+    units: list
+    level: str
+    min_age_s: float
+    now: float
+    cache: ReadCache | None
 
-def _run_unit(i: int) -> list:
-    """Unit ``i``: [Problem | (checkpoint values, (verdict, size))] in walk order."""
-    walks, units, level, min_age_s, now, cache = _WORK
-    r, item = units[i]
-    if isinstance(item, CheckpointDir):  # listed by the parent already
-        return [(None, _judged(item, level, min_age_s, now, cache))]
-    root, root_abs, root_real, _ = walks[r]
-    out = []
-    for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
-        if isinstance(x, Problem):
-            out.append(x)
-        else:
-            values, ckpt = x
-            out.append((values, _judged(ckpt, level, min_age_s, now, cache)))
-    return out
+    def judged(self, ckpt: CheckpointDir) -> tuple[Verdict, int]:
+        """(verdict, size in bytes) of ``ckpt``: what ``Checkpoint.from_verdict`` needs besides
+        the directory, which the parent rebuilds from the values it is sent."""
+        from .validator import validate_checkpoint
+        v = validate_checkpoint(ckpt, level=self.level, min_age_s=self.min_age_s, now=self.now,
+                                cache=self.cache)
+        return v, _size(ckpt)
 
+    def run_unit(self, i: int) -> list:
+        """Unit ``i``: [Problem | (checkpoint values, (verdict, size))] in walk order."""
+        r, item = self.units[i]
+        if isinstance(item, CheckpointDir):  # listed by the parent already
+            return [(None, self.judged(item))]
+        root, root_abs, root_real, _ = self.walks[r]
+        out = []
+        for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
+            if isinstance(x, Problem):
+                out.append(x)
+            else:
+                values, ckpt = x
+                out.append((values, self.judged(ckpt)))
+        return out
 
-def _run_units(lo_hi: tuple[int, int]) -> list:
-    return [_run_unit(i) for i in range(*lo_hi)]
+    def run_span(self, lo_hi: tuple[int, int]) -> list:
+        return [self.run_unit(i) for i in range(*lo_hi)]
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache) -> ScanResult:
     from . import workers
-    global _WORK
     walks, units = _plan(roots)
     if units:
         from . import validator  # noqa: F401 - imported before the fork: the workers inherit it
     jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
-    _WORK = (walks, units, level, min_age_s, now, cache)
-    try:
-        if jobs > 1:
-            with workers.Workers(workers.spans_of(len(units), jobs), jobs, _run_units) as w:
-                return _gather(walks, units, (u for batch in w.in_order() for u in batch), progress)
-        return _gather(walks, units, (_run_unit(i) for i in range(len(units))), progress)
-    finally:
-        _WORK = ()
+    work = _ScanWork(walks, units, level, min_age_s, now, cache)
+    if jobs > 1:
+        with workers.Workers(workers.spans_of(len(units), jobs), jobs, work.run_span) as w:
+            return _gather(walks, units, (u for batch in w.in_order() for u in batch), progress)
+    return _gather(walks, units, (work.run_unit(i) for i in range(len(units))), progress)
 
 
 def _gather(walks, units, results, progress) -> ScanResult:

@@ -9,7 +9,7 @@ deletes merged weights (in its plan, and again right before the unlink) it prove
   nothing, since what it points at may change or go with another checkpoint;
 - for each expert, the merged weights (V1 ``foundation_model.base_model.model.…``, V0
   ``foundation_model.model.…``, every shard) hold exactly the LoRA tensors of the PEFT tree
-  (same canonical names, as ``tensor_bytes`` maps them for the converter), each with the
+  (same canonical names, as ``tensor_bytes`` maps them for migrate), each with the
   same dtype, shape and bytes;
 - every router tensor of the merged weights (``router.gate.weight`` / ``.bias``) equals the
   PEFT tree router's (router.pt, router.safetensors, or V2's ``gate_state_dict`` form).
@@ -27,18 +27,22 @@ import bisect
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import layout
 from .checkpoint_reads import ROW_IS_SYMLINK, ROW_RELPATH, ROW_SYMLINK_TARGET, regular_size
 from .formats import safetensors_header as st
 from .formats import torchsave
+from .kinds import TreeForm
 from .layout import Role
 from .problems import TRUNCATED, FormatError
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir
 from .tensor_bytes import (TensorLocation, group_moe_lora, group_peft_lora, group_router,
                            locate_safetensors, locate_torch, lora_or_router_key)
+
+if TYPE_CHECKING:
+    from .validator import VerdictFacts
 
 DIFFER = "merged weights differ from the PEFT tree"
 NOT_PROVEN = "merged weights not proven redundant"
@@ -149,15 +153,17 @@ class ContentProof:
         self._first_read: dict[str, int] = {}
 
     def __call__(self, c: Checkpoint) -> str | None:
-        facts = c.facts if "tree_form" in c.facts else _facts_of(c.dir)
-        failure = self.check(c.dir, c.merged_files, facts)
+        facts = c.facts if c.facts is not None else _facts_of(c.dir)
+        failure = self.check(c.dir, c.merged_files, tree_form=facts.tree_form,
+                             router=facts.router, moe_dir=facts.moe_dir)
         return None if failure is None else failure.reason
 
-    def check(self, ckpt: CheckpointDir, merged_files, facts: dict, *,
-              own_tree: bool = True) -> ProofFailure | None:
-        """The proof for ``ckpt``, whose verdict found ``merged_files`` and ``facts``;
-        ``own_tree=False`` leaves out the rule that the PEFT tree must be the checkpoint's own
-        (``validate --deep`` compares contents only)."""
+    def check(self, ckpt: CheckpointDir, merged_files, *, tree_form: TreeForm,
+              router: str | None, moe_dir: str, own_tree: bool = True) -> ProofFailure | None:
+        """The proof for ``ckpt``, whose verdict found ``merged_files``, a PEFT tree of
+        ``tree_form``, the router state at ``router`` and the MoE state in ``moe_dir`` (its
+        ``VerdictFacts``); ``own_tree=False`` leaves out the rule that the PEFT tree must be
+        the checkpoint's own (``validate --deep`` compares contents only)."""
         rows = ckpt.files
         # Unlinking a symlink loses nothing (its target stays): only the merged files that
         # are files of their own must hold nothing the tree lacks.
@@ -167,23 +173,24 @@ class ContentProof:
         if not held:
             return None
         try:
-            inputs = self._inputs_of(tuple(r[ROW_RELPATH] for r in rows), held, facts)
+            inputs = self._inputs_of(tuple(r[ROW_RELPATH] for r in rows), held, tree_form,
+                                     router)
             if own_tree:
-                _check_own(ckpt, rows, facts, inputs)
-            self._compare(ckpt, rows, inputs, facts)
+                _check_own(ckpt, rows, moe_dir, inputs)
+            self._compare(ckpt, rows, inputs, tree_form)
         except _Fail as exc:
             return exc.failure
         return None
 
     def _inputs_of(self, relpaths: tuple[str, ...], merged_files: tuple[str, ...],
-                   facts: dict) -> list[_Input]:
+                   tree_form: TreeForm, router: str | None) -> list[_Input]:
         """``_inputs``, once per set of relpaths (the checkpoints of a run repeat theirs);
         ``merged_files``: the merged-weight files (not index, not symlink) to compare."""
-        key = (relpaths, merged_files, facts.get("tree_form"), facts.get("router"))
+        key = (relpaths, merged_files, tree_form, router)
         found = self._inputs.get(key)
         if found is None:
             try:
-                found = _inputs(relpaths, merged_files, key[2], key[3])
+                found = _inputs(relpaths, merged_files, tree_form, router)
             except _Fail as exc:
                 found = exc.failure.reason
             if len(self._inputs) >= _MEMO_MAX:
@@ -195,7 +202,8 @@ class ContentProof:
 
     # --- the comparison ----------------------------------------------------------------
 
-    def _compare(self, ckpt: CheckpointDir, rows, inputs: list[_Input], facts: dict) -> None:
+    def _compare(self, ckpt: CheckpointDir, rows, inputs: list[_Input],
+                 tree_form: TreeForm) -> None:
         base = ckpt.abspath
         prefix = base if base.endswith(os.sep) else base + os.sep
         sizes = {r[ROW_RELPATH]: regular_size(r) for r in rows if regular_size(r) is not None}
@@ -205,7 +213,7 @@ class ContentProof:
                 path = prefix + inp.rel if os.sep == "/" else os.path.join(base, *inp.rel.split("/"))
                 files.append(self._open(inp.rel, path, sizes.get(inp.rel)))
             parsed = [self._parse(f) for f in files]
-            key = (facts.get("tree_form"),) + tuple((i, id(p)) for i, p in zip(inputs, parsed))
+            key = (tree_form,) + tuple((i, id(p)) for i, p in zip(inputs, parsed))
             pairing = self._pairings.get(key)
             if pairing is None:
                 pairing = _pair(inputs, [f.path for f in files], parsed)
@@ -246,12 +254,13 @@ def _why(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc)
 
 
-def _facts_of(ckpt: CheckpointDir) -> dict:
+def _facts_of(ckpt: CheckpointDir) -> VerdictFacts:
+    """The facts of a record built without a verdict (a caller's own)."""
     from .validator import validate_checkpoint
     return validate_checkpoint(ckpt, min_age_s=0).facts
 
 
-def _inputs(relpaths: tuple[str, ...], merged_files: tuple[str, ...], tree_form: str | None,
+def _inputs(relpaths: tuple[str, ...], merged_files: tuple[str, ...], tree_form: TreeForm,
             router: str | None) -> list[_Input]:
     """The files the proof reads: each expert's weights, the router, the merged weights."""
     roles = {rel: layout.role_of(rel) for rel in relpaths}
@@ -282,9 +291,8 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def _check_own(ckpt: CheckpointDir, rows, facts: dict, inputs: list[_Input]) -> None:
+def _check_own(ckpt: CheckpointDir, rows, moe_dir: str, inputs: list[_Input]) -> None:
     """The PEFT tree must be the checkpoint's own (see the module's docstring)."""
-    moe_dir = facts.get("moe_dir") or layout.MOE_STATE_DIR
     for rel in [moe_dir] + [i.rel for i in inputs if i.kind != "merged"]:
         if rel.split("/", 1)[0] == layout.PARENT_DIR:
             raise _Fail(f"{NOT_PROVEN}: {rel} lies outside this checkpoint (the run's, "

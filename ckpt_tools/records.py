@@ -15,7 +15,7 @@ from .kinds import Layout, Status
 from .problems import Problem
 
 if TYPE_CHECKING:   # the validator imports this module: no cycle at run time
-    from .validator import Verdict
+    from .validator import Verdict, VerdictFacts
 
 # The names other modules use; the members are the documented strings (kinds.Status).
 PEFT_ONLY = Status.PEFT_ONLY
@@ -108,7 +108,7 @@ class Checkpoint:
     num_experts: int | None
     size_bytes: int = 0
     reclaimable_bytes: int = 0
-    facts: dict = field(default_factory=dict, compare=False, hash=False)
+    facts: VerdictFacts | None = field(default=None, compare=False, hash=False)  # None: no verdict
 
     def __post_init__(self):
         # Records built from strings (a plan read back, a caller's own) get the members too.

@@ -22,9 +22,11 @@ its step, whether it is ``best_model``; its age) is applied by the caller after 
 
 A reader's result stands for its file's bytes only as far as the reader itself is exact about
 which bytes decide it: ``formats.torchsave`` memoises whole small archives by every byte but
-the ranges it proves unread (``_unread_ranges``); a new check there reading bytes in those
-ranges must take them out of the cut, or two archives differing only there share a verdict.
-tests/test_read_cache_differential.py mutates sibling checkpoints to catch exactly that.
+the ranges it proves unread, so a new byte range read by the torch.save reader must be outside
+those ranges, part of what the memo (and so the replay) compares, or two archives differing
+only there share a verdict. The invariant is stated where the ranges are decided
+(``formats/torchsave/zip_archive.py``, ``_unread_ranges``);
+tests/test_read_cache_differential.py mutates sibling checkpoints to catch a breach.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ import os
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from .kinds import MigrateMethod
 from .names import json_text, shown
-
 from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
@@ -158,7 +158,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
         for p in c.problems:
             if p.is_error or verbose or not quiet:
                 lines.append("  " + p.line(full(c.dir.root, p.path)))
-        hashes = c.facts.get("hashes") if verbose else None
+        hashes = c.facts.hashes if verbose and c.facts is not None else None
         if hashes:
             for rel, digest in sorted(hashes.items()):
                 lines.append(f"  sha256 {digest}  {rel}")
@@ -173,8 +173,8 @@ def validate_doc(result: ScanResult) -> dict:
         d = c.to_dict()
         d["valid"] = not c.errors
         d["num_experts"] = c.num_experts
-        if "hashes" in c.facts:
-            d["hashes"] = c.facts["hashes"]
+        if c.facts is not None and c.facts.hashes is not None:   # deep mode only
+            d["hashes"] = c.facts.hashes
         out.append(d)
     return {"checkpoints": out, "valid": all(not c.errors for c in result.checkpoints)
             and not any(p.is_error for p in result.problems),
@@ -311,10 +311,10 @@ def render_migrate_result(result: MigrateResult, plan: MigratePlan, *, verbose: 
             experts = f"{o.experts} expert{'s' if o.experts != 1 else ''}"
             head = (f"migrated  {migrate_where(plan.src, o.source)} -> "
                     f"{migrate_where(plan.dst, o.target)}  ({o.method}, {experts}")
-            if o.method == "svd" and o.max_rel_error is not None:
+            if o.method == MigrateMethod.SVD and o.max_rel_error is not None:
                 head += f", worst relative error {o.max_rel_error:.3g}"
             lines.append(head + ")")
-            if o.module_errors and (verbose or o.method == "svd"):
+            if o.module_errors and (verbose or o.method == MigrateMethod.SVD):
                 width = max(len(shown(m)) for m in o.module_errors)
                 worst = max(o.module_errors, key=o.module_errors.get)
                 for m, e in sorted(o.module_errors.items()):

@@ -388,10 +388,10 @@ def test_verdicts_through_the_memos_equal_fresh_ones_on_damaged_files(small_tree
 def test_a_failing_worker_fails_the_scan_and_leaves_no_process(small_tree, monkeypatch, forked):
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)
 
-    def boom(span):
+    def boom(work, span):
         raise ValueError("a bug in a worker")
 
-    monkeypatch.setattr(api, "_run_units", boom)
+    monkeypatch.setattr(api._ScanWork, "run_span", boom)
     with pytest.raises(RuntimeError, match="a bug in a worker"):
         ckpt_tools.scan(str(small_tree), jobs=2)
     assert len(forked) == 2
@@ -399,14 +399,14 @@ def test_a_failing_worker_fails_the_scan_and_leaves_no_process(small_tree, monke
 
 def test_a_worker_that_dies_fails_the_scan(small_tree, monkeypatch, forked):
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)
-    real = api._run_units
+    real = api._ScanWork.run_span
 
-    def die(span):
+    def die(work, span):
         if span[0] > 0:
             os._exit(3)
-        return real(span)
+        return real(work, span)
 
-    monkeypatch.setattr(api, "_run_units", die)
+    monkeypatch.setattr(api._ScanWork, "run_span", die)
     with pytest.raises(RuntimeError, match="ended before its work was done"):
         ckpt_tools.scan(str(small_tree), jobs=2)
     assert len(forked) == 2

@@ -15,7 +15,7 @@ from .. import canonical, layout, scanner
 from ..layout import Role
 from ..records import CheckpointDir
 from ..tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
-from ..validator import HEADERS, Verdict, validate_checkpoint
+from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
 from .errors import CheckpointFailure
 from .hub import NotCached, cached_snapshot
 from .hyper import _Hyper, _hyper, _lora_config, _moe_config, _ranks, _resolve_hyper, _root_config
@@ -71,7 +71,7 @@ class _Source:
     verdict: Verdict
 
     @property
-    def facts(self) -> dict:
+    def facts(self) -> VerdictFacts:
         return self.verdict.facts
 
     def abs(self, rel: str) -> str:
@@ -87,7 +87,7 @@ class _Source:
 
     @property
     def moe_dir(self) -> str:
-        return self.facts.get("moe_dir") or layout.MOE_STATE_DIR
+        return self.facts.moe_dir
 
 
 def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) -> _Source:
@@ -189,7 +189,7 @@ def _router_locations(src: _Source, merged: dict | None) -> tuple[dict, dict]:
     """Router tensor locations and the V2 router.pt's metadata (top_k, temperature, ...)."""
     from ..tensor_io import locate
     meta: dict = {}
-    rel = src.facts.get("router")
+    rel = src.facts.router
     if rel is not None and rel.endswith(".pt") and os.path.isfile(src.abs(rel)):
         from ..formats import torchsave
         info = torchsave.inspect_torch_file(src.abs(rel))
@@ -303,7 +303,7 @@ def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_
     """Canonical (and canonical+merged): the tree as it is, minus merged weights."""
     from ..tensor_io import read_tensors
     copy = []
-    root_cfg = src.facts.get("root_config")
+    root_cfg = src.facts.root_config
     replace_root = not _is_canonical_root_config(root_cfg)
     for f in src.ckpt.files:
         role = layout.role_of(f.relpath).role
@@ -314,7 +314,7 @@ def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_
         copy.append((src.abs(f.relpath), f.relpath))
     new_root = {}
     if replace_root:
-        moe = src.facts.get("moe_config") or {}
+        moe = src.facts.moe_config or {}
         new_root = canonical.root_config(num_experts, moe)
         if root_cfg is not None:
             warnings.append("config.json is not a DyLoRA-MoE config (rewritten by another tool); "
@@ -385,7 +385,7 @@ def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
     if not cfg.get("target_modules"):
         raise CheckpointFailure("the merged model does not differ from the base model in any "
                                 "linear layer: nothing to extract")
-    hidden = _hidden_size(src.facts.get("root_config")) or _hidden_size(
+    hidden = _hidden_size(src.facts.root_config) or _hidden_size(
         _read_json(os.path.join(base_dir, layout.ROOT_CONFIG)))
     if hidden is None:
         raise CheckpointFailure("cannot tell the hidden size for the router (no config.json)")

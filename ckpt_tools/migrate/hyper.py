@@ -114,10 +114,10 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
     notes: list[str] = []
 
     own: list[tuple[str, dict]] = []
-    moe_cfg = src.facts.get("moe_config")
+    moe_cfg = src.facts.moe_config
     if isinstance(moe_cfg, dict):
         own.append((f"{src.moe_dir}/{layout.MOE_CONFIG}", moe_cfg))
-    root_cfg = src.facts.get("root_config")
+    root_cfg = src.facts.root_config
     if isinstance(root_cfg, dict):
         own.append((layout.ROOT_CONFIG, root_cfg))
     for rel, role in src.files_with(Role.ADAPTER_CONFIG):
@@ -217,7 +217,7 @@ def _hyper(h: _Hyper) -> dict:
 def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
     # the source's own MoE config is kept over what was inferred (extra)
     return canonical.moe_config(num_experts, _hyper(h), h.target_modules,
-                                under={**extra, **(src.facts.get("moe_config") or {})})
+                                under={**extra, **(src.facts.moe_config or {})})
 
 
 def _root_config(num_experts: int, h: _Hyper) -> dict:

@@ -56,7 +56,7 @@ def base_from_merged(src, *, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..tensor_io import read_tensors
-    cfg = src.facts.get("root_config")
+    cfg = src.facts.root_config
     if not isinstance(cfg, dict) or not cfg.get("architectures") or "model_type" not in cfg \
             or cfg.get("model_type") == layout.DYLORA_MODEL_TYPE:
         return None

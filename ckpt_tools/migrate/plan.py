@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from .. import layout, scanner
 from ..problems import Problem
-from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
+from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, REDUNDANT, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
-from ..kinds import MigrateAction, MigrateMethod
-from ..validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
+from ..kinds import MergedKind, MigrateAction, MigrateMethod
+from ..validator import _MAX_JSON_BYTES, HEADERS, Verdict, VerdictFacts, validate_checkpoint
 from .errors import CheckpointFailure, MigrateError
 
 METHOD_COPY, METHOD_EXACT, METHOD_SVD = MigrateMethod.COPY, MigrateMethod.EXACT, MigrateMethod.SVD
@@ -144,10 +144,10 @@ def _method_for(c: Checkpoint) -> tuple[str | None, str | None]:
         return METHOD_COPY, None
     if lay == layout.CANONICAL_MERGED:
         # peft-only here: a complete tree beside a merged export (validator: merged-export)
-        if c.facts.get("merged_kind") in ("v0", "v1", "hf", "hf-lora") and c.status in (
-                "redundant", PEFT_ONLY):
+        if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1, MergedKind.HF,
+                                   MergedKind.HF_LORA) and c.status in (REDUNDANT, PEFT_ONLY):
             return METHOD_COPY, None
-        if c.facts.get("merged_kind") in ("v0", "v1"):
+        if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1):
             return METHOD_EXACT, None
         return None, "canonical tree is incomplete and the merged weights hold no LoRA tensors"
     if lay in (layout.V0, layout.V1, layout.V2, layout.V3, layout.V4, layout.V5):
@@ -170,11 +170,11 @@ def _skip_reason(c: Checkpoint) -> str:
     return "broken"
 
 
-def _input_files(ckpt: CheckpointDir, verdict_facts: dict) -> list[tuple[str, int, int]]:
+def _input_files(ckpt: CheckpointDir, verdict_facts: VerdictFacts) -> list[tuple[str, int, int]]:
     """(relpath, size, mtime_ns) of every file the migration of ``ckpt`` may read."""
     files = [(f.relpath, f.size, f.mtime_ns) for f in ckpt.files
              if not f.name.startswith(".ckpt-tools")]
-    moe_dir = verdict_facts.get("moe_dir") or layout.MOE_STATE_DIR
+    moe_dir = verdict_facts.moe_dir
     if moe_dir.startswith(layout.PARENT_DIR):
         parent = os.path.join(ckpt.abspath, *moe_dir.split("/"))
         try:

@@ -12,6 +12,7 @@ from .. import checkpoint_reads as reads
 from .. import layout
 from ..formats import safetensors_header as st
 from ..formats import torchsave
+from ..kinds import TreeForm
 from ..layout import Role
 from ..problems import (BAD_JSON, ERROR, MISSING_FILE, PERMISSION_DENIED, UNREADABLE,
                         WARNING, FormatError, Problem)
@@ -270,7 +271,7 @@ def _short(value) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def _tree_form_of(roles: dict) -> str:
+def _tree_form_of(roles: dict) -> TreeForm:
     nested = canonical = flat = False
     for rel, role in roles.items():
         if role.role is Role.FLAT_EXPERT:

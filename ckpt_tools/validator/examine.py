@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 from .. import layout, replay
 from ..formats import safetensors_header as st
 from ..formats import torchsave
+from ..kinds import Layout, MergedKind, TreeForm
 from ..layout import Role
 from ..problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
                         EXPERT_COUNT_MISMATCH, MERGED_EXPORT, MERGED_MISMATCH, MISSING_FILE,
@@ -39,7 +41,10 @@ from .context import _Ctx, _count, _finite, _memoised
 from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _expert_count,
                       _load_dir_experts, _load_flat_experts, _ranges, _report_missing_experts,
                       _tree_form)
-from .verdict import DEEP, FULL, HEADERS, Tensor, Verdict, _Found
+from .verdict import DEEP, FULL, HEADERS, ExpertInfo, Tensor, Verdict, _Found
+
+# merged weights whose keys are DyLoRA-MoE's own (an expert index in each LoRA tensor's name)
+_MOE_MERGED = (MergedKind.V0, MergedKind.V1)
 
 
 def _router_shapes(ctx: _Ctx, rel: str) -> tuple[dict[str, Tensor] | None, object]:
@@ -139,8 +144,9 @@ def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_r
     """Deep mode: the LoRA and router tensors of the merged weights must equal the PEFT
     tree's (prune's content proof, without its rule on symlinks)."""
     from ..content_proof import ContentProof
-    facts = {"tree_form": tree_form, "router": router_rel, "moe_dir": moe_dir}
-    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, facts, own_tree=False)
+    failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, tree_form=tree_form,
+                                                  router=router_rel, moe_dir=moe_dir,
+                                                  own_tree=False)
     if failure is not None and failure.mismatch:
         shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
         ctx.add(MERGED_MISMATCH, shown, failure.reason)
@@ -230,48 +236,94 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
                    tree_complete=f.tree_complete, facts=facts)
 
 
+class _Configs(NamedTuple):
+    """The checkpoint's configs, as read (None where missing or unreadable)."""
+
+    root: dict | None
+    moe: dict | None
+    moe_dir: str          # relpath of dylo_moe_state/ (the run's for best_model/)
+    moe_rel: str          # relpath of the MoE config in it
+    dylora_root: bool     # the root config is a DyLoRA-MoE config
+
+
+class _MergedWeights(NamedTuple):
+    files: tuple[str, ...]            # merged-weight files and their indexes
+    kind: MergedKind | None           # None where there are none
+    tensors: dict[str, Tensor]        # every tensor name with its shape, where readable
+
+
+class _RouterState(NamedTuple):
+    rel: str | None                   # relpath of the router state, where one is expected
+    shapes: dict[str, Tensor] | None  # gate.weight / gate.bias, where it could be read
+    says: object                      # the expert count a V2 router dict states beside its gate
+
+
 def _examine(ctx: _Ctx) -> _Found:
-    """Every check of the checkpoint; what it found, its problems in ``ctx``."""
-    ckpt = ctx.ckpt
-    level = ctx.level
-    hashes = None
+    """Every check of the checkpoint; what it found, its problems in ``ctx``. The steps read
+    the files in this order, which a replay recipe records (``ckpt_tools.replay``)."""
+    _check_entries(ctx)
+    merged_files = tuple(ctx.shape.merged)  # before the run's MoE state is adopted
+    cfgs = _read_configs(ctx)
+    tree_form = _tree_form(ctx)
+    merged = _read_merged(ctx, merged_files)
+    experts = _read_experts(ctx, tree_form, cfgs)
+    router = _read_moe_state(ctx, tree_form, cfgs)
+    router_rows = _router_rows(ctx, tree_form, merged, router)
+    num_experts = _count_experts(ctx, tree_form, cfgs, merged, experts, router, router_rows)
+    hashes = _check_other_files(ctx)
+    router_ok = router.shapes is not None and router_rows is not None
+    tree_complete, merged_export = _judge_tree(ctx, tree_form, cfgs, merged, experts, router,
+                                               router_ok, num_experts)
+    return _Found(layout=_layout_of(tree_form, merged, cfgs), tree_form=tree_form,
+                  merged_kind=merged.kind, merged=merged.files, num_experts=num_experts,
+                  tree_complete=tree_complete, merged_export=merged_export,
+                  experts=tuple(sorted(experts)), router_ok=router_ok, router=router.rel,
+                  root_cfg=cfgs.root, moe_cfg=cfgs.moe, moe_dir=cfgs.moe_dir, hashes=hashes)
 
-    for rel in ckpt.unreadable:
+
+def _check_entries(ctx: _Ctx) -> None:
+    """What the scan saw without opening a file: entries it could not read, symlinks out of
+    the root (a PEFT-tree file that points out of it is never opened), names with an expert
+    index out of range."""
+    for rel in ctx.ckpt.unreadable:
         ctx.add(PERMISSION_DENIED, rel, "cannot read this entry")
-
-    # symlinks first: a PEFT-tree file that points out of the root is never opened
-    for rec in ckpt.files:
+    for rec in ctx.ckpt.files:
         if rec.is_symlink and rec.escapes_root:
-            role = ctx.roles[rec.relpath]
-            in_tree = role.in_peft_tree
+            in_tree = ctx.roles[rec.relpath].in_peft_tree
             ctx.add(SYMLINK_ESCAPE, rec.relpath,
                     f"symlink to {rec.symlink_target or 'a missing target'} outside the root",
                     ERROR if in_tree else WARNING)
-
     for rel in ctx.shape.bad_indices:
         ctx.add(EXPERT_COUNT_MISMATCH, rel, f"its name holds an expert index beyond the "
                                             f"{layout.MAX_EXPERTS} experts a checkpoint may have")
 
-    merged = list(ctx.shape.merged)
+
+def _read_configs(ctx: _Ctx) -> _Configs:
+    """The root config and the MoE config (best_model/: the run's MoE state)."""
     root_cfg = None
     if layout.ROOT_CONFIG in ctx.by_path and ctx.readable(layout.ROOT_CONFIG, False):
         root_cfg = ctx.read_json(layout.ROOT_CONFIG)
     moe_dir = _adopt_parent_moe_state(ctx)
-    moe_cfg_rel = f"{moe_dir}/{layout.MOE_CONFIG}"
+    moe_rel = f"{moe_dir}/{layout.MOE_CONFIG}"
     moe_cfg = None
-    if moe_cfg_rel in ctx.by_path and ctx.readable(moe_cfg_rel, True):
-        moe_cfg = ctx.read_json(moe_cfg_rel)
+    if moe_rel in ctx.by_path and ctx.readable(moe_rel, True):
+        moe_cfg = ctx.read_json(moe_rel)
+    return _Configs(root_cfg, moe_cfg, moe_dir, moe_rel, layout.is_dylora_config(root_cfg))
 
-    tree_form = _tree_form(ctx)
-    merged_kind = None
-    merged_tensors: dict[str, Tensor] = {}
-    if merged:
-        merged_tensors, merged_ok = _merged_keys(ctx, merged)
-        merged_kind = layout.merged_key_kind(merged_tensors) if merged_tensors else "unreadable"
-        if not merged_ok:
-            merged_tensors = {k: t for k, t in merged_tensors.items() if t.dtype != "?"}
 
-    # experts
+def _read_merged(ctx: _Ctx, files: tuple[str, ...]) -> _MergedWeights:
+    """The merged weights' tensor names and whose keys they are."""
+    if not files:
+        return _MergedWeights(files, None, {})
+    tensors, ok = _merged_keys(ctx, list(files))
+    kind = layout.merged_key_kind(tensors) if tensors else MergedKind.UNREADABLE
+    if not ok:
+        tensors = {k: t for k, t in tensors.items() if t.dtype != "?"}
+    return _MergedWeights(files, kind, tensors)
+
+
+def _read_experts(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs) -> dict[int, ExpertInfo]:
+    """The PEFT tree's experts, each checked against its config and against the others."""
     if tree_form == layout.TREE_CANONICAL:
         experts = _load_dir_experts(ctx, nested=False)
     elif tree_form == layout.TREE_NESTED:
@@ -280,8 +332,7 @@ def _examine(ctx: _Ctx) -> _Found:
         experts = _load_flat_experts(ctx)
     else:
         experts = {}
-    dylora_root = layout.is_dylora_config(root_cfg)
-    cfg_for_r = moe_cfg or (root_cfg if dylora_root else None)
+    cfg_for_r = cfgs.moe or (cfgs.root if cfgs.dylora_root else None)
     default_r = _count(layout.first_key(cfg_for_r, layout.LORA_R_KEYS))
     for ex in experts.values():
         r = default_r if ex.config is None else None
@@ -291,11 +342,16 @@ def _examine(ctx: _Ctx) -> _Found:
                                for i, e in sorted(experts.items()))
     _memoised(ctx, key, [(e.modules, e.config) for e in experts.values()],
               lambda rec: _compare_experts(rec, experts))
+    return experts
 
-    # router
+
+def _read_moe_state(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs) -> _RouterState:
+    """The router state, the skill library and the callback's resume file; the MoE config
+    a canonical tree needs."""
+    moe_dir = cfgs.moe_dir
     router_rel = None
     router: dict | None = None
-    router_says = None  # the expert count the router file states (V2 router dict)
+    router_says = None
     if tree_form == layout.TREE_NESTED or layout.ROUTER_SAFETENSORS in ctx.by_path:
         router_rel = layout.ROUTER_SAFETENSORS
     if f"{moe_dir}/{layout.ROUTER_PT}" in ctx.by_path:
@@ -317,35 +373,49 @@ def _examine(ctx: _Ctx) -> _Found:
     # the callback's resume file: part of the PEFT tree (never merged weights), checked by its header
     if layout.TRAINABLE_STATE in ctx.by_path and ctx.readable(layout.TRAINABLE_STATE, True):
         ctx.read_safetensors(layout.TRAINABLE_STATE)
-    if tree_form == layout.TREE_CANONICAL and moe_cfg_rel not in ctx.by_path:
-        ctx.add(MISSING_FILE, moe_cfg_rel, "the MoE config is missing")
+    if tree_form == layout.TREE_CANONICAL and cfgs.moe_rel not in ctx.by_path:
+        ctx.add(MISSING_FILE, cfgs.moe_rel, "the MoE config is missing")
+    return _RouterState(router_rel, router, router_says)
 
-    # expert count
-    router_rows = None
-    if router and isinstance(router.get(layout.GATE_WEIGHT), Tensor):
-        gw = router[layout.GATE_WEIGHT]
+
+def _router_rows(ctx: _Ctx, tree_form: TreeForm, merged: _MergedWeights,
+                 router: _RouterState) -> int | None:
+    """The expert count the router's gate.weight has rows for (the merged weights' router
+    where there is no PEFT tree); its shape and gate.bias's checked."""
+    rows = None
+    shapes = router.shapes
+    if shapes and isinstance(shapes.get(layout.GATE_WEIGHT), Tensor):
+        gw = shapes[layout.GATE_WEIGHT]
         if len(gw.shape) == 2:
-            router_rows = _expert_count(ctx, router_rel, gw.shape[0], _ROUTER_ROWS)
+            rows = _expert_count(ctx, router.rel, gw.shape[0], _ROUTER_ROWS)
         else:
-            ctx.add(SHAPE_MISMATCH, router_rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
-        gb = router.get(layout.GATE_BIAS)
-        if isinstance(gb, Tensor) and router_rows is not None and gb.shape != (router_rows,):
-            ctx.add(SHAPE_MISMATCH, router_rel,
-                    f"gate.bias has shape {list(gb.shape)}, expected [{router_rows}]")
-    if merged_kind in ("v0", "v1"):
-        gw = merged_tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
-        if gw is not None and len(gw.shape) == 2 and router_rows is None and tree_form == layout.TREE_NONE:
-            router_rows = _expert_count(ctx, merged[0], gw.shape[0], _ROUTER_ROWS)
-    declared = [(moe_cfg_rel, _expert_count(ctx, moe_cfg_rel,
-                                            layout.first_key(moe_cfg, layout.NUM_EXPERTS_KEYS)))]
+            ctx.add(SHAPE_MISMATCH, router.rel, f"gate.weight has shape {list(gw.shape)}, expected [E, H]")
+        gb = shapes.get(layout.GATE_BIAS)
+        if isinstance(gb, Tensor) and rows is not None and gb.shape != (rows,):
+            ctx.add(SHAPE_MISMATCH, router.rel,
+                    f"gate.bias has shape {list(gb.shape)}, expected [{rows}]")
+    if merged.kind in _MOE_MERGED:
+        gw = merged.tensors.get(layout.ROUTER_KEY_PREFIX + layout.GATE_WEIGHT)
+        if gw is not None and len(gw.shape) == 2 and rows is None and tree_form == layout.TREE_NONE:
+            rows = _expert_count(ctx, merged.files[0], gw.shape[0], _ROUTER_ROWS)
+    return rows
+
+
+def _count_experts(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs, merged: _MergedWeights,
+                   experts: dict[int, ExpertInfo], router: _RouterState,
+                   router_rows: int | None) -> int | None:
+    """The expert count: as the configs and the router declare it (they must agree), else
+    the router's rows, else the experts present; experts missing or beyond it reported."""
+    declared = [(cfgs.moe_rel, _expert_count(ctx, cfgs.moe_rel,
+                                             layout.first_key(cfgs.moe, layout.NUM_EXPERTS_KEYS)))]
     declared.append((layout.ROOT_CONFIG, _expert_count(
-        ctx, layout.ROOT_CONFIG, layout.first_key(root_cfg, layout.NUM_EXPERTS_KEYS))))
-    if router is not None:
-        declared.append((router_rel, _expert_count(ctx, router_rel, router_says)))
+        ctx, layout.ROOT_CONFIG, layout.first_key(cfgs.root, layout.NUM_EXPERTS_KEYS))))
+    if router.shapes is not None:
+        declared.append((router.rel, _expert_count(ctx, router.rel, router.says)))
     declared = [(p, n) for p, n in declared if n is not None]
     present = set(experts)
-    if merged_kind in ("v0", "v1") and tree_form == layout.TREE_NONE:
-        for key in merged_tensors:
+    if merged.kind in _MOE_MERGED and tree_form == layout.TREE_NONE:
+        for key in merged.tensors:
             lk = layout.parse_moe_lora_key(key)  # out-of-range indices were dropped: _merged_keys
             if lk is not None:
                 present.add(lk.expert)
@@ -363,72 +433,84 @@ def _examine(ctx: _Ctx) -> _Found:
         if tree_form != layout.TREE_NONE:
             ctx.add(COUNT_UNCONFIRMED, layout.PEFT_DIR,
                     f"no config or router states the expert count; assuming {num_experts}", WARNING)
-    if num_experts is not None:  # at most layout.MAX_EXPERTS
-        if router_rows is not None and router_rows != num_experts:
-            if declared:
-                ctx.add(EXPERT_COUNT_MISMATCH, declared[0][0],
-                        f"says {num_experts} experts but the router has {router_rows} rows")
-            else:
-                ctx.add(EXPERT_COUNT_MISMATCH, router_rel,
-                        f"router has {router_rows} rows for {num_experts} experts")
-        if tree_form != layout.TREE_NONE or merged_kind in ("v0", "v1"):
-            _report_missing_experts(ctx, [i for i in range(num_experts) if i not in present],
-                                    num_experts, tree_form, merged)
-        extra = sorted(i for i in present if i >= num_experts)
-        if extra:
-            ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,
-                    f"expert(s) {_ranges(extra)} beyond the {num_experts} declared")
+    if num_experts is None:
+        return None
+    # at most layout.MAX_EXPERTS from here
+    if router_rows is not None and router_rows != num_experts:
+        if declared:
+            ctx.add(EXPERT_COUNT_MISMATCH, declared[0][0],
+                    f"says {num_experts} experts but the router has {router_rows} rows")
+        else:
+            ctx.add(EXPERT_COUNT_MISMATCH, router.rel,
+                    f"router has {router_rows} rows for {num_experts} experts")
+    if tree_form != layout.TREE_NONE or merged.kind in _MOE_MERGED:
+        _report_missing_experts(ctx, [i for i in range(num_experts) if i not in present],
+                                num_experts, tree_form, merged.files)
+    extra = sorted(i for i in present if i >= num_experts)
+    if extra:
+        ctx.add(EXPERT_COUNT_MISMATCH, layout.PEFT_DIR,
+                f"expert(s) {_ranges(extra)} beyond the {num_experts} declared")
+    return num_experts
 
-    # files outside the PEFT tree: at 'full' level, the archive structure of each torch file
-    if level in (FULL, DEEP):
+
+def _check_other_files(ctx: _Ctx) -> dict | None:
+    """Files outside the PEFT tree: at 'full' level the archive structure and pickle of each
+    Trainer state file; at 'deep' every tensor read (the content hash per file returned)."""
+    if ctx.level in (FULL, DEEP):
         for rel, role in sorted(ctx.roles.items()):
             if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
                 if ctx.readable(rel, False):
                     ctx.read_torch(rel, check_pickle=_pickle_check_of(rel.rsplit("/", 1)[-1]))
             elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
                 ctx.read_json(rel)
-    if level == DEEP:
+    if ctx.level == DEEP:
         from ..deep import deep_check
-        hashes = deep_check(ctx)
+        return deep_check(ctx)
+    return None
 
-    # completeness and status
+
+def _judge_tree(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs, merged: _MergedWeights,
+                experts: dict[int, ExpertInfo], router: _RouterState, router_ok: bool,
+                num_experts: int | None) -> tuple[bool, bool]:
+    """(whether the PEFT tree is complete, whether the merged weights beside it are a
+    merged export); at 'deep' level a complete tree's merged weights compared with it."""
     tree_errors = [p for p in ctx.problems if p.is_error]
-    router_ok = router is not None and router_rows is not None
-    has_config = (moe_cfg is not None or dylora_root
+    has_config = (cfgs.moe is not None or cfgs.dylora_root
                   or (tree_form in (layout.TREE_CANONICAL, layout.TREE_NESTED)
                       and all(e.config is not None for e in experts.values())))
     if tree_form == layout.TREE_FLAT:
         # expert_<i>.pt files record no hyperparameters: once the merged weights are gone,
         # only a config saying lora_alpha would (r comes from the shapes)
         has_config = any(_finite(layout.first_key(cfg, layout.LORA_ALPHA_KEYS))
-                         for cfg in (moe_cfg, root_cfg if dylora_root else None))
+                         for cfg in (cfgs.moe, cfgs.root if cfgs.dylora_root else None))
     tree_complete = (tree_form != layout.TREE_NONE and bool(experts) and router_ok
                      and num_experts is not None and not tree_errors and has_config)
+    files = list(merged.files)
     # A complete tree beside merged weights that hold no DyLoRA LoRA tensor (a truly merged
     # export): nothing to prove the tree by, and the export is no copy of it: not redundant.
-    merged_export = (tree_complete and bool(merged) and merged_kind != "unreadable"
+    merged_export = (tree_complete and bool(files) and merged.kind != MergedKind.UNREADABLE
                      and not any(".lora_" in k and layout.parse_moe_lora_key(k)
-                                 for k in merged_tensors))
+                                 for k in merged.tensors))
     if merged_export:
-        shown = next((m for m in merged if ctx.roles[m].role is Role.MERGED), merged[0])
+        shown = next((m for m in files if ctx.roles[m].role is Role.MERGED), files[0])
         ctx.add(MERGED_EXPORT, shown, f"{shown.rsplit('/', 1)[-1]} holds no LoRA tensors: a merged "
                 "export beside the PEFT tree, kept (not redundant)", WARNING)
-    elif level == DEEP and tree_complete and merged and not any(p.is_error for p in ctx.problems):
-        _check_merged_content(ctx, merged, tree_form, router_rel, moe_dir)
-    if tree_form == layout.TREE_FLAT and not has_config and merged:
+    elif ctx.level == DEEP and tree_complete and files and not any(p.is_error for p in ctx.problems):
+        _check_merged_content(ctx, files, tree_form, router.rel, cfgs.moe_dir)
+    if tree_form == layout.TREE_FLAT and not has_config and files:
         ctx.add(BAD_CONFIG, layout.PEFT_DIR,
                 "expert_<i>.pt files with no config recording lora_alpha or the base model: "
                 "migrate this checkpoint before removing its merged weights", WARNING)
+    return tree_complete, merged_export
 
-    layout_name = layout.layout_label(tree_form, merged_kind if merged else None, dylora_root)
-    if merged_kind == "unreadable":
-        layout_name = layout.layout_label(tree_form, "v1", dylora_root) if tree_form != layout.TREE_NONE \
-            else layout.UNKNOWN
-    if layout.is_hf_model_config(root_cfg) and tree_form == layout.TREE_NONE and merged:
-        layout_name = layout.HF_MERGED
 
-    return _Found(layout=layout_name, tree_form=tree_form, merged_kind=merged_kind,
-                  merged=tuple(merged), num_experts=num_experts, tree_complete=tree_complete,
-                  merged_export=merged_export,
-                  experts=tuple(sorted(experts)), router_ok=router_ok, router=router_rel,
-                  root_cfg=root_cfg, moe_cfg=moe_cfg, moe_dir=moe_dir, hashes=hashes)
+def _layout_of(tree_form: TreeForm, merged: _MergedWeights, cfgs: _Configs) -> Layout:
+    """Which variant of SPEC §3 the checkpoint is laid out as."""
+    if layout.is_hf_model_config(cfgs.root) and tree_form == layout.TREE_NONE and merged.files:
+        return layout.HF_MERGED
+    if merged.kind == MergedKind.UNREADABLE:  # named as if it held V1 keys, when there is a tree
+        if tree_form == layout.TREE_NONE:
+            return layout.UNKNOWN
+        return layout.layout_label(tree_form, MergedKind.V1, cfgs.dylora_root)
+    return layout.layout_label(tree_form, merged.kind, cfgs.dylora_root)
+

@@ -3,8 +3,8 @@ experts against each other, the expert count and the experts missing."""
 
 from __future__ import annotations
 
-
 from .. import layout
+from ..kinds import TreeForm
 from ..patterns import ModuleMatch, PatternTooCostly, match_modules
 from ..problems import (BAD_CONFIG, EXPERT_COUNT_MISMATCH, EXPERT_MISSING, MISSING_FILE,
                         MISSING_TENSOR, RANK_MISMATCH, SHAPE_MISMATCH, TARGET_MISMATCH)
@@ -41,8 +41,8 @@ def _ranges(indices: list[int], most: int = 8) -> str:
     return shown
 
 
-def _report_missing_experts(ctx: _Ctx, missing: list[int], num_experts: int, tree_form: str,
-                            merged) -> None:
+def _report_missing_experts(ctx: _Ctx, missing: list[int], num_experts: int,
+                            tree_form: TreeForm, merged: tuple[str, ...]) -> None:
     """One problem for every expert missing: on the expert's own path when it is one, on
     the PEFT tree (or the merged file) with their ranges when they are several."""
     if not missing:
@@ -262,7 +262,7 @@ def _compare_experts(ctx: _Ctx, experts: dict[int, ExpertInfo]) -> None:
                         f"{module}: lora_B has {b.shape[0]} output features, expert {ref_idx} has {rb.shape[0]}")
 
 
-def _tree_form(ctx: _Ctx) -> str:
+def _tree_form(ctx: _Ctx) -> TreeForm:
     return ctx.shape.tree_form
 
 

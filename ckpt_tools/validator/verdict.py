@@ -6,10 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..kinds import Layout, MergedKind, Status, TreeForm
 from ..problems import Problem
 
 
+# The levels of scrutiny (examine's docstring says what each checks).
 HEADERS, FULL, DEEP = "headers", "full", "deep"
+
+
 @dataclass(frozen=True)
 class Tensor:
     """A tensor's name, dtype and shape as a header or a pickle declares them."""
@@ -32,45 +36,29 @@ class ExpertInfo:
 class VerdictFacts:
     """What a verdict found besides its status, for the commands that act on it: where the
     PEFT tree and the MoE state are, the parsed configs, the experts present; ``hashes``
-    (a content hash per file) only in deep mode. The configs are shared with other
+    (a content hash per file) only in deep mode, else None. The configs are shared with other
     verdicts: never mutate them."""
 
-    tree_form: str
-    merged_kind: str | None
+    tree_form: TreeForm
+    merged_kind: MergedKind | None
     router: str | None            # relpath of the router state, where one is expected
     experts: tuple[int, ...]      # indices of the experts present
     root_config: dict | None
     moe_config: dict | None
     moe_dir: str                  # relpath of dylo_moe_state/ (the run's for best_model/)
     young: bool                   # written within the minimum age
-    hashes: dict | None = None
-
-    # Readers written for the former dict (converter, loader, content_proof, report) use
-    # facts.get(name), facts[name] and name in facts; "hashes" is there only in deep mode.
-    def __contains__(self, name: str) -> bool:
-        return name in _FACT_NAMES and (name != "hashes" or self.hashes is not None)
-
-    def __getitem__(self, name: str):
-        if name not in self:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default=None):
-        return getattr(self, name) if name in self else default
-
-
-_FACT_NAMES = frozenset(VerdictFacts.__dataclass_fields__)
+    hashes: dict | None = None    # relpath → sha256, in deep mode only
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What the validator concluded about one checkpoint."""
 
-    layout: str
-    status: str
+    layout: Layout
+    status: Status
     problems: tuple[Problem, ...]
-    tree_form: str
-    merged_kind: str | None
+    tree_form: TreeForm
+    merged_kind: MergedKind | None
     merged_files: tuple[str, ...]
     num_experts: int | None
     tree_complete: bool
@@ -81,9 +69,9 @@ class _Found(NamedTuple):
     """What ``_examine`` found, before the checkpoint's age is taken into account; a
     replayed finding serves many checkpoints, so it is immutable."""
 
-    layout: str
-    tree_form: str
-    merged_kind: str | None
+    layout: Layout
+    tree_form: TreeForm
+    merged_kind: MergedKind | None
     merged: tuple[str, ...]
     num_experts: int | None
     tree_complete: bool

@@ -14,7 +14,8 @@ dicts, lists, plain values and dense tensors, which become ``TensorRef`` records
 
 Modules: ``model`` (the records and the dtypes and globals known), ``pickle_vm`` (the VM),
 ``evaluation`` (data.pkl evaluations through the ``ReadCache``), ``zip_archive`` (the zip
-container, and the memo of whole small archives), ``legacy`` (the legacy container); this
+container, and the memo of whole small archives: its docstring states the invariant every new
+byte range read must keep), ``legacy`` (the legacy container); this
 one opens the file and picks the container.
 """
 

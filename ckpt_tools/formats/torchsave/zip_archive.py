@@ -1,5 +1,16 @@
 """The zip container of torch.save files: the file's bytes as read (``_File``), the end
-record, the central directory, the records, data.pkl; and the memo of whole small archives."""
+record, the central directory, the records, data.pkl; and the memo of whole small archives.
+
+**The invariant the memo and the replay rest on.** A whole small archive is memoised by every
+byte but the ranges ``_unread_ranges`` proves that no check reads: an archive whose other
+bytes equal a memoised one's is given that one's ``TorchFileInfo``, and a checkpoint whose
+reads all return objects an earlier one's did is given that one's findings
+(``ckpt_tools.replay``). So every byte range a check of this package reads must be outside
+the cut: a new check that reads bytes inside a range ``_unread_ranges`` returns must take
+them out of it, or two archives that differ only there share a verdict.
+tests/test_read_cache_differential.py guards it: it mutates byte ranges, headers and pickles
+of sibling checkpoints and requires every verdict with the cache to equal the one without.
+"""
 
 from __future__ import annotations
 

@@ -10,9 +10,12 @@
 The reliability test files (``tests/test_reliability_*.py``, those present) run in one pytest
 session, then the property tests of the two format readers (``-m fuzz``) in a second one, with
 ``CKPT_TOOLS_SCORECARD_DIR`` set: every scenario entry writes ``<key>.json`` there (see
-``tests/scorecard.py``; the crash tests write ``migrate.json`` and ``prune.json``), and pytest
-writes ``junit-*.xml`` next to them. This script renders every JSON document of that directory,
-sorted by scenario number: one table, then a section per entry. Nothing in it is written by hand.
+``tests/scorecard.py``; the crash tests write ``migrate.json``, ``prune.json`` and
+``prune_workers.json``), and pytest writes ``junit-*.xml`` next to them. This script renders
+every JSON document of that directory, sorted by scenario number: one table, then a section per
+entry. Nothing in it is written by hand. Fault injection comes from the tests' own entry point,
+``tests/fault_entry.py``, given a ``tests/faulty_fs.py`` spec (``after_write:3``,
+``enospc@write:2``): the library reads no fault from the environment.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ def _crash_facts(e: dict) -> list[str]:
                      f"targets; an uninterrupted run takes {e['uninterrupted_run_s']} s). Kills "
                      f"that left the migration part-done (some targets, or a temporary "
                      f"directory): {mid} of {len(runs)}.")
-        lines.append(f"Fault-hook points used: {', '.join(faults) or 'none'}.")
+        lines.append("Fault points used (specs of `tests/fault_entry.py`, point:N): "
+                     f"{', '.join(faults) or 'none'}.")
     else:
         killed = [r for r in runs if r.get("mode") != "worker"]
         mid = sum(1 for r in killed if 0 < r.get("deleted_before_kill", 0) < e["expected_deletions"])

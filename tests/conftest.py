@@ -59,6 +59,36 @@ def make_results_tree(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def undisturbed_migration(results_tree, tmp_path_factory):
+    """Factory: ``undisturbed_migration(name, runs)`` copies ``runs`` of the fixture tree into a
+    new directory ``name`` and migrates them once through the CLI; returns (that directory,
+    ``reliability.ReferenceMigration``)."""
+    from reliability import reference_migration
+
+    def make(name: str, runs: tuple[str, ...]):
+        base = tmp_path_factory.mktemp(name)
+        return base, reference_migration(results_tree[0], base, runs)
+
+    return make
+
+
+@pytest.fixture
+def private_unlistable(monkeypatch):
+    """The scanner's listing of a directory whose name ends in ``private`` fails with EACCES,
+    as it does for a user without read permission there (root could list it)."""
+    from ckpt_tools import scanner
+
+    real = scanner._list
+
+    def deny(path):
+        if path.endswith("private"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(scanner, "_list", deny)
+
+
 @pytest.fixture
 def forked(monkeypatch):
     """The pids of the processes the test forks; at the end, none of them may be left."""

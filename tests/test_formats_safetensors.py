@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from mutations import byte_mutations
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
@@ -431,21 +432,8 @@ def test_generated_headers_agree_with_the_safetensors_library(case):
         assert stricter, "we reject a header the safetensors library accepts"
 
 
-@st.composite
-def _mutations(draw, blob: bytes):
-    data = bytearray(blob)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if kind == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 4))]
-        else:
-            del data[at:]
-    return bytes(data)
+def _mutations(blob: bytes):
+    return byte_mutations(blob, rounds=4)
 
 
 _REAL = save({"w": torch.randn(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16),

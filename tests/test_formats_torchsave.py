@@ -24,6 +24,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mutations import KINDS, byte_mutations
 
 from ckpt_tools.formats import torchsave
 from ckpt_tools.formats.torchsave import (
@@ -48,30 +49,30 @@ def _code(path: Path, **kwargs) -> str:
     return err.value.code
 
 
+def _describe(x, tensor):
+    """``x`` with every tensor replaced by ``tensor(x)`` (None: not a tensor), containers kept."""
+    described = tensor(x)
+    if described is not None:
+        return described
+    if isinstance(x, dict):
+        return {k: _describe(v, tensor) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_describe(v, tensor) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_describe(v, tensor) for v in x)
+    return x
+
+
 def _describe_loaded(x):
     """What torch.load gave, in the terms of the inspector."""
-    if isinstance(x, torch.Tensor):
-        return ("tensor", str(x.dtype).removeprefix("torch."), tuple(x.shape), x.stride(),
-                x.storage_offset())
-    if isinstance(x, dict):
-        return {k: _describe_loaded(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_describe_loaded(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_describe_loaded(v) for v in x)
-    return x
+    return _describe(x, lambda t: ("tensor", str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                                   t.stride(), t.storage_offset())
+                     if isinstance(t, torch.Tensor) else None)
 
 
 def _describe_inspected(x):
-    if isinstance(x, TensorRef):
-        return ("tensor", x.dtype, x.shape, x.stride, x.storage_offset)
-    if isinstance(x, dict):
-        return {k: _describe_inspected(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_describe_inspected(v) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_describe_inspected(v) for v in x)
-    return x
+    return _describe(x, lambda t: ("tensor", t.dtype, t.shape, t.stride, t.storage_offset)
+                     if isinstance(t, TensorRef) else None)
 
 
 def _storage_sizes(loaded) -> list[int]:
@@ -654,23 +655,8 @@ def _inspect_bytes(blob: bytes, name: str) -> None:
                 flatten_tensors(info.obj)
 
 
-@st.composite
-def _mutations(draw, blob: bytes):
-    data = bytearray(blob)
-    for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "zero"]))
-        at = draw(st.integers(0, len(data) - 1)) if data else 0
-        if kind == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "zero":
-            data[at:at + 4] = b"\0" * len(data[at:at + 4])
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        elif kind == "delete":
-            del data[at:at + draw(st.integers(1, 8))]
-        else:
-            del data[at:]
-    return bytes(data)
+def _mutations(blob: bytes):
+    return byte_mutations(blob, rounds=3, kinds=KINDS + ("zero",), longest_delete=8)
 
 
 def _small_real(fmt: str) -> bytes:

@@ -115,6 +115,19 @@ def assert_clean_load(base_dir: Path, adapter_dir: Path, seen: list[str],
     assert sorted(set(seen) - set(baseline)) == []
 
 
+def assert_adapter_reproduces(ex, base_dir: Path, adapter_dir: Path, models, ids,
+                              baseline_warnings, tolerance: float = 1e-3) -> None:
+    """``ex`` written to ``adapter_dir`` loads onto ``base_dir`` as cleanly as PEFT's own adapter,
+    and its logits are the fine-tune's within ``tolerance`` of the fine-tune's change: ``models``
+    are the (base, merged) pair the logits are measured on."""
+    write_adapter(ex, adapter_dir)
+    model, seen = load_adapter(base_dir, adapter_dir)
+    assert_clean_load(base_dir, adapter_dir, seen, baseline_warnings)
+    base, merged = models
+    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
+    assert float((le - lm).norm() / (lm - lb).norm()) <= tolerance
+
+
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(7))
@@ -256,12 +269,8 @@ def test_round_trip_reproduces_the_fine_tune(attn_bias_models, ids, baseline_war
     assert not any("mlp" in k for k in ex.lora_state)
     bias = ex.lora_state["base_model.model.model.layers.1.self_attn.q_proj.lora_B.bias"]
     assert torch.allclose(bias, torch.full_like(bias, 0.3), atol=1e-6)
-    write_adapter(ex, tmp_path / "adapter")
-
-    model, seen = load_adapter(d / "base", tmp_path / "adapter")
-    assert_clean_load(d / "base", tmp_path / "adapter", seen, baseline_warnings)
-    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
-    assert float((le - lm).norm() / (lm - lb).norm()) <= 1e-3
+    assert_adapter_reproduces(ex, d / "base", tmp_path / "adapter", (base, merged), ids,
+                              baseline_warnings)
 
 
 def test_lower_rank_errors_match_the_exact_svd(attn_bias_models):
@@ -292,11 +301,8 @@ def test_energy_gives_per_module_ranks_that_peft_loads(tmp_path, ids, baseline_w
     assert ex.adapter_config["r"] == 6
     assert ex.adapter_config["rank_pattern"] == {"model.layers.1.self_attn.q_proj": 1}
     assert ex.adapter_config["alpha_pattern"] == {"model.layers.1.self_attn.q_proj": 1}
-    write_adapter(ex, tmp_path / "adapter")
-    model, seen = load_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert_clean_load(tmp_path / "base", tmp_path / "adapter", seen, baseline_warnings)
-    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
-    assert float((le - lm).norm() / (lm - lb).norm()) <= 1e-3
+    assert_adapter_reproduces(ex, tmp_path / "base", tmp_path / "adapter", (base, merged), ids,
+                              baseline_warnings)
 
 
 def test_tied_embeddings_changed_embedding_round_trips(tmp_path, ids, baseline_warnings):
@@ -311,11 +317,8 @@ def test_tied_embeddings_changed_embedding_round_trips(tmp_path, ids, baseline_w
     ex = extract(tmp_path / "base", tmp_path / "merged", rank=2, device="cpu")
     assert ex.modules_to_save == ("model.embed_tokens",)
     assert ex.adapter_config.get("ensure_weight_tying") is True
-    write_adapter(ex, tmp_path / "adapter")
-    model, seen = load_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert_clean_load(tmp_path / "base", tmp_path / "adapter", seen, baseline_warnings)
-    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
-    assert float((le - lm).norm() / (lm - lb).norm()) <= 1e-3
+    assert_adapter_reproduces(ex, tmp_path / "base", tmp_path / "adapter", (base, merged), ids,
+                              baseline_warnings)
 
 
 def test_bf16_fine_tune(tmp_path, ids, baseline_warnings):
@@ -332,13 +335,10 @@ def test_bf16_fine_tune(tmp_path, ids, baseline_warnings):
     for module, err in ex.errors.items():
         delta = sm.get(module + ".weight").float() - sb.get(module + ".weight").float()
         assert err <= exact_rel_error(delta, 4) + 2 ** -7, module
-    write_adapter(ex, tmp_path / "adapter")
-    model, seen = load_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert_clean_load(tmp_path / "base", tmp_path / "adapter", seen, baseline_warnings)
     ref_base = LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
     ref_merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    lb, lm, le = logits(ref_base, ids), logits(ref_merged, ids), logits(model, ids)
-    assert float((le - lm).norm() / (lm - lb).norm()) <= 2e-2
+    assert_adapter_reproduces(ex, tmp_path / "base", tmp_path / "adapter", (ref_base, ref_merged),
+                              ids, baseline_warnings, tolerance=2e-2)
     # asked for float32 factors, the same extraction gets closer
     ex32 = extract(tmp_path / "base", tmp_path / "merged", rank=4, device="cpu",
                    out_dtype="float32")
@@ -425,11 +425,8 @@ def test_bias_only_change_gets_a_zero_rank_1_layer(tmp_path, ids, baseline_warni
     assert ex.ranks[k] == 1 and ex.adapter_config["rank_pattern"] == {k: 1}
     assert not ex.lora_state[f"base_model.model.{k}.lora_A.weight"].any()
     assert ex.notes == ()           # every target has a bias in the base: no PEFT warning
-    write_adapter(ex, tmp_path / "adapter")
-    model, seen = load_adapter(tmp_path / "base", tmp_path / "adapter")
-    assert_clean_load(tmp_path / "base", tmp_path / "adapter", seen, baseline_warnings)
-    lb, lm, le = logits(base, ids), logits(merged, ids), logits(model, ids)
-    assert float((le - lm).norm() / (lm - lb).norm()) <= 1e-3
+    assert_adapter_reproduces(ex, tmp_path / "base", tmp_path / "adapter", (base, merged), ids,
+                              baseline_warnings)
 
 
 def test_bias_delta_next_to_a_biasless_target_is_noted():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -34,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from reliability import LOCK_NAME, REPO, cli_env, json_document
 from scorecard import Runs
 
 from ckpt_tools import plan_prune, scan
 from fixtures.copying import copy_tree
 
-REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 300      # a guard against a hang only: far beyond any command's run time
-LOCK_NAME = ".ckpt-tools.lock"
 MARKER = ".ckpt-tools-migrated.json"
 TMP_MARKS = (".ckpt-tools-tmp-", ".ckpt-tools-old-")
 OTHER_UID = 12345
@@ -71,7 +69,7 @@ def user_prefix() -> tuple[tuple[str, ...] | None, str]:
                 "try:\n    open(sys.argv[1], 'rb')\nexcept PermissionError:\n"
                 "    print(os.getuid())\n")
         proc = subprocess.run([*prefix, sys.executable, "-c", code, str(denied)], cwd=REPO,
-                              capture_output=True, text=True, timeout=HANG_GUARD_S, env=cli_env())
+                              capture_output=True, text=True, timeout=HANG_GUARD_S, env=child_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"unshare --user cannot run the interpreter: {exc}"
     finally:
@@ -83,11 +81,11 @@ def user_prefix() -> tuple[tuple[str, ...] | None, str]:
     return prefix, ""
 
 
-def cli_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+def child_env() -> dict:
+    """``cli_env()`` with the repository first on PYTHONPATH, no bytecode written, COLUMNS unset."""
+    env = cli_env(PYTHONDONTWRITEBYTECODE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    for name in ("CKPT_TOOLS_FAULT", "COLUMNS"):
-        env.pop(name, None)
+    env.pop("COLUMNS", None)
     return env
 
 
@@ -101,11 +99,7 @@ class Result:
 
     @functools.cached_property
     def doc(self) -> dict | None:
-        try:
-            doc = json.loads(self.stdout)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+        return json_document(self.stdout)
 
     def facts(self) -> dict:
         return {"rc": self.rc, "seconds": round(self.seconds, 2)}
@@ -117,7 +111,7 @@ def cli(*args) -> Result:
     argv = [*(prefix or ()), sys.executable, "-m", "ckpt_tools.cli", *map(str, args)]
     t0 = time.monotonic()
     try:
-        proc = subprocess.run(argv, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+        proc = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=HANG_GUARD_S)
         return Result(tuple(map(str, args)), proc.returncode, proc.stdout, proc.stderr,
                       time.monotonic() - t0)
@@ -360,6 +354,17 @@ PERM_CASES = (
 )
 
 
+def unlistable_failures(cmd: str, case: PermCase, res: Result, mine: dict) -> list[str]:
+    """A run directory ``cmd`` could not list: it reports nothing under it (``mine``), and its
+    stderr names the directory as permission-denied."""
+    f = []
+    if mine:
+        f.append(f"{cmd}: reports items under the directory it could not list: {mine}")
+    if not ("permission-denied" in res.stderr and case.denied in res.stderr):
+        f.append(f"{cmd}: stderr does not name the unlistable {case.denied}: {res.stderr[-300:]!r}")
+    return f
+
+
 def _check_perm_command(case: PermCase, cmd: str, res: Result, base: Baseline, root: Path,
                         before: dict, after: dict, dst: Path) -> list[str]:
     v = case.victims
@@ -406,11 +411,7 @@ def _check_perm_command(case: PermCase, cmd: str, res: Result, base: Baseline, r
             f += sane(res, 0)
             mine = {k: x for k, x in got.items() if under(k, v)}
             if case.name == "unlistable run directory":
-                if mine:
-                    f.append(f"prune: reports items under the directory it could not list: {mine}")
-                if not ("permission-denied" in res.stderr and case.denied in res.stderr):
-                    f.append(f"prune: stderr does not name the unlistable {case.denied}: "
-                             f"{res.stderr[-300:]!r}")
+                f += unlistable_failures("prune", case, res, mine)
             elif not mine or any(kind != "skipped" or "permission-denied" not in str(reason)
                                  for kind, reason in mine.values()):
                 f.append(f"prune: {v[0]} not skipped for permission-denied: {mine}")
@@ -433,10 +434,7 @@ def _check_perm_command(case: PermCase, cmd: str, res: Result, base: Baseline, r
         f += sane(res, 1)
         mine = {k: x for k, x in got.items() if under(k, v)}
         if case.name == "unlistable run directory":
-            if mine:
-                f.append(f"migrate: reports items under the directory it could not list: {mine}")
-            if not ("permission-denied" in res.stderr and case.denied in res.stderr):
-                f.append(f"migrate: stderr does not name the unlistable {case.denied}: {res.stderr[-300:]!r}")
+            f += unlistable_failures("migrate", case, res, mine)
         else:   # unwritable target parent
             want = {k for k in bitems if under(k, v)}
             for k in sorted(want):

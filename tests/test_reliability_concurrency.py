@@ -34,10 +34,11 @@ from pathlib import Path
 import pytest
 
 from fixtures.copying import copy_tree
+from reliability import cli_env, file_hashes, json_document, seed_from
 from scorecard import Runs
 from test_prune import LOCK_NAME, ckpt_tools_exe
 from test_reliability_crash import (MARKER, TMP_MARKS, check_prune_state, effective_status,
-                                    errors_of, file_hashes, target_differences)
+                                    target_failures)
 
 from ckpt_tools import scan
 
@@ -62,17 +63,6 @@ PROC_GUARD_S = LOCK_WAIT_S + 120
 def runs_of(default: int) -> int:
     value = os.environ.get(RUNS_ENV)
     return max(1, int(value)) if value else default
-
-
-def seed_of() -> int:
-    value = os.environ.get(SEED_ENV)
-    return int(value) if value else random.SystemRandom().randrange(2 ** 32)
-
-
-def cli_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("CKPT_TOOLS_FAULT", None)
-    return env
 
 
 # ``ckpt-tools ARGS`` with its imports done ahead: it prints "ready", then runs the command as
@@ -149,11 +139,7 @@ class Proc:
         return "".join(self.err)
 
     def json(self) -> dict | None:
-        try:
-            doc = json.loads(self.stdout)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
+        return json_document(self.stdout)
 
 
 def no_traceback(name: str, proc: Proc) -> list[str]:
@@ -175,6 +161,12 @@ def expected_deletions(manifest, copied: tuple[str, ...]) -> tuple[dict, set[str
     return entries, expected
 
 
+def scenario_entry(key: str, **description) -> tuple[int, random.Random, Runs]:
+    """An entry's seed, its generator and its scorecard record (``Runs(key, ...)``)."""
+    seed = seed_from(SEED_ENV)
+    return seed, random.Random(seed), Runs(key, scenario=SCENARIO, **description)
+
+
 def finish(runs: Runs, seed: int, n: int, **extra) -> None:
     runs.finish(seed=seed, reproduce=f"{SEED_ENV}={seed} {RUNS_ENV}={n}", **extra)
 
@@ -185,19 +177,18 @@ def test_two_prunes_at_once_serialise_on_the_lock(results_tree, tmp_path):
     src, manifest, _ = results_tree
     entries, expected = expected_deletions(manifest, PRUNE_RUNS)
     assert len(expected) >= 5
-    seed = seed_of()
-    rng = random.Random(seed)
-    runs = Runs("concurrency-two-prunes", scenario=SCENARIO,
-                title="Two `ckpt-tools prune --yes --min-age 0 ROOT` started at once",
-                checks=[
-                    "each exits 0, or 75 (lock held) only when its --lock-timeout is 0; never both 75",
-                    "a run that exits 75 prints one line naming the lock file and deletes nothing",
-                    "the deletions reported by the two (--json) are disjoint and together exactly "
-                    "the redundant merged files",
-                    "every checkpoint keeps a complete copy of its weights; nothing else deleted "
-                    "or changed (sha256, mtime); no file created but the lock file",
-                    "no traceback",
-                ], test="test_two_prunes_at_once_serialise_on_the_lock")
+    seed, rng, runs = scenario_entry(
+        "concurrency-two-prunes",
+        title="Two `ckpt-tools prune --yes --min-age 0 ROOT` started at once",
+        checks=[
+            "each exits 0, or 75 (lock held) only when its --lock-timeout is 0; never both 75",
+            "a run that exits 75 prints one line naming the lock file and deletes nothing",
+            "the deletions reported by the two (--json) are disjoint and together exactly "
+            "the redundant merged files",
+            "every checkpoint keeps a complete copy of its weights; nothing else deleted "
+            "or changed (sha256, mtime); no file created but the lock file",
+            "no traceback",
+        ], test="test_two_prunes_at_once_serialise_on_the_lock")
     n = runs_of(6)
     for i in range(n):
         t0 = time.monotonic()
@@ -368,23 +359,22 @@ WRITER_MODES = {
 def test_prune_never_deletes_from_a_checkpoint_being_written(results_tree, tmp_path):
     src, manifest, _ = results_tree
     template = src / "run_trainer" / "checkpoint-4"
-    seed = seed_of()
-    rng = random.Random(seed)
-    runs = Runs("concurrency-trainer-writing", scenario=SCENARIO,
-                title="`ckpt-tools prune --yes` again and again while a checkpoint is written "
-                      "file by file as the Trainer does",
-                checks=[
-                    "the writer checks after every chunk it writes that every byte it wrote in the "
-                    "checkpoint so far is still there: nothing of an incomplete checkpoint is ever "
-                    "deleted (the last chunk of the last PEFT file is what completes it)",
-                    "with the default --min-age 1h and fresh files nothing at all is deleted from "
-                    "the new checkpoints; with --min-age 0, or files whose mtimes are old (rsync -a), "
-                    "only the merged model.safetensors of a completed checkpoint may go",
-                    "every prune run exits 0 with nothing skipped or failed; prunes ran while "
-                    "the writer was writing (it holds, its last checkpoint begun, until two "
-                    "have run); the old redundant checkpoints were pruned",
-                    "no traceback",
-                ], test="test_prune_never_deletes_from_a_checkpoint_being_written")
+    seed, rng, runs = scenario_entry(
+        "concurrency-trainer-writing",
+        title="`ckpt-tools prune --yes` again and again while a checkpoint is written "
+              "file by file as the Trainer does",
+        checks=[
+            "the writer checks after every chunk it writes that every byte it wrote in the "
+            "checkpoint so far is still there: nothing of an incomplete checkpoint is ever "
+            "deleted (the last chunk of the last PEFT file is what completes it)",
+            "with the default --min-age 1h and fresh files nothing at all is deleted from "
+            "the new checkpoints; with --min-age 0, or files whose mtimes are old (rsync -a), "
+            "only the merged model.safetensors of a completed checkpoint may go",
+            "every prune run exits 0 with nothing skipped or failed; prunes ran while "
+            "the writer was writing (it holds, its last checkpoint begun, until two "
+            "have run); the old redundant checkpoints were pruned",
+            "no traceback",
+        ], test="test_prune_never_deletes_from_a_checkpoint_being_written")
     n = runs_of(4)
     modes = list(WRITER_MODES)
     for i in range(n):
@@ -493,15 +483,10 @@ def check_targets(dst: Path, ref: Path, ref_targets: set[str], pruned: bool) -> 
         if c is None:
             failures.append(f"{t}: target missing")
             continue
-        if c.status != "peft-only" or errors_of(c):
-            failures.append(f"{t}: audits {c.status} {[p.code for p in errors_of(c)]}")
-            continue
-        for d in target_differences(dst / t, ref / t):
-            # a source whose merged weights were pruned before migrate read it is recorded as
-            # the layout it then had, with the input files it then had: the same target
-            if pruned and _marker_only_differs_in(d, {"layout", "inputs", "inputs_digest"}):
-                continue
-            failures.append(f"{t}: {d}")
+        # a source whose merged weights were pruned before migrate read it is recorded as the
+        # layout it then had, with the input files it then had: the same target
+        failures += target_failures(t, c, dst, ref, lambda d: pruned and _marker_only_differs_in(
+            d, {"layout", "inputs", "inputs_digest"}))
     extra = sorted(set(found) - ref_targets)
     if extra:
         failures.append(f"unexpected directories in DST: {extra}")
@@ -512,25 +497,11 @@ def check_targets(dst: Path, ref: Path, ref_targets: set[str], pruned: bool) -> 
 
 
 @pytest.fixture(scope="module")
-def migrate_reference(results_tree, tmp_path_factory):
-    """An undisturbed migration of the source subset, through the library."""
-    from ckpt_tools.migrate import MigrateOptions, execute_migrate, plan_migrate
-    src, manifest, _ = results_tree
-    base = tmp_path_factory.mktemp("concurrency-migrate")
-    ref_src = base / "ref-src"
-    for rel in MIGRATE_RUNS:
-        copy_tree(src / rel, ref_src / rel)
-    ref = base / "ref"
-    t0 = time.monotonic()
-    result = execute_migrate(plan_migrate(str(ref_src), str(ref), MigrateOptions(min_age_s=0)),
-                             lock=False)
-    seconds = time.monotonic() - t0
-    assert not result.failed, result.failed
-    ref_targets = {o.target for o in result.migrated}
-    assert ref_targets == {c.path for c in scan(str(ref), min_age_s=0).checkpoints}
-    methods = {o.method for o in result.migrated}
+def migrate_reference(undisturbed_migration):
+    base, ref = undisturbed_migration("concurrency-migrate", MIGRATE_RUNS)
+    methods = {m["method"] for m in ref.doc["migrated"]}
     assert {"copy", "exact"} <= methods, methods
-    return base, ref, ref_targets, seconds
+    return base, ref.dst, ref.targets, ref.seconds
 
 
 def _wait_for_path(path: Path, proc: Proc, limit: float) -> bool:
@@ -547,29 +518,28 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
     base, ref, ref_targets, ref_seconds = migrate_reference
     entries, expected = expected_deletions(manifest, MIGRATE_RUNS)
     assert expected
-    seed = seed_of()
-    rng = random.Random(seed)
-    runs = Runs("concurrency-migrate-prune", scenario=SCENARIO,
-                title="`ckpt-tools migrate SRC DST` and `ckpt-tools prune --yes --min-age 0 SRC` "
-                      "started together",
-                checks=[
-                    "migrate exits 0, or 75 only when its --lock-timeout is 0 and prune holds "
-                    "SRC's lock; prune exits 0, or 75 only when its --lock-timeout is 0 (migrate "
-                    "holds SRC's tree lock shared while it reads SRC); never both 75",
-                    "migrate reports no failed checkpoint; when it exits 0 every target of an "
-                    "undisturbed migration is there, audits peft-only with no error and equals "
-                    "it (tensors bit-equal; the marker may record the pruned source's layout and "
-                    "inputs); when it exits 75 DST holds no target. (A checkpoint whose merged "
-                    "weights prune deletes while migrate reads them is done again from the source "
-                    "as it then is, with a note: counted per run.)",
-                    "no partial (.ckpt-tools-tmp-*/.ckpt-tools-old-*) directory in DST",
-                    "prune deleted exactly the redundant merged files (none when it exited 75); "
-                    "every source checkpoint keeps a complete copy of its weights; nothing else "
-                    "in SRC deleted or changed",
-                    "DST inside SRC, or SRC inside DST: migrate refuses (exit 2) and writes "
-                    "nothing; the prune beside it is unaffected",
-                    "no traceback",
-                ], test="test_migrate_and_prune_of_the_same_tree_at_once")
+    seed, rng, runs = scenario_entry(
+        "concurrency-migrate-prune",
+        title="`ckpt-tools migrate SRC DST` and `ckpt-tools prune --yes --min-age 0 SRC` "
+              "started together",
+        checks=[
+            "migrate exits 0, or 75 only when its --lock-timeout is 0 and prune holds "
+            "SRC's lock; prune exits 0, or 75 only when its --lock-timeout is 0 (migrate "
+            "holds SRC's tree lock shared while it reads SRC); never both 75",
+            "migrate reports no failed checkpoint; when it exits 0 every target of an "
+            "undisturbed migration is there, audits peft-only with no error and equals "
+            "it (tensors bit-equal; the marker may record the pruned source's layout and "
+            "inputs); when it exits 75 DST holds no target. (A checkpoint whose merged "
+            "weights prune deletes while migrate reads them is done again from the source "
+            "as it then is, with a note: counted per run.)",
+            "no partial (.ckpt-tools-tmp-*/.ckpt-tools-old-*) directory in DST",
+            "prune deleted exactly the redundant merged files (none when it exited 75); "
+            "every source checkpoint keeps a complete copy of its weights; nothing else "
+            "in SRC deleted or changed",
+            "DST inside SRC, or SRC inside DST: migrate refuses (exit 2) and writes "
+            "nothing; the prune beside it is unaffected",
+            "no traceback",
+        ], test="test_migrate_and_prune_of_the_same_tree_at_once")
     n = runs_of(3)
     cases = ["dst-inside-src", "src-inside-dst"] + [f"run {i}" for i in range(n)]
     for i, case in enumerate(cases):
@@ -595,7 +565,7 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
         prune_timeout = 0 if inside else rng.choice((0, LOCK_WAIT_S))
         start = "together" if inside else rng.choice(("migrate executing", "migrate executing",
                                                        "migrate executing", "random", "prune first"))
-        delay = round(rng.uniform(0.0, 0.5 if start != "random" else max(1.0, 1.5 * ref_seconds + 2.0)), 3)
+        delay = round(rng.uniform(0.0, 0.5 if start != "random" else max(1.0, 1.5 * ref_seconds)), 3)
         mig_args = ("migrate", "--min-age", "0", "--json", "--no-progress", "--lock-timeout",
                     mig_timeout, src, dst)
         prune_args = ("prune", "--yes", "--min-age", "0", "--json", "--no-progress",
@@ -687,7 +657,7 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
         shutil.rmtree(work, ignore_errors=True)
     runs.note(f"SRC: copies of {', '.join(MIGRATE_RUNS)} from the fixture tree ({len(ref_targets)} "
               f"targets; {len(expected)} redundant merged files for prune). The reference migration "
-              f"took {ref_seconds:.2f} s in-process. Start orders: prune 0–0.5 s after migrate took "
+              f"took {ref_seconds:.2f} s through the CLI. Start orders: prune 0–0.5 s after migrate took "
               "DST's lock (it then reads its first checkpoint, merged weights included), at a random "
               "moment of migrate's run, or prune first; SRC with or without a lock file left by an "
               f"earlier prune; each --lock-timeout 0 or {LOCK_WAIT_S} s.")

@@ -29,18 +29,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import scorecard
 import torch
+from reliability import (LOCK_NAME, REPO, cli_env, file_hashes, migrate_args, seed_from,
+                         target_files)
 from safetensors.torch import load_file
 
 import fault_entry
 from ckpt_tools import scan
 from fixtures.copying import copy_tree
 
-REPO = Path(__file__).resolve().parents[1]
 TMP_MARKS = (".ckpt-tools-tmp-", ".ckpt-tools-old-")
 MARKER = ".ckpt-tools-migrated.json"
 MARKER_VOLATILE = ("finished_at", "source_path")       # a timestamp and an absolute path
-LOCK_NAME = ".ckpt-tools.lock"
 MIGRATE_SUBSET = ("legacy_v1/checkpoint-100",            # v1
                   "hybrid_v2",                           # v2
                   "upstream_v5_naïve/checkpoint-200",    # v5
@@ -57,45 +58,13 @@ def crash_runs(scenario: str, default: int) -> int:
     return int(value) if value else default
 
 
-def crash_seed() -> int:
-    value = os.environ.get("CKPT_TOOLS_CRASH_SEED")
-    return int(value) if value else random.SystemRandom().randrange(2 ** 32)
-
-
 def crash_jobs() -> int:
     value = os.environ.get("CKPT_TOOLS_CRASH_JOBS")
     # one more than the CPUs: part of each run waits on fsync
     return max(1, int(value)) if value else max(2, min(4, (os.cpu_count() or 1) + 1))
 
 
-def env_for() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-
-
 # --- helpers ------------------------------------------------------------------------------------
-
-def file_hashes(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """rel path → (kind, size, mtime_ns, sha256 | link target) of every file and symlink."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, root).replace(os.sep, "/")
-            if rel in skip:
-                continue
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                h = "unreadable"
-                try:
-                    with open(p, "rb") as fh:
-                        h = hashlib.sha256(fh.read()).hexdigest()
-                except PermissionError:
-                    pass
-                out[rel] = ("file", st.st_size, st.st_mtime_ns, h)
-    return out
-
 
 def errors_of(c) -> list:
     return [p for p in c.problems if p.is_error]
@@ -115,7 +84,7 @@ class Killed:
 def run_and_kill(args: list[str], env: dict, *, delay: float | None = None,
                  trigger=None, timeout: float = 300) -> Killed:
     """Start ``args``; SIGKILL its process group after ``delay`` s, or as soon as ``trigger()``
-    is true (polled), or never (the fault hook kills it). Returns how it ended."""
+    is true (polled), or never (the fault spec it runs under kills it). Returns how it ended."""
     t0 = time.monotonic()
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -158,71 +127,53 @@ def run_and_kill_timed(args: list[str], env: dict, delay: float, rng: random.Ran
         delays.append(0.0 if len(delays) == TIMED_TRIES - 1 else round(rng.uniform(0.0, end.seconds), 4))
 
 
-def run_trials(n: int, seed: int, trial) -> list[dict]:
-    """``trial(i, rng)`` for i < n, ``crash_jobs()`` at once; each returns its record (a dict with
-    ``ok`` and ``failures``); an exception in a trial is a failure of that run, not of the others."""
-    rngs = [random.Random(f"{seed}:{i}") for i in range(n)]
+class CrashTrials:
+    """The trials of one scenario: how many (``crash_runs``), the seed, and their report."""
 
-    def one(i):
-        rec = {"run": i, "ok": False, "failures": []}
-        try:
-            rec.update(trial(i, rngs[i]))
-        except Exception as exc:   # noqa: BLE001 - recorded, reported below
-            rec["failures"].append(f"{type(exc).__name__}: {exc}")
-        rec["ok"] = not rec["failures"]
-        return rec
+    def __init__(self, scenario: str, default_runs: int):
+        self.scenario = scenario
+        self.n = crash_runs(scenario, default_runs)
+        self.seed = seed_from("CKPT_TOOLS_CRASH_SEED")
+        self.t0 = time.monotonic()
 
-    with ThreadPoolExecutor(max_workers=crash_jobs()) as pool:
-        return list(pool.map(one, range(n)))
+    def run(self, trial) -> list[dict]:
+        """``trial(i, rng)`` for i < n, ``crash_jobs()`` at once; each returns its record (a dict
+        with ``failures``); an exception in a trial is a failure of that run, not of the others."""
+        rngs = [random.Random(f"{self.seed}:{i}") for i in range(self.n)]
 
+        def one(i):
+            rec = {"run": i, "ok": False, "failures": []}
+            try:
+                rec.update(trial(i, rngs[i]))
+            except Exception as exc:   # noqa: BLE001 - recorded, reported below
+                rec["failures"].append(f"{type(exc).__name__}: {exc}")
+            rec["ok"] = not rec["failures"]
+            return rec
 
-def record_scorecard(scenario: str, doc: dict) -> None:
-    out = os.environ.get("CKPT_TOOLS_SCORECARD_DIR")
-    if not out:
-        return
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{scenario}.json"), "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2, ensure_ascii=False)
+        with ThreadPoolExecutor(max_workers=crash_jobs()) as pool:
+            return list(pool.map(one, range(self.n)))
 
-
-def report(scenario: str, seed: int, records: list[dict], checks: list[str], extra: dict,
-           seconds: float) -> None:
-    failed = [r for r in records if not r["ok"]]
-    record_scorecard(scenario, {
-        "scenario": scenario, "seed": seed, "runs": len(records), "failures": len(failed),
-        "killed": sum(1 for r in records if r.get("killed")), "checks": checks,
-        "seconds": round(seconds, 1), "jobs": crash_jobs(), **extra, "per_run": records})
-    if failed:
-        lines = [f"{scenario}: {len(failed)} of {len(records)} crash runs failed "
-                 f"(reproduce with CKPT_TOOLS_CRASH_SEED={seed} "
-                 f"CKPT_TOOLS_CRASH_RUNS_{scenario.upper()}={len(records)})"]
-        for r in failed[:10]:
-            how = {k: r.get(k) for k in ("mode", "fault", "delay_s", "trigger", "jobs") if r.get(k) is not None}
-            lines.append(f"  run {r['run']} {how}: " + " | ".join(r["failures"])[:1500])
-        pytest.fail("\n".join(lines), pytrace=False)
+    def report(self, records: list[dict], checks: list[str], extra: dict) -> None:
+        """The scorecard document (``tests/scorecard.py``), then a test failure listing every
+        failed run with what reproduces it."""
+        failed = [r for r in records if not r["ok"]]
+        scorecard.write(self.scenario, {
+            "scenario": self.scenario, "seed": self.seed, "runs": len(records),
+            "failures": len(failed), "killed": sum(1 for r in records if r.get("killed")),
+            "checks": checks, "seconds": round(time.monotonic() - self.t0, 1),
+            "jobs": crash_jobs(), **extra, "per_run": records})
+        if failed:
+            lines = [f"{self.scenario}: {len(failed)} of {len(records)} crash runs failed "
+                     f"(reproduce with CKPT_TOOLS_CRASH_SEED={self.seed} "
+                     f"CKPT_TOOLS_CRASH_RUNS_{self.scenario.upper()}={len(records)})"]
+            for r in failed[:10]:
+                how = {k: r.get(k) for k in ("mode", "fault", "delay_s", "trigger", "jobs")
+                       if r.get(k) is not None}
+                lines.append(f"  run {r['run']} {how}: " + " | ".join(r["failures"])[:1500])
+            pytest.fail("\n".join(lines), pytrace=False)
 
 
 # --- migrate ------------------------------------------------------------------------------------
-
-def migrate_args(src: Path, dst: Path, jobs: int = 1, fault: str | None = None) -> list[str]:
-    """The migrate command line; with ``fault``, run through the fault entry point with a
-    ``tests/faulty_fs.py`` spec."""
-    cmd = fault_entry.command(fault) if fault else [sys.executable, "-m", "ckpt_tools.cli"]
-    return [*cmd, "migrate", str(src), str(dst),
-            "--min-age", "0", "--json", "--no-progress", "--jobs", str(jobs)]
-
-
-def migrate_cli(src: Path, dst: Path) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.monotonic()
-    proc = subprocess.run(migrate_args(src, dst), cwd=REPO, env=env_for(), capture_output=True,
-                          text=True, timeout=600)
-    return proc, time.monotonic() - t0
-
-
-def target_files(target: Path) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), target).replace(os.sep, "/")
-                  for d, _, fs in os.walk(target) for f in fs)
-
 
 def target_differences(got: Path, want: Path) -> list[str]:
     """How target ``got`` differs from the reference target ``want`` (empty: the same result)."""
@@ -263,6 +214,14 @@ def target_differences(got: Path, want: Path) -> list[str]:
     return diffs
 
 
+def target_failures(t: str, c, dst: Path, ref: Path, tolerated=lambda difference: False) -> list[str]:
+    """A target ``t`` found under DST as checkpoint ``c``: it audits peft-only with no error and
+    equals the reference's, but for the differences ``tolerated`` lets pass."""
+    if c.status != "peft-only" or errors_of(c):
+        return [f"{t}: audits {c.status} {[p.code for p in errors_of(c)]}"]
+    return [f"{t}: {d}" for d in target_differences(dst / t, ref / t) if not tolerated(d)]
+
+
 def check_dst(dst: Path, ref: Path, ref_targets: set[str]) -> tuple[list[str], int]:
     """Every target complete (peft-only, no error, equal to the reference) or absent; only migrate's
     temporary directories besides. Returns (failures, targets present)."""
@@ -279,10 +238,7 @@ def check_dst(dst: Path, ref: Path, ref_targets: set[str]) -> tuple[list[str], i
         if c is None:
             failures.append(f"{t}: exists but is not a checkpoint")
             continue
-        if c.status != "peft-only" or errors_of(c):
-            failures.append(f"{t}: audits {c.status} {[p.code for p in errors_of(c)]}")
-            continue
-        failures += [f"{t}: {d}" for d in target_differences(dst / t, ref / t)]
+        failures += target_failures(t, c, dst, ref)
     for path, c in found.items():
         if path in ref_targets:
             continue
@@ -294,32 +250,19 @@ def check_dst(dst: Path, ref: Path, ref_targets: set[str]) -> tuple[list[str], i
 
 
 @pytest.fixture(scope="module")
-def migrate_setup(results_tree, tmp_path_factory):
-    root, manifest, now = results_tree
-    base = tmp_path_factory.mktemp("crash-migrate")
-    src = base / "src"
-    for rel in MIGRATE_SUBSET:
-        copy_tree(root / rel, src / rel)
-    before = file_hashes(src)
-    ref = base / "ref"
-    proc, seconds = migrate_cli(src, ref)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
-    assert not doc["failed"] and not doc["skipped"], doc
-    ref_targets = {c.path for c in scan(str(ref), min_age_s=0).checkpoints}
-    assert ref_targets == {m["target"] for m in doc["migrated"]}
-    layouts = {manifest[m["source"]].layout for m in doc["migrated"]}
+def migrate_setup(results_tree, undisturbed_migration):
+    manifest = results_tree[1]
+    base, ref = undisturbed_migration("crash-migrate", MIGRATE_SUBSET)
+    layouts = {manifest[m["source"]].layout for m in ref.doc["migrated"]}
     assert {"v1", "v2", "v5", "canonical", "canonical+merged"} <= layouts, layouts
-    assert any(t.endswith("best_model") for t in ref_targets)
-    files = sum(len(target_files(ref / t)) for t in ref_targets)
-    return base, src, before, ref, ref_targets, seconds, files
+    assert any(t.endswith("best_model") for t in ref.targets)
+    files = sum(len(target_files(ref.dst / t)) for t in ref.targets)
+    return base, ref.src, ref.before, ref.dst, ref.targets, ref.seconds, files
 
 
 def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matches(migrate_setup):
     base, src, before, ref, ref_targets, base_seconds, n_files = migrate_setup
-    n = crash_runs("migrate", 10)
-    seed = crash_seed()
-    t_start = time.monotonic()
+    trials = CrashTrials("migrate", 10)
     ref_listing = {t: target_files(ref / t) for t in ref_targets}
 
     def trial(i: int, rng: random.Random) -> dict:
@@ -334,13 +277,13 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
             count = n_files if point == "after_write" else len(ref_targets)
             fault = f"{point}:{rng.randint(1, count)}"
             rec |= {"mode": "fault", "fault": fault}
-            end = run_and_kill(migrate_args(src, dst, jobs, fault), env_for())
+            end = run_and_kill(migrate_args(src, dst, jobs, fault), cli_env())
             if not end.killed:
                 rec["failures"].append(f"the fault {fault} did not kill it (rc {end.returncode}): "
                                        f"{end.stderr[-500:]}")
         else:
             delay = round(rng.uniform(0.0, base_seconds), 3)
-            end, delays = run_and_kill_timed(migrate_args(src, dst, jobs), env_for(), delay, rng,
+            end, delays = run_and_kill_timed(migrate_args(src, dst, jobs), cli_env(), delay, rng,
                                              lambda: shutil.rmtree(dst, ignore_errors=True))
             rec |= {"mode": "timed", "delay_s": delays[-1], "timed_tries": len(delays)}
             if not end.killed and end.returncode != 0:
@@ -354,7 +297,7 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
         if file_hashes(src) != before:
             rec["failures"].append("after kill: the source tree changed")
         # 2. a re-run completes and gives the uninterrupted run's result
-        proc = subprocess.run(migrate_args(src, dst), cwd=REPO, env=env_for(), capture_output=True,
+        proc = subprocess.run(migrate_args(src, dst), cwd=REPO, env=cli_env(), capture_output=True,
                               text=True, timeout=600)
         if proc.returncode != 0:
             rec["failures"].append(f"re-run exited {proc.returncode}: {proc.stderr[-1000:]}")
@@ -379,12 +322,12 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
         shutil.rmtree(dst, ignore_errors=True)
         return rec
 
-    records = run_trials(n, seed, trial)
+    records = trials.run(trial)
     checks = [
-        "killed: the process died of SIGKILL (fault hook: fault entry point: after_write|before_rename|"
-        "after_rename:N, or a timed kill of its process group at a random delay; a run that "
-        "finished before its kill is tried again with a delay below its own run time, the third "
-        "try at 0 s)",
+        "killed: the process died of SIGKILL (run through tests/fault_entry.py with the fault spec "
+        "after_write|before_rename|after_rename:N, or a timed kill of its process group at a "
+        "random delay; a run that finished before its kill is tried again with a delay below its "
+        "own run time, the third try at 0 s)",
         "every target under DST audits peft-only with no error and equals the uninterrupted run's, "
         "or is absent; only .ckpt-tools-tmp-* directories (in-progress) besides",
         "SRC bit-identical (sha256, size, mtime of every file, computed once before)",
@@ -393,12 +336,11 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
         "adapter_config.json equal as JSON (target_modules order-insensitive: PEFT writes a set), "
         "every other file byte-equal, the marker equal but for finished_at/source_path, no temporary dirs",
     ]
-    report("migrate", seed, records, checks,
-           {"source": list(MIGRATE_SUBSET), "targets": len(ref_targets),
-            "uninterrupted_run_s": round(base_seconds, 2)}, time.monotonic() - t_start)
+    trials.report(records, checks, {"source": list(MIGRATE_SUBSET), "targets": len(ref_targets),
+                                    "uninterrupted_run_s": round(base_seconds, 2)})
     # the kills must really have landed at different moments, or the test proves little
-    assert sum(r["killed"] for r in records) >= max(1, n // 2), "most runs were not killed"
-    if n >= 8:
+    assert sum(r["killed"] for r in records) >= max(1, trials.n // 2), "most runs were not killed"
+    if trials.n >= 8:
         assert any(0 < r["targets_present_after_kill"] < len(ref_targets) or r["tmp_dirs_after_kill"]
                    for r in records), "no kill landed mid-migration"
 
@@ -448,7 +390,7 @@ def prune_setup(results_tree, tmp_path_factory):
     # the uninterrupted run
     ref = copy_tree(root, base / "ref" / "results")
     t0 = time.monotonic()
-    proc = subprocess.run(prune_args(ref, base / "ref.log"), env=env_for(), capture_output=True,
+    proc = subprocess.run(prune_args(ref, base / "ref.log"), env=cli_env(), capture_output=True,
                           text=True, timeout=300, stdin=subprocess.DEVNULL)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -496,9 +438,7 @@ def check_prune_state(root: Path, manifest, before: dict, expected: set[str]) ->
 
 def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune_setup):
     base, src_root, manifest, before, expected, ref_after, base_seconds = prune_setup
-    n = crash_runs("prune", 10)
-    seed = crash_seed()
-    t_start = time.monotonic()
+    trials = CrashTrials("prune", 10)
 
     def trial(i: int, rng: random.Random) -> dict:
         root = copy_tree(src_root, base / f"t{i}" / "results")
@@ -512,13 +452,13 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
                 shutil.rmtree(base / f"t{i}")
                 copy_tree(src_root, root)
 
-            end, delays = run_and_kill_timed(prune_args(root, log), env_for(), delay, rng, fresh)
+            end, delays = run_and_kill_timed(prune_args(root, log), cli_env(), delay, rng, fresh)
             rec |= {"mode": "timed", "delay_s": delays[-1], "timed_tries": len(delays)}
         elif mode == "fault":
             # the process kills itself right after its k-th unlink, before logging it
             k = rng.randint(1, max(1, len(expected) - 1))
             rec |= {"mode": "fault", "fault": f"after_unlink:{k}"}
-            end = run_and_kill(prune_args(root, log, f"after_unlink:{k}"), env_for())
+            end = run_and_kill(prune_args(root, log, f"after_unlink:{k}"), cli_env())
         else:
             # right after the k-th deletion was logged (0: once the plan is logged, before any)
             k = rng.randint(0, len(expected) - 1)
@@ -527,14 +467,14 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
             def trigger():
                 acts = log_actions(log)
                 return "plan" in acts and acts.count("delete") >= k
-            end = run_and_kill(prune_args(root, log), env_for(), trigger=trigger)
+            end = run_and_kill(prune_args(root, log), cli_env(), trigger=trigger)
         rec["killed"] = end.killed
         if not end.killed and end.returncode != 0:
             rec["failures"].append(f"exited {end.returncode} before the kill: {end.stderr[-500:]}")
         fails, gone = check_prune_state(root, manifest, before, expected)
         rec["deleted_before_kill"] = gone
         rec["failures"] += [f"after kill: {f}" for f in fails]
-        proc = subprocess.run(prune_args(root, log), env=env_for(), capture_output=True, text=True,
+        proc = subprocess.run(prune_args(root, log), env=cli_env(), capture_output=True, text=True,
                               timeout=300, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             rec["failures"].append(f"re-run exited {proc.returncode}: {proc.stderr[-1000:]}")
@@ -552,13 +492,14 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         shutil.rmtree(base / f"t{i}", ignore_errors=True)
         return rec
 
-    records = run_trials(n, seed, trial)
+    records = trials.run(trial)
     checks = [
         "killed, a third of the runs each way: SIGKILL of its process group at a random delay (a "
         "run that finished first is tried again with a delay below its own run time, the third "
         "try at 0 s); "
-        "right after the k-th deletion appeared in its --log; by the fault hook right after its "
-        "k-th unlink, before logging it (fault entry point: after_unlink:k); k random",
+        "right after the k-th deletion appeared in its --log; by itself right after its k-th "
+        "unlink, before logging it (run through tests/fault_entry.py with the fault spec "
+        "after_unlink:k); k random",
         "every checkpoint keeps a complete copy: all its merged files, or a PEFT tree auditing "
         "peft-only/redundant with no error; legacy, broken and tmp-checkpoint-* keep every merged file",
         "nothing deleted but the expected redundant merged files; every other file unchanged (sha256, mtime)",
@@ -566,11 +507,10 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         "after the re-run: exactly the expected redundant merged files deleted; the tree equals an "
         "uninterrupted prune's",
     ]
-    report("prune", seed, records, checks,
-           {"expected_deletions": len(expected), "uninterrupted_run_s": round(base_seconds, 3)},
-           time.monotonic() - t_start)
-    assert sum(r["killed"] for r in records) >= max(1, n // 2), "most runs were not killed"
-    if n >= 3:   # the fault-hook runs die mid-deletion
+    trials.report(records, checks, {"expected_deletions": len(expected),
+                                    "uninterrupted_run_s": round(base_seconds, 3)})
+    assert sum(r["killed"] for r in records) >= max(1, trials.n // 2), "most runs were not killed"
+    if trials.n >= 3:   # the runs under a fault spec die mid-deletion
         assert any(0 < r["deleted_before_kill"] < len(expected) for r in records), \
             "no kill landed mid-deletion"
 
@@ -619,7 +559,7 @@ def prune_workers_setup(tmp_path_factory):
     expected = {k for k in before if k.endswith("/model.safetensors")}
     ref = cp_tree(src, base / "ref" / "tree")
     t0 = time.monotonic()
-    proc = subprocess.run([*prune_args(ref, base / "ref.log"), "--jobs", "2"], env=env_for(),
+    proc = subprocess.run([*prune_args(ref, base / "ref.log"), "--jobs", "2"], env=cli_env(),
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     seconds = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -644,9 +584,7 @@ def check_generated_tree(root: Path, before: dict, expected: set[str]) -> tuple[
 
 def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_workers_setup):
     base, src, before, expected, ref_after, base_seconds = prune_workers_setup
-    n = crash_runs("prune_workers", 4)
-    seed = crash_seed()
-    t_start = time.monotonic()
+    trials = CrashTrials("prune_workers", 4)
 
     def trial(i: int, rng: random.Random) -> dict:
         root = cp_tree(src, base / f"w{i}" / "tree")
@@ -657,7 +595,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
             # the process group (prune and its workers) right after the k-th deletion was logged
             k = rng.randint(1, len(expected) - 10)
             rec |= {"mode": "log", "trigger": f"after delete #{k}"}
-            end = run_and_kill(args, env_for(),
+            end = run_and_kill(args, cli_env(),
                                trigger=lambda: log_actions(log).count("delete") >= k)
             rec["killed"] = end.killed
             if not end.killed and end.returncode != 0:
@@ -668,7 +606,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
             k = rng.randint(1, 45)
             rec |= {"mode": "worker", "fault": f"after_unlink_in_worker:{k}"}
             proc = subprocess.run([*prune_args(root, log, f"after_unlink_in_worker:{k}"), "--jobs", "2"],
-                                  env=env_for(),
+                                  env=cli_env(),
                                   capture_output=True, text=True, timeout=300,
                                   stdin=subprocess.DEVNULL)
             rec["killed"] = False
@@ -688,7 +626,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
         if rec["mode"] == "worker" and gone != len(expected):
             rec["failures"].append(f"{len(expected) - gone} merged files left after the prune "
                                    "process took over the dead workers' checkpoints")
-        proc = subprocess.run(args, env=env_for(), capture_output=True, text=True, timeout=300,
+        proc = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300,
                               stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             rec["failures"].append(f"re-run exited {proc.returncode}: {proc.stderr[-1000:]}")
@@ -701,14 +639,13 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
         shutil.rmtree(base / f"w{i}", ignore_errors=True)
         return rec
 
-    records = run_trials(n, seed, trial)
+    records = trials.run(trial)
     checks = [
         f"prune --yes --jobs 2 on {WORKER_TREE} generated checkpoints ({len(expected)} redundant: "
         "two worker processes re-validate and unlink); half the runs: SIGKILL of the process "
         "group right after the k-th deletion appeared in its --log; the other half: each worker "
-        "SIGKILLs itself right after its "
-        "k-th unlink (fault entry point: after_unlink_in_worker:k, k random), the prune process "
-        "goes on",
+        "SIGKILLs itself right after its k-th unlink (run through tests/fault_entry.py with the "
+        "fault spec after_unlink_in_worker:k, k random), the prune process goes on",
         "a dead worker's checkpoints are taken over by the prune process: every merged file gone, "
         "exit 1, the skips it reports say a worker process ended",
         "every checkpoint keeps a complete copy: its merged file, or a PEFT tree auditing "
@@ -716,6 +653,5 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
         "sha256 of its first MiB: the merged files are hundreds of MB of holes)",
         "a re-run exits 0; the tree then equals an uninterrupted prune's",
     ]
-    report("prune_workers", seed, records, checks,
-           {"expected_deletions": len(expected), "uninterrupted_run_s": round(base_seconds, 3)},
-           time.monotonic() - t_start)
+    trials.report(records, checks, {"expected_deletions": len(expected),
+                                    "uninterrupted_run_s": round(base_seconds, 3)})

@@ -13,7 +13,7 @@ Two sources of errors:
   (safetensors' Rust writer, torch.save, Python's own writes). The tree is inspected inside the
   namespace, before the mount goes away. Skipped where unprivileged namespaces are refused.
 
-Counts: ``CKPT_TOOLS_FAULT_RUNS`` (default 24 hook runs, 8 per fault kind; the tmpfs part runs
+Counts: ``CKPT_TOOLS_FAULT_RUNS`` (default 24 runs of the faulty seam, 8 per fault kind; the tmpfs part runs
 5 sizes, or a fifth of that count when larger); ``CKPT_TOOLS_FAULT_RUNS_TMPFS`` sets the tmpfs
 sizes' count alone. ``CKPT_TOOLS_FAULT_SEED`` fixes where N and the sizes fall between their
 strata (printed with a failure's captured output).
@@ -40,15 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from reliability import (LOCK_NAME, REPO, cli_env, file_hashes, json_document, seed_from,
+                         target_files)
 from scorecard import Runs
-from test_reliability_crash import MIGRATE_SUBSET, check_dst, env_for, file_hashes, target_files
+from test_reliability_crash import MIGRATE_SUBSET, check_dst
 
-from ckpt_tools import scan
 from ckpt_tools.cli.exits import ExitCode
-from fixtures.copying import copy_tree
 
-REPO = Path(__file__).resolve().parents[1]
-LOCK_NAME = ".ckpt-tools.lock"
 FAULT_KINDS = {"enospc@write": ("no space left on device", "writing"),
                "eio@write": ("I/O error", "writing"),
                "eio@fsync": ("I/O error", "syncing")}
@@ -57,7 +55,7 @@ PAGE = 4096
 
 # --- settings -----------------------------------------------------------------------------------
 
-def hook_runs() -> int:
+def seam_runs() -> int:
     value = os.environ.get("CKPT_TOOLS_FAULT_RUNS")
     return max(len(FAULT_KINDS), int(value)) if value else 24
 
@@ -66,12 +64,7 @@ def tmpfs_runs() -> int:
     value = os.environ.get("CKPT_TOOLS_FAULT_RUNS_TMPFS")
     if value:
         return max(1, int(value))
-    return max(5, hook_runs() // 5)
-
-
-def fault_seed() -> int:
-    value = os.environ.get("CKPT_TOOLS_FAULT_SEED")
-    return int(value) if value else random.SystemRandom().randrange(2 ** 32)
+    return max(5, seam_runs() // 5)
 
 
 # --- a CLI that does not import torch for every run -----------------------------------------------
@@ -148,7 +141,7 @@ class WarmCli:
 
     def __init__(self, prefix: tuple[str, ...] = ()):
         self.proc = subprocess.Popen([*prefix, sys.executable, "-c", _SERVER], cwd=REPO,
-                                     env=env_for(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, start_new_session=True)
 
     def do(self, steps: list[dict], timeout: float = 300) -> list:
@@ -175,7 +168,7 @@ def migrate_step(src: Path, dst: Path, out: Path, fault: str | None = None,
                  link: bool = False) -> dict:
     argv = ["migrate", str(src), str(dst), "--min-age", "0", "--json", "--no-progress",
             "--jobs", "1"] + (["--link"] if link else [])
-    return {"argv": argv, "env": env_for(), "fault": fault, "cwd": str(REPO),
+    return {"argv": argv, "env": cli_env(), "fault": fault, "cwd": str(REPO),
             "stdout": f"{out}.stdout", "stderr": f"{out}.stderr"}
 
 
@@ -183,10 +176,7 @@ def outputs(out: Path) -> tuple[dict | None, str, str]:
     """(the --json document or None, stdout, stderr) of a run."""
     stdout = Path(f"{out}.stdout").read_text(encoding="utf-8")
     stderr = Path(f"{out}.stderr").read_text(encoding="utf-8")
-    try:
-        return json.loads(stdout), stdout, stderr
-    except ValueError:
-        return None, stdout, stderr
+    return json_document(stdout), stdout, stderr
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -248,24 +238,10 @@ def check_failure_doc(doc: dict | None, rc: int, stderr: str, dst: Path, conditi
 # --- shared setup -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def faults_setup(results_tree, tmp_path_factory):
+def faults_setup(undisturbed_migration):
     """SRC (the crash test's subset), the uninterrupted run's DST and what it holds."""
-    root, manifest, now = results_tree
-    base = tmp_path_factory.mktemp("faults")
-    src = base / "src"
-    for rel in MIGRATE_SUBSET:
-        copy_tree(root / rel, src / rel)
-    before = file_hashes(src)
-    ref = base / "ref"
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "ckpt_tools.cli", *migrate_step(src, ref, base / "x")["argv"]],
-                          cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=600)
-    seconds = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(proc.stdout)
-    assert not doc["failed"] and not doc["skipped"], doc
-    targets = sorted(c.path for c in scan(str(ref), min_age_s=0).checkpoints)
-    assert targets == sorted(m["target"] for m in doc["migrated"])
+    base, reference = undisturbed_migration("faults", MIGRATE_SUBSET)
+    ref, targets = reference.dst, sorted(reference.targets)
     # what a run does, target by target in its order (--jobs 1: sorted): files written, and
     # fsyncs (each file and directory of the target, its parent before and after the rename)
     files = {t: target_files(ref / t) for t in targets}
@@ -273,13 +249,13 @@ def faults_setup(results_tree, tmp_path_factory):
     counts = {"write": sum(len(f) for f in files.values()),
               "fsync": sum(len(files[t]) + dirs[t] + 2 for t in targets)}
     pages = {t: sum(math.ceil((ref / t / f).stat().st_size / PAGE) for f in files[t]) for t in targets}
-    return {"base": base, "src": src, "before": before, "ref": ref, "targets": targets,
-            "counts": counts, "pages": pages, "seconds": seconds}
+    return {"base": base, "src": reference.src, "before": reference.before, "ref": ref,
+            "targets": targets, "counts": counts, "pages": pages, "seconds": reference.seconds}
 
 
-# --- a. the fault hook --------------------------------------------------------------------------
+# --- a. the faulty seam ------------------------------------------------------------------------
 
-def hook_plan(n_runs: int, counts: dict, rng: random.Random) -> list[dict]:
+def seam_plan(n_runs: int, counts: dict, rng: random.Random) -> list[dict]:
     """The runs: per fault kind, N from 1 to the last write/fsync of the migration, the others
     one per stratum between; some with --link, some also failing the first unlink of the
     temporary directory's removal (which must then be retried)."""
@@ -306,12 +282,12 @@ def hook_plan(n_runs: int, counts: dict, rng: random.Random) -> list[dict]:
 def test_enospc_and_eio_fail_one_checkpoint_cleanly_and_rerun_completes(faults_setup):
     s = faults_setup
     src, ref, base, targets = s["src"], s["ref"], s["base"], s["targets"]
-    seed = fault_seed()
+    seed = seed_from("CKPT_TOOLS_FAULT_SEED")
     print(f"CKPT_TOOLS_FAULT_SEED={seed}")
-    plan = hook_plan(hook_runs(), s["counts"], random.Random(seed))
-    runs = Runs("faults-hook", scenario=3,
-                title="Disk full / I/O error during `ckpt-tools migrate` (fault hook: ENOSPC or EIO "
-                      "at the N-th write or fsync)",
+    plan = seam_plan(seam_runs(), s["counts"], random.Random(seed))
+    runs = Runs("faults-seam", scenario=3,
+                title="Disk full / I/O error during `ckpt-tools migrate` (a faulty file-operations "
+                      "seam, tests/fault_entry.py: ENOSPC or EIO at the N-th write or fsync)",
                 checks=[
                     "exit status 1; exactly one checkpoint failed, its reason one line naming the "
                     "condition (no space left on device / I/O error), writing or syncing, and the "
@@ -457,7 +433,7 @@ def test_a_full_tmpfs_fails_what_does_not_fit_cleanly(faults_setup):
     why_not = namespaces_refused(base / "probe")
     if why_not:
         pytest.skip(why_not)
-    seed = fault_seed()
+    seed = seed_from("CKPT_TOOLS_FAULT_SEED")
     print(f"CKPT_TOOLS_FAULT_SEED={seed}")
     sizes = tmpfs_sizes(tmpfs_runs(), s, random.Random(seed))
     total_k = sum(s["pages"].values()) * PAGE // 1024

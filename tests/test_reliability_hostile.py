@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from reliability import REPO, cli_env, json_document
 from scorecard import Runs
 from test_formats_safetensors import HOSTILE
 from test_formats_torchsave import _rezip, _set_declared_size
@@ -46,7 +47,6 @@ from test_formats_torchsave import _rezip, _set_declared_size
 from ckpt_tools.problems import (BAD_ARCHIVE, BAD_CONFIG, BAD_HEADER, BAD_JSON, TRUNCATED,
                                  UNSAFE_PICKLE)
 
-REPO = Path(__file__).resolve().parents[1]
 SCENARIO = 7
 AS_LIMIT = 1536 * 1024 * 1024        # RLIMIT_AS of every child: a guard, not a measurement
 TIME_LIMIT = 300.0                   # seconds per child: a guard too, far beyond any child's time
@@ -71,11 +71,8 @@ class Child:
     peak_rss_mb: float
     timed_out: bool
 
-    def json(self):
-        try:
-            return json.loads(self.stdout)
-        except ValueError:
-            return None
+    def json(self) -> dict | None:
+        return json_document(self.stdout)
 
     def guard_failures(self, what: str) -> list[str]:
         out = []
@@ -111,7 +108,7 @@ LAUNCH = textwrap.dedent("""
 
 def run_limited(*args, timeout: float = TIME_LIMIT) -> Child:
     """``python -m ckpt_tools.cli ARGS`` under RLIMIT_AS and a timeout, with its own peak RSS."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = cli_env()
     with tempfile.TemporaryDirectory() as d:
         report = os.path.join(d, "rusage.json")
         cmd = [sys.executable, "-c", LAUNCH, str(AS_LIMIT), report,

@@ -42,6 +42,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from reliability import seed_from
 from scorecard import Runs
 from test_names import LOCALES, assert_inert, exact_bytes, strict_json
 from test_names import cli as cli_in_locale
@@ -70,12 +71,15 @@ def runs_wanted() -> int:
     return max(1, int(os.environ.get(RUNS_ENV, DEFAULT_RUNS)))
 
 
-def base_seed() -> int:
-    return int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**32))
+def scenario_entry(scenario: int, key: str, **description) -> tuple[int, random.Random, Runs]:
+    """An entry's seed, its own generator (one seed replays every entry) and its scorecard record."""
+    seed = seed_from(SEED_ENV)
+    return seed, random.Random(seed * 100 + scenario), Runs(key, scenario=scenario, **description)
 
 
-def reproduce(seed: int, test: str) -> str:
-    return f"{SEED_ENV}={seed} {RUNS_ENV}={runs_wanted()} pytest {TEST}::{test}"
+def finish(runs: Runs, seed: int) -> None:
+    runs.finish(seed=seed, reproduce=f"{SEED_ENV}={seed} {RUNS_ENV}={runs_wanted()} "
+                                     f"pytest {TEST}::{runs.test}")
 
 
 def checked(failures: list[str], what: str, check, *args):
@@ -253,25 +257,24 @@ def cycled(rng: random.Random, kinds, n: int) -> list:
 def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_content(
         results_tree, tmp_path):
     results, _, _ = results_tree
-    seed = base_seed()
-    rng = random.Random(seed * 100 + 9)
-    runs = Runs("redteam_content_proof", scenario=9,
-                title="Content proof: a checkpoint whose PEFT tree differs from its merged "
-                      "weights only in bytes, links or dtype, or whose merged file holds no LoRA "
-                      "key → `prune --yes` keeps its merged weights",
-                checks=[
-                    "a run of 3-6 redundant checkpoints (copies of the fixture's Trainer saves); one, "
-                    "chosen at random, changed by one mutation (kinds cycled, parameters random: "
-                    "expert, tensor, byte positions and masks, the files linked and the sibling); "
-                    "sizes, headers and mtimes kept where the mutation allows",
-                    "prune --yes --json --min-age 0 under a 120 s guard: exit 0, no traceback",
-                    "the mutated checkpoint: nothing deleted, every file byte-identical (sha256, "
-                    "size, mtime) to before the prune, its merged file included; reported as "
-                    "skipped, the reason naming what differs (the expert and tensor, the router, "
-                    "the symlink, the merged export)",
-                    "every untouched checkpoint: exactly its merged model.safetensors deleted, "
-                    "everything else unchanged",
-                ], test="test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_content")
+    seed, rng, runs = scenario_entry(
+        9, "redteam_content_proof",
+        title="Content proof: a checkpoint whose PEFT tree differs from its merged "
+              "weights only in bytes, links or dtype, or whose merged file holds no LoRA "
+              "key → `prune --yes` keeps its merged weights",
+        checks=[
+            "a run of 3-6 redundant checkpoints (copies of the fixture's Trainer saves); one, "
+            "chosen at random, changed by one mutation (kinds cycled, parameters random: "
+            "expert, tensor, byte positions and masks, the files linked and the sibling); "
+            "sizes, headers and mtimes kept where the mutation allows",
+            "prune --yes --json --min-age 0 under a 120 s guard: exit 0, no traceback",
+            "the mutated checkpoint: nothing deleted, every file byte-identical (sha256, "
+            "size, mtime) to before the prune, its merged file included; reported as "
+            "skipped, the reason naming what differs (the expert and tensor, the router, "
+            "the symlink, the merged export)",
+            "every untouched checkpoint: exactly its merged model.safetensors deleted, "
+            "everything else unchanged",
+        ], test="test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_content")
     kinds = cycled(rng, MUTATIONS, runs_wanted())
     for i, kind in enumerate(kinds):
         root = tmp_path / f"r{i}"
@@ -308,7 +311,7 @@ def test_prune_deletes_nothing_from_a_checkpoint_whose_peft_tree_differs_by_cont
                  seconds=child.seconds)
     runs.note(f"seed {seed}; mutations: " + ", ".join(
         f"{k} {kinds.count(k)}" for k in MUTATIONS))
-    runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
+    finish(runs, seed)
 
 
 # --- 10. bounded inputs --------------------------------------------------------------------------
@@ -398,25 +401,24 @@ def _bounded_case_list():
 def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_without_it(
         results_tree, tmp_path):
     results, _, _ = results_tree
-    seed = base_seed()
-    rng = random.Random(seed * 100 + 10)
-    runs = Runs("redteam_bounds", scenario=10,
-                title="Bounded inputs: huge counts, backtracking patterns, colliding pickle keys, "
-                      "integers of thousands of digits, stride-0 views, headers of millions of keys, "
-                      "deep JSON → one problem on that file, the rest judged as without it",
-                checks=[
-                    "the hostile file of each case of tests/test_bounded_inputs.py (cases cycled, "
-                    "the run's length 3-5 random) in the middle checkpoint; the others sound copies",
-                    "audit, validate and prune --dry-run (--json --min-age 0) each in a child held "
-                    "to 1.5 GB of address space and 120 s: none killed, no undocumented exit, no "
-                    "traceback, no MemoryError or RecursionError",
-                    "audit and validate: exit 1, the middle checkpoint broken with the case's code "
-                    "on the hostile file; every problem message one line",
-                    "every other checkpoint: status and problems as in the same run without the "
-                    "hostile file (audit and validate)",
-                    "prune --dry-run: exit 0; plans what it plans without the hostile file, less "
-                    "anything in the hostile checkpoint",
-                ], test="test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_without_it")
+    seed, rng, runs = scenario_entry(
+        10, "redteam_bounds",
+        title="Bounded inputs: huge counts, backtracking patterns, colliding pickle keys, "
+              "integers of thousands of digits, stride-0 views, headers of millions of keys, "
+              "deep JSON → one problem on that file, the rest judged as without it",
+        checks=[
+            "the hostile file of each case of tests/test_bounded_inputs.py (cases cycled, "
+            "the run's length 3-5 random) in the middle checkpoint; the others sound copies",
+            "audit, validate and prune --dry-run (--json --min-age 0) each in a child held "
+            "to 1.5 GB of address space and 120 s: none killed, no undocumented exit, no "
+            "traceback, no MemoryError or RecursionError",
+            "audit and validate: exit 1, the middle checkpoint broken with the case's code "
+            "on the hostile file; every problem message one line",
+            "every other checkpoint: status and problems as in the same run without the "
+            "hostile file (audit and validate)",
+            "prune --dry-run: exit 0; plans what it plans without the hostile file, less "
+            "anything in the hostile checkpoint",
+        ], test="test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_without_it")
     cases = _bounded_case_list()
     picks = cycled(rng, range(len(cases)), runs_wanted())
     baselines: dict[tuple[str, int], tuple[dict, dict, set]] = {}
@@ -475,7 +477,7 @@ def test_every_bounded_input_is_one_problem_on_its_file_and_the_rest_judged_as_w
     runs.note(f"seed {seed}; {len(set(picks))} of {len(cases)} cases run. Slowest child: "
               f"{max(worst['seconds'].values()):.1f} s ({worst['name']}); largest peak RSS: "
               f"{max(max(r['peak_rss_mb'].values()) for r in runs.records):.0f} MB.")
-    runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
+    finish(runs, seed)
 
 
 # --- 11. names -----------------------------------------------------------------------------------
@@ -513,23 +515,22 @@ def _names_json(doc, root: Path, expected: set[bytes]):
 
 def test_odd_names_never_break_json_text_or_the_log(results_tree, tmp_path):
     results, _, _ = results_tree
-    seed = base_seed()
-    rng = random.Random(seed * 100 + 11)
-    runs = Runs("redteam_names", scenario=11,
-                title="Names with control characters, escape sequences, newlines and bytes that "
-                      "are not UTF-8 → strict, reversible JSON, inert text, `prune --log` prunes",
-                checks=[
-                    "a root of 2-3 runs (copies of the fixture's Trainer run) named at random from "
-                    "those pieces, under a locale chosen at random (UTF-8 strict, C, POSIX)",
-                    "audit --json: exit 0, strict UTF-8 with no lone surrogate and no raw control "
-                    "character; every checkpoint's path (its _bytes_b64 field where it has one) "
-                    "leads back to its directory; exactly the checkpoints on disk",
-                    "text output (audit -v, prune --dry-run -v, or validate -v): no control "
-                    "character but the newline, no forged line, each name shown with visible escapes",
-                    "prune --yes --json --log: exit 0, strict JSON; deleted exactly every merged "
-                    "file (each path leads back to it); every --log line strict JSON, its "
-                    "deletions the same files",
-                ], test="test_odd_names_never_break_json_text_or_the_log")
+    seed, rng, runs = scenario_entry(
+        11, "redteam_names",
+        title="Names with control characters, escape sequences, newlines and bytes that "
+              "are not UTF-8 → strict, reversible JSON, inert text, `prune --log` prunes",
+        checks=[
+            "a root of 2-3 runs (copies of the fixture's Trainer run) named at random from "
+            "those pieces, under a locale chosen at random (UTF-8 strict, C, POSIX)",
+            "audit --json: exit 0, strict UTF-8 with no lone surrogate and no raw control "
+            "character; every checkpoint's path (its _bytes_b64 field where it has one) "
+            "leads back to its directory; exactly the checkpoints on disk",
+            "text output (audit -v, prune --dry-run -v, or validate -v): no control "
+            "character but the newline, no forged line, each name shown with visible escapes",
+            "prune --yes --json --log: exit 0, strict JSON; deleted exactly every merged "
+            "file (each path leads back to it); every --log line strict JSON, its "
+            "deletions the same files",
+        ], test="test_odd_names_never_break_json_text_or_the_log")
     for i in range(runs_wanted()):
         env = rng.choice(list(LOCALES))
         root = tmp_path / f"n{i}" / "results"
@@ -587,7 +588,7 @@ def test_odd_names_never_break_json_text_or_the_log(results_tree, tmp_path):
                  text_command=" ".join(text_cmd))
     runs.note(f"seed {seed}; locales: " + ", ".join(
         f"{env} {sum(r['locale'] == env for r in runs.records)}" for env in LOCALES))
-    runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
+    finish(runs, seed)
 
 
 # --- 12. operator inputs -------------------------------------------------------------------------
@@ -605,6 +606,19 @@ def bad_duration(rng: random.Random) -> str:
     if kind == "overflow":   # past the largest float, or past it once the unit multiplies
         return f"1e{rng.randint(309, 4000)}{unit}" if unit in ("", "s") else f"1.7e308{unit}"
     return rng.choice(BAD_DURATIONS)
+
+
+@contextlib.contextmanager
+def released(writer: BlockedWriter | None, sock: socket.socket | None):
+    """Whatever the command inside does, the FIFO's blocked writer is let go and the socket
+    closed at the end."""
+    try:
+        yield
+    finally:
+        if writer:
+            writer.release()
+        if sock:
+            sock.close()
 
 
 def _op_duration(results, case_dir: Path, rng) -> tuple[str, list[str]]:
@@ -638,12 +652,9 @@ def _op_log_or_lock(results, case_dir: Path, rng) -> tuple[str, list[str]]:
     with _special(kind, case_dir / f"special-{kind}") as path:
         if kind == "fifo":
             writer = BlockedWriter(Path(path))
-        try:
+        with released(writer, None):
             child = run_limited("prune", mode, "--no-progress", option, path, root, timeout=GUARD_S)
             opened = writer.was_opened_by_someone() if writer else False
-        finally:
-            if writer:
-                writer.release()
     failures = child.guard_failures("prune")
     lines = child.stderr.strip().splitlines()
     if child.rc != 2 or len(lines) != 1 or path not in lines[0] or "not a regular file" not in lines[0]:
@@ -670,15 +681,10 @@ def _op_migrate_config(results, case_dir: Path, rng) -> tuple[str, list[str]]:
         sock = socket.socket(socket.AF_UNIX)
         sock.bind(str(config))
     set_old(config, run / f"checkpoint-{step}" / "trainer_state.json")
-    try:
+    with released(writer, sock):
         child = run_limited("migrate", "--json", "--min-age", "0", "--no-progress", src,
                             case_dir / "dst", timeout=GUARD_S)
         opened = writer.was_opened_by_someone() if writer else False
-    finally:
-        if writer:
-            writer.release()
-        if sock:
-            sock.close()
     failures = child.guard_failures("migrate")
     doc = child.json()
     if child.rc != 0 or doc is None:
@@ -722,14 +728,9 @@ def _op_deep(results, case_dir: Path, rng) -> tuple[str, list[str]]:
     else:
         os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 5))   # /dev/zero's numbers
     set_old(path, ckpt / "config.json")
-    try:
+    with released(writer, sock):
         child = run_limited("validate", "--deep", "--json", "--min-age", "0", run, timeout=GUARD_S)
         opened = writer.was_opened_by_someone() if writer else False
-    finally:
-        if writer:
-            writer.release()
-        if sock:
-            sock.close()
     failures = child.guard_failures("validate --deep")
     doc = child.json()
     described = {"fifo": "a FIFO", "socket": "a socket", "device": "a character device"}[kind]
@@ -774,29 +775,28 @@ OPERATOR_CASES = {"duration": _op_duration, "--log/--lock not a file": _op_log_o
 
 def test_operator_inputs_are_refused_without_a_hang_or_a_change(results_tree, tmp_path):
     results, _, _ = results_tree
-    seed = base_seed()
-    rng = random.Random(seed * 100 + 12)
-    runs = Runs("redteam_operator_inputs", scenario=12,
-                title="Operator inputs: NaN, infinite, negative or overflowing durations; FIFOs, "
-                      "sockets and devices where a file is read; empty paths → refused, no hang, "
-                      "nothing changed",
-                checks=[
-                    "every child under a 120 s guard (a FIFO is held open for writing by the test: "
-                    "a reader's open would release it, and is reported), no traceback",
-                    "a bad duration (generated: NaN, an infinity, a negative or an overflow, with "
-                    "or without a unit) for each duration option of each command in turn: exit 2 "
-                    "naming the option, nothing on stdout, no file changed or created (no lock "
-                    "file, no DST)",
-                    "a FIFO, socket or device as prune's --log or --lock (--yes or --dry-run): exit "
-                    "2, one line naming it and 'not a regular file', nothing changed",
-                    "a FIFO or socket as a legacy sibling's config.json: migrate exits 0, skips that "
-                    "checkpoint naming the file and its kind, migrates the other three",
-                    "a FIFO, socket or device node under a random name in a checkpoint: validate "
-                    "--deep exits 1 with one unreadable problem on it ('not a regular file'); the "
-                    "sibling has no problem",
-                    "an empty path argument: exit 2 ('empty path'), nothing changed in the working "
-                    "directory",
-                ], test="test_operator_inputs_are_refused_without_a_hang_or_a_change")
+    seed, rng, runs = scenario_entry(
+        12, "redteam_operator_inputs",
+        title="Operator inputs: NaN, infinite, negative or overflowing durations; FIFOs, "
+              "sockets and devices where a file is read; empty paths → refused, no hang, "
+              "nothing changed",
+        checks=[
+            "every child under a 120 s guard (a FIFO is held open for writing by the test: "
+            "a reader's open would release it, and is reported), no traceback",
+            "a bad duration (generated: NaN, an infinity, a negative or an overflow, with "
+            "or without a unit) for each duration option of each command in turn: exit 2 "
+            "naming the option, nothing on stdout, no file changed or created (no lock "
+            "file, no DST)",
+            "a FIFO, socket or device as prune's --log or --lock (--yes or --dry-run): exit "
+            "2, one line naming it and 'not a regular file', nothing changed",
+            "a FIFO or socket as a legacy sibling's config.json: migrate exits 0, skips that "
+            "checkpoint naming the file and its kind, migrates the other three",
+            "a FIFO, socket or device node under a random name in a checkpoint: validate "
+            "--deep exits 1 with one unreadable problem on it ('not a regular file'); the "
+            "sibling has no problem",
+            "an empty path argument: exit 2 ('empty path'), nothing changed in the working "
+            "directory",
+        ], test="test_operator_inputs_are_refused_without_a_hang_or_a_change")
     kinds = cycled(rng, OPERATOR_CASES, runs_wanted())
     for i, kind in enumerate(kinds):
         case_dir = tmp_path / f"o{i}"
@@ -804,7 +804,7 @@ def test_operator_inputs_are_refused_without_a_hang_or_a_change(results_tree, tm
         name, failures = OPERATOR_CASES[kind](results, case_dir, rng)
         runs.add(name, failures, kind=kind)
     runs.note(f"seed {seed}; cases: " + ", ".join(f"{k} {kinds.count(k)}" for k in OPERATOR_CASES))
-    runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
+    finish(runs, seed)
 
 
 # --- 13. the Trainer's rotation ------------------------------------------------------------------
@@ -895,26 +895,25 @@ def dir_mtimes(run: Path) -> dict[str, int]:
 
 def test_the_trainers_rotation_chooses_as_on_an_untouched_copy(results_tree, tmp_path):
     results, _, _ = results_tree
-    seed = base_seed()
-    rng = random.Random(seed * 100 + 13)
-    runs = Runs("redteam_rotation", scenario=13,
-                title="Trainer rotation after `prune --yes` (one process or two workers): "
-                      "transformers' `rotate_checkpoints(use_mtime=True)` chooses as on an "
-                      "untouched copy",
-                checks=[
-                    "a run of 3-9 checkpoints at random steps (105-130 for --jobs 2: prune forks "
-                    "workers only for 50 checkpoints each), each redundant, peft-only or broken at "
-                    "random; directory mtimes of saves two days ago, in step order or shuffled (a "
-                    "resumed run); in half the runs a save of a minute ago (in progress)",
-                    "prune --yes --json (default --min-age 1h) under a 120 s guard: exit 0, deleted "
-                    "exactly the redundant checkpoints' merged files; with --jobs 2 (105-130 "
-                    "checkpoints, at least 100 redundant) the unlinks were made by two worker "
-                    "processes, with --jobs 1 by the prune process itself",
-                    "every checkpoint directory's mtime (and the run directory's) as before the prune",
-                    "transformers.trainer_utils.sort_checkpoints(use_mtime=True, a random "
-                    "best_model_checkpoint or none) gives the same order as on an untouched copy, "
-                    "and rotate_checkpoints(save_total_limit random) keeps the same checkpoints",
-                ], test="test_the_trainers_rotation_chooses_as_on_an_untouched_copy")
+    seed, rng, runs = scenario_entry(
+        13, "redteam_rotation",
+        title="Trainer rotation after `prune --yes` (one process or two workers): "
+              "transformers' `rotate_checkpoints(use_mtime=True)` chooses as on an "
+              "untouched copy",
+        checks=[
+            "a run of 3-9 checkpoints at random steps (105-130 for --jobs 2: prune forks "
+            "workers only for 50 checkpoints each), each redundant, peft-only or broken at "
+            "random; directory mtimes of saves two days ago, in step order or shuffled (a "
+            "resumed run); in half the runs a save of a minute ago (in progress)",
+            "prune --yes --json (default --min-age 1h) under a 120 s guard: exit 0, deleted "
+            "exactly the redundant checkpoints' merged files; with --jobs 2 (105-130 "
+            "checkpoints, at least 100 redundant) the unlinks were made by two worker "
+            "processes, with --jobs 1 by the prune process itself",
+            "every checkpoint directory's mtime (and the run directory's) as before the prune",
+            "transformers.trainer_utils.sort_checkpoints(use_mtime=True, a random "
+            "best_model_checkpoint or none) gives the same order as on an untouched copy, "
+            "and rotate_checkpoints(save_total_limit random) keeps the same checkpoints",
+        ], test="test_the_trainers_rotation_chooses_as_on_an_untouched_copy")
     for i in range(runs_wanted()):
         jobs = 2 if i % 2 else 1
         root = tmp_path / f"t{i}" / "results"
@@ -972,4 +971,4 @@ def test_the_trainers_rotation_chooses_as_on_an_untouched_copy(results_tree, tmp
     rotated = sum(r["kept"] < r["checkpoints"] for r in runs.records)
     runs.note(f"seed {seed}; runs with --jobs 2: {sum(r['jobs'] == 2 for r in runs.records)}; runs "
               f"whose rotation deletes checkpoints (save_total_limit below their count): {rotated}")
-    runs.finish(seed=seed, reproduce=reproduce(seed, runs.test))
+    finish(runs, seed)

@@ -47,18 +47,11 @@ def test_jobs_do_not_change_the_result_with_several_roots(results_tree, monkeypa
     assert _everything(one) == _everything(two)
 
 
-def test_unlistable_directories_keep_their_place_among_problems(tmp_path, monkeypatch):
+def test_unlistable_directories_keep_their_place_among_problems(tmp_path, monkeypatch,
+                                                                private_unlistable):
     root = tmp_path / "root"
     for d in ("a/private", "a/checkpoint-1/peft_adapters", "b/private", "b/checkpoint-2/x/private"):
         (root / d).mkdir(parents=True)
-    real = scanner._list
-
-    def deny(path):
-        if path.endswith("private"):
-            raise PermissionError(13, "Permission denied", path)
-        return real(path)
-
-    monkeypatch.setattr(scanner, "_list", deny)
     one = ckpt_tools.scan(str(root), now=10**10, jobs=1)
     monkeypatch.setattr(api, "_MIN_PER_PROCESS", 1)
     two = ckpt_tools.scan(str(root), now=10**10, jobs=2)

@@ -99,17 +99,9 @@ def test_spaces_and_non_ascii_names(results_tree, tmp_path):
         ("rün with spaces/checkpoint-7 ünïcode", "peft-only")]
 
 
-def test_unlistable_directory_is_a_problem_not_a_crash(tmp_path, monkeypatch):
+def test_unlistable_directory_is_a_problem_not_a_crash(tmp_path, private_unlistable):
     root = tmp_path / "root"
     (root / "run" / "private").mkdir(parents=True)
-    real = scanner._list
-
-    def deny(path):
-        if path.endswith("private"):
-            raise PermissionError(13, "Permission denied", path)
-        return real(path)
-
-    monkeypatch.setattr(scanner, "_list", deny)
     dirs, problems = scanner.find_checkpoints(str(root))
     assert dirs == []
     assert [(p.code, p.path) for p in problems] == [("permission-denied", "run/private")]

@@ -7,7 +7,10 @@ the median wall time of each and its ratio to ``python -c pass`` of the same int
 hold on a busy machine where the absolute times do not. ``--python`` may be given several
 times (two checkouts' venvs: before and after) to measure them in the same run.
 
-    python bench/cli_startup.py [--python .venv/bin/python ...] [--repeat 41] [--json]
+``--against DIR`` also runs another checkout (DIR holds its ``ckpt_tools`` package) with the
+same interpreter and console script, ``PYTHONPATH=DIR``: before and after in one run.
+
+    python bench/cli_startup.py [--python .venv/bin/python ...] [--against DIR] [--repeat 41] [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main() -> int:
     ap.add_argument("--python", action="append",
                     help="the interpreter of an environment ckpt-tools is installed in "
                          "(default: this checkout's .venv); repeat to compare several")
+    ap.add_argument("--against", default=None,
+                    help="another checkout's directory, run with the first interpreter")
     ap.add_argument("--repeat", type=int, default=41)
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args()
@@ -45,21 +50,26 @@ def main() -> int:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = pycache
         cases = {}
-        for py in pythons:
+        setups = [(py, py, env) for py in pythons]
+        if args.against:
+            setups.append((f"{pythons[0]} with PYTHONPATH={args.against}", pythons[0],
+                           dict(env, PYTHONPATH=args.against)))
+        for label, py, case_env in setups:
             cli = [py, "-m", "ckpt_tools.cli"]
             script = os.path.join(os.path.dirname(py), "ckpt-tools")
             if os.path.exists(script):   # what an operator runs; the same interpreter
                 cli = [script]
-            cases[(py, "python -c pass")] = [py, "-c", "pass"]
-            cases[(py, "ckpt-tools --help")] = [*cli, "--help"]
-            cases[(py, "ckpt-tools audit EMPTY")] = [*cli, "audit", empty]
-        for argv in cases.values():   # warm the page cache, write the bytecode
-            _time(argv, env)
-            _time(argv, env)
+            cases[(label, "python -c pass")] = ([py, "-c", "pass"], case_env)
+            cases[(label, "ckpt-tools --help")] = ([*cli, "--help"], case_env)
+            cases[(label, "ckpt-tools audit EMPTY")] = ([*cli, "audit", empty], case_env)
+        pythons = [label for label, _, _ in setups]
+        for argv, case_env in cases.values():   # warm the page cache, write the bytecode
+            _time(argv, case_env)
+            _time(argv, case_env)
         times: dict[tuple, list[float]] = {key: [] for key in cases}
         for _ in range(args.repeat):
-            for key, argv in cases.items():
-                times[key].append(_time(argv, env))
+            for key, (argv, case_env) in cases.items():
+                times[key].append(_time(argv, case_env))
     report = {}
     for py in pythons:
         base = statistics.median(times[(py, "python -c pass")])

@@ -58,7 +58,7 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def _fro_norm(x: torch.Tensor) -> float:
+def fro_norm(x: torch.Tensor) -> float:
     """‖x‖_F accurate to float64 rounding: float32 row norms, summed in float64."""
     if x.ndim < 2:
         return float(torch.linalg.vector_norm(x.double()))
@@ -126,7 +126,7 @@ class _Sketch:
             if tail > 1e-2 * norm_d_sq:
                 self._resid_sq = tail
             else:
-                self._resid_sq = _fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
+                self._resid_sq = fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
         return self._resid_sq
 
     def error_sq(self, r: int, norm_d_sq: float) -> float:
@@ -248,7 +248,7 @@ def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | N
     if delta.ndim != 2:
         raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
     d = delta if delta.dtype == torch.float32 else delta.float()
-    norm_d = _fro_norm(d)
+    norm_d = fro_norm(d)
     if not math.isfinite(norm_d):
         raise ValueError("delta has NaN or Inf entries")
     if norm_d == 0.0:
@@ -318,7 +318,7 @@ def rank_for_error(delta: torch.Tensor, max_error: float) -> int:
     d = delta if delta.dtype == torch.float32 else delta.float()
     sq = torch.linalg.svdvals(d).double().cpu() ** 2
     tails = torch.cumsum(sq.flip(0), 0).flip(0)             # tails[r] = error² at rank r
-    hits = torch.nonzero(tails <= (max_error * _fro_norm(d)) ** 2)
+    hits = torch.nonzero(tails <= (max_error * fro_norm(d)) ** 2)
     return max(1, int(hits[0])) if len(hits) else len(sq)
 
 
@@ -331,4 +331,4 @@ def rounding_floor(w: torch.Tensor) -> float:
     x = w if w.dtype in (torch.float32, torch.float64) else w.float()
     _, exponent = torch.frexp(x)          # x = m·2^e, ½ ≤ |m| < 1: ulp(x) = eps·2^(e−1)
     half_ulp = torch.ldexp(torch.full_like(x, torch.finfo(w.dtype).eps / 4), exponent)
-    return _fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))
+    return fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 from .. import canonical, layout
 from ..layout import Role
 from .errors import CheckpointFailure
-from .plan import _read_json
+from .plan import read_json
 
 if TYPE_CHECKING:
-    from .extract import _Source
+    from .extract import MigrateSource
     from .plan import MigrateOptions
 
 
 # hyperparameters ----------------------------------------------------------------------
 
-def _ranks(expert_locs: dict) -> dict[str, int]:
+def ranks_from_shapes(expert_locs: dict) -> dict[str, int]:
     """module → r, from the shapes of lora_A ([r, in]) / lora_embedding_A ([r, vocab])."""
     ranks = {}
     for locs in expert_locs.values():
@@ -40,7 +40,7 @@ def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, 
         return cache[key]
     found: list[tuple[str, dict]] = []
     p = os.path.join(run_dir, layout.MOE_STATE_DIR, layout.MOE_CONFIG)
-    cfg = _read_json(p)
+    cfg = read_json(p)
     if cfg is not None:
         found.append((p, cfg))
     try:
@@ -59,7 +59,7 @@ def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, 
                     f"{layout.PEFT_DIR}/{expert0}/{layout.ADAPTER_CONFIG}",
                     f"{layout.PEFT_DIR}/{expert0}/{expert0}/{layout.ADAPTER_CONFIG}"):
             p = os.path.join(d, *rel.split("/"))
-            cfg = _read_json(p)
+            cfg = read_json(p)
             if cfg is None:
                 continue
             if rel == layout.ROOT_CONFIG and not layout.is_dylora_config(cfg):
@@ -94,7 +94,7 @@ def _cfg_base(cfg: dict) -> str | None:
 
 
 @dataclass
-class _Hyper:
+class Hyperparameters:
     r: int
     rank_pattern: dict
     alpha: float
@@ -104,8 +104,8 @@ class _Hyper:
     notes: list[str]
 
 
-def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
-                   run_cache: dict | None) -> _Hyper:
+def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOptions,
+                   run_cache: dict | None) -> Hyperparameters:
     """r from the shapes; alpha, dropout and the base model from the configs."""
     if not ranks:
         raise CheckpointFailure("no LoRA tensors found")
@@ -121,7 +121,7 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
     if isinstance(root_cfg, dict):
         own.append((layout.ROOT_CONFIG, root_cfg))
     for rel, role in src.files_with(Role.ADAPTER_CONFIG):
-        cfg = _read_json(src.abs(rel))
+        cfg = read_json(src.abs(rel))
         if cfg is not None:
             own.append((rel, cfg))
     run_dir = os.path.dirname(src.abspath)
@@ -185,9 +185,9 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
         targets = leaves
     if not _full_grid(list(ranks)):
         # only some layers were adapted: leaf names would make PEFT adapt them all
-        return _Hyper(r, rank_pattern, alpha, float(dropout), base,
+        return Hyperparameters(r, rank_pattern, alpha, float(dropout), base,
                       "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$", notes)
-    return _Hyper(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
+    return Hyperparameters(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
 
 
 def _full_grid(modules: list[str]) -> bool:
@@ -204,21 +204,21 @@ def _full_grid(modules: list[str]) -> bool:
     return layers == {-1} or layers == frozenset(range(len(layers)))
 
 
-def _lora_config(h: _Hyper, has_bias: bool) -> dict:
+def lora_config_for(h: Hyperparameters, has_bias: bool) -> dict:
     return canonical.lora_config(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base,
                                  target_modules=h.target_modules, rank_pattern=h.rank_pattern,
                                  lora_bias=has_bias)
 
 
-def _hyper(h: _Hyper) -> dict:
+def hyper_for(h: Hyperparameters) -> dict:
     return canonical.hyper(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base)
 
 
-def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
+def moe_config_for(src: MigrateSource, h: Hyperparameters, num_experts: int, extra: dict) -> dict:
     # the source's own MoE config is kept over what was inferred (extra)
-    return canonical.moe_config(num_experts, _hyper(h), h.target_modules,
+    return canonical.moe_config(num_experts, hyper_for(h), h.target_modules,
                                 under={**extra, **(src.facts.get("moe_config") or {})})
 
 
-def _root_config(num_experts: int, h: _Hyper) -> dict:
-    return canonical.root_config(num_experts, _hyper(h))
+def root_config_for(num_experts: int, h: Hyperparameters) -> dict:
+    return canonical.root_config(num_experts, hyper_for(h))

@@ -59,8 +59,9 @@ import torch
 from ..fs import FileOps
 from ..layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MIGRATE_TMP_PREFIX
 from ..tensor_io import bit_equal
-from .decompose import TOLERANCE, Decomposition, _fro_norm, decompose, rank_for_error, rounding_floor
-from .tensor_source import _OUTPUT_EMBEDDINGS, TensorSource, _input_embedding
+from .decompose import (TOLERANCE, Decomposition, decompose, fro_norm, rank_for_error,
+                        rounding_floor)
+from .tensor_source import OUTPUT_EMBEDDINGS, TensorSource, input_embedding
 
 __all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "TensorSource",
            "Extraction", "OverBound", "BaseMismatch", "extract", "adapter_files", "write_adapter", "main"]
@@ -270,10 +271,10 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
 
     # Logical names: a tied model's lm_head is its input embedding.
     def aliases(src: TensorSource) -> dict[str, str]:
-        emb = _input_embedding(src)
+        emb = input_embedding(src)
         if emb is None or not src.ties_embeddings():
             return {}
-        return {out: emb for out in _OUTPUT_EMBEDDINGS[:1] if out not in src}
+        return {out: emb for out in OUTPUT_EMBEDDINGS[:1] if out not in src}
 
     b_alias, m_alias = aliases(bsrc), aliases(msrc)
     b_names = list(bsrc.names) + [n for n in b_alias if n not in bsrc]
@@ -348,7 +349,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             if dec is not None:
                 _keep_factors(done, dec, delta)
                 if max_error is not None and done.error > max_error:
-                    floor = rounding_floor(msrc.get(real(m_alias, wname))) / _fro_norm(delta)
+                    floor = rounding_floor(msrc.get(real(m_alias, wname))) / fro_norm(delta)
                     msrc.release(real(m_alias, wname))
                     _hold_to_bound(done, dec, delta, max(max_error, floor))
                     done.at_floor = done.over is None
@@ -460,11 +461,11 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             module = _module_of(name)[0]
             if module not in changed_modules:
                 changed_modules.append(module)
-    b_tied = bool(b_alias) or (bsrc.ties_embeddings() and _input_embedding(bsrc) is not None)
+    b_tied = bool(b_alias) or (bsrc.ties_embeddings() and input_embedding(bsrc) is not None)
     m_tied = bool(m_alias) or msrc.ties_embeddings()
-    emb_name = _input_embedding(msrc)
+    emb_name = input_embedding(msrc)
     emb_module = _module_of(emb_name)[0] if emb_name else None
-    out_module = _module_of(_OUTPUT_EMBEDDINGS[0])[0]
+    out_module = _module_of(OUTPUT_EMBEDDINGS[0])[0]
     ensure_tying = False
     if b_tied and m_tied and emb_module:
         if out_module in changed_modules:
@@ -487,7 +488,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     if ensure_tying:
         # PEFT ties lm_head's copy to the embedding's and reads it from the file as well.
         emb = lora_state[CANONICAL_KEY_PREFIX + emb_name]
-        lora_state[CANONICAL_KEY_PREFIX + _OUTPUT_EMBEDDINGS[0]] = emb.clone()
+        lora_state[CANONICAL_KEY_PREFIX + OUTPUT_EMBEDDINGS[0]] = emb.clone()
     del m_names_set
 
     r_max = max(ranks.values(), default=0)
@@ -563,8 +564,8 @@ def _keep_factors(done: _Done, dec: Decomposition, delta: torch.Tensor) -> None:
     if done.dtype == torch.float32:
         done.error = dec.rel_error
     else:    # the error of the factors as stored
-        done.error = (_fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
-                      / _fro_norm(delta))
+        done.error = (fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
+                      / fro_norm(delta))
     done.a, done.b, done.rank, done.exact = a.cpu(), b.cpu(), dec.rank, dec.exact_used
 
 

@@ -17,7 +17,7 @@ from ..layout import MERGED_INDEX, MERGED_SINGLE, ROOT_CONFIG
 from ..tensor_io import SAFETENSORS_DTYPES
 from .hub import NotCached, cached_snapshot
 
-_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
 
 
@@ -175,7 +175,7 @@ class TensorSource:
         for cfg in (config, config.get("text_config") or {}):
             if "tie_word_embeddings" in cfg:
                 return bool(cfg["tie_word_embeddings"])
-        return _input_embedding(self) is not None and not any(n in self for n in _OUTPUT_EMBEDDINGS)
+        return input_embedding(self) is not None and not any(n in self for n in OUTPUT_EMBEDDINGS)
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -188,7 +188,7 @@ def _from_hub_cache(repo_id: str) -> Path:
                                 f"cache ({exc.why})") from None
 
 
-def _input_embedding(src: TensorSource) -> str | None:
+def input_embedding(src: TensorSource) -> str | None:
     for name in src.names:
         parts = name.split(".")
         if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDING_LEAVES:

@@ -21,6 +21,10 @@ OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
 
 
+class BaseMismatch(ValueError):
+    """The base given is not the fine-tune's: another architecture, or tensors of other shapes."""
+
+
 class _SafetensorsFile:
     """Zero-copy tensors over a private (copy-on-write) mmap of one safetensors file."""
 
@@ -194,3 +198,19 @@ def input_embedding(src: TensorSource) -> str | None:
         if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDING_LEAVES:
             return name
     return None
+
+
+# What makes two configs of one model_type different models: the same tensor names can then
+# still have the same shapes (another depth: the extra layers would be left out unnoticed).
+_ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
+                      "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_architecture(bsrc: TensorSource, msrc: TensorSource) -> None:
+    """Raise ``BaseMismatch`` where both configs record an architecture key and differ."""
+    b_cfg, m_cfg = bsrc.config or {}, msrc.config or {}
+    for key in _ARCHITECTURE_KEYS:
+        b_val, m_val = b_cfg.get(key), m_cfg.get(key)
+        if b_val and m_val and b_val != m_val:
+            raise BaseMismatch(f"{key} {json.dumps(b_val)} in the base but {json.dumps(m_val)} "
+                               f"in the fine-tune")

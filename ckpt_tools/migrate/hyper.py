@@ -105,14 +105,30 @@ class Hyperparameters:
 
 
 def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOptions,
-                   run_cache: dict | None) -> Hyperparameters:
+                  run_cache: dict | None) -> Hyperparameters:
     """r from the shapes; alpha, dropout and the base model from the configs."""
     if not ranks:
         raise CheckpointFailure("no LoRA tensors found")
     r = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
     notes: list[str] = []
+    own, run = _own_configs(src), _sibling_configs(src, run_cache)
+    alpha = _resolve_alpha(r, own, run, options, notes)
+    dropout, _ = _first_said(_cfg_dropout, own + run)
+    if dropout is None:
+        dropout = layout.DEFAULT_LORA_DROPOUT
+    base, _ = _first_said(_cfg_base, own + run)
+    if base is None and options.base_model:
+        base = options.base_model
+    if base is None:
+        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
+                     "(pass --base-model)")
+    return Hyperparameters(r, rank_pattern, alpha, float(dropout), base,
+                           _target_modules(own, ranks), notes)
 
+
+def _own_configs(src: MigrateSource) -> list[tuple[str, dict]]:
+    """(where, config) of the checkpoint's own configs: MoE, root, then each adapter's."""
     own: list[tuple[str, dict]] = []
     moe_cfg = src.facts.get("moe_config")
     if isinstance(moe_cfg, dict):
@@ -124,23 +140,30 @@ def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOpt
         cfg = read_json(src.abs(rel))
         if cfg is not None:
             own.append((rel, cfg))
+    return own
+
+
+def _sibling_configs(src: MigrateSource, run_cache: dict | None) -> list[tuple[str, dict]]:
+    """(where, config) of the configs of the checkpoint's run, relative to the run."""
     run_dir = os.path.dirname(src.abspath)
-    run = [(os.path.relpath(p, run_dir), c) for p, c in _run_configs(run_dir, src.abspath, run_cache)]
+    return [(os.path.relpath(p, run_dir), c)
+            for p, c in _run_configs(run_dir, src.abspath, run_cache)]
 
-    def pick(getter, what: str, candidates, need_r: bool):
-        for where, cfg in candidates:
-            v = getter(cfg)
-            if v is None:
-                continue
-            cr = _cfg_r(cfg)
-            if need_r and cr is not None and cr != r:
-                continue
-            if need_r and cr is None and where not in [w for w, _ in own]:
-                continue    # a run config that does not say r may be of another setup
+
+def _first_said(getter, candidates: list[tuple[str, dict]]):
+    """(value, where) of the first config that says it; (None, None) where none does."""
+    for where, cfg in candidates:
+        v = getter(cfg)
+        if v is not None:
             return v, where
-        return None, None
+    return None, None
 
-    alpha, where = pick(_cfg_alpha, "lora_alpha", own, need_r=False)
+
+def _resolve_alpha(r: int, own: list[tuple[str, dict]], run: list[tuple[str, dict]],
+                   options: MigrateOptions, notes: list[str]) -> float:
+    """lora_alpha from the checkpoint's configs, else from the run's when they agree for this
+    r, else --lora-alpha, else the upstream guess 2·r; ``notes`` says which and why."""
+    alpha, where = _first_said(_cfg_alpha, own)
     if alpha is None:
         values = {}
         for w, cfg in run:
@@ -164,16 +187,12 @@ def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOpt
         notes.append(f"lora_alpha = {alpha} from {where}")
     if isinstance(alpha, float) and alpha.is_integer():
         alpha = int(alpha)
+    return alpha
 
-    dropout, _ = pick(_cfg_dropout, "lora_dropout", own + run, need_r=False)
-    if dropout is None:
-        dropout = layout.DEFAULT_LORA_DROPOUT
-    base, _ = pick(_cfg_base, "base_model_name_or_path", own + run, need_r=False)
-    if base is None and options.base_model:
-        base = options.base_model
-    if base is None:
-        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
-                     "(pass --base-model)")
+
+def _target_modules(own: list[tuple[str, dict]], ranks: dict[str, int]) -> list[str] | str:
+    """The checkpoint's target_modules where they cover every adapted leaf, else the leaves;
+    a regex of the full names where only some layers were adapted."""
     targets = None
     for _, cfg in own:
         t = cfg.get("target_modules")
@@ -185,9 +204,8 @@ def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOpt
         targets = leaves
     if not _full_grid(list(ranks)):
         # only some layers were adapted: leaf names would make PEFT adapt them all
-        return Hyperparameters(r, rank_pattern, alpha, float(dropout), base,
-                      "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$", notes)
-    return Hyperparameters(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
+        return "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$"
+    return sorted(targets)
 
 
 def _full_grid(modules: list[str]) -> bool:

@@ -22,7 +22,8 @@ from ..problems import Problem
 from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
 from ..kinds import MigrateAction, MigrateMethod
-from ..validator import _MAX_JSON_BYTES, HEADERS, Verdict, validate_checkpoint
+from ..checkpoint_reads import MAX_JSON_BYTES
+from ..validator import HEADERS, Verdict, validate_checkpoint
 from .errors import CheckpointFailure, MigrateError
 
 METHOD_COPY, METHOD_EXACT, METHOD_SVD = MigrateMethod.COPY, MigrateMethod.EXACT, MigrateMethod.SVD
@@ -239,10 +240,12 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
 
 def read_json(path: str) -> dict | None:
     """The JSON object in the file at ``path``; None where there is none to use: no such file,
-    not a regular file (a FIFO is never opened), over _MAX_JSON_BYTES, or not a JSON object."""
+    not a regular file (a FIFO is never opened), over the validator's bound on a JSON file
+    (``MAX_JSON_BYTES``), or not a JSON object. Every config migrate and the low-rank
+    extraction read goes through here."""
     try:
-        raw = st.read_bounded(path, _MAX_JSON_BYTES)
-        doc = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_JSON_BYTES else None
+        raw = st.read_bounded(path, MAX_JSON_BYTES)
+        doc = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_JSON_BYTES else None
     except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_reads import MAX_JSON_BYTES
 from ..formats.safetensors_header import open_readonly, read_header, require_regular
 from ..layout import MERGED_INDEX, MERGED_SINGLE, ROOT_CONFIG
 from ..tensor_io import SAFETENSORS_DTYPES
 from .hub import NotCached, cached_snapshot
+from .plan import read_json
 
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
@@ -138,11 +140,14 @@ class TensorSource:
             return cls([_open_weights_file(path)], path=path.resolve(), config=None)
         config = None
         if (path / ROOT_CONFIG).is_file():
-            config = json.loads((path / ROOT_CONFIG).read_text(encoding="utf-8"))
+            config = read_json(str(path / ROOT_CONFIG))
+            if config is None:
+                raise ValueError(f"{path / ROOT_CONFIG}: not a JSON object of at most "
+                                 f"{MAX_JSON_BYTES} bytes")
         for index_name in MERGED_INDEX:
             index = path / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+                weight_map = (read_json(str(index)) or {}).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"{index}: no weight_map")
                 shards = sorted(set(weight_map.values()))

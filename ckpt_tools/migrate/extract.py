@@ -56,7 +56,7 @@ class Conversion:
     module_errors: dict = field(default_factory=dict)
     max_rel_error: float | None = 0.0
     lora_bytes: int = 0                 # bytes of tensor data extracted
-    extraction: object | None = None    # lowrank.Extraction for svd
+    extraction: object | None = None    # extraction.Extraction for svd
 
 
 def _is_canonical_root_config(cfg: dict | None) -> bool:
@@ -65,7 +65,7 @@ def _is_canonical_root_config(cfg: dict | None) -> bool:
 
 @dataclass
 class MigrateSource:
-    """What the converter reads of one checkpoint."""
+    """What migrate reads of one checkpoint."""
 
     abspath: str
     ckpt: CheckpointDir

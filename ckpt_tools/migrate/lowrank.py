@@ -35,8 +35,9 @@ where the randomized factors missed the bound by their 1% but the exact ones mee
 ones are kept. The modules above it are reported (``Extraction.over_bound``), not refused: the
 caller decides.
 
-These modules import torch at their top: only the execution of an svd migrate, the loader
-and the command line entry (``python -m ckpt_tools.migrate.lowrank``) import them.
+This module, ``decompose`` and ``tensor_source`` import torch at their top: only the execution
+of an svd migrate, the loader and the command line entry (``python -m ckpt_tools.migrate.lowrank``)
+import them. What an extraction produced is in ``extraction`` (no torch).
 """
 
 from __future__ import annotations

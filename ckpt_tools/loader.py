@@ -24,7 +24,7 @@ from .migrate.errors import CheckpointFailure
 from .migrate.extract import Conversion, build_conversion, open_source
 from .migrate.peft_model import (CheckpointLoadError, attach_experts, base_from_merged,
                                  check_base_matches, load_base_model)
-from .migrate.plan import METHOD_COPY, METHOD_SVD, MigrateOptions, _method_for, _read_json
+from .migrate.plan import METHOD_COPY, METHOD_SVD, MigrateOptions, method_for, read_json
 from .migrate.verify import hooked_logits, verify_conversion
 from .records import BROKEN, Checkpoint
 
@@ -50,7 +50,7 @@ def _router_and_config(conv: Conversion, src) -> tuple[dict, dict]:
     if conv.method == METHOD_COPY:
         cfg = {}
         for rel in (layout.ROOT_CONFIG, f"{src.moe_dir}/{layout.MOE_CONFIG}"):
-            cfg.update(_read_json(src.abs(rel)) or {})
+            cfg.update(read_json(src.abs(rel)) or {})
         return router, cfg
     return router, {**conv.root_config, **conv.moe_config}
 
@@ -77,7 +77,7 @@ def load_checkpoint(path, base_model, *, lora_alpha: float | None = None,
         first = errors[0] if errors else None
         raise CheckpointLoadError(f"{path}: broken checkpoint" + (
             f": {first.code}: {first.path}: {first.message}" if first else ""))
-    method, why = _method_for(Checkpoint.from_verdict(src.ckpt, v))
+    method, why = method_for(Checkpoint.from_verdict(src.ckpt, v))
     if method is None:
         raise CheckpointLoadError(f"{path}: {why}")
     base_id = None if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)

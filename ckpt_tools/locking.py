@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from . import layout
+from .errors import TryAgain, UsageError
 
 LOCK_NAME = layout.LOCK_FILE
 _POLL_S = 0.05
@@ -42,11 +43,11 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NONBLOCK
 _EXCLUSIVE, _SHARED = fcntl.LOCK_EX, fcntl.LOCK_SH
 
 
-class LockError(Exception):
+class LockError(UsageError):
     """A lock file that cannot be created or opened (permissions, a symlink, not a file)."""
 
 
-class LockHeld(Exception):
+class LockHeld(TryAgain):
     """Another run holds the lock and did not let go within the timeout."""
 
     def __init__(self, path: str, timeout: float, *, tree: bool = False):

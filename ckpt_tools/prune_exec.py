@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import scanner, workers
+from .errors import ProblemsError, UsageError
 from .fs import FileOps, local_or
 from .kinds import PruneAction
 from .names import json_text
@@ -137,7 +138,7 @@ class PruneResult:
         return doc
 
 
-class LogWriteError(Exception):
+class LogWriteError(ProblemsError):
     """A line of ``--log`` could not be written whole; the log takes no more lines."""
 
     def __init__(self, path: str, cause: str):
@@ -146,7 +147,7 @@ class LogWriteError(Exception):
         super().__init__(f"cannot write log {path}: {cause}")
 
 
-class LogOpenError(Exception):
+class LogOpenError(UsageError):
     """``--log FILE`` cannot be opened, or is not a regular file (a FIFO would block)."""
 
 

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from sys import intern
 
 from . import layout
+from .errors import UsageError
 from .problems import PERMISSION_DENIED, UNREADABLE, Problem
 from .records import CheckpointDir, FileRecord
 
 
-class ScanError(Exception):
+class ScanError(UsageError):
     """A root that cannot be scanned at all (missing, not a directory, unreadable)."""
 
 

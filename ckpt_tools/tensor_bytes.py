@@ -12,7 +12,7 @@ tensor lives; this module turns that into ``TensorLocation`` records, one byte r
 
 It also names the LoRA and router tensors of any key form (V0/V1 merged state dicts,
 ``expert_<i>.pt`` files, PEFT adapters, the three router forms) by one canonical key, with
-the layout's own mapping, so that the converter (which reads them with torch) and prune's
+the layout's own mapping, so that migrate (which reads them with torch) and prune's
 content proof (which compares their bytes without it) agree on what is what.
 """
 
@@ -167,7 +167,7 @@ def locate(path: str, wanted=None) -> dict[str, TensorLocation]:
 
 
 def lora_or_router_key(key: str) -> bool:
-    """A key that may hold a LoRA or router tensor: what the converter and the proof read."""
+    """A key that may hold a LoRA or router tensor: what migrate and the proof read."""
     return ".lora_" in key or key.startswith(layout.ROUTER_KEY_PREFIX)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .formats import safetensors_header as st
+from .formats.torchsave import flatten_tensors
 from .problems import BAD_ARCHIVE, FormatError
 from .tensor_bytes import (SAFETENSORS_DTYPE_NAMES, TensorLocation, locate,  # noqa: F401
                            locate_safetensors, locate_torch, read_range)
@@ -92,7 +93,7 @@ def read_tensors(locations: Mapping[str, TensorLocation] | Iterable[TensorLocati
     for path, group in by_file.items():
         if any(loc.offset < 0 for loc in group):
             whole = torch.load(path, map_location="cpu", weights_only=True)
-            flat = _flatten_loaded(whole)
+            flat = flatten_tensors(whole, is_tensor=_is_torch_tensor)
             if stats:
                 stats.add(os.path.getsize(path), len(group), whole=True)
             for loc in group:
@@ -113,17 +114,8 @@ def read_tensors(locations: Mapping[str, TensorLocation] | Iterable[TensorLocati
     return out
 
 
-def _flatten_loaded(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            out.update(_flatten_loaded(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flatten_loaded(v, f"{prefix}.{i}" if prefix else str(i)))
-    return out
+def _is_torch_tensor(node) -> bool:
+    return isinstance(node, torch.Tensor)
 
 
 def drop_cache(path: str) -> None:

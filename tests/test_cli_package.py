@@ -100,6 +100,39 @@ def test_every_failure_gets_one_line_and_the_documented_code(index, capsys):
         assert err.count("\n") == 1 and err.startswith("ckpt-tools: "), err
 
 
+def test_each_library_error_is_one_of_the_kinds_the_exit_codes_tell_apart():
+    from ckpt_tools import errors
+    for exc, code in _library_errors()[:6]:
+        assert isinstance(exc, errors.CkptToolsError), type(exc)
+        assert type(exc).exit_code == code, type(exc)
+
+
+def test_the_code_comes_from_the_kind_not_from_the_class_name_or_module(capsys):
+    """A new exception anywhere gets its code by deriving from a kind in ckpt_tools.errors."""
+    from ckpt_tools import errors
+    from ckpt_tools.cli.exits import handle
+
+    class SomeNewRefusal(errors.UsageError):
+        pass
+
+    class SomeNewWait(errors.TryAgain):
+        pass
+
+    assert handle(SomeNewRefusal("x: not a directory")) == 2
+    assert capsys.readouterr().err == "ckpt-tools: error: x: not a directory\n"
+    assert handle(SomeNewWait("the lock l is held")) == 75
+    assert capsys.readouterr().err.endswith("; nothing done. Try again later or raise "
+                                            "--lock-timeout.\n")
+
+
+def test_the_error_kinds_import_nothing():
+    """cli/exits.py imports ckpt_tools.errors at start-up: it must stay free of imports."""
+    import ast
+    import ckpt_tools.errors
+    tree = ast.parse(Path(ckpt_tools.errors.__file__).read_text(encoding="utf-8"))
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
 def _held_dst_lock(dst: Path):
     from ckpt_tools.locking import root_lock
     dst.mkdir(parents=True, exist_ok=True)

@@ -392,6 +392,22 @@ def test_missing_and_extra_tensors_are_reported():
         extract(base, {"layer.proj.weight": torch.ones(20, 11)}, rank=1, device="cpu")
 
 
+def test_a_config_that_is_no_json_object_is_refused_naming_the_file(tmp_path, capsys):
+    """config.json is read by the same bounded reader as migrate's configs: a list, or a
+    file that is not JSON, is one line naming it, not a crash further on."""
+    from safetensors.torch import save_file
+    for name, text in (("listed", "[1, 2]"), ("garbled", "{not json")):
+        model = tmp_path / name
+        model.mkdir()
+        save_file({"a.proj.weight": torch.ones(4, 4)}, str(model / "model.safetensors"))
+        (model / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"config\.json: not a JSON object"):
+            TensorSource.open(model)
+        assert main([str(model), str(model), str(tmp_path / "out"), "--rank", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{model}/config.json" in err, err
+
+
 def test_nothing_changed_writes_nothing(tmp_path):
     w = {"a.proj.weight": torch.ones(4, 4), "a.norm.weight": torch.ones(4)}
     ex = extract(w, dict(w), rank=2, device="cpu")

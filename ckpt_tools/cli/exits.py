@@ -10,9 +10,10 @@ The codes mean the same for every command (README, "Exit status"):
 * 130 interrupted.
 
 Commands return 0 or 1 themselves; everything else reaches ``handle`` as an exception.
-The library's exceptions are told apart by class name, so that this module imports none of
-the modules that define them (a command's failure must not make ``--help`` slower) and a
-class keeps its code when it moves between the library's modules.
+The library's exceptions that are the user's to fix derive from the kinds in
+``ckpt_tools.errors``, which carry their code; that module imports nothing, so this one
+imports none of the modules that raise them (a command's failure must not make ``--help``
+slower). Any other exception is a failure of ckpt-tools itself (exit 1, with -v's traceback).
 """
 
 from __future__ import annotations
@@ -21,35 +22,17 @@ import enum
 
 import click
 
+from ..errors import CkptToolsError, ProblemsError, TryAgain, UsageError
 from ..names import shown
 from .output import PROGRAM, Output
 
 
 class ExitCode(enum.IntEnum):
     OK = 0
-    PROBLEMS = 1
-    USAGE = 2
-    LOCKED = 75
+    PROBLEMS = ProblemsError.exit_code
+    USAGE = UsageError.exit_code
+    LOCKED = TryAgain.exit_code
     INTERRUPTED = 130
-
-
-# the library's exceptions that are the user's to fix, and what they mean; any other
-# exception is a failure of ckpt-tools itself (exit 1, with -v's traceback)
-_LIBRARY_ERRORS = {
-    "ScanError": ExitCode.USAGE,       # scanner: a root that does not exist or cannot be read
-    "MigrateError": ExitCode.USAGE,    # migrate cannot start: bad roots, DST inside SRC
-    "LockError": ExitCode.USAGE,       # --lock names something that is not a regular file
-    "LogOpenError": ExitCode.USAGE,    # --log cannot be opened or is not a regular file
-    "LogWriteError": ExitCode.PROBLEMS,   # prune's log failed before any deletion
-    "LockHeld": ExitCode.LOCKED,
-}
-
-
-def _library_code(exc: BaseException) -> ExitCode | None:
-    for cls in type(exc).__mro__:
-        if cls.__module__.startswith("ckpt_tools.") and cls.__name__ in _LIBRARY_ERRORS:
-            return _LIBRARY_ERRORS[cls.__name__]
-    return None
 
 
 def _show_click_error(exc: click.ClickException) -> None:
@@ -74,13 +57,12 @@ def handle(exc: BaseException, out: Output | None = None) -> int:
         return ExitCode.USAGE
     if isinstance(exc, BrokenPipeError):        # the reader went away: nothing left to say
         return ExitCode.OK
-    code = _library_code(exc)
-    if code is ExitCode.LOCKED:
+    if isinstance(exc, TryAgain):
         out.say(f"{PROGRAM}: {exc}; nothing done. Try again later or raise --lock-timeout.")
-        return code
-    if code is not None:
+        return ExitCode(exc.exit_code)
+    if isinstance(exc, CkptToolsError):
         out.error(str(exc))
-        return code
+        return ExitCode(exc.exit_code)
     if out.verbose:
         out.traceback(exc)
     out.say(f"{PROGRAM}: error: {type(exc).__name__}: {exc}"

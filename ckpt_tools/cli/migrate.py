@@ -16,7 +16,7 @@ from ..report import migrate_where, render_migrate_plan, render_migrate_result
 from .exits import ExitCode
 from .options import Duration, PathArgument, command_output, finite, output_options
 
-if TYPE_CHECKING:  # the converter is imported when migrate runs, not when the CLI starts
+if TYPE_CHECKING:  # the migrate package is imported when migrate runs, not at start-up
     from ..migrate import MigrateEvent
 
 

@@ -58,7 +58,7 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def _fro_norm(x: torch.Tensor) -> float:
+def fro_norm(x: torch.Tensor) -> float:
     """‖x‖_F accurate to float64 rounding: float32 row norms, summed in float64."""
     if x.ndim < 2:
         return float(torch.linalg.vector_norm(x.double()))
@@ -126,7 +126,7 @@ class _Sketch:
             if tail > 1e-2 * norm_d_sq:
                 self._resid_sq = tail
             else:
-                self._resid_sq = _fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
+                self._resid_sq = fro_norm(torch.addmm(self.d, self.q, self.bt.T, alpha=-1)) ** 2
         return self._resid_sq
 
     def error_sq(self, r: int, norm_d_sq: float) -> float:
@@ -226,6 +226,12 @@ def _exact(d: torch.Tensor, rank: int | None, energy: float | None, norm_d_sq: f
     return a, b, r, tail
 
 
+# Stage 1: modest oversampling, enough where the spectrum has a gap at r. Stage 2: a wider
+# sketch, which lowers ‖M‖₂ below the gap of a steadily decaying spectrum. Each: (the sketch's
+# width for a rank guess g, how many power iterations it may take to certify).
+_STAGES = ((lambda g: g + max(8, g // 2), 3), (lambda g: 4 * g + 16, 3))
+
+
 def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
               method: str = "auto", tolerance: float = TOLERANCE,
               seed: int = 0) -> Decomposition | None:
@@ -237,18 +243,9 @@ def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | N
     ``"randomized"`` (no fallback), ``"exact"``. ``seed`` makes the randomized path
     deterministic. Raises ValueError for a non-finite delta.
     """
-    if rank is None and energy is None:
-        raise ValueError("give rank, energy, or both")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
-    if method not in ("auto", "randomized", "exact"):
-        raise ValueError(f"unknown method {method!r}")
-    if delta.ndim != 2:
-        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
+    _check_arguments(delta, rank, energy, method)
     d = delta if delta.dtype == torch.float32 else delta.float()
-    norm_d = _fro_norm(d)
+    norm_d = fro_norm(d)
     if not math.isfinite(norm_d):
         raise ValueError("delta has NaN or Inf entries")
     if norm_d == 0.0:
@@ -262,51 +259,72 @@ def decompose(delta: torch.Tensor, *, rank: int | None = None, energy: float | N
         return Decomposition(A=a.contiguous(), B=b.contiguous(), rank=r, rel_error=rel,
                              exact_used=exact_used)
 
-    def exact():
-        a, b, r, tail = _exact(d, cap, energy, norm_d_sq)
-        return finish(a, b, r, tail, True)
-
-    if method == "exact":
-        return exact()
-
-    floor_sq = _noise_floor(norm_d, d.shape) ** 2
-    target = None if energy is None else energy * norm_d_sq
-    guess = cap if target is None else min(cap, 32)
-    # Stage 1: modest oversampling, enough where the spectrum has a gap at r. Stage 2: a
-    # wider sketch, which lowers ‖M‖₂ below the gap of a steadily decaying spectrum.
-    for stage, (widen, iters) in enumerate(((lambda g: g + max(8, g // 2), 3),
-                                            (lambda g: 4 * g + 16, 3))):
-        sketch = r = None
-        while True:
-            k = min(widen(guess), kmax)
-            if method == "auto" and 3 * k > kmax:
+    if method != "exact":
+        floor_sq = _noise_floor(norm_d, d.shape) ** 2
+        target = None if energy is None else energy * norm_d_sq
+        guess = cap if target is None else min(cap, 32)
+        for stage, (widen, iters) in enumerate(_STAGES):
+            sketch, r = _sketch_for_rank(d, guess, cap, widen, method, seed + stage, target)
+            if sketch is None:
                 break
-            sketch = _Sketch(d, k, seed + stage)
-            sketch.iterate()
-            if target is None:
-                r = cap
-                break
-            hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
-            if hit is not None and hit <= guess:
-                r = hit
-                break
-            if guess >= cap or k == kmax:
-                r = min(hit or cap, cap)
-                break
-            guess = min(cap, 2 * guess)
-        if r is None:
-            break
-        for attempt in range(iters):
-            if attempt:
-                sketch.iterate()
-                if target is not None:
-                    hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
-                    r = min(hit, cap) if hit is not None else r
-            if method == "randomized" or sketch.certify(r, norm_d_sq, tolerance, floor_sq, target):
+            r, certified = _certify(sketch, r, cap, iters, method, norm_d_sq, tolerance,
+                                    floor_sq, target)
+            if certified:
                 a, b = sketch.factors(r)
                 return finish(a, b, r, sketch.error_sq(r, norm_d_sq), False)
-        guess = r
-    return exact()
+            guess = r
+    a, b, r, tail = _exact(d, cap, energy, norm_d_sq)
+    return finish(a, b, r, tail, True)
+
+
+def _check_arguments(delta: torch.Tensor, rank, energy, method: str) -> None:
+    if rank is None and energy is None:
+        raise ValueError("give rank, energy, or both")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if method not in ("auto", "randomized", "exact"):
+        raise ValueError(f"unknown method {method!r}")
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a matrix, got shape {tuple(delta.shape)}")
+
+
+def _sketch_for_rank(d: torch.Tensor, guess: int, cap: int, widen, method: str, seed: int,
+                     target: float | None) -> tuple[_Sketch | None, int | None]:
+    """A sketch of one stage and the rank it gives: ``cap``, or the energy's rank, the sketch
+    doubling ``guess`` until that rank fits in it. (None, None) where ``auto`` finds a sketch
+    that wide not worth it (3k > min(out, in)): the exact SVD is then the cheaper way."""
+    kmax = min(d.shape)
+    while True:
+        k = min(widen(guess), kmax)
+        if method == "auto" and 3 * k > kmax:
+            return None, None
+        sketch = _Sketch(d, k, seed)
+        sketch.iterate()
+        if target is None:
+            return sketch, cap
+        hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
+        if hit is not None and hit <= guess:
+            return sketch, hit
+        if guess >= cap or k == kmax:
+            return sketch, min(hit or cap, cap)
+        guess = min(cap, 2 * guess)
+
+
+def _certify(sketch: _Sketch, r: int, cap: int, iters: int, method: str, norm_d_sq: float,
+             tolerance: float, floor_sq: float, target: float | None) -> tuple[int, bool]:
+    """(rank, whether the sketch's rank-r result is accepted), after up to ``iters`` power
+    iterations; with an energy target the rank is chosen again after each."""
+    for attempt in range(iters):
+        if attempt:
+            sketch.iterate()
+            if target is not None:
+                hit = _smallest_rank_for_energy(sketch.sigma ** 2, target)
+                r = min(hit, cap) if hit is not None else r
+        if method == "randomized" or sketch.certify(r, norm_d_sq, tolerance, floor_sq, target):
+            return r, True
+    return r, False
 
 
 def rank_for_error(delta: torch.Tensor, max_error: float) -> int:
@@ -318,7 +336,7 @@ def rank_for_error(delta: torch.Tensor, max_error: float) -> int:
     d = delta if delta.dtype == torch.float32 else delta.float()
     sq = torch.linalg.svdvals(d).double().cpu() ** 2
     tails = torch.cumsum(sq.flip(0), 0).flip(0)             # tails[r] = error² at rank r
-    hits = torch.nonzero(tails <= (max_error * _fro_norm(d)) ** 2)
+    hits = torch.nonzero(tails <= (max_error * fro_norm(d)) ** 2)
     return max(1, int(hits[0])) if len(hits) else len(sq)
 
 
@@ -331,4 +349,4 @@ def rounding_floor(w: torch.Tensor) -> float:
     x = w if w.dtype in (torch.float32, torch.float64) else w.float()
     _, exponent = torch.frexp(x)          # x = m·2^e, ½ ≤ |m| < 1: ulp(x) = eps·2^(e−1)
     half_ulp = torch.ldexp(torch.full_like(x, torch.finfo(w.dtype).eps / 4), exponent)
-    return _fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))
+    return fro_norm(torch.where(x != 0, half_ulp, torch.zeros_like(half_ulp)))

@@ -7,10 +7,11 @@ import errno
 import re
 
 from .. import commit
+from ..errors import UsageError
 from ..fs import FileOps
 
 
-class MigrateError(Exception):
+class MigrateError(UsageError):
     """Migration cannot start at all (bad roots, DST inside SRC, ...)."""
 
 
@@ -24,7 +25,7 @@ class CheckpointFailure(Exception):
         self.fields = dict(fields or {})
 
 
-_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                    errno.EIO: "I/O error", errno.EROFS: "read-only file system",
                    errno.EFBIG: "file too large"}
 _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
@@ -46,13 +47,13 @@ def storage_error(exc: BaseException) -> str | None:
         if code is None and not isinstance(e, OSError):
             found = _OS_ERROR_CODE.search(str(e))
             code = int(found.group(1)) if found else None
-        if code in _STORAGE_ERRORS:
-            return _STORAGE_ERRORS[code]
+        if code in STORAGE_ERRORS:
+            return STORAGE_ERRORS[code]
         e = e.__cause__ or e.__context__
     return None
 
 
-def _discard(path: str, fs: FileOps, shown: str) -> str | None:
+def discard_temporary(path: str, fs: FileOps, shown: str) -> str | None:
     """Remove a temporary directory (``commit.discard``); None once it is gone, else why it
     stays (the next migrate of that DST removes it: ``clean_stale``)."""
     error = commit.discard(path, fs)

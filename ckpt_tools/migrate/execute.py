@@ -30,23 +30,23 @@ from .. import commit, scanner
 from ..formats import safetensors_header as st
 from ..fs import FileOps, local_or
 from ..records import BROKEN, IN_PROGRESS, Checkpoint
-from .errors import CheckpointFailure, _discard, storage_error
-from .extract import _Source, open_source
-from .plan import (ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP, MigrateItem, MigratePlan, _digest,
-                   _inside, _input_files, _method_for, _skip_reason, _target_state)
+from .errors import CheckpointFailure, discard_temporary, storage_error
+from .extract import MigrateSource, open_source
+from .plan import (ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP, MigrateItem, MigratePlan, digest_of,
+                   input_files, is_inside, method_for, skip_reason, target_state)
 from .result import MigrateEvent, MigrateOutcome, MigrateResult
-from .write import (_Context, _SourceChanged, _TargetJob, _VerifyFailed, _write_target,
-                    clean_stale)
+from .write import (MigrateContext, SourceChanged, TargetJob, VerifyFailed, clean_stale,
+                    write_target)
 
 
-def _refuse_unsafe_links(src: _Source, root: str, shown: str) -> None:
+def _refuse_unsafe_links(src: MigrateSource, root: str, shown: str) -> None:
     """Migrate reads the files it carries by path: none may be a symlink leading out of
     ``root`` (SRC; symlinks are never followed out of a root), nor a FIFO or a device
     (reading one blocks, or never ends), nor a symlink to a directory or a loop (a directory
     has no bytes to carry). ``shown`` names the checkpoint under SRC."""
     root_real = os.path.realpath(root)
     real = os.path.realpath(src.abspath)
-    if not _inside(real, root_real):
+    if not is_inside(real, root_real):
         raise CheckpointFailure(f"{shown}: now leads to {real}, outside {root} (a directory was "
                                 "replaced by a symlink); migrate never follows a symlink out of SRC")
     for f in src.ckpt.files:
@@ -54,7 +54,7 @@ def _refuse_unsafe_links(src: _Source, root: str, shown: str) -> None:
         where = f.relpath if shown == "." else f"{shown}/{f.relpath}"
         if f.is_symlink:
             real = os.path.realpath(path)
-            if not _inside(real, root_real):
+            if not is_inside(real, root_real):
                 raise CheckpointFailure(f"{where}: a symlink to {real}, outside {root}; "
                                         "migrate never follows a symlink out of SRC")
         try:
@@ -101,13 +101,13 @@ def _remove_empty(dirs: list[str], fs: FileOps) -> None:
 _SOURCE_ATTEMPTS = 3
 
 
-def _migrate_fresh(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
+def _migrate_fresh(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
     """``_migrate_one``, begun again from the source as it now is when it changed while read."""
     changed: list[str] = []
     for _ in range(_SOURCE_ATTEMPTS):
         try:
             out = _migrate_one(ctx, item)
-        except _SourceChanged as exc:
+        except SourceChanged as exc:
             changed.append(str(exc))
             continue
         if changed and out.outcome != "failed":
@@ -118,7 +118,7 @@ def _migrate_fresh(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
     raise CheckpointFailure(f"the source kept changing while it was read: {changed[-1]}")
 
 
-def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
+def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
     t0 = time.monotonic()
     plan, opts = ctx.plan, ctx.plan.options
     src_abs = os.path.abspath(plan.src if item.source == "." else
@@ -136,14 +136,14 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
     v = src.verdict
     if v.status in (BROKEN, IN_PROGRESS):
         probe = Checkpoint.from_verdict(src.ckpt, v)
-        return outcome("skipped", method=item.method, reason=_skip_reason(probe) + " (since the plan)")
-    method, why_not = _method_for(Checkpoint.from_verdict(src.ckpt, v))
+        return outcome("skipped", method=item.method, reason=skip_reason(probe) + " (since the plan)")
+    method, why_not = method_for(Checkpoint.from_verdict(src.ckpt, v))
     if method is None:
         return outcome("skipped", reason=why_not)
     _refuse_unsafe_links(src, plan.src, item.source)
-    digest = _digest(_input_files(src.ckpt, v.facts))
+    digest = digest_of(input_files(src.ckpt, v.facts))
 
-    state, detail = _target_state(target, digest)
+    state, detail = target_state(target, digest)
     if state == "finished":
         return outcome("skipped", method=method, reason="already migrated")
     if state == "foreign":
@@ -153,13 +153,14 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
     tmp = staging.tmp
     shown = _shown_target(plan, item)
     new_dirs = _missing_dirs(os.path.dirname(target))
-    job = _TargetJob(src, method, digest, item, shown, outcome)
+    job = TargetJob(src, method, digest, item, shown, outcome)
     try:
-        result = _write_target(ctx, job, staging)
-    except _VerifyFailed as exc:
+        result = write_target(ctx, job, staging)
+    except VerifyFailed as exc:
         result = exc.outcome
     except BaseException as exc:
-        left = _discard(tmp, ctx.fs, os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
+        left = discard_temporary(tmp, ctx.fs,
+                                 os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
         _remove_empty(new_dirs, ctx.fs)
         reason = str(exc) if isinstance(exc, CheckpointFailure) else None
         # only an OSError of its own here (mkdir, rename, a read): the writer names the file
@@ -167,7 +168,7 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
         why = storage_error(exc) if reason is None and isinstance(exc, OSError) else None
         if why is not None:
             where = getattr(exc, "filename", None)
-            if isinstance(where, str) and _inside(where, tmp):
+            if isinstance(where, str) and is_inside(where, tmp):
                 where = shown + where[len(tmp):]
             reason = f"{why}: {where}" if isinstance(where, str) else f"{why} migrating to {shown}"
         if reason is None:
@@ -175,10 +176,10 @@ def _migrate_one(ctx: _Context, item: MigrateItem) -> MigrateOutcome:
         raise CheckpointFailure(reason + (f"; {left}" if left else ""),
                                 fields=getattr(exc, "fields", None)) from None
     if result.outcome == "failed":     # --verify refused it: rolled back like any failure
-        left = _discard(tmp, ctx.fs, tmp)
+        left = discard_temporary(tmp, ctx.fs, tmp)
         _remove_empty(new_dirs, ctx.fs)
     else:
-        left = _discard(staging.parked, ctx.fs, staging.parked) if staging.parked else None
+        left = discard_temporary(staging.parked, ctx.fs, staging.parked) if staging.parked else None
     if left:
         result = dataclasses.replace(result, warnings=result.warnings + (f"warning: {left}",))
     return result
@@ -216,7 +217,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
     write, fsync, rename and removal of DST goes through (None: the local file system).
     """
     from contextlib import ExitStack
-    ctx = _Context(plan, local_or(fs))
+    ctx = MigrateContext(plan, local_or(fs))
     migrated: list[MigrateOutcome] = []
     skipped: list[MigrateOutcome] = []
     failed: list[MigrateOutcome] = []
@@ -238,7 +239,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
             stack.enter_context(root_lock([ldir], lock_timeout, lock_path=lock_path,
                                           shared_roots=[plan.src]))
         for parent in sorted({os.path.dirname(_target_abs(plan, i)) for i in work}):
-            if parent == os.path.dirname(dst) or _inside(parent, dst):
+            if parent == os.path.dirname(dst) or is_inside(parent, dst):
                 clean_stale(parent, ctx.fs)
 
         def run(item: MigrateItem) -> None:

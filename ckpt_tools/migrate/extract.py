@@ -18,8 +18,9 @@ from ..tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_o
 from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
 from .errors import CheckpointFailure
 from .hub import NotCached, cached_snapshot
-from .hyper import _Hyper, _hyper, _lora_config, _moe_config, _ranks, _resolve_hyper, _root_config
-from .plan import METHOD_COPY, METHOD_EXACT, METHOD_SVD, MigrateOptions, _read_json
+from .hyper import (Hyperparameters, hyper_for, lora_config_for, moe_config_for, ranks_from_shapes,
+                    resolve_hyper, root_config_for)
+from .plan import METHOD_COPY, METHOD_EXACT, METHOD_SVD, MigrateOptions, read_json
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Conversion:
     module_errors: dict = field(default_factory=dict)
     max_rel_error: float | None = 0.0
     lora_bytes: int = 0                 # bytes of tensor data extracted
-    extraction: object | None = None    # lowrank.Extraction for svd
+    extraction: object | None = None    # extraction.Extraction for svd
 
 
 def _is_canonical_root_config(cfg: dict | None) -> bool:
@@ -63,8 +64,8 @@ def _is_canonical_root_config(cfg: dict | None) -> bool:
 
 
 @dataclass
-class _Source:
-    """What the converter reads of one checkpoint."""
+class MigrateSource:
+    """What migrate reads of one checkpoint."""
 
     abspath: str
     ckpt: CheckpointDir
@@ -90,14 +91,14 @@ class _Source:
         return self.facts.moe_dir
 
 
-def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) -> _Source:
+def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) -> MigrateSource:
     """Scan and validate the checkpoint directory at ``path`` (one checkpoint, not a tree)."""
     dirs, _ = scanner.find_checkpoints(path)
     mine = [d for d in dirs if d.path == "."]
     if not mine:
         raise CheckpointFailure(f"{path}: not a checkpoint directory")
     verdict = validate_checkpoint(mine[0], level=HEADERS, min_age_s=min_age_s, now=now)
-    return _Source(os.path.abspath(path), mine[0], verdict)
+    return MigrateSource(os.path.abspath(path), mine[0], verdict)
 
 
 # tensors ------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def open_source(path: str, *, min_age_s: float = 0.0, now: float | None = None) 
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
-def _merged_locations(src: _Source) -> dict:
+def _merged_locations(src: MigrateSource) -> dict:
     from ..tensor_io import locate
     found = {}
     for rel, role in src.files_with(Role.MERGED):
@@ -142,7 +143,7 @@ def _router_from(locs: dict, *, where: str) -> dict:
     return out
 
 
-def _carried(src: _Source, *, exclude_roles=()) -> list[tuple[str, str]]:
+def _carried(src: MigrateSource, *, exclude_roles=()) -> list[tuple[str, str]]:
     """Trainer state, tokenizer and other loose files carried byte for byte."""
     out = []
     for f in src.ckpt.files:
@@ -160,7 +161,7 @@ def _carried(src: _Source, *, exclude_roles=()) -> list[tuple[str, str]]:
 
 # the conversions ----------------------------------------------------------------------
 
-def _tree_experts(src: _Source) -> tuple[dict, dict]:
+def _tree_experts(src: MigrateSource) -> tuple[dict, dict]:
     """({expert: {ckey: loc}}, {expert: (adapter dir, adapter_config path)}) of a dirs/nested tree."""
     from ..tensor_io import locate_safetensors
     expert_locs: dict[int, dict] = {}
@@ -175,7 +176,7 @@ def _tree_experts(src: _Source) -> tuple[dict, dict]:
     return expert_locs, dirs
 
 
-def _flat_experts(src: _Source) -> dict:
+def _flat_experts(src: MigrateSource) -> dict:
     from ..tensor_io import locate_torch
     out = {}
     for rel, role in src.files_with(Role.FLAT_EXPERT):
@@ -185,7 +186,7 @@ def _flat_experts(src: _Source) -> dict:
     return out
 
 
-def _router_locations(src: _Source, merged: dict | None) -> tuple[dict, dict]:
+def _router_locations(src: MigrateSource, merged: dict | None) -> tuple[dict, dict]:
     """Router tensor locations and the V2 router.pt's metadata (top_k, temperature, ...)."""
     from ..tensor_io import locate
     meta: dict = {}
@@ -224,7 +225,7 @@ def _check_same(tree: dict, merged: dict, where: str) -> None:
                                         f"the merged weights ({where}); not choosing one")
 
 
-def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
+def build_conversion(src: MigrateSource, method: str, options: MigrateOptions, *,
                      run_cache: dict | None = None, check_merged: bool = True) -> Conversion:
     """Everything a canonical target holds, with LoRA and router tensors read exactly."""
     from ..tensor_io import read_tensors
@@ -263,8 +264,8 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
     if method == METHOD_COPY:
         return _copy_conversion(src, expert_locs, dir_experts, router_locs, num_experts, warnings)
 
-    ranks = _ranks(expert_locs)
-    h = _resolve_hyper(src, ranks, options, run_cache)
+    ranks = ranks_from_shapes(expert_locs)
+    h = resolve_hyper(src, ranks, options, run_cache)
     warnings += h.notes
     experts = []
     lora_bytes = 0
@@ -276,10 +277,10 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
         t = {k: tensors[f"{e}/{k}"] for k in expert_locs[e]}
         has_bias = any(k.endswith("lora_B.bias") for k in t)
         if dir_experts and e in dir_experts:
-            cfg = _read_json(dir_experts[e][1]) or _lora_config(h, has_bias)
+            cfg = read_json(dir_experts[e][1]) or lora_config_for(h, has_bias)
             experts.append(ExpertAdapter(e, cfg, tensors=t, adapter_dir=dir_experts[e][0]))
         else:
-            experts.append(ExpertAdapter(e, _lora_config(h, has_bias), tensors=t))
+            experts.append(ExpertAdapter(e, lora_config_for(h, has_bias), tensors=t))
     router = {k: tensors[f"router/{k}"] for k in router_locs}
     extra = {}
     if "top_k" in router_meta:
@@ -292,13 +293,13 @@ def build_conversion(src: _Source, method: str, options: MigrateOptions, *,
     skill = os.path.join(src.abspath, *src.moe_dir.split("/"), layout.SKILL_LIBRARY)
     return Conversion(
         method=METHOD_EXACT, layout=v.layout, num_experts=num_experts, experts=experts,
-        router=router, moe_config=_moe_config(src, h, num_experts, extra),
-        root_config=_root_config(num_experts, h),
+        router=router, moe_config=moe_config_for(src, h, num_experts, extra),
+        root_config=root_config_for(num_experts, h),
         skill_library=os.path.normpath(skill) if os.path.isfile(skill) else None,
         carried=_carried(src), warnings=warnings, max_rel_error=0.0, lora_bytes=lora_bytes)
 
 
-def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_locs: dict,
+def _copy_conversion(src: MigrateSource, expert_locs: dict, dir_experts: dict, router_locs: dict,
                      num_experts: int, warnings: list[str]) -> Conversion:
     """Canonical (and canonical+merged): the tree as it is, minus merged weights."""
     from ..tensor_io import read_tensors
@@ -319,7 +320,7 @@ def _copy_conversion(src: _Source, expert_locs: dict, dir_experts: dict, router_
         if root_cfg is not None:
             warnings.append("config.json is not a DyLoRA-MoE config (rewritten by another tool); "
                             "replaced with the canonical one")
-    experts = [ExpertAdapter(e, _read_json(dir_experts[e][1]) or {}, adapter_dir=dir_experts[e][0],
+    experts = [ExpertAdapter(e, read_json(dir_experts[e][1]) or {}, adapter_dir=dir_experts[e][0],
                              expected={k: (loc.dtype, loc.shape) for k, loc in locs.items()})
                for e, locs in sorted(expert_locs.items())]
     return Conversion(method=METHOD_COPY, layout=src.verdict.layout, num_experts=num_experts,
@@ -352,7 +353,7 @@ def _hidden_size(cfg: dict | None) -> int | None:
     return None
 
 
-def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
+def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
     import torch
     if not options.base_model:
         raise CheckpointFailure("a truly merged model: migrate needs --base-model to extract "
@@ -386,24 +387,24 @@ def _svd_conversion(src: _Source, options: MigrateOptions) -> Conversion:
         raise CheckpointFailure("the merged model does not differ from the base model in any "
                                 "linear layer: nothing to extract")
     hidden = _hidden_size(src.facts.root_config) or _hidden_size(
-        _read_json(os.path.join(base_dir, layout.ROOT_CONFIG)))
+        read_json(os.path.join(base_dir, layout.ROOT_CONFIG)))
     if hidden is None:
         raise CheckpointFailure("cannot tell the hidden size for the router (no config.json)")
     # The canonical layout needs a router: one expert, a zero gate (softmax over one expert is 1).
     router = {layout.GATE_WEIGHT: torch.zeros(1, hidden), layout.GATE_BIAS: torch.zeros(1)}
     r = int(cfg.get("r") or max(ex.ranks.values(), default=1))
-    h = _Hyper(r, dict(cfg.get("rank_pattern") or {}), cfg.get("lora_alpha", r),
+    h = Hyperparameters(r, dict(cfg.get("rank_pattern") or {}), cfg.get("lora_alpha", r),
                float(cfg.get("lora_dropout") or 0.0), options.base_model,
                sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], list)
                else cfg["target_modules"], [])
-    moe = canonical.moe_config(1, _hyper(h), h.target_modules, under={
+    moe = canonical.moe_config(1, hyper_for(h), h.target_modules, under={
         "hidden_size": hidden, "top_k": 1, "extracted": {
             "method": METHOD_SVD, "rank": options.rank, "energy": options.energy,
             "max_rel_error": ex.max_rel_error, "max_error": options.max_error}})
     expert = ExpertAdapter(0, cfg, tensors=dict(ex.lora_state))
     return Conversion(
         method=METHOD_SVD, layout=src.verdict.layout, num_experts=1, experts=[expert],
-        router=router, moe_config=moe, root_config=_root_config(1, h), skill_library=None,
+        router=router, moe_config=moe, root_config=root_config_for(1, h), skill_library=None,
         carried=_carried(src, exclude_roles=(Role.ROOT_CONFIG,)),
         warnings=list(getattr(ex, "notes", ())), module_errors=dict(ex.errors),
         max_rel_error=float(ex.max_rel_error), extraction=ex,

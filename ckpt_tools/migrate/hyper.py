@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 from .. import canonical, layout
 from ..layout import Role
 from .errors import CheckpointFailure
-from .plan import _read_json
+from .plan import read_json
 
 if TYPE_CHECKING:
-    from .extract import _Source
+    from .extract import MigrateSource
     from .plan import MigrateOptions
 
 
 # hyperparameters ----------------------------------------------------------------------
 
-def _ranks(expert_locs: dict) -> dict[str, int]:
+def ranks_from_shapes(expert_locs: dict) -> dict[str, int]:
     """module → r, from the shapes of lora_A ([r, in]) / lora_embedding_A ([r, vocab])."""
     ranks = {}
     for locs in expert_locs.values():
@@ -40,7 +40,7 @@ def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, 
         return cache[key]
     found: list[tuple[str, dict]] = []
     p = os.path.join(run_dir, layout.MOE_STATE_DIR, layout.MOE_CONFIG)
-    cfg = _read_json(p)
+    cfg = read_json(p)
     if cfg is not None:
         found.append((p, cfg))
     try:
@@ -59,7 +59,7 @@ def _run_configs(run_dir: str, own: str, cache: dict | None) -> list[tuple[str, 
                     f"{layout.PEFT_DIR}/{expert0}/{layout.ADAPTER_CONFIG}",
                     f"{layout.PEFT_DIR}/{expert0}/{expert0}/{layout.ADAPTER_CONFIG}"):
             p = os.path.join(d, *rel.split("/"))
-            cfg = _read_json(p)
+            cfg = read_json(p)
             if cfg is None:
                 continue
             if rel == layout.ROOT_CONFIG and not layout.is_dylora_config(cfg):
@@ -94,7 +94,7 @@ def _cfg_base(cfg: dict) -> str | None:
 
 
 @dataclass
-class _Hyper:
+class Hyperparameters:
     r: int
     rank_pattern: dict
     alpha: float
@@ -104,15 +104,31 @@ class _Hyper:
     notes: list[str]
 
 
-def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
-                   run_cache: dict | None) -> _Hyper:
+def resolve_hyper(src: MigrateSource, ranks: dict[str, int], options: MigrateOptions,
+                  run_cache: dict | None) -> Hyperparameters:
     """r from the shapes; alpha, dropout and the base model from the configs."""
     if not ranks:
         raise CheckpointFailure("no LoRA tensors found")
     r = Counter(ranks.values()).most_common(1)[0][0]
     rank_pattern = {m: v for m, v in sorted(ranks.items()) if v != r}
     notes: list[str] = []
+    own, run = _own_configs(src), _sibling_configs(src, run_cache)
+    alpha = _resolve_alpha(r, own, run, options, notes)
+    dropout, _ = _first_said(_cfg_dropout, own + run)
+    if dropout is None:
+        dropout = layout.DEFAULT_LORA_DROPOUT
+    base, _ = _first_said(_cfg_base, own + run)
+    if base is None and options.base_model:
+        base = options.base_model
+    if base is None:
+        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
+                     "(pass --base-model)")
+    return Hyperparameters(r, rank_pattern, alpha, float(dropout), base,
+                           _target_modules(own, ranks), notes)
 
+
+def _own_configs(src: MigrateSource) -> list[tuple[str, dict]]:
+    """(where, config) of the checkpoint's own configs: MoE, root, then each adapter's."""
     own: list[tuple[str, dict]] = []
     moe_cfg = src.facts.moe_config
     if isinstance(moe_cfg, dict):
@@ -121,26 +137,33 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
     if isinstance(root_cfg, dict):
         own.append((layout.ROOT_CONFIG, root_cfg))
     for rel, role in src.files_with(Role.ADAPTER_CONFIG):
-        cfg = _read_json(src.abs(rel))
+        cfg = read_json(src.abs(rel))
         if cfg is not None:
             own.append((rel, cfg))
+    return own
+
+
+def _sibling_configs(src: MigrateSource, run_cache: dict | None) -> list[tuple[str, dict]]:
+    """(where, config) of the configs of the checkpoint's run, relative to the run."""
     run_dir = os.path.dirname(src.abspath)
-    run = [(os.path.relpath(p, run_dir), c) for p, c in _run_configs(run_dir, src.abspath, run_cache)]
+    return [(os.path.relpath(p, run_dir), c)
+            for p, c in _run_configs(run_dir, src.abspath, run_cache)]
 
-    def pick(getter, what: str, candidates, need_r: bool):
-        for where, cfg in candidates:
-            v = getter(cfg)
-            if v is None:
-                continue
-            cr = _cfg_r(cfg)
-            if need_r and cr is not None and cr != r:
-                continue
-            if need_r and cr is None and where not in [w for w, _ in own]:
-                continue    # a run config that does not say r may be of another setup
+
+def _first_said(getter, candidates: list[tuple[str, dict]]):
+    """(value, where) of the first config that says it; (None, None) where none does."""
+    for where, cfg in candidates:
+        v = getter(cfg)
+        if v is not None:
             return v, where
-        return None, None
+    return None, None
 
-    alpha, where = pick(_cfg_alpha, "lora_alpha", own, need_r=False)
+
+def _resolve_alpha(r: int, own: list[tuple[str, dict]], run: list[tuple[str, dict]],
+                   options: MigrateOptions, notes: list[str]) -> float:
+    """lora_alpha from the checkpoint's configs, else from the run's when they agree for this
+    r, else --lora-alpha, else the upstream guess 2·r; ``notes`` says which and why."""
+    alpha, where = _first_said(_cfg_alpha, own)
     if alpha is None:
         values = {}
         for w, cfg in run:
@@ -164,16 +187,12 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
         notes.append(f"lora_alpha = {alpha} from {where}")
     if isinstance(alpha, float) and alpha.is_integer():
         alpha = int(alpha)
+    return alpha
 
-    dropout, _ = pick(_cfg_dropout, "lora_dropout", own + run, need_r=False)
-    if dropout is None:
-        dropout = layout.DEFAULT_LORA_DROPOUT
-    base, _ = pick(_cfg_base, "base_model_name_or_path", own + run, need_r=False)
-    if base is None and options.base_model:
-        base = options.base_model
-    if base is None:
-        notes.append("warning: no config names the base model; base_model_name_or_path is unset "
-                     "(pass --base-model)")
+
+def _target_modules(own: list[tuple[str, dict]], ranks: dict[str, int]) -> list[str] | str:
+    """The checkpoint's target_modules where they cover every adapted leaf, else the leaves;
+    a regex of the full names where only some layers were adapted."""
     targets = None
     for _, cfg in own:
         t = cfg.get("target_modules")
@@ -185,9 +204,8 @@ def _resolve_hyper(src: _Source, ranks: dict[str, int], options: MigrateOptions,
         targets = leaves
     if not _full_grid(list(ranks)):
         # only some layers were adapted: leaf names would make PEFT adapt them all
-        return _Hyper(r, rank_pattern, alpha, float(dropout), base,
-                      "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$", notes)
-    return _Hyper(r, rank_pattern, alpha, float(dropout), base, sorted(targets), notes)
+        return "^(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")$"
+    return sorted(targets)
 
 
 def _full_grid(modules: list[str]) -> bool:
@@ -204,21 +222,21 @@ def _full_grid(modules: list[str]) -> bool:
     return layers == {-1} or layers == frozenset(range(len(layers)))
 
 
-def _lora_config(h: _Hyper, has_bias: bool) -> dict:
+def lora_config_for(h: Hyperparameters, has_bias: bool) -> dict:
     return canonical.lora_config(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base,
                                  target_modules=h.target_modules, rank_pattern=h.rank_pattern,
                                  lora_bias=has_bias)
 
 
-def _hyper(h: _Hyper) -> dict:
+def hyper_for(h: Hyperparameters) -> dict:
     return canonical.hyper(r=h.r, alpha=h.alpha, dropout=h.dropout, base=h.base)
 
 
-def _moe_config(src: _Source, h: _Hyper, num_experts: int, extra: dict) -> dict:
+def moe_config_for(src: MigrateSource, h: Hyperparameters, num_experts: int, extra: dict) -> dict:
     # the source's own MoE config is kept over what was inferred (extra)
-    return canonical.moe_config(num_experts, _hyper(h), h.target_modules,
+    return canonical.moe_config(num_experts, hyper_for(h), h.target_modules,
                                 under={**extra, **(src.facts.moe_config or {})})
 
 
-def _root_config(num_experts: int, h: _Hyper) -> dict:
-    return canonical.root_config(num_experts, _hyper(h))
+def root_config_for(num_experts: int, h: Hyperparameters) -> dict:
+    return canonical.root_config(num_experts, hyper_for(h))

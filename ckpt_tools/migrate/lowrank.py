@@ -35,14 +35,14 @@ where the randomized factors missed the bound by their 1% but the exact ones mee
 ones are kept. The modules above it are reported (``Extraction.over_bound``), not refused: the
 caller decides.
 
-These modules import torch at their top: only the execution of an svd migrate, the loader
-and the command line entry (``python -m ckpt_tools.migrate.lowrank``) import them.
+This module, ``decompose`` and ``tensor_source`` import torch at their top: only the execution
+of an svd migrate, the loader and the command line entry (``python -m ckpt_tools.migrate.lowrank``)
+import them. What an extraction produced is in ``extraction`` (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -59,8 +59,11 @@ import torch
 from ..fs import FileOps
 from ..layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MIGRATE_TMP_PREFIX
 from ..tensor_io import bit_equal
-from .decompose import TOLERANCE, Decomposition, _fro_norm, decompose, rank_for_error, rounding_floor
-from .tensor_source import _OUTPUT_EMBEDDINGS, TensorSource, _input_embedding
+from .decompose import (TOLERANCE, Decomposition, decompose, fro_norm, rank_for_error,
+                        rounding_floor)
+from .extraction import Extraction, OverBound
+from .tensor_source import (OUTPUT_EMBEDDINGS, BaseMismatch, TensorSource,
+                            check_same_architecture, input_embedding)
 
 __all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "TensorSource",
            "Extraction", "OverBound", "BaseMismatch", "extract", "adapter_files", "write_adapter", "main"]
@@ -69,109 +72,6 @@ __all__ = ["Decomposition", "decompose", "rank_for_error", "rounding_floor", "Te
 _EMBEDDING_LEAVES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out",
                                "word_embeddings", "position_embeddings", "token_type_embeddings",
                                "embed_positions", "shared"})
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """A LoRA adapter that reproduces ``merged`` on top of ``base``, and how well it does.
-
-    ``lora_state`` holds PEFT's saved-adapter keys (``base_model.model.<module>.lora_A.weight``,
-    ``….lora_B.weight``, ``….lora_B.bias`` and the full tensors of ``modules_to_save``);
-    ``adapter_config`` the keyword arguments of ``peft.LoraConfig``. ``errors`` and ``ranks``
-    are per LoRA module: ‖D − B·A‖_F / ‖D‖_F with A and B as stored (in their dtype).
-    ``skipped`` are modules whose weights did not change (or changed by exactly zero).
-    """
-
-    lora_state: dict[str, torch.Tensor]
-    adapter_config: dict
-    errors: dict[str, float]
-    ranks: dict[str, int]
-    max_rel_error: float
-    skipped: tuple[str, ...]
-    modules_to_save: tuple[str, ...]
-    exact_fallbacks: int
-    missing: tuple[str, ...]          # in the base, not in the fine-tune
-    extra: tuple[str, ...]            # in the fine-tune, not in the base (left out)
-    notes: tuple[str, ...]
-    timings: dict[str, float] = field(default_factory=dict)
-    device: str = "cpu"
-    max_error: float | None = None    # the bound asked for (None: none)
-    over_bound: tuple[OverBound, ...] = ()    # the modules above it, worst first
-
-    @property
-    def suggested_rank(self) -> int | None:
-        """A ``rank`` that brings every module within the bound: the largest rank needed, and
-        no lower than any module's rank now (None: some module meets it at no rank)."""
-        if not self.over_bound or any(o.needed_rank is None for o in self.over_bound):
-            return None
-        return max([o.needed_rank for o in self.over_bound] + list(self.ranks.values()))
-
-    @property
-    def suggested_energy(self) -> float | None:
-        """``energy`` ≥ 1 − E² leaves a tail of at most E²·‖D‖²: error ≤ E on any spectrum."""
-        if not self.over_bound or self.max_error is None or self.max_error >= 1.0:
-            return None
-        return float(f"{1.0 - self.max_error ** 2:.12g}")
-
-    def over_bound_reason(self, shown: int = 3) -> str | None:
-        """One line: the modules above ``max_error`` (worst first), and what would meet it."""
-        if not self.over_bound:
-            return None
-        parts = []
-        for o in self.over_bound[:shown]:
-            if o.needed_rank is None:
-                need = f"no rank meets it with A and B in {o.dtype}"
-            elif o.needed_rank == o.full_rank:
-                need = f"needs full rank {o.full_rank}"
-            else:
-                need = f"needs rank {o.needed_rank} of {o.full_rank}"
-            parts.append(f"{o.module} {o.error:.3g} ({need})")
-        more = len(self.over_bound) - shown
-        line = (f"{len(self.over_bound)} of {len(self.errors)} LoRA module(s) above --max-error "
-                f"{self.max_error:g}: {', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
-        rank, energy = self.suggested_rank, self.suggested_energy
-        if rank is not None:
-            line += f"; --rank {rank} or --energy {energy:g} would meet it"
-            if rank >= max(o.full_rank for o in self.over_bound):
-                line += " (full rank: the delta is not low-rank, as a full fine-tune's is not)"
-        else:
-            worst = max(o.error for o in self.over_bound if o.needed_rank is None)
-            line += f"; --max-error {worst:.3g} would accept it"
-        return line
-
-    def summary(self) -> dict:
-        """Everything but the tensors, for JSON."""
-        return {
-            "modules": len(self.errors), "max_rel_error": self.max_rel_error,
-            "errors": self.errors, "ranks": self.ranks, "skipped": list(self.skipped),
-            "modules_to_save": list(self.modules_to_save),
-            "exact_fallbacks": self.exact_fallbacks, "missing": list(self.missing),
-            "extra": list(self.extra), "notes": list(self.notes),
-            "adapter_config": self.adapter_config, "timings": self.timings,
-            "device": self.device, "max_error": self.max_error,
-            "over_bound": [o.to_dict() for o in self.over_bound],
-            "suggested_rank": self.suggested_rank, "suggested_energy": self.suggested_energy,
-        }
-
-
-@dataclass(frozen=True)
-class OverBound:
-    """A module whose relative error at the rank used is above the bound asked for."""
-
-    module: str
-    error: float                 # ‖D − B·A‖_F / ‖D‖_F, A and B as stored
-    bound: float                 # max(max_error, the merged weight's rounding floor / ‖D‖_F)
-    rank: int                    # the rank used
-    needed_rank: int | None      # the smallest rank within the bound (None: no rank, in dtype)
-    full_rank: int               # min(out, in)
-    dtype: str                   # of A and B
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class BaseMismatch(ValueError):
-    """The base given is not the fine-tune's: another architecture, or tensors of other shapes."""
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -230,6 +130,361 @@ class _Done:
     at_floor: bool = False             # above max_error, within the rounding floor
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """The base and the fine-tune under logical names: a tied model's lm_head is its input
+    embedding (``*_alias``: logical name → the tensor that holds it)."""
+
+    base: TensorSource
+    merged: TensorSource
+    b_alias: dict[str, str]
+    m_alias: dict[str, str]
+    b_names: list[str]
+    m_names: list[str]
+
+    @classmethod
+    def of(cls, bsrc: TensorSource, msrc: TensorSource) -> _Pair:
+        b_alias, m_alias = _tied_aliases(bsrc), _tied_aliases(msrc)
+        return cls(bsrc, msrc, b_alias, m_alias,
+                   list(bsrc.names) + [n for n in b_alias if n not in bsrc],
+                   list(msrc.names) + [n for n in m_alias if n not in msrc])
+
+    def missing(self) -> tuple[str, ...]:
+        """In the base, not in the fine-tune."""
+        m_set = set(self.m_names)
+        return tuple(n for n in self.b_names if n not in m_set and n not in self.m_alias)
+
+    def extra(self) -> tuple[str, ...]:
+        """In the fine-tune, not in the base (left out)."""
+        b_set = set(self.b_names)
+        return tuple(n for n in self.m_names if n not in b_set and n not in self.b_alias)
+
+    def common(self) -> list[str]:
+        b_set = set(self.b_names)
+        return [n for n in self.m_names if n in b_set]
+
+    def merged_real(self, name: str) -> str:
+        return self.m_alias.get(name, name)
+
+    def base_real(self, name: str) -> str:
+        return self.b_alias.get(name, name)
+
+    def merged_meta(self, name: str):
+        return self.merged.meta(self.merged_real(name))
+
+    def base_meta(self, name: str):
+        return self.base.meta(self.base_real(name))
+
+    def unchanged(self, name: str) -> bool:
+        """Bit-equal in both; the tensors are released after the comparison."""
+        m_real, b_real = self.merged_real(name), self.base_real(name)
+        same = bit_equal(self.merged.get(m_real), self.base.get(b_real))
+        self.merged.release(m_real)
+        self.base.release(b_real)
+        return same
+
+
+def _tied_aliases(src: TensorSource) -> dict[str, str]:
+    emb = input_embedding(src)
+    if emb is None or not src.ties_embeddings():
+        return {}
+    return {out: emb for out in OUTPUT_EMBEDDINGS[:1] if out not in src}
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The common tensors by what becomes of them."""
+
+    linear_weights: dict[str, str]    # module -> its 2-D weight: a LoRA target
+    linear_biases: dict[str, str]     # module -> its bias: lora_B.bias when it changed
+    others: list[str]                 # norms, embeddings, ...: modules_to_save when changed
+
+
+def _split_tensors(pair: _Pair) -> _Split:
+    """Which common tensors are linear layers; raises ``BaseMismatch`` on a shape that differs."""
+    common = pair.common()
+    if not common:
+        raise BaseMismatch("the base and the fine-tune have no tensor name in common")
+    linear_weights: dict[str, str] = {}
+    others: list[str] = []
+    for name in common:
+        module, leaf = _module_of(name)
+        dtype, shape = pair.merged_meta(name)
+        b_dtype, b_shape = pair.base_meta(name)
+        if shape != b_shape:
+            raise BaseMismatch(f"{name}: shape {list(shape)} in the fine-tune but "
+                               f"{list(b_shape)} in the base")
+        is_embedding = _module_of(module)[1] in _EMBEDDING_LEAVES or module in _EMBEDDING_LEAVES
+        if leaf == "weight" and len(shape) == 2 and not is_embedding and dtype.is_floating_point:
+            linear_weights[module] = name
+        else:
+            others.append(name)
+    linear_biases = {}
+    for name in list(others):
+        module, leaf = _module_of(name)
+        if leaf == "bias" and module in linear_weights:
+            linear_biases[module] = name
+            others.remove(name)
+    return _Split(linear_weights, linear_biases, others)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What the caller asked of each module's decomposition."""
+
+    rank: int | None
+    energy: float | None
+    method: str
+    tolerance: float
+    max_error: float | None
+    forced_dtype: torch.dtype | None
+    dev: torch.device
+
+
+def _decompose_module(pair: _Pair, split: _Split, module: str, asked: _Asked) -> _Done:
+    """Read one module's weights, decompose its delta: one task of the worker pool."""
+    msrc, bsrc = pair.merged, pair.base
+    t0 = time.perf_counter()
+    wname = split.linear_weights[module]
+    w = msrc.get(pair.merged_real(wname))
+    w0 = bsrc.get(pair.base_real(wname))
+    dtype = asked.forced_dtype or w.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    # The delta is formed on the device; a bit-equal pair gives an all-zero delta, which
+    # decompose() leaves out. Only a non-finite delta needs a look at the bits.
+    delta = _to_device(w, asked.dev) - _to_device(w0, asked.dev)
+    if not bool(torch.isfinite(delta).all()):
+        if not bit_equal(w, w0):
+            raise ValueError(f"{wname}: NaN or Inf in the weight delta")
+        delta = None
+    msrc.release(pair.merged_real(wname))
+    bsrc.release(pair.base_real(wname))
+    bias_delta = _bias_delta(pair, split.linear_biases.get(module), dtype)
+    t1 = time.perf_counter()
+    done = _Done(module, dtype, bias_delta, read_s=t1 - t0)
+    if delta is not None:
+        dec = decompose(delta, rank=asked.rank, energy=asked.energy, method=asked.method,
+                        tolerance=asked.tolerance, seed=_seed_for(module))
+        if dec is not None:
+            _keep_factors(done, dec, delta)
+            if asked.max_error is not None and done.error > asked.max_error:
+                floor = rounding_floor(msrc.get(pair.merged_real(wname))) / fro_norm(delta)
+                msrc.release(pair.merged_real(wname))
+                _hold_to_bound(done, dec, delta, max(asked.max_error, floor))
+                done.at_floor = done.over is None
+    done.decompose_s = time.perf_counter() - t1
+    return done
+
+
+def _bias_delta(pair: _Pair, bname: str | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A linear layer's bias change in ``dtype``; None when it has no bias or it is unchanged."""
+    if bname is None:
+        return None
+    b, b0 = pair.merged.get(pair.merged_real(bname)), pair.base.get(pair.base_real(bname))
+    if bit_equal(b, b0):
+        return None
+    bd = b.float() - b0.float()
+    if not bool(torch.isfinite(bd).all()):
+        raise ValueError(f"{bname}: NaN or Inf in the bias delta")
+    return bd.to(dtype) if bool((bd != 0).any()) else None
+
+
+@dataclass
+class _Collected:
+    """The decomposed modules, gathered in the order of the fine-tune."""
+
+    lora_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    over_bound: list[OverBound] = field(default_factory=list)
+    at_floor: list[str] = field(default_factory=list)
+    bias_deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    out_features: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    same_as_base: dict[str, bool] = field(default_factory=dict)   # the other tensors
+    fallbacks: int = 0
+    read_s: float = 0.0
+    decompose_s: float = 0.0
+
+    def add(self, done: _Done, shape) -> None:
+        module = done.module
+        self.read_s += done.read_s
+        self.decompose_s += done.decompose_s
+        self.out_features[module] = shape[0]
+        if done.a is not None:
+            self.lora_state[_lora_key(module, "lora_A", "weight")] = done.a
+            self.lora_state[_lora_key(module, "lora_B", "weight")] = done.b
+            self.errors[module] = done.error
+            self.ranks[module] = done.rank
+            self.fallbacks += int(done.exact)
+            if done.over is not None:
+                self.over_bound.append(done.over)
+            elif done.at_floor:
+                self.at_floor.append(module)
+        if done.bias_delta is not None:
+            self.bias_deltas[module] = done.bias_delta.cpu()
+            if done.a is None:
+                # A bias-only change still needs a LoRA layer for lora_B.bias.
+                self.lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
+                    1, shape[1], dtype=done.dtype)
+                self.lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
+                    shape[0], 1, dtype=done.dtype)
+                self.errors[module] = 0.0
+                self.ranks[module] = 1
+        elif done.a is None:
+            self.skipped.append(module)
+
+
+def _worker_count(dev: torch.device, workers: int | None, prefetch: bool) -> int:
+    # CPU: one single-threaded BLAS per worker and as many workers as cores, each worker
+    # reading and decomposing whole modules. Small matrices gain little from a threaded BLAS,
+    # and its barriers stall badly on a shared machine. GPU: up to 8 workers, since reading
+    # (page faults, bf16 → float32, host-to-device copies) is what takes the time there.
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else max(
+            1, torch.get_num_threads())
+    return workers if prefetch else 1
+
+
+def _load_cuda_backends(dev: torch.device) -> None:
+    # torch loads its CUDA linear-algebra backends lazily, and that first load is not
+    # thread-safe ("lazy wrapper should be called at most once"): do it here, once.
+    probe = torch.eye(2, device=dev)
+    torch.linalg.qr(probe)
+    torch.linalg.svd(probe)
+    torch.linalg.matrix_norm(probe.double(), ord=2)
+
+
+def _decompose_all(pair: _Pair, split: _Split, asked: _Asked, workers: int) -> _Collected:
+    """Every linear module decomposed and every other tensor compared, by ``workers`` threads."""
+    got = _Collected()
+    saved_threads = torch.get_num_threads()
+    if asked.dev.type == "cpu" and workers > 1:
+        torch.set_num_threads(1)
+    if asked.dev.type == "cuda":
+        _load_cuda_backends(asked.dev)
+    modules = list(split.linear_weights)
+    futures: dict[int, Future] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
+            try:
+                # At most 2 modules per worker in flight: memory stays bounded by module size.
+                ahead = 2 * workers
+                for i in range(min(ahead, len(modules))):
+                    futures[i] = pool.submit(_decompose_module, pair, split, modules[i], asked)
+                for i, module in enumerate(modules):
+                    done = futures.pop(i).result()
+                    if i + ahead < len(modules):
+                        futures[i + ahead] = pool.submit(_decompose_module, pair, split,
+                                                         modules[i + ahead], asked)
+                    got.add(done, pair.merged_meta(split.linear_weights[module])[1])
+                # Non-linear tensors and embeddings: compared by the same workers.
+                got.same_as_base = dict(zip(split.others, pool.map(pair.unchanged, split.others)))
+            except BaseException:
+                for f in futures.values():
+                    f.cancel()
+                raise
+    finally:
+        torch.set_num_threads(saved_threads)
+    return got
+
+
+def _add_lora_biases(got: _Collected, split: _Split, notes: list[str]) -> bool:
+    """``lora_B.bias`` for every target once any bias changed (PEFT's lora_bias is all or
+    none); whether it is on."""
+    if not got.bias_deltas:
+        return False
+    for module in got.ranks:
+        bd = got.bias_deltas.get(module)
+        dtype = got.lora_state[_lora_key(module, "lora_B", "weight")].dtype
+        bias = bd.to(dtype) if bd is not None else torch.zeros(got.out_features[module],
+                                                                dtype=dtype)
+        got.lora_state[_lora_key(module, "lora_B", "bias")] = bias.cpu()
+    no_base_bias = [m for m in got.ranks if m not in split.linear_biases]
+    if no_base_bias:
+        notes.append(f"lora_bias is on for every target, and {len(no_base_bias)} target(s) "
+                     f"have no bias in the base (e.g. {no_base_bias[0]}): PEFT warns that "
+                     f"such an adapter cannot be merged")
+    return True
+
+
+def _add_modules_to_save(pair: _Pair, got: _Collected, others: list[str],
+                         forced_dtype: torch.dtype | None,
+                         notes: list[str]) -> tuple[list[str], bool]:
+    """Non-linear tensors and embeddings: whole modules go to modules_to_save when any
+    changed. (those modules, whether lm_head's copy must stay tied to the embedding's)"""
+    changed_modules: list[str] = []
+    for name in others:
+        if not got.same_as_base[name]:
+            module = _module_of(name)[0]
+            if module not in changed_modules:
+                changed_modules.append(module)
+    bsrc, msrc = pair.base, pair.merged
+    b_tied = bool(pair.b_alias) or (bsrc.ties_embeddings() and input_embedding(bsrc) is not None)
+    m_tied = bool(pair.m_alias) or msrc.ties_embeddings()
+    emb_name = input_embedding(msrc)
+    emb_module = _module_of(emb_name)[0] if emb_name else None
+    out_module = _module_of(OUTPUT_EMBEDDINGS[0])[0]
+    ensure_tying = False
+    if b_tied and m_tied and emb_module:
+        if out_module in changed_modules:
+            changed_modules.remove(out_module)
+            if emb_module not in changed_modules:
+                changed_modules.append(emb_module)
+        ensure_tying = emb_module in changed_modules
+    elif b_tied and (out_module in changed_modules or emb_module in changed_modules):
+        notes.append("the base ties lm_head to the input embeddings but the fine-tune does not: "
+                     "PEFT warns about tied layers in modules_to_save when loading")
+    for module in changed_modules:
+        prefix = module + "."
+        for name in pair.m_names:
+            if name.startswith(prefix) and "." not in name[len(prefix):]:
+                t = msrc.get(pair.merged_real(name))
+                if forced_dtype is not None and t.dtype.is_floating_point:
+                    t = t.to(forced_dtype)
+                got.lora_state[CANONICAL_KEY_PREFIX + name] = t.clone()
+    if ensure_tying:
+        # PEFT ties lm_head's copy to the embedding's and reads it from the file as well.
+        emb = got.lora_state[CANONICAL_KEY_PREFIX + emb_name]
+        got.lora_state[CANONICAL_KEY_PREFIX + OUTPUT_EMBEDDINGS[0]] = emb.clone()
+    return changed_modules, ensure_tying
+
+
+def _adapter_config(pair: _Pair, ranks: dict[str, int], modules_to_save: list[str],
+                    lora_bias: bool, ensure_tying: bool,
+                    base_model_name_or_path: str | None) -> dict:
+    """The keyword arguments of ``peft.LoraConfig``: alpha = r, so that PEFT's scale is 1."""
+    r_max = max(ranks.values(), default=0)
+    differing = {m: r for m, r in sorted(ranks.items()) if r != r_max}
+    archs = (pair.merged.config or {}).get("architectures") or []
+    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None
+    if base_model_name_or_path is None and pair.base.path is not None:
+        base_model_name_or_path = str(pair.base.path)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r_max,
+        "lora_alpha": r_max,
+        "rank_pattern": differing,
+        "alpha_pattern": dict(differing),
+        "target_modules": sorted(ranks),
+        "modules_to_save": sorted(modules_to_save) or None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": lora_bias,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    if ensure_tying:
+        adapter_config["ensure_weight_tying"] = True
+    return adapter_config
+
+
 def extract(base, merged, *, rank: int | None = None, energy: float | None = None,
             device: str = "auto", out_dtype=None, method: str = "auto",
             tolerance: float = TOLERANCE, base_model_name_or_path: str | None = None,
@@ -263,298 +518,41 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
         raise ValueError(f"max_error must be positive, got {max_error}")
     t_start = time.perf_counter()
     dev = _resolve_device(device)
-    forced_dtype = _resolve_dtype(out_dtype)
+    asked = _Asked(rank, energy, method, tolerance, max_error, _resolve_dtype(out_dtype), dev)
     bsrc, msrc = TensorSource.open(base), TensorSource.open(merged)
-    _check_same_architecture(bsrc, msrc)
+    check_same_architecture(bsrc, msrc)
+    pair = _Pair.of(bsrc, msrc)
+    missing, extra = pair.missing(), pair.extra()
+    split = _split_tensors(pair)
+    workers = _worker_count(dev, workers, prefetch)
+    got = _decompose_all(pair, split, asked, workers)
+
     notes: list[str] = []
-
-    # Logical names: a tied model's lm_head is its input embedding.
-    def aliases(src: TensorSource) -> dict[str, str]:
-        emb = _input_embedding(src)
-        if emb is None or not src.ties_embeddings():
-            return {}
-        return {out: emb for out in _OUTPUT_EMBEDDINGS[:1] if out not in src}
-
-    b_alias, m_alias = aliases(bsrc), aliases(msrc)
-    b_names = list(bsrc.names) + [n for n in b_alias if n not in bsrc]
-    m_names = list(msrc.names) + [n for n in m_alias if n not in msrc]
-    b_set, m_set = set(b_names), set(m_names)
-    missing = tuple(n for n in b_names if n not in m_set and n not in m_alias)
-    extra = tuple(n for n in m_names if n not in b_set and n not in b_alias)
-    common = [n for n in m_names if n in b_set]
-    if not common:
-        raise BaseMismatch("the base and the fine-tune have no tensor name in common")
-
-    def real(src_alias, name):
-        return src_alias.get(name, name)
-
-    def meta(src, src_alias, name):
-        return src.meta(real(src_alias, name))
-
-    linear_weights: dict[str, str] = {}     # module -> weight name
-    others: list[str] = []
-    for name in common:
-        module, leaf = _module_of(name)
-        dtype, shape = meta(msrc, m_alias, name)
-        b_dtype, b_shape = meta(bsrc, b_alias, name)
-        if shape != b_shape:
-            raise BaseMismatch(f"{name}: shape {list(shape)} in the fine-tune but "
-                               f"{list(b_shape)} in the base")
-        is_embedding = _module_of(module)[1] in _EMBEDDING_LEAVES or module in _EMBEDDING_LEAVES
-        if leaf == "weight" and len(shape) == 2 and not is_embedding and dtype.is_floating_point:
-            linear_weights[module] = name
-        else:
-            others.append(name)
-    linear_biases = {}
-    for name in list(others):
-        module, leaf = _module_of(name)
-        if leaf == "bias" and module in linear_weights:
-            linear_biases[module] = name
-            others.remove(name)
-
-    def process(module: str) -> _Done:
-        """Read one module's weights, decompose its delta: one task of the worker pool."""
-        t0 = time.perf_counter()
-        wname = linear_weights[module]
-        w = msrc.get(real(m_alias, wname))
-        w0 = bsrc.get(real(b_alias, wname))
-        dtype = forced_dtype or w.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        # The delta is formed on the device; a bit-equal pair gives an all-zero delta, which
-        # decompose() leaves out. Only a non-finite delta needs a look at the bits.
-        delta = _to_device(w, dev) - _to_device(w0, dev)
-        if not bool(torch.isfinite(delta).all()):
-            if not bit_equal(w, w0):
-                raise ValueError(f"{wname}: NaN or Inf in the weight delta")
-            delta = None
-        msrc.release(real(m_alias, wname))
-        bsrc.release(real(b_alias, wname))
-        bias_delta = None
-        bname = linear_biases.get(module)
-        if bname is not None:
-            b, b0 = msrc.get(real(m_alias, bname)), bsrc.get(real(b_alias, bname))
-            if not bit_equal(b, b0):
-                bd = b.float() - b0.float()
-                if not bool(torch.isfinite(bd).all()):
-                    raise ValueError(f"{bname}: NaN or Inf in the bias delta")
-                if bool((bd != 0).any()):
-                    bias_delta = bd.to(dtype)
-        t1 = time.perf_counter()
-        done = _Done(module, dtype, bias_delta, read_s=t1 - t0)
-        if delta is not None:
-            dec = decompose(delta, rank=rank, energy=energy, method=method,
-                            tolerance=tolerance, seed=_seed_for(module))
-            if dec is not None:
-                _keep_factors(done, dec, delta)
-                if max_error is not None and done.error > max_error:
-                    floor = rounding_floor(msrc.get(real(m_alias, wname))) / _fro_norm(delta)
-                    msrc.release(real(m_alias, wname))
-                    _hold_to_bound(done, dec, delta, max(max_error, floor))
-                    done.at_floor = done.over is None
-        done.decompose_s = time.perf_counter() - t1
-        return done
-
-    lora_state: dict[str, torch.Tensor] = {}
-    errors: dict[str, float] = {}
-    ranks: dict[str, int] = {}
-    over_bound: list[OverBound] = []
-    at_floor: list[str] = []
-    bias_deltas: dict[str, torch.Tensor] = {}
-    out_features: dict[str, int] = {}
-    skipped: list[str] = []
-    fallbacks = 0
-    t_read = t_decompose = 0.0
-
-    # CPU: one single-threaded BLAS per worker and as many workers as cores, each worker
-    # reading and decomposing whole modules. Small matrices gain little from a threaded BLAS,
-    # and its barriers stall badly on a shared machine. GPU: up to 8 workers, since reading
-    # (page faults, bf16 → float32, host-to-device copies) is what takes the time there.
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1) if dev.type == "cuda" else max(
-            1, torch.get_num_threads())
-    workers = workers if prefetch else 1
-    saved_threads = torch.get_num_threads()
-    if dev.type == "cpu" and workers > 1:
-        torch.set_num_threads(1)
-    if dev.type == "cuda":
-        # torch loads its CUDA linear-algebra backends lazily, and that first load is not
-        # thread-safe ("lazy wrapper should be called at most once"): do it here, once.
-        probe = torch.eye(2, device=dev)
-        torch.linalg.qr(probe)
-        torch.linalg.svd(probe)
-        torch.linalg.matrix_norm(probe.double(), ord=2)
-    modules = list(linear_weights)
-    futures: dict[int, Future] = {}
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowrank") as pool:
-            try:
-                # At most 2 modules per worker in flight: memory stays bounded by module size.
-                ahead = 2 * workers
-                for i in range(min(ahead, len(modules))):
-                    futures[i] = pool.submit(process, modules[i])
-                for i, module in enumerate(modules):
-                    done = futures.pop(i).result()
-                    if i + ahead < len(modules):
-                        futures[i + ahead] = pool.submit(process, modules[i + ahead])
-                    t_read += done.read_s
-                    t_decompose += done.decompose_s
-                    shape = meta(msrc, m_alias, linear_weights[module])[1]
-                    out_features[module] = shape[0]
-                    if done.a is not None:
-                        lora_state[_lora_key(module, "lora_A", "weight")] = done.a
-                        lora_state[_lora_key(module, "lora_B", "weight")] = done.b
-                        errors[module] = done.error
-                        ranks[module] = done.rank
-                        fallbacks += int(done.exact)
-                        if done.over is not None:
-                            over_bound.append(done.over)
-                        elif done.at_floor:
-                            at_floor.append(module)
-                    if done.bias_delta is not None:
-                        bias_deltas[module] = done.bias_delta.cpu()
-                        if done.a is None:
-                            # A bias-only change still needs a LoRA layer for lora_B.bias.
-                            lora_state[_lora_key(module, "lora_A", "weight")] = torch.zeros(
-                                1, shape[1], dtype=done.dtype)
-                            lora_state[_lora_key(module, "lora_B", "weight")] = torch.zeros(
-                                shape[0], 1, dtype=done.dtype)
-                            errors[module] = 0.0
-                            ranks[module] = 1
-                    elif done.a is None:
-                        skipped.append(module)
-                # Non-linear tensors and embeddings: compared by the same workers.
-                def unchanged(name: str) -> bool:
-                    m_real, b_real = real(m_alias, name), real(b_alias, name)
-                    same = bit_equal(msrc.get(m_real), bsrc.get(b_real))
-                    msrc.release(m_real)
-                    bsrc.release(b_real)
-                    return same
-
-                same_as_base = dict(zip(others, pool.map(unchanged, others)))
-            except BaseException:
-                for f in futures.values():
-                    f.cancel()
-                raise
-    finally:
-        torch.set_num_threads(saved_threads)
-
-    lora_bias = bool(bias_deltas)
-    if lora_bias:
-        for module in ranks:
-            bd = bias_deltas.get(module)
-            dtype = lora_state[_lora_key(module, "lora_B", "weight")].dtype
-            bias = bd.to(dtype) if bd is not None else torch.zeros(out_features[module],
-                                                                    dtype=dtype)
-            lora_state[_lora_key(module, "lora_B", "bias")] = bias.cpu()
-        no_base_bias = [m for m in ranks if m not in linear_biases]
-        if no_base_bias:
-            notes.append(f"lora_bias is on for every target, and {len(no_base_bias)} target(s) "
-                         f"have no bias in the base (e.g. {no_base_bias[0]}): PEFT warns that "
-                         f"such an adapter cannot be merged")
-
-    # Non-linear tensors and embeddings: whole modules go to modules_to_save when any changed.
-    changed_modules: list[str] = []
-    for name in others:
-        if not same_as_base[name]:
-            module = _module_of(name)[0]
-            if module not in changed_modules:
-                changed_modules.append(module)
-    b_tied = bool(b_alias) or (bsrc.ties_embeddings() and _input_embedding(bsrc) is not None)
-    m_tied = bool(m_alias) or msrc.ties_embeddings()
-    emb_name = _input_embedding(msrc)
-    emb_module = _module_of(emb_name)[0] if emb_name else None
-    out_module = _module_of(_OUTPUT_EMBEDDINGS[0])[0]
-    ensure_tying = False
-    if b_tied and m_tied and emb_module:
-        if out_module in changed_modules:
-            changed_modules.remove(out_module)
-            if emb_module not in changed_modules:
-                changed_modules.append(emb_module)
-        ensure_tying = emb_module in changed_modules
-    elif b_tied and (out_module in changed_modules or emb_module in changed_modules):
-        notes.append("the base ties lm_head to the input embeddings but the fine-tune does not: "
-                     "PEFT warns about tied layers in modules_to_save when loading")
-    m_names_set = set(m_names)
-    for module in changed_modules:
-        prefix = module + "."
-        for name in m_names:
-            if name.startswith(prefix) and "." not in name[len(prefix):]:
-                t = msrc.get(real(m_alias, name))
-                if forced_dtype is not None and t.dtype.is_floating_point:
-                    t = t.to(forced_dtype)
-                lora_state[CANONICAL_KEY_PREFIX + name] = t.clone()
-    if ensure_tying:
-        # PEFT ties lm_head's copy to the embedding's and reads it from the file as well.
-        emb = lora_state[CANONICAL_KEY_PREFIX + emb_name]
-        lora_state[CANONICAL_KEY_PREFIX + _OUTPUT_EMBEDDINGS[0]] = emb.clone()
-    del m_names_set
-
-    r_max = max(ranks.values(), default=0)
-    differing = {m: r for m, r in sorted(ranks.items()) if r != r_max}
-    config = msrc.config or {}
-    archs = config.get("architectures") or []
-    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in archs) else None
-    if base_model_name_or_path is None and bsrc.path is not None:
-        base_model_name_or_path = str(bsrc.path)
-    adapter_config = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r_max,
-        "lora_alpha": r_max,
-        "rank_pattern": differing,
-        "alpha_pattern": dict(differing),
-        "target_modules": sorted(ranks),
-        "modules_to_save": sorted(changed_modules) or None,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": lora_bias,
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    if ensure_tying:
-        adapter_config["ensure_weight_tying"] = True
+    lora_bias = _add_lora_biases(got, split, notes)
+    changed_modules, ensure_tying = _add_modules_to_save(pair, got, split.others,
+                                                         asked.forced_dtype, notes)
+    adapter_config = _adapter_config(pair, got.ranks, changed_modules, lora_bias, ensure_tying,
+                                     base_model_name_or_path)
     if extra:
         notes.append(f"{len(extra)} tensor(s) of the fine-tune are not in the base and are "
                      f"left out (e.g. {extra[0]})")
     if missing:
         notes.append(f"{len(missing)} tensor(s) of the base are not in the fine-tune "
                      f"(e.g. {missing[0]})")
-    if at_floor:
-        notes.append(f"{len(at_floor)} module(s) above max_error {max_error:g} are within the "
-                     f"rounding of the merged weights in their dtype (e.g. {at_floor[0]}, "
-                     f"{errors[at_floor[0]]:.3g}): accepted, the checkpoint holds them no more "
-                     f"precisely")
-    total = time.perf_counter() - t_start
+    if got.at_floor:
+        notes.append(f"{len(got.at_floor)} module(s) above max_error {max_error:g} are within the "
+                     f"rounding of the merged weights in their dtype (e.g. {got.at_floor[0]}, "
+                     f"{got.errors[got.at_floor[0]]:.3g}): accepted, the checkpoint holds them no "
+                     f"more precisely")
     return Extraction(
-        lora_state=lora_state, adapter_config=adapter_config, errors=errors, ranks=ranks,
-        max_rel_error=max(errors.values(), default=0.0), skipped=tuple(skipped),
-        modules_to_save=tuple(sorted(changed_modules)), exact_fallbacks=fallbacks,
-        missing=missing, extra=extra, notes=tuple(notes),
-        timings={"total_s": total, "read_s": t_read, "decompose_s": t_decompose,
-                 "workers": workers},
+        lora_state=got.lora_state, adapter_config=adapter_config, errors=got.errors,
+        ranks=got.ranks, max_rel_error=max(got.errors.values(), default=0.0),
+        skipped=tuple(got.skipped), modules_to_save=tuple(sorted(changed_modules)),
+        exact_fallbacks=got.fallbacks, missing=missing, extra=extra, notes=tuple(notes),
+        timings={"total_s": time.perf_counter() - t_start, "read_s": got.read_s,
+                 "decompose_s": got.decompose_s, "workers": workers},
         device=str(dev), max_error=max_error,
-        over_bound=tuple(sorted(over_bound, key=lambda o: (-o.error, o.module))))
-
-
-# What makes two configs of one model_type different models: the same tensor names can then
-# still have the same shapes (another depth: the extra layers would be left out unnoticed).
-_ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
-                      "intermediate_size", "num_attention_heads", "num_key_value_heads")
-
-
-def _check_same_architecture(bsrc: TensorSource, msrc: TensorSource) -> None:
-    """The configs' architecture keys, where both record them."""
-    b_cfg, m_cfg = bsrc.config or {}, msrc.config or {}
-    for key in _ARCHITECTURE_KEYS:
-        b_val, m_val = b_cfg.get(key), m_cfg.get(key)
-        if b_val and m_val and b_val != m_val:
-            raise BaseMismatch(f"{key} {json.dumps(b_val)} in the base but {json.dumps(m_val)} "
-                               f"in the fine-tune")
+        over_bound=tuple(sorted(got.over_bound, key=lambda o: (-o.error, o.module))))
 
 
 def _keep_factors(done: _Done, dec: Decomposition, delta: torch.Tensor) -> None:
@@ -563,8 +561,8 @@ def _keep_factors(done: _Done, dec: Decomposition, delta: torch.Tensor) -> None:
     if done.dtype == torch.float32:
         done.error = dec.rel_error
     else:    # the error of the factors as stored
-        done.error = (_fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
-                      / _fro_norm(delta))
+        done.error = (fro_norm(torch.addmm(delta, b.float(), a.float(), alpha=-1))
+                      / fro_norm(delta))
     done.a, done.b, done.rank, done.exact = a.cpu(), b.cpu(), dec.rank, dec.exact_used
 
 

@@ -76,7 +76,7 @@ def base_from_merged(src, *, dtype=torch.float32):
     return model
 
 
-def _check_loaded(model, ex: ExpertAdapter, want: dict) -> None:
+def check_loaded(model, ex: ExpertAdapter, want: dict) -> None:
     """The adapter holds exactly the checkpoint's LoRA keys, with the checkpoint's values."""
     from peft import get_peft_model_state_dict
     got = get_peft_model_state_dict(model, adapter_name=ex.name, save_embedding_layers=False)
@@ -93,7 +93,7 @@ def _check_loaded(model, ex: ExpertAdapter, want: dict) -> None:
             raise CheckpointLoadError(f"{ex.name}: {k} was not loaded as stored")
 
 
-def _adapter_tensors(ex: ExpertAdapter) -> dict:
+def adapter_tensors(ex: ExpertAdapter) -> dict:
     if ex.tensors is not None:
         return ex.tensors
     from safetensors.torch import load_file
@@ -123,7 +123,7 @@ def attach_experts(base, experts: list[ExpertAdapter]):
             if result.unexpected_keys:
                 raise CheckpointLoadError(f"{name}: {len(result.unexpected_keys)} LoRA keys match "
                                           f"no module, e.g. {result.unexpected_keys[0]}")
-        _check_loaded(model, ex, _adapter_tensors(ex))
+        check_loaded(model, ex, adapter_tensors(ex))
     model.set_adapter(experts[0].name)
     model.eval()
     return model

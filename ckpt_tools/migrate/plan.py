@@ -22,7 +22,8 @@ from ..problems import Problem
 from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, REDUNDANT, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
 from ..kinds import MergedKind, MigrateAction, MigrateMethod
-from ..validator import _MAX_JSON_BYTES, HEADERS, Verdict, VerdictFacts, validate_checkpoint
+from ..checkpoint_reads import MAX_JSON_BYTES
+from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
 from .errors import CheckpointFailure, MigrateError
 
 METHOD_COPY, METHOD_EXACT, METHOD_SVD = MigrateMethod.COPY, MigrateMethod.EXACT, MigrateMethod.SVD
@@ -37,7 +38,7 @@ DEFAULT_VERIFY_TOL = {METHOD_COPY: 1e-4, METHOD_EXACT: 1e-4, METHOD_SVD: 1e-2}
 # truly low-rank is met to float rounding (a merged LoRA: ~1e-7), so anything above 1% is a
 # delta that is not low-rank at this rank: the copy would be lossy. docs/migrate.md says more.
 DEFAULT_MAX_ERROR = 0.01
-_MARKER_FORMAT = 1
+MARKER_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class MigratePlan:
 
 # --- roots -------------------------------------------------------------------------------
 
-def _inside(path: str, root: str) -> bool:
+def is_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -127,17 +128,17 @@ def check_roots(src: str, dst: str) -> None:
     rd = os.path.realpath(dst)
     if rs == rd:
         raise MigrateError(f"DST {dst} is SRC {src}: migrate writes a new tree, never in place")
-    if _inside(rd, rs):
+    if is_inside(rd, rs):
         raise MigrateError(f"DST {dst} lies inside SRC {src}: choose a DST outside the tree "
                            "being migrated")
-    if _inside(rs, rd):
+    if is_inside(rs, rd):
         raise MigrateError(f"SRC {src} lies inside DST {dst}: choose a DST outside the tree "
                            "being migrated")
 
 
 # --- planning ----------------------------------------------------------------------------
 
-def _method_for(c: Checkpoint) -> tuple[str | None, str | None]:
+def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
     """(method, reason it cannot work) for a checkpoint that is neither broken nor in progress."""
     lay = c.layout
     if lay == layout.CANONICAL:
@@ -157,7 +158,7 @@ def _method_for(c: Checkpoint) -> tuple[str | None, str | None]:
     return None, f"layout {lay!r} cannot be migrated"
 
 
-def _skip_reason(c: Checkpoint) -> str:
+def skip_reason(c: Checkpoint) -> str:
     if c.status == IN_PROGRESS:
         if c.dir.tmp_name:
             return "in progress: a temporary checkpoint directory"
@@ -170,7 +171,7 @@ def _skip_reason(c: Checkpoint) -> str:
     return "broken"
 
 
-def _input_files(ckpt: CheckpointDir, verdict_facts: VerdictFacts) -> list[tuple[str, int, int]]:
+def input_files(ckpt: CheckpointDir, verdict_facts: VerdictFacts) -> list[tuple[str, int, int]]:
     """(relpath, size, mtime_ns) of every file the migration of ``ckpt`` may read."""
     files = [(f.relpath, f.size, f.mtime_ns) for f in ckpt.files
              if not f.name.startswith(".ckpt-tools")]
@@ -187,7 +188,7 @@ def _input_files(ckpt: CheckpointDir, verdict_facts: VerdictFacts) -> list[tuple
     return sorted(files)
 
 
-def _digest(files: list[tuple[str, int, int]]) -> str:
+def digest_of(files: list[tuple[str, int, int]]) -> str:
     return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -202,14 +203,14 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
         target = c.path
         if c.status in (BROKEN, IN_PROGRESS):
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
-                                     reason=_skip_reason(c), experts=c.num_experts))
+                                     reason=skip_reason(c), experts=c.num_experts))
             continue
-        method, why_not = _method_for(c)
+        method, why_not = method_for(c)
         if method is None:
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
                                      reason=why_not, experts=c.num_experts))
             continue
-        digest = _digest(_input_files(c.dir, c.facts))
+        digest = digest_of(input_files(c.dir, c.facts))
         notes = []
         experts = c.num_experts
         if method == METHOD_SVD:
@@ -218,7 +219,7 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
                 notes.append("needs --base-model (a truly merged model: the LoRA delta is baked in)")
             if options.rank is None and options.energy is None:
                 notes.append("needs --rank or --energy")
-        state, detail = _target_state(os.path.join(dst, *target.split("/")) if target != "."
+        state, detail = target_state(os.path.join(dst, *target.split("/")) if target != "."
                                       else dst, digest, check=False)
         if state == "finished":
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_DONE, method,
@@ -237,12 +238,14 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
                        problems=tuple(result.problems))
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     """The JSON object in the file at ``path``; None where there is none to use: no such file,
-    not a regular file (a FIFO is never opened), over _MAX_JSON_BYTES, or not a JSON object."""
+    not a regular file (a FIFO is never opened), over the validator's bound on a JSON file
+    (``MAX_JSON_BYTES``), or not a JSON object. Every config migrate and the low-rank
+    extraction read goes through here."""
     try:
-        raw = st.read_bounded(path, _MAX_JSON_BYTES)
-        doc = json.loads(raw.decode("utf-8")) if len(raw) <= _MAX_JSON_BYTES else None
+        raw = st.read_bounded(path, MAX_JSON_BYTES)
+        doc = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_JSON_BYTES else None
     except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -251,10 +254,10 @@ def _read_json(path: str) -> dict | None:
 # --- the target's state ------------------------------------------------------------------
 
 def _read_marker(target_abs: str) -> dict | None:
-    return _read_json(os.path.join(target_abs, layout.MIGRATED_MARKER))
+    return read_json(os.path.join(target_abs, layout.MIGRATED_MARKER))
 
 
-def _validate_dir(path: str, name: str | None = None) -> tuple[CheckpointDir, Verdict]:
+def validate_dir(path: str, name: str | None = None) -> tuple[CheckpointDir, Verdict]:
     """Scan and validate the directory ``path`` as one checkpoint (named ``name``)."""
     dirs, _ = scanner.find_checkpoints(path)
     mine = [d for d in dirs if d.path == "."]
@@ -267,7 +270,7 @@ def _validate_dir(path: str, name: str | None = None) -> tuple[CheckpointDir, Ve
     return ckpt, validate_checkpoint(ckpt, level=HEADERS, min_age_s=0.0)
 
 
-def _target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[str, str]:
+def target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[str, str]:
     """absent | finished | stale | foreign, with a word on why."""
     if not os.path.lexists(target_abs):
         return "absent", ""
@@ -286,7 +289,7 @@ def _target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[
         return "stale", "the source changed since it was migrated"
     if check:
         try:
-            _, verdict = _validate_dir(target_abs, os.path.basename(target_abs))
+            _, verdict = validate_dir(target_abs, os.path.basename(target_abs))
         except (CheckpointFailure, scanner.ScanError) as exc:
             return "stale", str(exc)
         errors = [p for p in verdict.problems if p.is_error]

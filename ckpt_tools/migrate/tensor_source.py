@@ -12,13 +12,19 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint_reads import MAX_JSON_BYTES
 from ..formats.safetensors_header import open_readonly, read_header, require_regular
 from ..layout import MERGED_INDEX, MERGED_SINGLE, ROOT_CONFIG
 from ..tensor_io import SAFETENSORS_DTYPES
 from .hub import NotCached, cached_snapshot
+from .plan import read_json
 
-_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDING_LEAVES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
+
+
+class BaseMismatch(ValueError):
+    """The base given is not the fine-tune's: another architecture, or tensors of other shapes."""
 
 
 class _SafetensorsFile:
@@ -134,11 +140,14 @@ class TensorSource:
             return cls([_open_weights_file(path)], path=path.resolve(), config=None)
         config = None
         if (path / ROOT_CONFIG).is_file():
-            config = json.loads((path / ROOT_CONFIG).read_text(encoding="utf-8"))
+            config = read_json(str(path / ROOT_CONFIG))
+            if config is None:
+                raise ValueError(f"{path / ROOT_CONFIG}: not a JSON object of at most "
+                                 f"{MAX_JSON_BYTES} bytes")
         for index_name in MERGED_INDEX:
             index = path / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+                weight_map = (read_json(str(index)) or {}).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"{index}: no weight_map")
                 shards = sorted(set(weight_map.values()))
@@ -175,7 +184,7 @@ class TensorSource:
         for cfg in (config, config.get("text_config") or {}):
             if "tie_word_embeddings" in cfg:
                 return bool(cfg["tie_word_embeddings"])
-        return _input_embedding(self) is not None and not any(n in self for n in _OUTPUT_EMBEDDINGS)
+        return input_embedding(self) is not None and not any(n in self for n in OUTPUT_EMBEDDINGS)
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -188,9 +197,25 @@ def _from_hub_cache(repo_id: str) -> Path:
                                 f"cache ({exc.why})") from None
 
 
-def _input_embedding(src: TensorSource) -> str | None:
+def input_embedding(src: TensorSource) -> str | None:
     for name in src.names:
         parts = name.split(".")
         if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _INPUT_EMBEDDING_LEAVES:
             return name
     return None
+
+
+# What makes two configs of one model_type different models: the same tensor names can then
+# still have the same shapes (another depth: the extra layers would be left out unnoticed).
+_ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size",
+                      "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_architecture(bsrc: TensorSource, msrc: TensorSource) -> None:
+    """Raise ``BaseMismatch`` where both configs record an architecture key and differ."""
+    b_cfg, m_cfg = bsrc.config or {}, msrc.config or {}
+    for key in _ARCHITECTURE_KEYS:
+        b_val, m_val = b_cfg.get(key), m_cfg.get(key)
+        if b_val and m_val and b_val != m_val:
+            raise BaseMismatch(f"{key} {json.dumps(b_val)} in the base but {json.dumps(m_val)} "
+                               f"in the fine-tune")

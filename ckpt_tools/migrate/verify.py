@@ -10,9 +10,9 @@ import torch
 from .. import layout
 from .errors import CheckpointFailure
 from .extract import Conversion, ExpertAdapter
-from .peft_model import (_adapter_tensors, _check_loaded, attach_experts, base_from_merged,
-                         check_base_matches, load_base_model)
-from .plan import METHOD_SVD, MigrateOptions, _read_json
+from .peft_model import (adapter_tensors, attach_experts, base_from_merged, check_base_matches,
+                         check_loaded, load_base_model)
+from .plan import METHOD_SVD, MigrateOptions, read_json
 
 VERIFY_BATCH, VERIFY_LENGTH, VERIFY_SEED = 2, 16, 0
 
@@ -111,7 +111,7 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
         del merged
         base = load_base_model(options.base_model, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, targets[0].adapter_dir, adapter_name=targets[0].name)
-        _check_loaded(model, targets[0], _adapter_tensors(targets[0]))
+        check_loaded(model, targets[0], adapter_tensors(targets[0]))
         model.eval()
         with torch.no_grad():
             out = model(input_ids=ids).logits.float()
@@ -122,7 +122,7 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
         ids = _random_ids(base.config.vocab_size)
         refs = {}
         for ex in conv.experts:
-            tensors = ex.tensors if ex.tensors is not None else _adapter_tensors(ex)
+            tensors = ex.tensors if ex.tensors is not None else adapter_tensors(ex)
             cfg = ex.config or _read_adapter_config(ex.adapter_dir)
             refs[ex.name] = hooked_logits(base, tensors, cfg, ids)
         model = attach_experts(base, targets)
@@ -144,7 +144,7 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
 
 def _read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, layout.ADAPTER_CONFIG)
-    cfg = _read_json(path)
+    cfg = read_json(path)
     if cfg is None:
         raise CheckpointFailure(f"{path}: not a readable JSON object")
     return cfg

@@ -16,10 +16,10 @@ from .. import __version__, canonical, commit, layout
 from ..fs import FileOps, SyncError
 from ..problems import NAN_OR_INF, FormatError
 from ..records import PEFT_ONLY
-from .errors import _STORAGE_ERRORS, CheckpointFailure, storage_error
-from .extract import Conversion, _Source, build_conversion, open_source
-from .plan import (_MARKER_FORMAT, METHOD_COPY, METHOD_SVD, MigrateItem, MigratePlan, _digest,
-                   _inside, _input_files, _validate_dir)
+from .errors import STORAGE_ERRORS, CheckpointFailure, storage_error
+from .extract import Conversion, MigrateSource, build_conversion, open_source
+from .plan import (MARKER_FORMAT, METHOD_COPY, METHOD_SVD, MigrateItem, MigratePlan, digest_of,
+                   input_files, is_inside, validate_dir)
 from .result import MigrateOutcome
 
 
@@ -43,7 +43,7 @@ class _Writer:
 
     def shown_path(self, path: str) -> str:
         """``path`` under the temporary directory, as it will be named under the target."""
-        if _inside(path, self.root):
+        if is_inside(path, self.root):
             return self.shown + path[len(self.root):]
         return path
 
@@ -58,7 +58,7 @@ class _Writer:
             if why is None:
                 raise
             where = getattr(exc, "filename", None)
-            if not (isinstance(where, str) and _inside(where, self.root)):
+            if not (isinstance(where, str) and is_inside(where, self.root)):
                 where = path
             raise CheckpointFailure(f"{why} writing {self.shown_path(where)}") from None
         self.written[rel] = self.fs.lstat(path).st_size
@@ -68,7 +68,7 @@ class _Writer:
             try:
                 self.fs.link(os.path.realpath(src_abs), dst)
             except OSError as exc:
-                if exc.errno in _STORAGE_ERRORS:    # a copy would fail the same way
+                if exc.errno in STORAGE_ERRORS:    # a copy would fail the same way
                     raise
                 if not self.warnings or "hard link" not in self.warnings[-1]:
                     self.warnings.append(f"cannot hard-link ({exc.strerror or exc}); copied instead")
@@ -190,13 +190,13 @@ def clean_stale(parent: str, fs: FileOps | None = None) -> list[str]:
 
 
 @dataclass
-class _Context:
+class MigrateContext:
     plan: MigratePlan
     fs: FileOps
     run_cache: dict = field(default_factory=dict)   # run dir -> its configs (lora_alpha lookup)
 
 
-class _SourceChanged(Exception):
+class SourceChanged(Exception):
     """A file of the source vanished or changed while it was read: begin that checkpoint again.
 
     A prune of SRC may delete merged weights between their validation and their read: migrate
@@ -204,20 +204,20 @@ class _SourceChanged(Exception):
     """
 
 
-def _source_changed(src: _Source, digest: str) -> bool:
+def _source_changed(src: MigrateSource, digest: str) -> bool:
     """Whether the input files of ``src`` are no longer those ``digest`` was computed from."""
     try:
         now = open_source(src.abspath)
     except Exception:  # noqa: BLE001 - gone or unreadable: it changed
         return True
-    return _digest(_input_files(now.ckpt, now.verdict.facts)) != digest
+    return digest_of(input_files(now.ckpt, now.verdict.facts)) != digest
 
 
 @dataclass(frozen=True)
-class _TargetJob:
+class TargetJob:
     """One target to write: from which source, how, and how the user names it."""
 
-    src: _Source
+    src: MigrateSource
     method: str
     digest: str                 # of the source's input files, as the marker records it
     item: MigrateItem
@@ -225,7 +225,7 @@ class _TargetJob:
     outcome: Callable[..., MigrateOutcome]
 
 
-class _VerifyFailed(Exception):
+class VerifyFailed(Exception):
     """--verify refused a written target: nothing is committed, the outcome says why."""
 
     def __init__(self, outcome: MigrateOutcome):
@@ -233,7 +233,8 @@ class _VerifyFailed(Exception):
         self.outcome = outcome
 
 
-def _write_target(ctx: _Context, job: _TargetJob, staging: commit.RenameCommit) -> MigrateOutcome:
+def write_target(ctx: MigrateContext, job: TargetJob,
+                 staging: commit.RenameCommit) -> MigrateOutcome:
     """Build the target in ``staging``, verify it, rename it into place: all or nothing."""
     opts, src, shown = ctx.plan.options, job.src, job.shown
     written: dict = {}
@@ -245,13 +246,13 @@ def _write_target(ctx: _Context, job: _TargetJob, staging: commit.RenameCommit) 
             _write_conversion(conv, w)
         except (OSError, FormatError) as exc:
             if _source_changed(src, job.digest):
-                raise _SourceChanged(f"{type(exc).__name__}: {exc}") from exc
+                raise SourceChanged(f"{type(exc).__name__}: {exc}") from exc
             raise
         w.json(layout.MIGRATED_MARKER, _marker(job, conv, w))
         written.update(conv=conv, w=w)
 
     def validate(tmp: str) -> None:
-        _, tv = _validate_dir(tmp, os.path.basename(staging.final))
+        _, tv = validate_dir(tmp, os.path.basename(staging.final))
         errors = [p for p in tv.problems if p.is_error]
         if errors or tv.status != PEFT_ONLY:
             why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
@@ -270,7 +271,7 @@ def _write_target(ctx: _Context, job: _TargetJob, staging: commit.RenameCommit) 
                 why = verify.get("error") or (
                     f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
                     f"tolerance {verify['tolerance']:g}")
-                raise _VerifyFailed(job.outcome("failed", method=job.method, verify=verify,
+                raise VerifyFailed(job.outcome("failed", method=job.method, verify=verify,
                                                 reason=f"--verify: {why}"))
 
     try:
@@ -287,15 +288,15 @@ def _write_target(ctx: _Context, job: _TargetJob, staging: commit.RenameCommit) 
                        verify=written.get("verify"), warnings=tuple(conv.warnings + w.warnings))
 
 
-def _marker(job: _TargetJob, conv: Conversion, w: _Writer) -> dict:
+def _marker(job: TargetJob, conv: Conversion, w: _Writer) -> dict:
     """``.ckpt-tools-migrated.json``: where the target came from, written last."""
     v = job.src.verdict
     return {
-        "format": _MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
+        "format": MARKER_FORMAT, "tool": "ckpt-tools", "version": __version__,
         "source": job.item.source, "source_path": os.path.realpath(job.src.abspath),
         "layout": v.layout, "method": job.method, "experts": conv.num_experts,
         "max_rel_error": conv.max_rel_error, "inputs_digest": job.digest,
-        "inputs": [list(x) for x in _input_files(job.src.ckpt, v.facts)],
+        "inputs": [list(x) for x in input_files(job.src.ckpt, v.facts)],
         "written": dict(sorted(w.written.items())),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -310,6 +311,6 @@ def _sync_failure(exc: SyncError, staging: commit.RenameCommit, shown: str) -> C
     where = exc.filename
     if where == staging.parent:
         return CheckpointFailure(f"{why} syncing the directory {os.path.dirname(shown) or '.'}")
-    if _inside(where, staging.tmp):
+    if is_inside(where, staging.tmp):
         where = shown + where[len(staging.tmp):]
     return CheckpointFailure(f"{why} syncing {where}")

@@ -22,6 +22,7 @@ one opens the file and picks the container.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ckpt_tools.formats.safetensors_header import no_readahead, open_regular, pread_full
 from ckpt_tools.problems import TRUNCATED, FormatError
@@ -90,14 +91,19 @@ def inspect_torch_file(path: str | os.PathLike, *,
         os.close(fd)
 
 
-def flatten_tensors(obj, *, max_nodes: int = 10_000_000) -> dict[str, TensorRef]:
+def flatten_tensors(obj, *, max_nodes: int = 10_000_000,
+                    is_tensor: Callable[[object], bool] | None = None) -> dict[str, TensorRef]:
     """Map dotted names to the tensors of a state-dict-like tree.
 
     Nested dict keys and list/tuple indices are joined with '.', in the tree's order:
     ``{"gate_state_dict": {"weight": t}}`` gives ``{"gate_state_dict.weight": t}``.
     Raises ``FormatError`` (``bad-archive``) past ``max_nodes`` visited nodes, which
-    bounds the work on trees that share a subtree many times.
+    bounds the work on trees that share a subtree many times. A leaf is a tensor when
+    ``is_tensor`` says so (default: a ``TensorRef`` of this reader); ``tensor_io`` passes
+    torch's, so that a tree ``torch.load`` built gets the very names this reader gives.
     """
+    if is_tensor is None:
+        is_tensor = _is_tensor_ref
     out: dict[str, TensorRef] = {}
     work: list[tuple[str, object]] = [("", obj)]
     visited = 0
@@ -106,7 +112,7 @@ def flatten_tensors(obj, *, max_nodes: int = 10_000_000) -> dict[str, TensorRef]
         visited += 1
         if visited > max_nodes:
             raise _bad(f"object tree has more than {max_nodes} nodes")
-        if isinstance(node, TensorRef):
+        if is_tensor(node):
             out[name] = node
             continue
         if isinstance(node, dict):
@@ -118,6 +124,10 @@ def flatten_tensors(obj, *, max_nodes: int = 10_000_000) -> dict[str, TensorRef]
         work.extend((f"{name}.{key}" if name else str(key), value)
                     for key, value in reversed(items))
     return out
+
+
+def _is_tensor_ref(node) -> bool:
+    return isinstance(node, TensorRef)
 
 
 __all__ = ["inspect_torch_file", "flatten_tensors", "TorchFileInfo", "TensorRef", "StorageRef",

@@ -1,6 +1,6 @@
 """ckpt-tools: audit, validate, prune and migrate PEFT/LoRA mixture-of-experts checkpoints.
 
-Importing the package never imports torch; only the converter and the loader do. The names
+Importing the package never imports torch; only migrate's tensor modules and the loader do. The names
 below are imported on first use, so that starting the command line (``ckpt-tools --help``)
 pays for none of the library.
 """

@@ -188,3 +188,12 @@ def _reap(pid: int) -> None:
             os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def pattern_value(patterns: dict | None, module: str):
+    """PEFT's rank_pattern / alpha_pattern lookup for one module (``match_modules``); raises
+    ``PatternTooCostly`` as it does."""
+    if not patterns:
+        return None
+    key = match_modules(None, patterns, None, [module])[module].rank_key
+    return None if key is None else patterns[key]

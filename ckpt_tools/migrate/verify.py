@@ -18,8 +18,8 @@ VERIFY_BATCH, VERIFY_LENGTH, VERIFY_SEED = 2, 16, 0
 
 
 def _scale(cfg: dict, module: str, r: int) -> float:
-    from ..validator import _pattern_value
-    alpha = _pattern_value(cfg.get("alpha_pattern"), module) or cfg.get("lora_alpha") or r
+    from ..patterns import pattern_value
+    alpha = pattern_value(cfg.get("alpha_pattern"), module) or cfg.get("lora_alpha") or r
     if cfg.get("use_rslora"):
         return alpha / (r ** 0.5)
     return alpha / r

@@ -8,7 +8,6 @@ through the scan's ``ReadCache`` by ``ckpt_tools.replay``.
 
 from .context import _MAX_JSON_BYTES  # noqa: F401 - migrate.plan imports it from here
 from .examine import validate_checkpoint
-from .experts import _pattern_value  # noqa: F401 - migrate.verify imports it from here
 from .verdict import DEEP, FULL, HEADERS, ExpertInfo, Tensor, Verdict, VerdictFacts
 
 __all__ = ["validate_checkpoint", "Verdict", "VerdictFacts", "Tensor", "ExpertInfo",

@@ -67,15 +67,6 @@ def _report_missing_experts(ctx: _Ctx, missing: list[int], num_experts: int,
 
 # --- adapter configs -------------------------------------------------------------
 
-def _pattern_value(patterns: dict | None, module: str):
-    """PEFT's rank_pattern / alpha_pattern lookup for one module (``patterns.match_modules``);
-    raises ``PatternTooCostly`` as it does."""
-    if not patterns:
-        return None
-    key = match_modules(None, patterns, None, [module])[module].rank_key
-    return None if key is None else patterns[key]
-
-
 def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
     """The fields of adapter_config.json that decide shapes and scaling. True when usable."""
     ok = True

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # public name → the module that defines it
 _EXPORTS = {
     "scan": "api", "classify": "api", "assemble": "api",
-    "plan_prune": "pruner", "PrunePlan": "pruner",
+    "plan_prune": "prune.plan", "PrunePlan": "prune.plan",
     "Problem": "problems", "Severity": "problems", "Status": "kinds", "Layout": "kinds",
     "Checkpoint": "records", "CheckpointDir": "records", "FileRecord": "records",
     "Run": "records", "ScanResult": "records", "ReadCache": "read_cache",

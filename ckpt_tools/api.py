@@ -12,7 +12,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from . import scanner
-from .pruner import plan_prune
+from .prune.plan import plan_prune
 from .problems import Problem
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult

@@ -1,6 +1,6 @@
 """The file operations ckpt-tools does to storage, behind one seam (``FileOps``).
 
-Used today by everything that changes storage: prune's unlinks (``prune_exec``), and the
+Used today by everything that changes storage: prune's unlinks (``prune.execute``), and the
 writes, fsyncs, renames and removals of migrate (``migrate.write``), of the Trainer callback
 (``integrations.transformers``) and of the low-rank writer (``migrate.lowrank.write_adapter``), all
 three through ``commit``. Reads (scanner, validator, format readers, migrate's extraction)

@@ -1,7 +1,7 @@
 """Everything ckpt-tools knows about how DyLoRA-MoE checkpoints are laid out.
 
 This is the one module that names files, directories and state-dict key patterns: the
-canonical layout and every variant found in the wild. The scanner, validator, pruner and
+canonical layout and every variant found in the wild. The scanner, validator, prune and
 converter ask it; none of them spells a file name of its own.
 """
 

@@ -18,8 +18,8 @@ from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
     from .migrate import MigratePlan, MigrateResult
-    from .prune_exec import PruneResult
-    from .pruner import PrunePlan
+    from .prune.result import PruneResult
+    from .prune.plan import PrunePlan
 
 
 def size_str(n: int) -> str:
@@ -197,7 +197,7 @@ def _links(n: int) -> str:
 def render_prune_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool,
                       verbose: bool = False, quiet: bool = False) -> list[str]:
     """The plan for people: each file with the bytes it frees, a total, then what is left alone."""
-    from .pruner import skip_reason
+    from .prune.plan import skip_reason
     lines: list[str] = []
     n_ckpt = len({(d.root, d.checkpoint) for d in plan.deletions})
     if plan.deletions and not quiet:

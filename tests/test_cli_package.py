@@ -76,7 +76,7 @@ def test_an_audit_of_an_empty_directory_imports_no_validator_and_no_torch(tmp_pa
 def _library_errors():
     from ckpt_tools.migrate import MigrateError
     from ckpt_tools.locking import LockError, LockHeld
-    from ckpt_tools.prune_exec import LogOpenError, LogWriteError
+    from ckpt_tools.prune import LogOpenError, LogWriteError
     from ckpt_tools.scanner import ScanError
     return [(ScanError("r: no such file or directory"), 2),
             (MigrateError("DST d lies inside SRC s"), 2),

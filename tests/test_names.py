@@ -274,7 +274,7 @@ def test_skipped_and_failed_lines_on_stderr_stay_one_line_each(results_tree, tmp
     """What cron mails: an execute-time skip or failure whose path and reason hold escapes."""
     from ckpt_tools import cli as cli_module
     from ckpt_tools.cli import prune as cli_prune
-    from ckpt_tools.prune_exec import Failure, PruneEvent, PruneResult
+    from ckpt_tools.prune import Failure, PruneEvent, PruneResult
     root = odd_tree(results_tree, tmp_path)
 
     def execute(plan, *, on_event, **_):

@@ -25,10 +25,10 @@ from fixtures.copying import copy_tree
 from fixtures.tree import YOUNG_AGE_S
 
 import ckpt_tools.cli.prune as cli_prune
-import ckpt_tools.prune_exec as prune_exec
+import ckpt_tools.prune.execute as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
-from ckpt_tools.prune_exec import ActionLog, PruneResult, Revalidator, execute_prune
+from ckpt_tools.prune import ActionLog, PruneResult, Revalidator, execute_prune
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"

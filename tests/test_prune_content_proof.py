@@ -335,7 +335,7 @@ def test_v0_v1_and_peft_keys_of_one_lora_tensor_share_one_canonical_name():
 def test_long_tensors_are_compared_piece_by_piece_in_bounded_reads(results_tree, tmp_path, monkeypatch):
     """Reads of at most 200 bytes, batches of at most 1000: the proof holds little memory and
     still finds the one byte that differs, at the end of a tensor, and names that tensor."""
-    import ckpt_tools.content_proof as content_proof
+    import ckpt_tools.prune.proof as content_proof
     from ckpt_tools import scan
 
     monkeypatch.setattr(content_proof, "_BLOCK", 200)
@@ -364,7 +364,7 @@ def test_long_tensors_are_compared_piece_by_piece_in_bounded_reads(results_tree,
 
 
 def test_a_proof_that_breaks_plans_nothing_for_its_checkpoint(results_tree, tmp_path):
-    from ckpt_tools.content_proof import ContentProof
+    from ckpt_tools.prune import ContentProof
 
     _, _, now = results_tree
     root = small_root(results_tree, tmp_path, TRAINER)

@@ -11,10 +11,10 @@ from pathlib import Path
 from click.testing import CliRunner
 from fixtures.copying import copy_tree
 
-import ckpt_tools.prune_exec as prune_exec
+import ckpt_tools.prune.execute as prune_exec
 from ckpt_tools import plan_prune, scan
 from ckpt_tools.cli import cli
-from ckpt_tools.prune_exec import ActionLog, Revalidator, execute_prune
+from ckpt_tools.prune import ActionLog, Revalidator, execute_prune
 from test_prune import allocated_bytes, link_twin, listing, restamp_young
 
 

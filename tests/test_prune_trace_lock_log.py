@@ -25,9 +25,9 @@ import pytest
 
 from fixtures.copying import copy_tree
 
-import ckpt_tools.prune_exec as prune_exec
+import ckpt_tools.prune.execute as prune_exec
 from ckpt_tools import plan_prune, scan
-from ckpt_tools.prune_exec import ActionLog, PruneEvent, Revalidator, execute_prune
+from ckpt_tools.prune import ActionLog, PruneEvent, Revalidator, execute_prune
 from test_prune import ckpt_tools_exe, run_cli, small_root
 
 HANG_GUARD_S = 300   # a run that hangs fails the test instead of the suite; never a timing assertion
@@ -423,7 +423,7 @@ def test_a_log_failing_in_a_worker_stops_the_other_workers_too(results_tree, tmp
 
 
 def test_a_short_write_is_taken_back_when_nobody_wrote_after_it(tmp_path):
-    from ckpt_tools.prune_exec import LogWriteError
+    from ckpt_tools.prune import LogWriteError
 
     log_path = tmp_path / "prune.jsonl"
     log_path.write_text('{"earlier": "run"}\n')

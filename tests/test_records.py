@@ -16,7 +16,7 @@ from ckpt_tools import api, scanner
 from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, PruneAction, Status,
                               TreeForm)
 from ckpt_tools.problems import TRUNCATED, Problem, Severity
-from ckpt_tools.pruner import Skip, plan_prune
+from ckpt_tools.prune.plan import Skip, plan_prune
 from ckpt_tools.records import Checkpoint, CheckpointDir, FileRecord
 from ckpt_tools.validator import validate_checkpoint
 

@@ -563,7 +563,7 @@ PRUNE_SWAPS = (
 
 
 def _prune_swap_case(name, swap, reasons, src: Path, case_dir: Path, now: float) -> tuple[list[str], dict]:
-    from ckpt_tools.prune_exec import Revalidator, execute_prune
+    from ckpt_tools.prune import Revalidator, execute_prune
     root = copy_tree(src, case_dir / "results", only=("run_trainer", "seed_v3"))
     outside = case_dir / "outside"
     outside.mkdir()

@@ -69,7 +69,7 @@ def runs_of(default: int) -> int:
 # soon as a line arrives on stdin, so that two of them can be let go within a millisecond.
 WARM = textwrap.dedent("""
     import sys
-    import ckpt_tools.api, ckpt_tools.cli.prune, ckpt_tools.prune_exec, ckpt_tools.validator
+    import ckpt_tools.api, ckpt_tools.cli.prune, ckpt_tools.prune.execute, ckpt_tools.validator
     from ckpt_tools.cli import main
     print("ready", flush=True)
     sys.stdin.readline()

@@ -1,7 +1,7 @@
 """``ckpt-tools prune``: delete the merged weights of redundant checkpoints.
 
 A thin layer: lock → scan → ``plan_prune`` → show → confirm → ``execute_prune`` → report.
-Every decision lives in ``pruner`` and ``prune_exec``; this module asks and renders.
+Every decision lives in the ``prune`` package; this module asks and renders.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import click
 
 from ..api import default_jobs
 from ..locking import LockHeld, root_lock
-from ..prune_exec import DELETE, ActionLog, PruneEvent, PruneResult, Revalidator, emit_plan, execute_prune
-from ..pruner import plan_prune
+from ..prune.execute import Revalidator, emit_plan, execute_prune
+from ..prune.log import ActionLog
+from ..prune.plan import plan_prune
+from ..prune.result import DELETE, PruneEvent, PruneResult
 from ..records import REDUNDANT
 from ..report import prune_where, render_prune_outcome, render_prune_plan, size_str
 from .exits import ExitCode

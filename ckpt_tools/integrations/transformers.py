@@ -38,8 +38,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .. import __version__, canonical, commit, layout, scanner
 from ..fs import FileOps, local_or
 from ..problems import Problem
-from ..prune_exec import Revalidator, execute_prune
-from ..pruner import plan_prune
+from ..prune.execute import Revalidator, execute_prune
+from ..prune.plan import plan_prune
 from ..records import Checkpoint
 from ..validator import FULL, validate_checkpoint
 

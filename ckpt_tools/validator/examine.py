@@ -10,7 +10,7 @@ Three levels of scrutiny:
 - ``deep`` (validate --deep): also every tensor read (NaN/Inf), a content hash per file,
   ``adapter_config.json`` through ``peft.LoraConfig`` when peft is there, and the LoRA and
   router tensors of merged weights compared with the PEFT tree's (``merged-mismatch``, the
-  comparison prune's ``content_proof`` makes).
+  comparison prune's ``prune.proof`` makes).
 
 No tensor data is read and neither torch nor peft is imported below ``deep``: the config
 checks that decide shapes and scaling (``_check_adapter_config``) are plain Python.
@@ -143,7 +143,7 @@ def _check_merged_content(ctx: _Ctx, merged: list[str], tree_form: str, router_r
                           moe_dir: str) -> None:
     """Deep mode: the LoRA and router tensors of the merged weights must equal the PEFT
     tree's (prune's content proof, without its rule on symlinks)."""
-    from ..content_proof import ContentProof
+    from ..prune.proof import ContentProof
     failure = ContentProof(cache=ctx.cache).check(ctx.ckpt, merged, tree_form=tree_form,
                                                   router=router_rel, moe_dir=moe_dir,
                                                   own_tree=False)

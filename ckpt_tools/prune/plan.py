@@ -2,8 +2,8 @@
 
 Planning reads records and returns a ``PrunePlan``; the only files it reads are the LoRA and
 router tensors of each ``redundant`` checkpoint, to prove by content that its merged
-weights hold nothing its PEFT tree lacks (``content_proof``). Executing a plan is in
-``prune_exec``; it re-validates, proves again and re-checks every file right before unlinking.
+weights hold nothing its PEFT tree lacks (``proof``). Executing a plan is in
+``execute``; it re-validates, proves again and re-checks every file right before unlinking.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .kinds import Status
-from .records import Checkpoint, FileRecord
+from ..kinds import Status
+from ..records import Checkpoint, FileRecord
 
 _SKIP_REASONS = {
     Status.PEFT_ONLY: "peft-only: no merged weights to remove",
@@ -62,7 +62,7 @@ class Skip:
     root: str
     path: str
     reason: str
-    # the checkpoint's Status when skipped at plan time; prune_exec's CHANGED or STOPPED
+    # the checkpoint's Status when skipped at plan time; execute's CHANGED or STOPPED
     # when skipped at execute time
     status: str = ""
 
@@ -106,7 +106,7 @@ def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True
     """The merged-weight files of ``redundant`` checkpoints, with exact bytes freed.
 
     With ``prove`` (the default) each redundant checkpoint's merged weights are first
-    proven redundant by content (``content_proof.ContentProof``, or the callable given: None
+    proven redundant by content (``proof.ContentProof``, or the callable given: None
     when proven, else the reason); one that is not is skipped with that reason and none of its
     files is planned. ``prove=False`` plans from the verdicts alone: what ``audit`` reports as
     reclaimable. ``jobs`` worker processes share the proofs of a large tree.
@@ -158,7 +158,7 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
     """{index: reason} of the redundant checkpoints whose merged weights are not proven
     redundant by content; with ``jobs`` > 1 and enough of them, proven in forked workers."""
     if prove is True:
-        from .content_proof import ContentProof   # only prune proves: audit never loads it
+        from .proof import ContentProof   # only prune proves: audit never loads it
         prove = ContentProof()
     proof: Prover = prove
     todo = [i for i, c in enumerate(checkpoints) if c.status is Status.REDUNDANT]
@@ -178,7 +178,7 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
     collecting = gc.isenabled()
     gc.disable()   # the scan's records are many and acyclic: see api.scan
     try:
-        from . import workers
+        from .. import workers
         if n_workers > 1 and workers.available():
             with workers.Workers(workers.spans_of(len(todo), n_workers), n_workers, run) as w:
                 return dict(item for part in w.in_order() for item in part)

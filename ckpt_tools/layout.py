@@ -14,6 +14,9 @@ from functools import lru_cache
 
 from .kinds import Layout, MergedKind, TreeForm
 
+# The lru_caches below memoise pure functions of one name (a path, a tensor key): their answer
+# never depends on what was read before, unlike the scan's memos, which live in a ReadCache.
+
 # --- directory and file names -------------------------------------------------
 
 PEFT_DIR = "peft_adapters"

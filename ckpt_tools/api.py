@@ -105,8 +105,7 @@ def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE
     collecting = gc.isenabled()
     gc.disable()
     try:
-        from . import workers
-        if jobs > 1 and workers.available():
+        if jobs > 1:
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache)
         return _scan_here(roots, level, min_age_s, now, progress, cache)
     finally:
@@ -197,15 +196,16 @@ class _ScanWork:
 
 
 def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache) -> ScanResult:
-    from . import workers
     walks, units = _plan(roots)
     if units:
         from . import validator  # noqa: F401 - imported before the fork: the workers inherit it
     jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
     work = _ScanWork(walks, units, level, min_age_s, now, cache)
-    if jobs > 1:
-        with workers.Workers(workers.spans_of(len(units), jobs), jobs, work.run_span) as w:
-            return _gather(walks, units, (u for batch in w.in_order() for u in batch), progress)
+    if jobs > 1:   # the workers module only once there is work for them (start-up cost)
+        from . import workers
+        if workers.available():
+            with workers.Workers(workers.spans_of(len(units), jobs), jobs, work.run_span) as w:
+                return _gather(walks, units, (u for batch in w.in_order() for u in batch), progress)
     return _gather(walks, units, (work.run_unit(i) for i in range(len(units))), progress)
 
 

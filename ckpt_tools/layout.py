@@ -1,8 +1,8 @@
 """Everything ckpt-tools knows about how DyLoRA-MoE checkpoints are laid out.
 
 This is the one module that names files, directories and state-dict key patterns: the
-canonical layout and every variant found in the wild. The scanner, validator, prune and
-converter ask it; none of them spells a file name of its own.
+canonical layout and every variant found in the wild. The scanner, the validator, prune and
+migrate ask it; none of them spells a file name of its own.
 """
 
 from __future__ import annotations

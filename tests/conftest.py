@@ -107,3 +107,15 @@ def forked(monkeypatch):
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reaped already
+
+
+@pytest.fixture(scope="session")
+def ordinary_runs(tmp_path_factory):
+    """Ordinary Trainer runs (PEFT adapters, full and sharded fine-tunes, best-model tracking,
+    DeepSpeed/FSDP layouts, damaged copies), built once per session: ``(root, manifest)``, the
+    manifest ``{relative path: fixtures.ordinary_runs.OrdinaryCheckpoint}``. Tests must not modify
+    this tree: copy what they change first."""
+    from fixtures.ordinary_runs import build_ordinary_runs
+
+    root = tmp_path_factory.mktemp("ordinary") / "runs"
+    return root, build_ordinary_runs(root)

@@ -14,18 +14,20 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from peft import PeftModel  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
 import ckpt_tools  # noqa: E402
 from ckpt_tools import layout  # noqa: E402
+from ckpt_tools.errors import UsageError  # noqa: E402
 from ckpt_tools.integrations import transformers as integration  # noqa: E402
 from ckpt_tools.integrations.transformers import (PeftOnlyCheckpointCallback, PeftOnlyTrainer,  # noqa: E402
-                                                  PeftTreeWriteError, has_trainable_state_only)
+                                                  PeftTreeWriteError, UnsupportedModelError,
+                                                  has_trainable_state_only)
 from ckpt_tools.records import BROKEN, IN_PROGRESS, PEFT_ONLY  # noqa: E402
-from fixtures.dylora import DyLoRAMoE, Router, build_base, build_moe, expert_name  # noqa: E402
+from fixtures.dylora import DyLoRAMoE, Router, build_base, build_moe, expert_name, lora_config  # noqa: E402
 from fixtures.trainer_run import TinyTokens  # noqa: E402
 
 STEPS = 4
@@ -231,3 +233,57 @@ def test_a_leftover_temporary_tree_is_in_progress_and_leaves_its_checkpoint_alon
     shutil.copytree(ckpt / layout.PEFT_DIR, tmp / layout.PEFT_DIR)
     found = {c.path: c.status for c in ckpt_tools.scan(str(tmp_path), min_age_s=0).checkpoints}
     assert found == {"run/checkpoint-2": PEFT_ONLY, f"run/checkpoint-2/{tmp.name}": IN_PROGRESS}
+
+
+# --------------------------------------------------------------------------- models it does not serve
+
+def plain_peft_model():
+    """LoRA on the tiny Llama, as ``peft.get_peft_model`` makes it: one adapter, ``default``."""
+    return get_peft_model(build_base("llama"), lora_config())
+
+
+NOT_SERVED = {"PeftModel": (plain_peft_model, "PeftModelForCausalLM", "already adapter-only"),
+              "PreTrainedModel": (lambda: build_base("llama"), "LlamaForCausalLM", "no expert adapters")}
+
+
+def assert_one_clear_line(error: UnsupportedModelError, given: str, why: str) -> None:
+    message = str(error)
+    assert "\n" not in message
+    assert "serves a DyLoRA-MoE model" in message and "expert_0" in message
+    assert f"given a {given}," in message and why in message
+    assert isinstance(error, UsageError) and error.exit_code == 2
+    # nothing chained: the user sees this exception alone, not the getter's AttributeError under it
+    assert error.__cause__ is None and error.__suppress_context__
+
+
+@pytest.mark.parametrize("trainer_cls", [Trainer, PeftOnlyTrainer], ids=["Trainer", "PeftOnlyTrainer"])
+@pytest.mark.parametrize("kind", sorted(NOT_SERVED))
+def test_a_model_the_callback_does_not_serve_fails_when_the_trainer_is_built(tmp_path, kind, trainer_cls):
+    build, given, why = NOT_SERVED[kind]
+    out = tmp_path / "run"
+    with pytest.raises(UnsupportedModelError) as caught:
+        make_trainer(build(), training_args(out), PeftOnlyCheckpointCallback(), trainer_cls)
+    assert_one_clear_line(caught.value, given, why)
+    assert list(out.glob("checkpoint-*")) == []
+
+
+def test_a_callback_added_after_the_trainer_was_built_fails_before_the_first_step(tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(model=plain_peft_model(), args=training_args(out), train_dataset=TinyTokens(seed=0))
+    trainer.add_callback(PeftOnlyCheckpointCallback())
+    with pytest.raises(UnsupportedModelError) as caught:
+        trainer.train()
+    assert_one_clear_line(caught.value, "PeftModelForCausalLM", "already adapter-only")
+    assert trainer.state.global_step == 0
+    assert list(out.glob("checkpoint-*")) == []
+
+
+def test_a_dylora_model_the_getters_do_not_fit_is_refused_with_the_reason(tmp_path):
+    out = tmp_path / "run"
+    elsewhere = torch.nn.Linear(2, 2)   # a router that is not part of the model the Trainer trains
+    with pytest.raises(UnsupportedModelError) as caught:
+        make_trainer(build_moe(seed=0), training_args(out), PeftOnlyCheckpointCallback(get_router=lambda m: elsewhere))
+    message = str(caught.value)
+    assert "given a DyLoRAMoE, which is not one: the router is not a submodule" in message
+    assert "\n" not in message
+    assert list(out.glob("checkpoint-*")) == []

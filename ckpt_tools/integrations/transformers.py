@@ -29,13 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from peft import get_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import __version__, canonical, commit, layout, scanner
+from ..errors import UsageError
 from ..fs import FileOps, local_or
 from ..problems import Problem
 from ..prune.execute import Revalidator, execute_prune
@@ -57,6 +58,10 @@ _TREE_ENTRIES = (layout.TRAINABLE_STATE, layout.MOE_STATE_DIR, layout.PEFT_DIR, 
 
 class PeftTreeWriteError(RuntimeError):
     """The PEFT tree of a checkpoint could not be written; the Trainer's merged weights stay."""
+
+
+class UnsupportedModelError(UsageError):
+    """The callback was given a model it does not serve; raised before any step or checkpoint."""
 
 
 # --------------------------------------------------------------------------- model shape
@@ -99,6 +104,42 @@ def expert_adapter_names(peft_model) -> list[str]:
         raise ValueError(f"expert adapters are not numbered 0..{len(found) - 1} without gaps: "
                          f"{sorted(found)}")
     return [found[i] for i in range(len(found))]
+
+
+def check_model_served(model: nn.Module, *, get_peft_model: Callable = default_peft_model,
+                       get_router: Callable = default_router) -> None:
+    """Raise ``UnsupportedModelError`` unless ``write_peft_tree`` can write ``model``'s tree.
+
+    One line for the user: what the callback serves, what it was given, and what to do
+    instead. The getter's own exception is not chained: for a plain model it is an
+    ``AttributeError`` deep in the model's ``__getattr__`` that names the wrong class (a
+    ``PeftModel`` forwards to its base model); for any other model its text is in the line.
+    """
+    model = _unwrap(model)
+    try:
+        peft_model = get_peft_model(model)
+        expert_adapter_names(peft_model)
+        _prefix_of(model, get_router(model), "router")
+        _prefix_of(model, peft_model, "PEFT model")
+    except Exception as exc:  # noqa: BLE001 - whatever the getters raise, the model is not one served
+        raise UnsupportedModelError(_not_served_message(model, exc)) from None
+
+
+def _not_served_message(model: nn.Module, cause: Exception) -> str:
+    served = ("PeftOnlyCheckpointCallback serves a DyLoRA-MoE model: get_peft_model(model) "
+              "(default model.foundation_model) must be a peft.PeftModel holding the expert adapters "
+              "expert_0..expert_<E-1>, and get_router(model) (default model.router) a submodule of it")
+    given = type(model).__name__
+    # "plain": no PeftModel inside it, so it cannot be a DyLoRA-MoE model with a fault to name
+    plain = not any(isinstance(m, PeftModel) for m in model.modules() if m is not model)
+    if plain and isinstance(model, PeftModel):
+        return (f"{served}; it was given a {given}, a plain PeftModel, whose checkpoints are already "
+                "adapter-only (the Trainer saves only the adapter): no callback is needed, use the Trainer alone")
+    if plain and isinstance(model, PreTrainedModel):
+        return (f"{served}; it was given a {given}, a plain PreTrainedModel, which has no expert adapters "
+                "to write (the Trainer saves it whole, as a full model): use the Trainer alone")
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    return f"{served}; it was given a {given}, which is not one: {reason}"
 
 
 def _prefix_of(model: nn.Module, sub: nn.Module, what: str) -> str:
@@ -440,8 +481,10 @@ class PeftOnlyCheckpointCallback(TrainerCallback):
 
     The defaults fit DyLoRA-MoE (``model.foundation_model`` a ``PeftModel`` whose adapters
     ``expert_<i>`` are the experts, ``model.router`` the router, ``model.skill_library``
-    optional); pass getters for other shapes. ``config_extra`` (a dict, or a function of the
-    model returning one) is added to both config files.
+    optional); pass getters for other shapes. A model they do not fit (a plain ``PeftModel``,
+    a plain ``PreTrainedModel``) raises ``UnsupportedModelError`` when the Trainer is built,
+    or, for a callback added later, when training begins. ``config_extra`` (a dict, or a
+    function of the model returning one) is added to both config files.
 
     It also loads the best model at the end of training (``load_best_model_at_end``), which
     the Trainer cannot do once the merged weights are gone. ``outcomes`` lists what was done
@@ -466,14 +509,20 @@ class PeftOnlyCheckpointCallback(TrainerCallback):
     def _is_writer(args, state) -> bool:
         return bool(state.is_world_process_zero or (args.save_on_each_node and state.is_local_process_zero))
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:   # a model of the wrong shape fails now, not at the first save hours later
-            m = _unwrap(model)
-            peft_model = self.get_peft_model(m)
-            expert_adapter_names(peft_model)
-            _prefix_of(m, self.get_router(m), "router")
-            _prefix_of(m, peft_model, "PEFT model")
+    # A model of the wrong shape fails when the Trainer is built (the Trainer calls on_init_end at
+    # the end of its __init__), or, for a callback added later with add_callback, when training
+    # begins: never at the first save, hours in, with a merged checkpoint already written.
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._check_model(model)
         return control
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_model(model)
+        return control
+
+    def _check_model(self, model) -> None:
+        if model is not None:   # without one there is nothing to check; on_save says so if it still has none
+            check_model_served(model, get_peft_model=self.get_peft_model, get_router=self.get_router)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self._is_writer(args, state):
@@ -525,6 +574,7 @@ class PeftOnlyCheckpointCallback(TrainerCallback):
 
 
 __all__ = ["PeftOnlyCheckpointCallback", "PeftOnlyResumeMixin", "PeftOnlyTrainer", "PeftTreeWriteError",
+           "UnsupportedModelError", "check_model_served",
            "SaveOutcome", "WrittenTree", "write_peft_tree", "write_expert_adapter", "verify_and_prune",
            "trainable_state_dict", "load_trainable_state", "has_trainable_state_only",
            "expert_adapter_names"]

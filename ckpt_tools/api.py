@@ -16,6 +16,7 @@ from .prune.plan import plan_prune
 from .problems import Problem
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult
+from .trainer_state import read_run_state
 
 if TYPE_CHECKING:
     from .validator import Verdict
@@ -239,8 +240,14 @@ def _gather(walks, units, results, progress) -> ScanResult:
     return assemble(tuple(w[0] for w in walks), checkpoints, problems)
 
 
+def _run(root: str, path: str, checkpoints: list[Checkpoint]) -> Run:
+    trainer = read_run_state(checkpoints)
+    return Run(root, path, tuple(map(trainer.annotated, checkpoints)), trainer)
+
+
 def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:
-    """Group checkpoints into runs and fill in what prune could reclaim from each."""
+    """Group checkpoints into runs, fill in what prune could reclaim from each, and read each
+    run's trainer state (one trainer_state.json per run: its best checkpoint, each one's eval)."""
     checkpoints = list(checkpoints)
     plan = plan_prune(checkpoints, prove=False)   # audit is structural: it reads no tensor
     freed = plan.by_checkpoint()
@@ -251,7 +258,7 @@ def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems
         if rec:
             c = c.with_reclaimable(rec)
         runs.setdefault((d.root, d.run), []).append(c)
-    run_records = tuple(Run(root, path, tuple(cs)) for (root, path), cs in runs.items())
+    run_records = tuple(_run(root, path, cs) for (root, path), cs in runs.items())
     total = _total_size(c.dir for r in run_records for c in r.checkpoints)
     return ScanResult(roots=roots, runs=run_records, problems=tuple(problems),
                       total_size_bytes=total)

@@ -42,7 +42,8 @@ MERGED_SINGLE = ("model.safetensors", "pytorch_model.bin", "dylo_moe_weights.pt"
 MERGED_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _MERGED_SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 
-TRAINER_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
+TRAINER_STATE_JSON = "trainer_state.json"
+TRAINER_STATE_FILES = (TRAINER_STATE_JSON, "optimizer.pt", "scheduler.pt", "scaler.pt",
                        "training_args.bin")
 _RNG_STATE_RE = re.compile(r"^rng_state(_\d+)?\.pth$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -15,6 +15,7 @@ from .kinds import Layout, Status
 from .problems import Problem
 
 if TYPE_CHECKING:   # the validator imports this module: no cycle at run time
+    from .trainer_state import Evaluation, RunTrainerState
     from .validator import Verdict, VerdictFacts
 
 # The names other modules use; the members are the documented strings (kinds.Status).
@@ -109,6 +110,9 @@ class Checkpoint:
     size_bytes: int = 0
     reclaimable_bytes: int = 0
     facts: VerdictFacts | None = field(default=None, compare=False, hash=False)  # None: no verdict
+    # From the run's trainer_state.json (``trainer_state.RunTrainerState.annotated``):
+    best_of_run: bool = False            # the run's best_model_checkpoint, found by name
+    evaluation: Evaluation | None = None  # eval metrics at this step, or the last before it
 
     def __post_init__(self):
         # Records built from strings (a plan read back, a caller's own) get the members too.
@@ -155,6 +159,9 @@ class Checkpoint:
             "size_bytes": self.size_bytes,
             "reclaimable_bytes": self.reclaimable_bytes,
             "problems": [p.to_dict() for p in self.problems],
+            "best_of_run": self.best_of_run,
+            "metrics": None if self.evaluation is None else self.evaluation.as_dict(),
+            "metrics_step": None if self.evaluation is None else self.evaluation.step,
         }
 
 
@@ -163,6 +170,14 @@ class Run:
     root: str
     path: str
     checkpoints: tuple[Checkpoint, ...]
+    trainer: RunTrainerState | None = None   # None: not read (a run assembled by hand)
+
+    def to_dict(self) -> dict:
+        doc = {"root": self.root, "path": self.path}
+        if self.trainer is None:
+            from .trainer_state import RunTrainerState
+            return doc | RunTrainerState().to_dict()
+        return doc | self.trainer.to_dict()
 
     @property
     def size_bytes(self) -> int:
@@ -205,6 +220,7 @@ class ScanResult:
     def to_dict(self) -> dict:
         return {
             "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "runs": [r.to_dict() for r in self.runs],
             "totals": {
                 "checkpoints": len(self.checkpoints),
                 "runs": len(self.runs),

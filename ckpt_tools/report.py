@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .kinds import MigrateMethod
 from .names import json_text, shown
-from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, ScanResult
+from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, Run, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
     from .migrate import MigratePlan, MigrateResult
@@ -97,6 +97,11 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append(f"{_run_title(run.root, run.path, multi_root)}  "
                          f"({n} checkpoint{'s' if n != 1 else ''}, {size_str(run.size_bytes)})")
             rows = [["CHECKPOINT", "STEP", "STATUS", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS"]]
+            # a column only where the run's trainer state names a best checkpoint it holds:
+            # the table of every other run stays as it was
+            best_column = any(c.best_of_run for c in run.checkpoints)
+            if best_column:
+                rows[0].append("BEST")
             for c in run.checkpoints:
                 name = c.path if c.run == "." else os.path.relpath(c.path, c.run) if c.path != "." else "."
                 name = shown(name)   # before the widths are measured: the table stays aligned
@@ -110,7 +115,13 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
                              size_str(c.size_bytes),
                              size_str(c.reclaimable_bytes) if c.reclaimable_bytes else "-",
                              probs or "-"])
+                if best_column:
+                    rows[-1].append(_best_mark(run) if c.best_of_run else "")
             lines.extend(_table(rows, right={1, 4, 5}))
+            if run.trainer is not None and run.trainer.best_missing:
+                lines.append(f"    note: {_best_missing_note(run)}")
+            if verbose and run.trainer is not None:
+                lines.extend("    " + p.line() for p in run.trainer.problems)
             details = [(c, p) for c in run.checkpoints for p in c.problems
                        if p.is_error or verbose]
             for c, p in details:
@@ -122,6 +133,26 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append("")
     lines.append(footer(result))
     return lines
+
+
+def _metric_text(state) -> str:
+    if state.best_metric is None:
+        return ""
+    name = f"{state.metric_for_best_model} " if state.metric_for_best_model else "metric "
+    return f"{shown(name)}{state.best_metric:.6g}"
+
+
+def _best_mark(run: Run) -> str:
+    """The mark beside the best checkpoint of a run, with the metric that made it best."""
+    metric = _metric_text(run.trainer.state)
+    return f"* best ({metric})" if metric else "* best"
+
+
+def _best_missing_note(run: Run) -> str:
+    state = run.trainer.state
+    metric = _metric_text(state)
+    return (f"{run.trainer.source} names {shown(state.best_name)} as the best checkpoint"
+            f"{f' ({metric})' if metric else ''}; it is no longer in this run")
 
 
 def footer(result: ScanResult) -> str:

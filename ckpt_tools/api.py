@@ -16,7 +16,6 @@ from .prune.plan import plan_prune
 from .problems import Problem
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult
-from .trainer_state import read_run_state
 
 if TYPE_CHECKING:
     from .validator import Verdict
@@ -241,6 +240,8 @@ def _gather(walks, units, results, progress) -> ScanResult:
 
 
 def _run(root: str, path: str, checkpoints: list[Checkpoint]) -> Run:
+    # imported once there is a run: it reads through the format readers, as the validator does
+    from .trainer_state import read_run_state
     trainer = read_run_state(checkpoints)
     return Run(root, path, tuple(map(trainer.annotated, checkpoints)), trainer)
 

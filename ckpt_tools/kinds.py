@@ -11,9 +11,17 @@ from enum import StrEnum
 
 
 class Status(StrEnum):
-    """What a checkpoint is, for prune and migrate (SPEC §1)."""
+    """What a checkpoint is, for prune and migrate; the same words for every model kind.
 
-    PEFT_ONLY = "peft-only"
+    ``healthy``: complete and sound, nothing to do (a DyLoRA-MoE PEFT tree without merged
+    weights, a PEFT adapter, a full model). Called ``peft-only`` in ckpt-tools 0.1.
+    ``redundant``: something in it is provably reproducible from the rest (merged weights
+    beside the PEFT tree they were merged from). ``legacy``: a DyLoRA-MoE checkpoint that must
+    be migrated. ``broken``: something present is missing, unreadable or inconsistent.
+    ``in-progress``: being written.
+    """
+
+    HEALTHY = "healthy"
     REDUNDANT = "redundant"
     LEGACY = "legacy"
     BROKEN = "broken"
@@ -32,6 +40,24 @@ class Layout(StrEnum):
     V4 = "v4"
     V5 = "v5"
     HF_MERGED = "hf-merged"
+    # ordinary Trainer checkpoints
+    ADAPTER = "adapter"          # one PEFT adapter at the checkpoint's root
+    ADAPTERS = "adapters"        # several: PEFT saves each non-default one in <name>/
+    MODEL = "model"              # model.safetensors / pytorch_model.bin
+    SHARDED = "sharded"          # model-0000i-of-0000n.* plus the index
+    DEEPSPEED = "deepspeed"      # the model only in DeepSpeed's global_step*/ state
+    FSDP = "fsdp"                # the model only in FSDP's sharded state (pytorch_model_fsdp_*)
+    UNKNOWN = "unknown"
+
+
+class ModelKind(StrEnum):
+    """What model a checkpoint holds, beside how it is laid out."""
+
+    DYLORA_MOE = "dylora-moe"        # LoRA experts and a router (SPEC §2, §3)
+    PEFT_ADAPTER = "peft-adapter"    # one or several PEFT adapters of any type
+    FULL_MODEL = "full-model"        # every weight of the model, in one file or shards
+    DEEPSPEED = "deepspeed"          # only DeepSpeed's partitioned state
+    FSDP = "fsdp"                    # only FSDP's sharded state
     UNKNOWN = "unknown"
 
 

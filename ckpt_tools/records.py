@@ -19,7 +19,7 @@ if TYPE_CHECKING:   # the validator imports this module: no cycle at run time
     from .validator import Verdict, VerdictFacts
 
 # The names other modules use; the members are the documented strings (kinds.Status).
-PEFT_ONLY = Status.PEFT_ONLY
+HEALTHY = Status.HEALTHY
 REDUNDANT = Status.REDUNDANT
 LEGACY = Status.LEGACY
 BROKEN = Status.BROKEN

@@ -62,7 +62,7 @@ def test_every_expected_problem_code_is_reported_on_its_file(scanned):
 def test_healthy_checkpoints_have_no_errors(scanned):
     result, manifest = scanned
     for c in result.checkpoints:
-        if manifest[c.path].status in ("peft-only", "redundant", "legacy"):
+        if manifest[c.path].status in ("healthy", "redundant", "legacy"):
             assert c.errors == (), (c.path, c.errors)
 
 
@@ -70,7 +70,7 @@ def test_expert_counts(scanned):
     result, manifest = scanned
     for c in result.checkpoints:
         e = manifest[c.path]
-        if e.status in ("peft-only", "redundant") and e.num_experts is not None:
+        if e.status in ("healthy", "redundant") and e.num_experts is not None:
             assert c.num_experts == e.num_experts, c.path
 
 
@@ -171,7 +171,7 @@ def test_audit_table_names_runs_and_has_a_footer(results_tree):
 
 def test_audit_exit_codes(results_tree, tmp_path):
     root, manifest, now = results_tree
-    healthy = [e for e in manifest.values() if e.status == "peft-only" and e.run == "run canonical"]
+    healthy = [e for e in manifest.values() if e.status == "healthy" and e.run == "run canonical"]
     redundant = [e for e in manifest.values() if e.status == "redundant"]
     assert run_cli("audit", str(root / healthy[0].path)).returncode == 0
     assert run_cli("audit", str(root / redundant[0].path)).returncode == 0
@@ -213,7 +213,7 @@ def test_validate_reports_each_problem_and_exits_1(results_tree):
         codes = {p["code"] for p in c["problems"]}
         assert e.problem_codes <= codes, (e.path, codes)
         assert c["valid"] is False
-    ok = [e for e in manifest.values() if e.status == "peft-only"][0]
+    ok = [e for e in manifest.values() if e.status == "healthy"][0]
     assert run_cli("validate", str(root / ok.path)).returncode == 0
 
 

@@ -26,7 +26,7 @@ from ckpt_tools.integrations import transformers as integration  # noqa: E402
 from ckpt_tools.integrations.transformers import (PeftOnlyCheckpointCallback, PeftOnlyTrainer,  # noqa: E402
                                                   PeftTreeWriteError, UnsupportedModelError,
                                                   has_trainable_state_only)
-from ckpt_tools.records import BROKEN, IN_PROGRESS, PEFT_ONLY  # noqa: E402
+from ckpt_tools.records import BROKEN, IN_PROGRESS, HEALTHY  # noqa: E402
 from fixtures.dylora import DyLoRAMoE, Router, build_base, build_moe, expert_name, lora_config  # noqa: E402
 from fixtures.trainer_run import TinyTokens  # noqa: E402
 
@@ -89,7 +89,7 @@ def test_the_callbacks_checkpoints_audit_peft_only_with_no_merged_weights(run):
     assert set(found) == {"checkpoint-2", "checkpoint-4"}
     for c in found.values():
         assert (c.status, c.layout, c.num_experts, c.merged_files, c.problems) == \
-               (PEFT_ONLY, layout.CANONICAL, 3, (), ())
+               (HEALTHY, layout.CANONICAL, 3, (), ())
         assert c.reclaimable_bytes == 0
     assert ckpt_tools.plan_prune(result.checkpoints).deletions == ()
 
@@ -202,7 +202,7 @@ def test_save_total_limit_keeps_the_last_two_peft_only_checkpoints(tmp_path):
                  PeftOnlyCheckpointCallback()).train()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     statuses = {c.path: c.status for c in ckpt_tools.scan(str(out), min_age_s=0).checkpoints}
-    assert statuses == {"checkpoint-3": PEFT_ONLY, "checkpoint-4": PEFT_ONLY}
+    assert statuses == {"checkpoint-3": HEALTHY, "checkpoint-4": HEALTHY}
 
 
 @pytest.mark.parametrize("trainer_cls", [Trainer, PeftOnlyTrainer], ids=["Trainer", "PeftOnlyTrainer"])
@@ -219,7 +219,7 @@ def test_load_best_model_at_end_loads_the_best_peft_only_checkpoint(tmp_path, tr
     best = Path(trainer.state.best_model_checkpoint)
     assert best.name != f"checkpoint-{STEPS}"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted([best.name, f"checkpoint-{STEPS}"])
-    assert {c.status for c in ckpt_tools.scan(str(out), min_age_s=0).checkpoints} == {PEFT_ONLY}
+    assert {c.status for c in ckpt_tools.scan(str(out), min_age_s=0).checkpoints} == {HEALTHY}
     saved = load_file(best / layout.TRAINABLE_STATE)
     now = trained_tensors(moe)
     assert saved.keys() == now.keys()
@@ -232,7 +232,7 @@ def test_a_leftover_temporary_tree_is_in_progress_and_leaves_its_checkpoint_alon
     tmp = ckpt / f"{layout.PEFT_TREE_TMP_PREFIX}4242"
     shutil.copytree(ckpt / layout.PEFT_DIR, tmp / layout.PEFT_DIR)
     found = {c.path: c.status for c in ckpt_tools.scan(str(tmp_path), min_age_s=0).checkpoints}
-    assert found == {"run/checkpoint-2": PEFT_ONLY, f"run/checkpoint-2/{tmp.name}": IN_PROGRESS}
+    assert found == {"run/checkpoint-2": HEALTHY, f"run/checkpoint-2/{tmp.name}": IN_PROGRESS}
 
 
 # --------------------------------------------------------------------------- models it does not serve

@@ -105,13 +105,13 @@ def test_manifest_json_round_trips(tree):
 
 def test_expected_statuses_follow_the_layout_rules(tree):
     _, manifest, _ = tree
-    expected = {"canonical": "peft-only", "canonical+merged": "redundant", "v0": "legacy", "v1": "legacy",
-                "v2": "legacy", "v3": "redundant", "v4": "peft-only", "hf-merged": "legacy"}
+    expected = {"canonical": "healthy", "canonical+merged": "redundant", "v0": "legacy", "v1": "legacy",
+                "v2": "legacy", "v3": "redundant", "v4": "healthy", "hf-merged": "legacy"}
     for e in manifest.values():
         if e.status in ("broken", "in-progress") or e.deep_status == "broken":
             continue
         if e.layout == "v5":
-            assert e.status == ("redundant" if e.merged_files else "peft-only")
+            assert e.status == ("redundant" if e.merged_files else "healthy")
         else:
             assert e.status == expected[e.layout], e.path
         assert bool(e.merged_files) == (e.status in ("redundant", "legacy")), e.path

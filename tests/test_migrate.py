@@ -244,7 +244,7 @@ def test_targets_audit_peft_only_canonical(migration):
     found = {c.path: c for c in audit.checkpoints}
     assert set(found) == {o.target for o in result.migrated}
     for path, c in found.items():
-        assert c.status == "peft-only", (path, c.status, c.problems)
+        assert c.status == "healthy", (path, c.status, c.problems)
         assert c.layout == "canonical", (path, c.layout)
         assert not c.problems, (path, c.problems)
         assert c.num_experts == (manifest[path].num_experts or 1)
@@ -391,7 +391,7 @@ def test_hf_merged_svd_target_audits_peft_only_and_verify_passes(results_tree, t
     assert m["verify"]["passed"] and m["verify"]["max_rel_diff"] < 1e-2
     audit = scan(str(dst), min_age_s=0)
     (c,) = audit.checkpoints
-    assert c.status == "peft-only" and c.layout == "canonical" and not c.problems
+    assert c.status == "healthy" and c.layout == "canonical" and not c.problems
 
 
 @needs_lowrank
@@ -592,7 +592,7 @@ def _complete_or_absent(dst: Path, targets: list[str]) -> int:
             continue
         present += 1
         c = found[t]
-        assert c.status == "peft-only" and c.layout == "canonical" and not c.problems, (t, c)
+        assert c.status == "healthy" and c.layout == "canonical" and not c.problems, (t, c)
         assert (dst / t / ".ckpt-tools-migrated.json").exists()
     for path, c in found.items():
         if path not in targets:   # only migrate's own temporary directories may be left over

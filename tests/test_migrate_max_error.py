@@ -143,7 +143,7 @@ def test_max_error_1_accepts_the_lossy_copy_and_reports_how_lossy(trees, tmp_pat
     (m,) = out["json"]["migrated"]
     assert m["max_error"] == 1.0 and m["max_rel_error"] > 0.8
     (c,) = scan(str(tmp_path / "dst"), min_age_s=0).checkpoints
-    assert c.status == "peft-only"
+    assert c.status == "healthy"
 
 
 # --- the suggestion is right -----------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_the_suggested_rank_meets_the_bound_and_one_less_does_not(trees, tmp_pat
     assert all(e <= DEFAULT_MAX_ERROR for e in m["module_errors"].values())
     assert m["verify"]["passed"]
     (c,) = scan(str(dst), min_age_s=0).checkpoints
-    assert c.status == "peft-only" and c.layout == "canonical" and not c.problems
+    assert c.status == "healthy" and c.layout == "canonical" and not c.problems
 
 
 def test_energy_is_held_to_the_bound_too(trees, tmp_path):

@@ -209,7 +209,7 @@ def test_a_merged_export_beside_the_peft_tree_is_not_redundant(results_tree, tmp
     set_mtime_ns(target, mtime)
     audit = json.loads(run_cli("audit", "--json", root).stdout)
     entry = {c["path"]: c for c in audit["checkpoints"]}[CK4]
-    assert entry["status"] == "peft-only" and entry["reclaimable_bytes"] == 0
+    assert entry["status"] == "healthy" and entry["reclaimable_bytes"] == 0
     assert [(p["code"], p["severity"], p["path"]) for p in entry["problems"]] == [
         ("merged-export", "warning", f"{CK4}/model.safetensors")]
     code, doc, err = prune_json(root)

@@ -13,8 +13,8 @@ import pytest
 
 import ckpt_tools
 from ckpt_tools import api, scanner
-from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, PruneAction, Status,
-                              TreeForm)
+from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, ModelKind, PruneAction,
+                              Status, TreeForm)
 from ckpt_tools.problems import TRUNCATED, Problem, Severity
 from ckpt_tools.prune.plan import Skip, plan_prune
 from ckpt_tools.records import Checkpoint, CheckpointDir, FileRecord
@@ -22,9 +22,10 @@ from ckpt_tools.validator import validate_checkpoint
 
 # The strings the README and SPEC document, spelled out here so that a renamed member fails.
 DOCUMENTED = {
-    Status: ["peft-only", "redundant", "legacy", "broken", "in-progress"],
+    Status: ["healthy", "redundant", "legacy", "broken", "in-progress"],
     Layout: ["canonical", "canonical+merged", "v0", "v1", "v2", "v3", "v4", "v5", "hf-merged",
-             "unknown"],
+             "adapter", "adapters", "model", "sharded", "deepspeed", "fsdp", "unknown"],
+    ModelKind: ["dylora-moe", "peft-adapter", "full-model", "deepspeed", "fsdp", "unknown"],
     TreeForm: ["dirs", "nested", "flat", "none"],
     MergedKind: ["v0", "v1", "hf", "hf-lora", "unreadable"],
     PruneAction: ["plan", "delete", "skip", "fail"],

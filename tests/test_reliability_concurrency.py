@@ -474,7 +474,7 @@ def _marker_only_differs_in(diff: str, allowed: set[str]) -> bool:
 
 
 def check_targets(dst: Path, ref: Path, ref_targets: set[str], pruned: bool) -> list[str]:
-    """Every reference target present, auditing peft-only with no error, equal to the reference;
+    """Every reference target present, auditing healthy with no error, equal to the reference;
     nothing else (no temporary directory) in DST."""
     failures = []
     found = {c.path: c for c in scan(str(dst), min_age_s=0).checkpoints} if dst.exists() else {}
@@ -527,7 +527,7 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
             "SRC's lock; prune exits 0, or 75 only when its --lock-timeout is 0 (migrate "
             "holds SRC's tree lock shared while it reads SRC); never both 75",
             "migrate reports no failed checkpoint; when it exits 0 every target of an "
-            "undisturbed migration is there, audits peft-only with no error and equals "
+            "undisturbed migration is there, audits healthy with no error and equals "
             "it (tensors bit-equal; the marker may record the pruned source's layout and "
             "inputs); when it exits 75 DST holds no target. (A checkpoint whose merged "
             "weights prune deletes while migrate reads them is done again from the source "
@@ -551,7 +551,7 @@ def test_migrate_and_prune_of_the_same_tree_at_once(results_tree, migrate_refere
         facts: dict = {}
         failures: list[str] = []
         if case == "dst-inside-src":
-            dst, prune_root = src / "peft-only", src
+            dst, prune_root = src / "healthy", src
         elif case == "src-inside-dst":
             dst, prune_root = work, src
         else:

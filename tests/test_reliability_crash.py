@@ -215,15 +215,15 @@ def target_differences(got: Path, want: Path) -> list[str]:
 
 
 def target_failures(t: str, c, dst: Path, ref: Path, tolerated=lambda difference: False) -> list[str]:
-    """A target ``t`` found under DST as checkpoint ``c``: it audits peft-only with no error and
+    """A target ``t`` found under DST as checkpoint ``c``: it audits healthy with no error and
     equals the reference's, but for the differences ``tolerated`` lets pass."""
-    if c.status != "peft-only" or errors_of(c):
+    if c.status != "healthy" or errors_of(c):
         return [f"{t}: audits {c.status} {[p.code for p in errors_of(c)]}"]
     return [f"{t}: {d}" for d in target_differences(dst / t, ref / t) if not tolerated(d)]
 
 
 def check_dst(dst: Path, ref: Path, ref_targets: set[str]) -> tuple[list[str], int]:
-    """Every target complete (peft-only, no error, equal to the reference) or absent; only migrate's
+    """Every target complete (healthy, no error, equal to the reference) or absent; only migrate's
     temporary directories besides. Returns (failures, targets present)."""
     failures: list[str] = []
     if not dst.exists():
@@ -328,7 +328,7 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
         "after_write|before_rename|after_rename:N, or a timed kill of its process group at a "
         "random delay; a run that finished before its kill is tried again with a delay below its "
         "own run time, the third try at 0 s)",
-        "every target under DST audits peft-only with no error and equals the uninterrupted run's, "
+        "every target under DST audits healthy with no error and equals the uninterrupted run's, "
         "or is absent; only .ckpt-tools-tmp-* directories (in-progress) besides",
         "SRC bit-identical (sha256, size, mtime of every file, computed once before)",
         "a re-run exits 0 with no failure",
@@ -430,7 +430,7 @@ def check_prune_state(root: Path, manifest, before: dict, expected: set[str]) ->
         if merged_present:
             continue
         c = found.get(e.path)
-        if c is None or c.status not in ("peft-only", "redundant") or errors_of(c):
+        if c is None or c.status not in ("healthy", "redundant") or errors_of(c):
             failures.append(f"{e.path}: merged files gone and its PEFT tree audits "
                             f"{c.status if c else 'missing'} {[p.code for p in errors_of(c)] if c else ''}")
     return failures, len(gone & expected)
@@ -501,7 +501,7 @@ def test_sigkill_during_prune_never_loses_the_last_copy_and_rerun_finishes(prune
         "unlink, before logging it (run through tests/fault_entry.py with the fault spec "
         "after_unlink:k); k random",
         "every checkpoint keeps a complete copy: all its merged files, or a PEFT tree auditing "
-        "peft-only/redundant with no error; legacy, broken and tmp-checkpoint-* keep every merged file",
+        "healthy/redundant with no error; legacy, broken and tmp-checkpoint-* keep every merged file",
         "nothing deleted but the expected redundant merged files; every other file unchanged (sha256, mtime)",
         "a re-run exits 0 with no failure",
         "after the re-run: exactly the expected redundant merged files deleted; the tree equals an "
@@ -571,12 +571,12 @@ def prune_workers_setup(tmp_path_factory):
 
 def check_generated_tree(root: Path, before: dict, expected: set[str]) -> tuple[list[str], int]:
     """Only planned merged files gone, every other file unchanged, and each checkpoint that lost
-    its merged file audits peft-only with no error. Returns (failures, merged files gone)."""
+    its merged file audits healthy with no error. Returns (failures, merged files gone)."""
     failures, gone = tree_changes(before, tree_state(root), expected)
     found = {c.path: c for c in scan(str(root), min_age_s=0).checkpoints}
     for rel in gone & expected:
         c = found.get(rel.rsplit("/", 1)[0])
-        if c is None or c.status != "peft-only" or errors_of(c):
+        if c is None or c.status != "healthy" or errors_of(c):
             failures.append(f"{rel}: gone, and its checkpoint audits "
                             f"{c.status if c else 'missing'} {[p.code for p in errors_of(c)] if c else ''}")
     return failures, len(gone & expected)
@@ -649,7 +649,7 @@ def test_sigkill_of_prune_or_of_its_workers_never_loses_the_last_copy(prune_work
         "a dead worker's checkpoints are taken over by the prune process: every merged file gone, "
         "exit 1, the skips it reports say a worker process ended",
         "every checkpoint keeps a complete copy: its merged file, or a PEFT tree auditing "
-        "peft-only with no error; nothing else deleted; every other file unchanged (size, mtime, "
+        "healthy with no error; nothing else deleted; every other file unchanged (size, mtime, "
         "sha256 of its first MiB: the merged files are hundreds of MB of holes)",
         "a re-run exits 0; the tree then equals an uninterrupted prune's",
     ]

@@ -295,7 +295,7 @@ def test_enospc_and_eio_fail_one_checkpoint_cleanly_and_rerun_completes(faults_s
                     "DST holds the other targets and nothing else: no .ckpt-tools-tmp-*, no half "
                     "target, no empty directory made for the failed one (also when the first unlink "
                     "of that removal fails: eio@remove:1)",
-                    "every other target audits peft-only with no error and equals the uninterrupted "
+                    "every other target audits healthy with no error and equals the uninterrupted "
                     "run's (tensors bit-equal, other files byte-equal)",
                     "SRC bit-identical (sha256, size, mtime), also with --link (hard links are never "
                     "cut: the fault strikes before the link is made)",
@@ -446,7 +446,7 @@ def test_a_full_tmpfs_fails_what_does_not_fit_cleanly(faults_setup):
                     "DST>'; no traceback on stderr; every checkpoint migrated or failed",
                     "inside the namespace, right after the run: DST holds the migrated targets and "
                     "nothing else (no .ckpt-tools-tmp-*, no half target, no empty directory)",
-                    "every migrated target audits peft-only with no error and equals the "
+                    "every migrated target audits healthy with no error and equals the "
                     "uninterrupted run's",
                     "SRC bit-identical",
                     "the tmpfs grown (remount), a re-run exits 0, migrates exactly the failed "

@@ -450,7 +450,7 @@ def _check_migrate(mig: Child, chosen: list[tuple[Case, Path]], mdst: Path) -> l
     if set(found) != {m["target"] for m in doc["migrated"]}:
         failures.append(f"DST holds {sorted(found)}, migrate reports {sorted(migrated)}")
     for path, c in found.items():
-        if c["status"] != "peft-only" or _errors(c):
+        if c["status"] != "healthy" or _errors(c):
             failures.append(f"target {path}: {c['status']} {_errors(c)}")
     return failures
 
@@ -476,7 +476,7 @@ def test_hostile_files_get_a_problem_code_and_run_nothing(results_tree, tmp_path
                     "prune --dry-run: no deletion planned in the hostile checkpoint unless audit "
                     "finds its PEFT tree sound; the sound checkpoints' merged files planned",
                     "migrate of a selection: exit 0, broken sources skipped naming the code, the "
-                    "others migrated to targets that audit peft-only with no error",
+                    "others migrated to targets that audit healthy with no error",
                     "no pickle payload ever ran (each aims at its own sentinel file; none exists "
                     "at the end), while the same payloads do run when unpickled for real",
                 ], test="test_hostile_files_get_a_problem_code_and_run_nothing")

@@ -828,7 +828,7 @@ UNLINKS_BY_PID = textwrap.dedent("""
 
 
 def build_trainer_run(results: Path, run: Path, rng: random.Random, many: bool) -> dict:
-    """A Trainer run: random steps; a random subset redundant, the others peft-only (merged file
+    """A Trainer run: random steps; a random subset redundant, the others healthy (merged file
     gone) or broken (an adapter cut short); directory mtimes of successive saves two days ago
     (in step order, or shuffled as a resumed run leaves them), and perhaps a last save a
     minute ago (in progress for prune's 1 h --min-age)."""
@@ -844,7 +844,7 @@ def build_trainer_run(results: Path, run: Path, rng: random.Random, many: bool) 
             kinds[name] = "redundant"
         elif roll < 0.8:
             (ck / MERGED).unlink()
-            kinds[name] = "peft-only"
+            kinds[name] = "healthy"
         else:
             adapter = ck / ADAPTER.format(rng.randrange(3))
             with keep_mtime(adapter), open(adapter, "r+b") as fh:
@@ -902,7 +902,7 @@ def test_the_trainers_rotation_chooses_as_on_an_untouched_copy(results_tree, tmp
               "untouched copy",
         checks=[
             "a run of 3-9 checkpoints at random steps (105-130 for --jobs 2: prune forks "
-            "workers only for 50 checkpoints each), each redundant, peft-only or broken at "
+            "workers only for 50 checkpoints each), each redundant, healthy or broken at "
             "random; directory mtimes of saves two days ago, in step order or shuffled (a "
             "resumed run); in half the runs a save of a minute ago (in progress)",
             "prune --yes --json (default --min-age 1h) under a 120 s guard: exit 0, deleted "

@@ -39,10 +39,10 @@ def test_missing_root_is_an_error(tmp_path):
 
 def test_root_that_is_a_checkpoint(results_tree):
     root, manifest, now = results_tree
-    path = next(p for p, e in manifest.items() if e.status == "peft-only")
+    path = next(p for p, e in manifest.items() if e.status == "healthy")
     result = ckpt_tools.scan(str(root / path), now=now)
     assert [c.path for c in result.checkpoints] == ["."]
-    assert result.checkpoints[0].status == "peft-only"
+    assert result.checkpoints[0].status == "healthy"
 
 
 def test_output_dir_with_a_final_model_and_checkpoints(tmp_path):
@@ -91,12 +91,12 @@ def test_merged_symlink_out_of_root_is_a_warning_and_never_opened(tmp_path):
 
 def test_spaces_and_non_ascii_names(results_tree, tmp_path):
     root, manifest, now = results_tree
-    src = next(p for p, e in manifest.items() if e.status == "peft-only" and e.run == "run canonical")
+    src = next(p for p, e in manifest.items() if e.status == "healthy" and e.run == "run canonical")
     dest = tmp_path / "rün with spaces" / "checkpoint-7 ünïcode"
     shutil.copytree(root / src, dest, symlinks=True)
     result = ckpt_tools.scan(str(tmp_path), now=now)
     assert [(c.path, c.status) for c in result.checkpoints] == [
-        ("rün with spaces/checkpoint-7 ünïcode", "peft-only")]
+        ("rün with spaces/checkpoint-7 ünïcode", "healthy")]
 
 
 def test_unlistable_directory_is_a_problem_not_a_crash(tmp_path, private_unlistable):

@@ -2,7 +2,7 @@
 re-checked against its source as it now is and written (``write``), in threads.
 
 Each target is built under ``<parent>/.ckpt-tools-tmp-<name>-<pid>`` inside DST, every file
-and directory fsynced, validated (it must classify ``peft-only`` with no error) and its
+and directory fsynced, validated (it must classify ``healthy`` with no error) and its
 tensors re-read and compared with what was extracted; only then is it renamed into place
 and the parent directory fsynced. The marker file ``.ckpt-tools-migrated.json``, written
 last, records the identity of every input file: a re-run skips targets whose marker

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .. import layout, scanner
 from ..problems import Problem
-from ..records import BROKEN, IN_PROGRESS, PEFT_ONLY, REDUNDANT, Checkpoint, CheckpointDir
+from ..records import BROKEN, IN_PROGRESS, HEALTHY, REDUNDANT, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
 from ..kinds import MergedKind, MigrateAction, MigrateMethod
 from ..checkpoint_reads import MAX_JSON_BYTES
@@ -144,9 +144,9 @@ def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
     if lay == layout.CANONICAL:
         return METHOD_COPY, None
     if lay == layout.CANONICAL_MERGED:
-        # peft-only here: a complete tree beside a merged export (validator: merged-export)
+        # healthy here: a complete tree beside a merged export (validator: merged-export)
         if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1, MergedKind.HF,
-                                   MergedKind.HF_LORA) and c.status in (REDUNDANT, PEFT_ONLY):
+                                   MergedKind.HF_LORA) and c.status in (REDUNDANT, HEALTHY):
             return METHOD_COPY, None
         if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1):
             return METHOD_EXACT, None
@@ -293,7 +293,7 @@ def target_state(target_abs: str, digest: str, *, check: bool = True) -> tuple[s
         except (CheckpointFailure, scanner.ScanError) as exc:
             return "stale", str(exc)
         errors = [p for p in verdict.problems if p.is_error]
-        if verdict.status != PEFT_ONLY or errors:
+        if verdict.status != HEALTHY or errors:
             why = f"{errors[0].code}: {errors[0].message}" if errors else verdict.status
             return "stale", f"it no longer validates ({why})"
     return "finished", ""

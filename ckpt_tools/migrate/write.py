@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from .. import __version__, canonical, commit, layout
 from ..fs import FileOps, SyncError
 from ..problems import NAN_OR_INF, FormatError
-from ..records import PEFT_ONLY
+from ..records import HEALTHY
 from .errors import STORAGE_ERRORS, CheckpointFailure, storage_error
 from .extract import Conversion, MigrateSource, build_conversion, open_source
 from .plan import (MARKER_FORMAT, METHOD_COPY, METHOD_SVD, MigrateItem, MigratePlan, digest_of,
@@ -254,7 +254,7 @@ def write_target(ctx: MigrateContext, job: TargetJob,
     def validate(tmp: str) -> None:
         _, tv = validate_dir(tmp, os.path.basename(staging.final))
         errors = [p for p in tv.problems if p.is_error]
-        if errors or tv.status != PEFT_ONLY:
+        if errors or tv.status != HEALTHY:
             why = f"{errors[0].code}: {errors[0].path}: {errors[0].message}" if errors else tv.status
             raise CheckpointFailure(f"the written checkpoint does not validate ({why})")
         if tv.layout != layout.CANONICAL:

@@ -16,13 +16,13 @@ from ..kinds import Status
 from ..records import Checkpoint, FileRecord
 
 _SKIP_REASONS = {
-    Status.PEFT_ONLY: "peft-only: no merged weights to remove",
+    Status.HEALTHY: "healthy: no merged weights to remove",
     Status.LEGACY: "legacy: no complete PEFT tree; migrate it first",
     Status.BROKEN: "broken: has validation errors",
     Status.IN_PROGRESS: "in-progress: being written or younger than --min-age",
 }
-# a peft-only checkpoint with merged weights: the validator's merged-export
-_MERGED_EXPORT_REASON = ("peft-only: its merged weights hold no LoRA tensors to compare with the "
+# a healthy checkpoint with merged weights: the validator's merged-export
+_MERGED_EXPORT_REASON = ("healthy: its merged weights hold no LoRA tensors to compare with the "
                          "PEFT tree (a merged export); kept")
 
 
@@ -35,7 +35,7 @@ def skip_reason(c: Checkpoint) -> str:
         if c.dir.tmp_name:
             return "in-progress: a tmp-checkpoint-* directory is still being written"
         return "in-progress: its newest file is younger than --min-age"
-    if c.status is Status.PEFT_ONLY and c.merged_files:
+    if c.status is Status.HEALTHY and c.merged_files:
         return _MERGED_EXPORT_REASON
     return _SKIP_REASONS.get(c.status, c.status)
 

@@ -15,7 +15,7 @@ Three levels of scrutiny:
 No tensor data is read and neither torch nor peft is imported below ``deep``: the config
 checks that decide shapes and scaling (``_check_adapter_config``) are plain Python.
 ``redundant`` is structural: a complete, sound PEFT tree beside merged weights that hold
-DyLoRA LoRA tensors (merged weights holding none are a merged export: ``peft-only``,
+DyLoRA LoRA tensors (merged weights holding none are a merged export: ``healthy``,
 ``merged-export``).
 """
 
@@ -35,7 +35,7 @@ from ..problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR
                         MISSING_TENSOR, PERMISSION_DENIED, SHAPE_MISMATCH, SYMLINK_ESCAPE, WARNING,
                         FormatError, Problem)
 from ..read_cache import ReadCache
-from ..records import (BROKEN, IN_PROGRESS, LEGACY, PEFT_ONLY, REDUNDANT, CheckpointDir,
+from ..records import (BROKEN, IN_PROGRESS, LEGACY, HEALTHY, REDUNDANT, CheckpointDir,
                        FileRecord)
 from .context import _Ctx, _count, _finite, _memoised
 from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _expert_count,
@@ -222,11 +222,11 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     elif any(p.is_error for p in ctx.problems):
         status = BROKEN
     elif f.tree_complete:
-        status = REDUNDANT if merged and not f.merged_export else PEFT_ONLY
+        status = REDUNDANT if merged and not f.merged_export else HEALTHY
     elif merged:
         status = LEGACY
     elif f.tree_form == layout.TREE_FLAT and f.experts and f.router_ok:
-        status = PEFT_ONLY
+        status = HEALTHY
     else:
         status = BROKEN
         ctx.add(MISSING_FILE, ".", "neither a complete PEFT tree nor merged weights")

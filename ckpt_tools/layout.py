@@ -38,7 +38,8 @@ PARENT_DIR = ".."
 # ckpt-tools' own Trainer callback so that Trainer.resume finds a weights file.
 TRAINABLE_STATE = "trainable_state.safetensors"
 
-MERGED_SINGLE = ("model.safetensors", "pytorch_model.bin", "dylo_moe_weights.pt")
+DYLORA_WEIGHTS = "dylo_moe_weights.pt"
+MERGED_SINGLE = ("model.safetensors", "pytorch_model.bin", DYLORA_WEIGHTS)
 MERGED_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _MERGED_SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 
@@ -130,6 +131,11 @@ class Role(str, Enum):
     TRAINER_STATE = "trainer-state"
     TRAINING_ARGS = "training-args"
     TOKENIZER = "tokenizer"
+    # ordinary Trainer checkpoints
+    PEFT_CONFIG = "peft-config"          # adapter_config.json of a PEFT adapter (root or <name>/)
+    PEFT_WEIGHTS = "peft-weights"        # adapter_model.safetensors / .bin beside it
+    ENGINE_STATE = "engine-state"        # DeepSpeed global_step*/, latest; FSDP optimizer_*/
+    ENGINE_WEIGHTS = "engine-weights"    # FSDP pytorch_model_fsdp_*/ (the sharded model)
     OTHER = "other"
 
 
@@ -146,9 +152,16 @@ class FileRole:
     def in_peft_tree(self) -> bool:
         return self.role in PEFT_TREE_ROLES
 
+    @property
+    def holds_model(self) -> bool:
+        """Part of the model the checkpoint holds (a link out of the root is then an error)."""
+        return self.role in PEFT_TREE_ROLES or self.role in MODEL_ROLES
+
 
 PEFT_TREE_ROLES = frozenset({Role.ADAPTER_CONFIG, Role.ADAPTER_WEIGHTS, Role.FLAT_EXPERT,
                              Role.ROUTER, Role.SKILL_LIBRARY, Role.MOE_CONFIG, Role.TRAINABLE_STATE})
+# An ordinary checkpoint's model: its adapters, its FSDP-sharded weights.
+MODEL_ROLES = frozenset({Role.PEFT_CONFIG, Role.PEFT_WEIGHTS, Role.ENGINE_WEIGHTS})
 
 
 def is_rng_state_name(name: str) -> bool:
@@ -173,6 +186,12 @@ def role_of(relpath: str) -> FileRole:
     parts = relpath.split("/")
     name = parts[-1]
     if len(parts) == 1:
+        if name == ADAPTER_CONFIG:
+            return FileRole(Role.PEFT_CONFIG)
+        if name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+            return FileRole(Role.PEFT_WEIGHTS)
+        if name in DEEPSPEED_FILES:
+            return FileRole(Role.ENGINE_STATE)
         if name in MERGED_SINGLE or _MERGED_SHARD_RE.match(name):
             return FileRole(Role.MERGED)
         if name in MERGED_INDEX:
@@ -203,6 +222,16 @@ def role_of(relpath: str) -> FileRole:
             return FileRole(Role.SKILL_LIBRARY)
         if name == MOE_CONFIG:
             return FileRole(Role.MOE_CONFIG)
+        return FileRole(Role.OTHER)
+    engine = engine_dir_role(top)
+    if engine is not None:
+        return FileRole(engine)
+    if len(parts) == 2 and top not in CHECKPOINT_SUBDIRS:
+        # a named adapter: PEFT saves each adapter but "default" in <name>/
+        if name == ADAPTER_CONFIG:
+            return FileRole(Role.PEFT_CONFIG)
+        if name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
+            return FileRole(Role.PEFT_WEIGHTS)
         return FileRole(Role.OTHER)
     if top == PEFT_DIR:
         if len(parts) == 2:
@@ -281,14 +310,75 @@ def is_own_bookkeeping(name: str) -> bool:
 
 
 def marks_checkpoint(names: set[str]) -> bool:
-    """Whether a directory holding entries ``names`` is a checkpoint whatever its name."""
+    """Whether a directory holding entries ``names`` is a checkpoint whatever its name: a
+    DyLoRA-MoE tree, model weights, or a PEFT adapter (a ``save_model`` output)."""
     if PEFT_DIR in names or ROUTER_SAFETENSORS in names:
+        return True
+    if ADAPTER_CONFIG in names and (ADAPTER_WEIGHTS in names or ADAPTER_WEIGHTS_BIN in names):
         return True
     return any(is_merged_name(n) for n in names)
 
 
 # Directories that belong to the checkpoint that holds them; never a checkpoint of their own.
 CHECKPOINT_SUBDIRS = frozenset({PEFT_DIR, MOE_STATE_DIR})
+
+# --- DeepSpeed and FSDP state (the names transformers, DeepSpeed and accelerate document) ---
+
+# DeepSpeed's save_checkpoint: <checkpoint>/global_step<N>/ holding mp_rank_XX_model_states.pt
+# (ZeRO-3: zero_pp_rank_X_mp_rank_XX_model_states.pt) and *_optim_states.pt, the tag in
+# ``latest``, and its zero_to_fp32.py copied beside them.
+DEEPSPEED_LATEST = "latest"
+DEEPSPEED_FILES = (DEEPSPEED_LATEST, "zero_to_fp32.py")
+_DEEPSPEED_DIR_RE = re.compile(r"^global_step\d+$")
+_DEEPSPEED_MODEL_STATES_RE = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
+# accelerate's save_fsdp_model / save_fsdp_optimizer with SHARDED_STATE_DICT
+# (torch.distributed.checkpoint): pytorch_model_fsdp_<i>/ and optimizer_<i>/, each a
+# ``.metadata`` file and ``__<rank>_0.distcp`` shards.
+_FSDP_MODEL_DIR_RE = re.compile(r"^pytorch_model_fsdp_\d+$")
+_FSDP_OPTIMIZER_DIR_RE = re.compile(r"^optimizer_\d+$")
+FSDP_METADATA = ".metadata"
+FSDP_SHARD_SUFFIX = ".distcp"
+
+
+def engine_dir_role(name: str) -> Role | None:
+    """The role of the files under a top-level directory of DeepSpeed or FSDP state."""
+    if _DEEPSPEED_DIR_RE.match(name) or _FSDP_OPTIMIZER_DIR_RE.match(name):
+        return Role.ENGINE_STATE
+    if _FSDP_MODEL_DIR_RE.match(name):
+        return Role.ENGINE_WEIGHTS
+    return None
+
+
+def is_deepspeed_dir(name: str) -> bool:
+    return _DEEPSPEED_DIR_RE.match(name) is not None
+
+
+def is_fsdp_dir(name: str) -> bool:
+    return _FSDP_MODEL_DIR_RE.match(name) is not None or _FSDP_OPTIMIZER_DIR_RE.match(name) is not None
+
+
+def is_deepspeed_model_states(name: str) -> bool:
+    return _DEEPSPEED_MODEL_STATES_RE.match(name) is not None
+
+
+def belongs_to_checkpoint(name: str) -> bool:
+    """Whether a top-level subdirectory ``name`` of a checkpoint is part of it by its name
+    alone (never a checkpoint of its own)."""
+    return name in CHECKPOINT_SUBDIRS or engine_dir_role(name) is not None
+
+
+# Files the Trainer writes only to resume training: what a checkpoint is without them is
+# still usable for evaluation and inference (``training_state_bytes``).
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
+def is_resume_only(relpath: str) -> bool:
+    """Training state that only resuming needs: optimizer, scheduler, scaler and RNG state,
+    DeepSpeed's global_step*/ and FSDP's optimizer_*/ (not trainer_state.json, not weights)."""
+    parts = relpath.split("/")
+    if len(parts) == 1:
+        return parts[0] in RESUME_ONLY_FILES or is_rng_state_name(parts[0])
+    return _DEEPSPEED_DIR_RE.match(parts[0]) is not None or _FSDP_OPTIMIZER_DIR_RE.match(parts[0]) is not None
 
 
 # --- migrate --------------------------------------------------------

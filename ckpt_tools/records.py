@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from .kinds import Layout, Status
+from . import layout
+from .kinds import Layout, ModelKind, Status
 from .problems import Problem
 
 if TYPE_CHECKING:   # the validator imports this module: no cycle at run time
@@ -113,6 +114,7 @@ class Checkpoint:
     # From the run's trainer_state.json (``trainer_state.RunTrainerState.annotated``):
     best_of_run: bool = False            # the run's best_model_checkpoint, found by name
     evaluation: Evaluation | None = None  # eval metrics at this step, or the last before it
+    model_kind: ModelKind = ModelKind.UNKNOWN   # UNKNOWN also where there was no verdict
 
     def __post_init__(self):
         # Records built from strings (a plan read back, a caller's own) get the members too.
@@ -120,13 +122,16 @@ class Checkpoint:
             object.__setattr__(self, "status", Status(self.status))
         if type(self.layout) is not Layout:
             object.__setattr__(self, "layout", Layout(self.layout))
+        if type(self.model_kind) is not ModelKind:
+            object.__setattr__(self, "model_kind", ModelKind(self.model_kind))
 
     @classmethod
     def from_verdict(cls, dir: CheckpointDir, verdict: Verdict, size_bytes: int = 0) -> Checkpoint:
         """The record of ``dir`` judged ``verdict``; what prune could free is filled in
         later, over all the checkpoints of a scan (``api.assemble``)."""
         return cls(dir, verdict.status, verdict.layout, tuple(verdict.problems),
-                   verdict.merged_files, verdict.num_experts, size_bytes, facts=verdict.facts)
+                   verdict.merged_files, verdict.num_experts, size_bytes, facts=verdict.facts,
+                   model_kind=verdict.model_kind)
 
     def with_reclaimable(self, reclaimable_bytes: int) -> Checkpoint:
         return dataclasses.replace(self, reclaimable_bytes=reclaimable_bytes)
@@ -147,6 +152,22 @@ class Checkpoint:
     def errors(self) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if p.is_error)
 
+    @property
+    def fresh(self) -> bool:
+        """Complete and judged by what it holds, but a file of it is younger than the minimum
+        age: prune and migrate leave it alone all the same."""
+        return self.facts is not None and self.facts.young and self.status is not Status.IN_PROGRESS
+
+    @property
+    def training_state_bytes(self) -> int:
+        """Bytes only resuming needs (optimizer, scheduler, scaler, RNG state, DeepSpeed's and
+        FSDP's optimizer state): what stripping the checkpoint would free."""
+        return sum(f.allocated for f in self.dir.files if layout.is_resume_only(f.relpath))
+
+    @property
+    def adapters(self) -> tuple:
+        return () if self.facts is None else self.facts.adapters
+
     def to_dict(self) -> dict:
         d = self.dir
         return {
@@ -155,9 +176,13 @@ class Checkpoint:
             "run": d.run,
             "step": d.step,
             "status": self.status,
+            "model_kind": self.model_kind,
             "layout": self.layout,
+            "fresh": self.fresh,
             "size_bytes": self.size_bytes,
             "reclaimable_bytes": self.reclaimable_bytes,
+            "training_state_bytes": self.training_state_bytes,
+            "adapters": [{"name": a.name, "peft_type": a.peft_type} for a in self.adapters],
             "problems": [p.to_dict() for p in self.problems],
             "best_of_run": self.best_of_run,
             "metrics": None if self.evaluation is None else self.evaluation.as_dict(),

@@ -96,7 +96,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             n = len(run.checkpoints)
             lines.append(f"{_run_title(run.root, run.path, multi_root)}  "
                          f"({n} checkpoint{'s' if n != 1 else ''}, {size_str(run.size_bytes)})")
-            rows = [["CHECKPOINT", "STEP", "STATUS", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS"]]
+            rows = [["CHECKPOINT", "STEP", "STATUS", "KIND", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS"]]
             # a column only where the run's trainer state names a best checkpoint it holds:
             # the table of every other run stays as it was
             best_column = any(c.best_of_run for c in run.checkpoints)
@@ -111,13 +111,14 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
                 if warnings and (verbose or not errors):
                     probs = (probs + "; " if probs else "") + \
                         ", ".join(sorted({p.code for p in warnings})) + " (warning)"
-                rows.append([name, "" if c.step is None else str(c.step), c.status, c.layout,
+                status = f"{c.status} (fresh)" if c.fresh else c.status
+                rows.append([name, "" if c.step is None else str(c.step), status, c.model_kind, c.layout,
                              size_str(c.size_bytes),
                              size_str(c.reclaimable_bytes) if c.reclaimable_bytes else "-",
                              probs or "-"])
                 if best_column:
                     rows[-1].append(_best_mark(run) if c.best_of_run else "")
-            lines.extend(_table(rows, right={1, 4, 5}))
+            lines.extend(_table(rows, right={1, 5, 6}))
             if run.trainer is not None and run.trainer.best_missing:
                 lines.append(f"    note: {_best_missing_note(run)}")
             if verbose and run.trainer is not None:
@@ -179,7 +180,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
         where = full(c.dir.root, c.path)
         errors = sum(1 for p in c.problems if p.is_error)
         warns = len(c.problems) - errors
-        head = f"{where}: {c.status} ({c.layout})"
+        head = f"{where}: {c.status}{' (fresh)' if c.fresh else ''} ({c.model_kind}, {c.layout})"
         if errors or warns:
             head += f", {errors} error{'s' if errors != 1 else ''}"
             if warns:

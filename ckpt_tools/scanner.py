@@ -183,7 +183,8 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
     unreadable: list[str] = []
     newest = 0  # files only: a directory's mtime also moves when prune unlinks from it
     own = layout.is_own_bookkeeping
-    subdirs = layout.CHECKPOINT_SUBDIRS
+    belongs = layout.belongs_to_checkpoint
+    holds_adapter = any(e.name == layout.ADAPTER_CONFIG for e in entries)
     pending: list[tuple[str, list[os.DirEntry]]] = [("", entries)]
     while pending:
         prefix, ents = pending.pop()
@@ -198,12 +199,16 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
             except OSError:
                 link, is_dir = None, False
             if is_dir:
-                if not prefix and name not in subdirs:
-                    # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
-                    nested.append(e.path)
-                    continue
                 try:
-                    pending.append((f"{prefix}{name}/", _list(e.path)))
+                    if not prefix and not belongs(name):
+                        listed = _named_adapter(e.path, name) if holds_adapter else None
+                        if listed is None:
+                            # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
+                            nested.append(e.path)
+                            continue
+                    else:
+                        listed = _list(e.path)
+                    pending.append((f"{prefix}{name}/", listed))
                 except OSError:
                     unreadable.append(prefix + name)
                 continue
@@ -242,9 +247,24 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
     else:
         name = os.path.basename(root_real)
         run = "."
+    if any(layout.is_checkpoint_name(os.path.basename(p)) for p in nested):
+        run = rel  # a save_model output at a run's root, beside the run's checkpoints
     values = (root, rel, run, name, layout.checkpoint_step(name), tuple(rows), newest,
               layout.is_tmp_checkpoint_name(name), tuple(sorted(unreadable)), dev, ino)
     return values, nested
+
+
+def _named_adapter(path: str, name: str) -> list[os.DirEntry] | None:
+    """The entries of ``path``, a subdirectory of a checkpoint holding a PEFT adapter at its
+    root, where it is one of the adapter's named siblings (PEFT saves every adapter but
+    "default" in ``<name>/``); None where it is a directory of its own (a checkpoint)."""
+    if layout.is_checkpoint_name(name):
+        return None
+    entries = _list(path)
+    names = {e.name for e in entries}
+    if layout.ADAPTER_CONFIG in names and layout.TRAINER_STATE_JSON not in names:
+        return entries
+    return None
 
 
 def rescan_checkpoint(root: str, relpath: str) -> CheckpointDir:

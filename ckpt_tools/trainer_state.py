@@ -27,7 +27,7 @@ from .layout import TRAINER_STATE_JSON
 from .problems import BAD_JSON, PERMISSION_DENIED, UNREADABLE, WARNING, Problem
 
 if TYPE_CHECKING:
-    from .records import Checkpoint
+    from .records import Checkpoint, CheckpointDir
 
 # What the Trainer prefixes every metric of ``evaluate`` with (``metric_key_prefix="eval"``).
 _EVAL_PREFIX = "eval_"
@@ -177,15 +177,26 @@ class RunTrainerState:
 
 
 def _read(ckpt: Checkpoint) -> TrainerState | Problem | None:
-    """The state of ``ckpt``'s own trainer_state.json, a warning on it, or None when it has none
-    that is a regular file (a symlink is not followed: it may lead out of the root)."""
-    row = ckpt.dir.file(TRAINER_STATE_JSON)
+    return read_state(ckpt.dir)
+
+
+def names_its_step(d: CheckpointDir) -> bool:
+    """Whether the checkpoint's own trainer_state.json parses and says the step in its name:
+    the Trainer writes that file last, so the checkpoint is complete."""
+    state = read_state(d) if d.step is not None else None
+    return isinstance(state, TrainerState) and state.global_step == d.step
+
+
+def read_state(d: CheckpointDir) -> TrainerState | Problem | None:
+    """The state of the checkpoint's own trainer_state.json, a warning on it, or None when it has
+    none that is a regular file (a symlink is not followed: it may lead out of the root)."""
+    row = d.file(TRAINER_STATE_JSON)
     size = None if row is None else checkpoint_reads.regular_size(row)
     if size is None:
         return None
-    rel = TRAINER_STATE_JSON if ckpt.path == "." else f"{ckpt.path}/{TRAINER_STATE_JSON}"
+    rel = TRAINER_STATE_JSON if d.path == "." else f"{d.path}/{TRAINER_STATE_JSON}"
     try:
-        raw = checkpoint_reads.read_json_bytes(os.path.join(ckpt.dir.abspath, TRAINER_STATE_JSON), size)
+        raw = checkpoint_reads.read_json_bytes(os.path.join(d.abspath, TRAINER_STATE_JSON), size)
     except NotRegularFile:
         return None
     except PermissionError as exc:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,8 @@ def test_reclaimable_bytes_are_the_merged_files_of_redundant_checkpoints(scanned
     as_root = os.geteuid() == 0
     for c in result.checkpoints:
         e = manifest[c.path]
-        if (e.status_as_root if as_root else e.status) == "redundant":
+        # a fresh checkpoint (younger than --min-age) is left alone by prune: nothing to reclaim yet
+        if (e.status_as_root if as_root else e.status) == "redundant" and "young" not in e.flags:
             blocks = sum((root / f).lstat().st_blocks * 512 for f in e.merged_files)
             assert c.reclaimable_bytes == blocks > 0, c.path
         else:
@@ -117,14 +119,33 @@ def test_deep_mode_finds_nan(results_tree):
         assert deep.facts.hashes
 
 
-def test_in_progress_follows_min_age_and_tmp_name(results_tree):
+def test_in_progress_follows_min_age_and_tmp_name(results_tree, tmp_path):
     root, manifest, now = results_tree
-    young = [e for e in manifest.values() if e.status == "in-progress" and not e.name.startswith("tmp-")]
+    young = [e for e in manifest.values() if "young" in e.flags]
     assert young
     for e in young:
-        assert ckpt_tools.scan(str(root / e.path), now=now).checkpoints[0].status == "in-progress"
+        # the Trainer wrote trainer_state.json last, naming this step: complete, judged by content
+        c = ckpt_tools.scan(str(root / e.path), now=now).checkpoints[0]
+        assert c.status == e.status != "in-progress" and c.fresh and c.to_dict()["fresh"] is True
         later = ckpt_tools.scan(str(root / e.path), now=now + 7200).checkpoints[0]
-        assert later.status != "in-progress"
+        assert later.status == e.status and not later.fresh
+        # without that file, or with one naming another step, it may still be being written
+        for change in ("remove", "other-step"):
+            copy = tmp_path / change / e.name
+            shutil.copytree(root / e.path, copy, symlinks=True)
+            for f in copy.rglob("*"):
+                os.utime(f, follow_symlinks=False)   # written just now
+            state = copy / "trainer_state.json"
+            if change == "remove":
+                state.unlink()
+            else:
+                doc = json.loads(state.read_text())
+                state.write_text(json.dumps(dict(doc, global_step=doc["global_step"] + 1)))
+            c = ckpt_tools.scan(str(copy), now=time.time()).checkpoints[0]
+            assert c.status == "in-progress" and not c.fresh, change
+            why = [p for p in c.problems if p.code == "in-progress"]
+            assert len(why) == 1 and "--min-age 0" in why[0].message, change
+            assert ckpt_tools.scan(str(copy), now=time.time() + 7200).checkpoints[0].status == e.status
     for e in manifest.values():
         if e.name.startswith("tmp-checkpoint-"):
             c = ckpt_tools.scan(str(root / e.path), now=now + 10**7).checkpoints[0]

@@ -37,7 +37,9 @@ LOCK_NAME = ".ckpt-tools.lock"
 
 def effective_status(entry) -> str:
     """The status the validator must find here: root ignores file modes (see the manifest)."""
-    return entry.status_as_root if os.geteuid() == 0 else entry.status
+    status = entry.status_as_root if os.geteuid() == 0 else entry.status
+    # complete but younger than --min-age: judged by content, left alone by prune
+    return f"{status} (fresh)" if "young" in entry.flags else status
 
 
 def redundant_merged(manifest) -> set[str]:

@@ -95,7 +95,8 @@ def test_audit_table_shows_the_mark_beside_the_best_checkpoint_only(ordinary_run
     lines = proc.stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("best  (")))
     header, *rows = lines[start + 1:start + 5]
-    assert header.split() == ["CHECKPOINT", "STEP", "STATUS", "LAYOUT", "SIZE", "RECLAIMABLE", "PROBLEMS", "BEST"]
+    assert header.split() == ["CHECKPOINT", "STEP", "STATUS", "KIND", "LAYOUT", "SIZE", "RECLAIMABLE",
+                              "PROBLEMS", "BEST"]
     marked = [r for r in rows if "* best" in r]
     assert len(marked) == 1 and marked[0].split()[0] == "checkpoint-2"
     assert f"eval_loss {state['best_metric']:.6g}" in marked[0]

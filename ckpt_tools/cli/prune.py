@@ -108,7 +108,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
     plan = plan_prune(scan.checkpoints, jobs=jobs or default_jobs())
     emit_plan(plan, log=log)
     for s in plan.skipped:
-        if s.status == REDUNDANT:   # structurally redundant, not proven by content: say so
+        if s.status == REDUNDANT and not s.fresh:   # not proven by content: say so
             out.say(f"skipped: {prune_where(s.root, s.path, multi_root)}: {s.reason}")
     promised = PruneResult.from_plan(plan)
     shown_plan = render_prune_plan(plan, scan, multi_root=multi_root, verbose=out.verbose,

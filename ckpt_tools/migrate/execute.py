@@ -134,7 +134,7 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
     except scanner.ScanError as exc:
         raise CheckpointFailure(str(exc)) from None
     v = src.verdict
-    if v.status in (BROKEN, IN_PROGRESS):
+    if v.status in (BROKEN, IN_PROGRESS) or v.fresh:
         probe = Checkpoint.from_verdict(src.ckpt, v)
         return outcome("skipped", method=item.method, reason=skip_reason(probe) + " (since the plan)")
     method, why_not = method_for(Checkpoint.from_verdict(src.ckpt, v))

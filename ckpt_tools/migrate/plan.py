@@ -159,6 +159,8 @@ def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
 
 
 def skip_reason(c: Checkpoint) -> str:
+    if c.fresh:
+        return "fresh: complete, but written to within --min-age"
     if c.status == IN_PROGRESS:
         if c.dir.tmp_name:
             return "in progress: a temporary checkpoint directory"
@@ -201,7 +203,7 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
     items = []
     for c in result.checkpoints:
         target = c.path
-        if c.status in (BROKEN, IN_PROGRESS):
+        if c.status in (BROKEN, IN_PROGRESS) or c.fresh:
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
                                      reason=skip_reason(c), experts=c.num_experts))
             continue

@@ -407,7 +407,7 @@ def _prune_checkpoint(key: tuple[str, str], items: list[PlannedDeletion], revali
             except OSError as exc:
                 raise _Changed(f"cannot re-scan the checkpoint: {exc.strerror or exc}") from None
             still_there()
-            if fresh.status != REDUNDANT or fresh.errors:
+            if fresh.status != REDUNDANT or fresh.errors or fresh.fresh:
                 raise _Changed(f"no longer redundant: {skip_reason(fresh)}")
         except _Changed as exc:
             for d in items:

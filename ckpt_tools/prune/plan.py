@@ -35,6 +35,8 @@ def skip_reason(c: Checkpoint) -> str:
         if c.dir.tmp_name:
             return "in-progress: a tmp-checkpoint-* directory is still being written"
         return "in-progress: its newest file is younger than --min-age"
+    if c.fresh:
+        return f"{c.status} (fresh): complete, but a file of it is younger than --min-age"
     if c.status is Status.HEALTHY and c.merged_files:
         return _MERGED_EXPORT_REASON
     return _SKIP_REASONS.get(c.status, c.status)
@@ -65,6 +67,7 @@ class Skip:
     # the checkpoint's Status when skipped at plan time; execute's CHANGED or STOPPED
     # when skipped at execute time
     status: str = ""
+    fresh: bool = False    # complete, but younger than --min-age (``Checkpoint.fresh``)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,9 @@ def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True
     candidates: list[tuple[Checkpoint, FileRecord]] = []
     skipped: list[Skip] = []
     for i, c in enumerate(checkpoints):
-        if c.status is not Status.REDUNDANT:
+        if c.status is not Status.REDUNDANT or c.fresh:
             if c.merged_files:
-                skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status))
+                skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status, c.fresh))
             continue
         if i in unproven:
             skipped.append(Skip(c.dir.root, c.path, unproven[i], c.status))
@@ -161,7 +164,7 @@ def _unproven(checkpoints: list[Checkpoint], prove: bool | Prover, jobs: int) ->
         from .proof import ContentProof   # only prune proves: audit never loads it
         prove = ContentProof()
     proof: Prover = prove
-    todo = [i for i, c in enumerate(checkpoints) if c.status is Status.REDUNDANT]
+    todo = [i for i, c in enumerate(checkpoints) if c.status is Status.REDUNDANT and not c.fresh]
 
     def run(span: tuple[int, int]) -> list[tuple[int, str]]:
         out = []

@@ -28,19 +28,21 @@ from typing import NamedTuple
 from .. import layout, replay
 from ..formats import safetensors_header as st
 from ..formats import torchsave
-from ..kinds import Layout, MergedKind, TreeForm
+from ..kinds import Layout, MergedKind, ModelKind, TreeForm
 from ..layout import Role
 from ..problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
                         EXPERT_COUNT_MISMATCH, MERGED_EXPORT, MERGED_MISMATCH, MISSING_FILE,
-                        MISSING_TENSOR, PERMISSION_DENIED, SHAPE_MISMATCH, SYMLINK_ESCAPE, WARNING,
+                        IN_PROGRESS as IN_PROGRESS_CODE, MISSING_TENSOR, PERMISSION_DENIED, SHAPE_MISMATCH, SYMLINK_ESCAPE, WARNING,
                         FormatError, Problem)
 from ..read_cache import ReadCache
+from .. import trainer_state
 from ..records import (BROKEN, IN_PROGRESS, LEGACY, HEALTHY, REDUNDANT, CheckpointDir,
                        FileRecord)
 from .context import _Ctx, _count, _finite, _memoised
 from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _expert_count,
                       _load_dir_experts, _load_flat_experts, _ranges, _report_missing_experts,
                       _tree_form)
+from .ordinary import NOTHING_FOUND, examine_ordinary
 from .verdict import DEEP, FULL, HEADERS, ExpertInfo, Tensor, Verdict, _Found
 
 # merged weights whose keys are DyLoRA-MoE's own (an expert index in each LoRA tensor's name)
@@ -215,12 +217,18 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     ckpt = ctx.ckpt
     young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
     merged = f.merged
-    if ckpt.tmp_name or young:
+    writing = _being_written(ckpt, young)
+    if writing:
         status = IN_PROGRESS
         # half-written is expected while it is written: say what is missing, as warnings
         ctx.problems = [Problem(p.code, p.path, p.message, WARNING) for p in ctx.problems]
+        ctx.add(IN_PROGRESS_CODE, ".", writing, WARNING)
     elif any(p.is_error for p in ctx.problems):
         status = BROKEN
+    elif f.model_kind is not ModelKind.DYLORA_MOE:
+        status = HEALTHY if f.found_anything else BROKEN
+        if not f.found_anything:
+            ctx.add(MISSING_FILE, ".", NOTHING_FOUND)
     elif f.tree_complete:
         status = REDUNDANT if merged and not f.merged_export else HEALTHY
     elif merged:
@@ -233,7 +241,34 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     facts = f.verdict_facts(young)
     return Verdict(layout=f.layout, status=status, problems=tuple(ctx.problems), tree_form=f.tree_form,
                    merged_kind=f.merged_kind, merged_files=merged, num_experts=f.num_experts,
-                   tree_complete=f.tree_complete, facts=facts)
+                   tree_complete=f.tree_complete, facts=facts, model_kind=f.model_kind)
+
+
+def _being_written(ckpt: CheckpointDir, young: bool) -> str | None:
+    """Why the checkpoint is in progress, or None where it is complete.
+
+    A ``tmp-checkpoint-*`` (or migrate's temporary) directory always is, and so is one holding
+    a temporary entry of ckpt-tools' own. The Trainer writes ``trainer_state.json`` last, so a
+    ``checkpoint-N`` whose trainer_state.json parses and names step N is complete whatever its
+    age, and so is a tree migrate finished (its marker is written last). Anything else younger
+    than the minimum age may still be being written.
+    """
+    if ckpt.tmp_name:
+        return "being written: a temporary directory (tmp-checkpoint-* or ckpt-tools' own)"
+    if any(layout.is_tmp_checkpoint_name(f.relpath.split("/", 1)[0]) for f in ckpt.files):
+        return "being written: it holds a temporary entry of ckpt-tools"
+    if not young or _complete_when_young(ckpt):
+        return None
+    state = ("its trainer_state.json does not name its step" if ckpt.file(layout.TRAINER_STATE_JSON)
+             else "it has no trainer_state.json, which the Trainer writes last")
+    return (f"may still be being written: a file of it is younger than --min-age and {state}; "
+            "to judge it as it is now, give --min-age 0")
+
+
+def _complete_when_young(ckpt: CheckpointDir) -> bool:
+    if ckpt.file(layout.MIGRATED_MARKER) is not None:
+        return True
+    return trainer_state.names_its_step(ckpt)
 
 
 class _Configs(NamedTuple):
@@ -266,6 +301,8 @@ def _examine(ctx: _Ctx) -> _Found:
     cfgs = _read_configs(ctx)
     tree_form = _tree_form(ctx)
     merged = _read_merged(ctx, merged_files)
+    if not _is_dylora(ctx, tree_form, cfgs, merged):
+        return _examine_ordinary(ctx, cfgs, merged)
     experts = _read_experts(ctx, tree_form, cfgs)
     router = _read_moe_state(ctx, tree_form, cfgs)
     router_rows = _router_rows(ctx, tree_form, merged, router)
@@ -281,6 +318,49 @@ def _examine(ctx: _Ctx) -> _Found:
                   root_cfg=cfgs.root, moe_cfg=cfgs.moe, moe_dir=cfgs.moe_dir, hashes=hashes)
 
 
+# Files only a DyLoRA-MoE checkpoint holds.
+_DYLORA_ROLES = frozenset({Role.ROUTER, Role.SKILL_LIBRARY, Role.MOE_CONFIG, Role.TRAINABLE_STATE,
+                           Role.FLAT_EXPERT})
+
+
+def _is_dylora(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs, merged: _MergedWeights) -> bool:
+    """Whether something says the checkpoint is DyLoRA-MoE's: its PEFT tree or MoE state, a
+    DyLoRA config, merged weights with DyLoRA keys, or a best_model/ beside DyLoRA checkpoints.
+    A plain model directory with none of these is a full model, not a merged export."""
+    if tree_form != layout.TREE_NONE or cfgs.dylora_root or merged.kind in _MOE_MERGED:
+        return True
+    if any(r.role in _DYLORA_ROLES for r in ctx.roles.values()):
+        return True
+    if any(m.rsplit("/", 1)[-1] == layout.DYLORA_WEIGHTS for m in merged.files):
+        return True
+    return ctx.ckpt.name == layout.BEST_MODEL_DIR and _beside_dylora_checkpoints(ctx)
+
+
+def _beside_dylora_checkpoints(ctx: _Ctx) -> bool:
+    """A best_model/ whose run holds a dylo_moe_state/ or DyLoRA-MoE checkpoints."""
+    run = os.path.dirname(ctx.base)
+    if os.path.isdir(os.path.join(run, layout.MOE_STATE_DIR)):
+        return True
+    try:
+        siblings = [e.path for e in os.scandir(run)
+                    if layout.checkpoint_step(e.name) is not None and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return False
+    return any(os.path.isdir(os.path.join(p, d)) for p in siblings[:64]
+               for d in (layout.PEFT_DIR, layout.MOE_STATE_DIR))
+
+
+def _examine_ordinary(ctx: _Ctx, cfgs: _Configs, merged: _MergedWeights) -> _Found:
+    """An ordinary Trainer checkpoint: PEFT adapters, a full model, DeepSpeed/FSDP state."""
+    found = examine_ordinary(ctx, cfgs.root, merged.files)
+    hashes = _check_other_files(ctx)
+    return _Found(layout=found.layout, tree_form=layout.TREE_NONE, merged_kind=merged.kind,
+                  merged=merged.files, num_experts=None, tree_complete=False, merged_export=False,
+                  experts=(), router_ok=False, router=None, root_cfg=cfgs.root, moe_cfg=None,
+                  moe_dir=cfgs.moe_dir, hashes=hashes, model_kind=found.model_kind,
+                  adapters=found.adapters, found_anything=found.found_anything)
+
+
 def _check_entries(ctx: _Ctx) -> None:
     """What the scan saw without opening a file: entries it could not read, symlinks out of
     the root (a PEFT-tree file that points out of it is never opened), names with an expert
@@ -289,7 +369,7 @@ def _check_entries(ctx: _Ctx) -> None:
         ctx.add(PERMISSION_DENIED, rel, "cannot read this entry")
     for rec in ctx.ckpt.files:
         if rec.is_symlink and rec.escapes_root:
-            in_tree = ctx.roles[rec.relpath].in_peft_tree
+            in_tree = ctx.roles[rec.relpath].holds_model
             ctx.add(SYMLINK_ESCAPE, rec.relpath,
                     f"symlink to {rec.symlink_target or 'a missing target'} outside the root",
                     ERROR if in_tree else WARNING)
@@ -461,6 +541,9 @@ def _check_other_files(ctx: _Ctx) -> dict | None:
             if role.role in (Role.TRAINER_STATE, Role.TRAINING_ARGS) and rel.endswith((".pt", ".pth", ".bin")):
                 if ctx.readable(rel, False):
                     ctx.read_torch(rel, check_pickle=_pickle_check_of(rel.rsplit("/", 1)[-1]))
+            elif role.role is Role.ENGINE_STATE and rel.endswith(".pt") and ctx.readable(rel, False):
+                # DeepSpeed's states pickle its own classes: the archive is checked, never the pickle
+                ctx.read_torch(rel, check_pickle=False)
             elif role.role in (Role.TRAINER_STATE,) and rel.endswith(".json") and ctx.readable(rel, False):
                 ctx.read_json(rel)
     if ctx.level == DEEP:

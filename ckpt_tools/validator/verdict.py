@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..kinds import Layout, MergedKind, Status, TreeForm
+from ..kinds import Layout, MergedKind, ModelKind, Status, TreeForm
 from ..problems import Problem
 
 
@@ -48,6 +48,7 @@ class VerdictFacts:
     moe_dir: str                  # relpath of dylo_moe_state/ (the run's for best_model/)
     young: bool                   # written within the minimum age
     hashes: dict | None = None    # relpath → sha256, in deep mode only
+    adapters: tuple = ()          # ordinary.Adapter (name, peft_type) of each PEFT adapter
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class Verdict:
     num_experts: int | None
     tree_complete: bool
     facts: VerdictFacts
+    model_kind: ModelKind = ModelKind.DYLORA_MOE
+
+    @property
+    def fresh(self) -> bool:
+        """Complete, and judged by what it holds, although a file of it is younger than the
+        minimum age: prune and migrate still leave it alone."""
+        return self.facts.young and self.status is not Status.IN_PROGRESS
 
 
 class _Found(NamedTuple):
@@ -83,9 +91,12 @@ class _Found(NamedTuple):
     moe_cfg: dict | None
     moe_dir: str
     hashes: dict | None
+    model_kind: ModelKind = ModelKind.DYLORA_MOE
+    adapters: tuple = ()
+    found_anything: bool = True    # ordinary checkpoints: weights, an adapter or engine state
 
     def verdict_facts(self, young: bool) -> VerdictFacts:
         return VerdictFacts(tree_form=self.tree_form, merged_kind=self.merged_kind,
                             router=self.router, experts=self.experts, root_config=self.root_cfg,
                             moe_config=self.moe_cfg, moe_dir=self.moe_dir, young=young,
-                            hashes=self.hashes)
+                            hashes=self.hashes, adapters=self.adapters)

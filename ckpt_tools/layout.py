@@ -436,6 +436,28 @@ def parse_peft_lora_key(key: str) -> LoraKey | None:
     return LoraKey(module, m.group("part"), None, m.group("param"))
 
 
+class MixedKeyForms(ValueError):
+    """An ``expert_<i>.pt`` file holding LoRA keys of both forms; its message names one of each."""
+
+
+def flat_expert_peft_form(keys) -> bool:
+    """Whether the LoRA keys of an ``expert_<i>.pt`` file are PEFT's own form
+    (``base_model.model.….lora_A.weight``, as ``get_peft_model_state_dict`` writes them: only
+    the file's name says whose they are) rather than the expert-indexed form of the
+    PeftModel's state dict (``….lora_A.expert_<i>.weight``). Raises ``MixedKeyForms`` where the
+    file holds both: which of its tensors are expert i's would then be a guess."""
+    peft = indexed = None
+    for key in keys:
+        if _MOE_LORA_KEY_RE.match(key):
+            indexed = indexed or key
+        elif _PEFT_LORA_KEY_RE.match(key):
+            peft = peft or key
+    if peft is not None and indexed is not None:
+        raise MixedKeyForms(f"holds LoRA keys of both forms: {peft!r} (no expert index) and "
+                            f"{indexed!r} (expert-indexed)")
+    return peft is not None
+
+
 def strip_foundation_prefix(key: str) -> str:
     for prefix in (V1_PREFIX, V0_PREFIX):
         if key.startswith(prefix):

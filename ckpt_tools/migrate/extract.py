@@ -177,10 +177,18 @@ def _tree_experts(src: MigrateSource) -> tuple[dict, dict]:
 
 
 def _flat_experts(src: MigrateSource) -> dict:
+    """{expert: {canonical key: location}} of ``expert_<i>.pt`` files, in either key form."""
     from ..tensor_io import locate_torch
     out = {}
     for rel, role in src.files_with(Role.FLAT_EXPERT):
         locs = locate_torch(src.abs(rel), wanted=lambda k: ".lora_" in k)
+        try:
+            peft_form = layout.flat_expert_peft_form(locs)
+        except layout.MixedKeyForms as exc:
+            raise CheckpointFailure(f"{rel}: {exc}") from None
+        if peft_form:
+            out[role.expert] = group_peft_lora(locs)
+            continue
         grouped = _group_moe_lora(locs, only_expert=role.expert, where=rel)
         out[role.expert] = grouped.get(role.expert, {})
     return out

@@ -138,16 +138,25 @@ def check_roots(src: str, dst: str) -> None:
 
 # --- planning ----------------------------------------------------------------------------
 
+def _own_moe_state(c: Checkpoint) -> bool:
+    """A canonical tree whose router and MoE config are in its own dylo_moe_state/, where a
+    copy keeps them. One with ``router.safetensors`` at its root, or no MoE config (its
+    adapter configs record the hyperparameters), is rebuilt as V5 is: adapters carried byte
+    for byte, the router saved as dylo_moe_state/router.pt, a MoE config from the adapters'."""
+    return (c.facts.router == f"{layout.MOE_STATE_DIR}/{layout.ROUTER_PT}"
+            and c.facts.moe_config is not None)
+
+
 def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
     """(method, reason it cannot work) for a checkpoint that is neither broken nor in progress."""
     lay = c.layout
     if lay == layout.CANONICAL:
-        return METHOD_COPY, None
+        return (METHOD_COPY if _own_moe_state(c) else METHOD_EXACT), None
     if lay == layout.CANONICAL_MERGED:
         # healthy here: a complete tree beside a merged export (validator: merged-export)
         if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1, MergedKind.HF,
                                    MergedKind.HF_LORA) and c.status in (REDUNDANT, HEALTHY):
-            return METHOD_COPY, None
+            return (METHOD_COPY if _own_moe_state(c) else METHOD_EXACT), None
         if c.facts.merged_kind in (MergedKind.V0, MergedKind.V1):
             return METHOD_EXACT, None
         return None, "canonical tree is incomplete and the merged weights hold no LoRA tensors"

@@ -336,6 +336,14 @@ def _shown(ckey: str) -> str:
     return ckey.removeprefix(layout.CANONICAL_KEY_PREFIX)
 
 
+def _flat_peft_form(inp: _Input, locs: dict) -> bool:
+    """An ``expert_<i>.pt`` file keyed as PEFT saves an adapter (``layout.flat_expert_peft_form``)."""
+    try:
+        return layout.flat_expert_peft_form(locs)
+    except layout.MixedKeyForms as exc:
+        raise _Fail(f"{NOT_PROVEN}: {inp.rel} {exc}") from None
+
+
 def _pair(inputs: list[_Input], paths: list[str], parsed: list) -> _Pairing:
     """Which tensor of the PEFT tree each LoRA / router tensor of the merged weights must
     equal; ``_Fail`` where one has no counterpart or the two disagree on dtype or shape."""
@@ -348,6 +356,9 @@ def _pair(inputs: list[_Input], paths: list[str], parsed: list) -> _Pairing:
     for inp, path, value in zip(inputs, paths, parsed):
         locs = _locations(inp, path, value)
         if inp.kind == "adapter":
+            tree[inp.expert] = group_peft_lora(locs)
+            tree_rel[inp.expert] = inp.rel
+        elif inp.kind == "flat" and _flat_peft_form(inp, locs):
             tree[inp.expert] = group_peft_lora(locs)
             tree_rel[inp.expert] = inp.rel
         elif inp.kind == "flat":

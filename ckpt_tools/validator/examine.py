@@ -426,8 +426,9 @@ def _read_experts(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs) -> dict[int, E
 
 
 def _read_moe_state(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs) -> _RouterState:
-    """The router state, the skill library and the callback's resume file; the MoE config
-    a canonical tree needs."""
+    """The router state, the skill library and the callback's resume file. No MoE config
+    is demanded: where the experts' adapter configs record the hyperparameters the tree is
+    complete without one (README's rule; ``_judge_tree`` asks for some config)."""
     moe_dir = cfgs.moe_dir
     router_rel = None
     router: dict | None = None
@@ -453,8 +454,6 @@ def _read_moe_state(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs) -> _RouterSt
     # the callback's resume file: part of the PEFT tree (never merged weights), checked by its header
     if layout.TRAINABLE_STATE in ctx.by_path and ctx.readable(layout.TRAINABLE_STATE, True):
         ctx.read_safetensors(layout.TRAINABLE_STATE)
-    if tree_form == layout.TREE_CANONICAL and cfgs.moe_rel not in ctx.by_path:
-        ctx.add(MISSING_FILE, cfgs.moe_rel, "the MoE config is missing")
     return _RouterState(router_rel, router, router_says)
 
 

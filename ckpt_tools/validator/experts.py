@@ -127,6 +127,10 @@ def _check_with_peft(ctx: _Ctx, relpath: str, cfg: dict) -> None:
 
 def _expert_modules(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor], peft_keys: bool,
                     expert: int) -> dict[str, dict[str, Tensor]]:
+    """module → part → tensor of one expert's file; ``peft_keys``: PEFT's own key form (no
+    expert index), else the expert-indexed form, whose other experts' tensors are problems.
+    Modules are named by their path in the model (``layout.module_path``), so that the experts
+    of a checkpoint compare alike whichever form each file was saved in."""
     modules: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         try:
@@ -141,7 +145,7 @@ def _expert_modules(ctx: _Ctx, relpath: str, tensors: dict[str, Tensor], peft_ke
                     f"holds tensor {key!r} of expert {lk.expert}, not expert {expert}")
             continue
         part = lk.part + (f".{lk.param}" if lk.param and lk.param != "weight" else "")
-        modules.setdefault(lk.module, {})[part] = t
+        modules.setdefault(layout.module_path(lk.module), {})[part] = t
     return modules
 
 
@@ -303,15 +307,22 @@ def _load_dir_experts(ctx: _Ctx, nested: bool) -> dict[int, ExpertInfo]:
 
 
 def _load_flat_experts(ctx: _Ctx) -> dict[int, ExpertInfo]:
+    """The ``expert_<i>.pt`` files, in either key form (``layout.flat_expert_peft_form``)."""
     experts: dict[int, ExpertInfo] = {}
     for rel in ctx.shape.flat_experts:
         index = ctx.roles[rel].expert
         ex = ExpertInfo(index, rel)
         if ctx.readable(rel, True):
             tensors = ctx.read_tensors(rel)
+            try:
+                peft_form = tensors is not None and layout.flat_expert_peft_form(tensors)
+            except layout.MixedKeyForms as exc:
+                # whose tensors they are is a guess: one problem, no checks built on a guess
+                ctx.add(EXPERT_COUNT_MISMATCH, rel, str(exc))
+                tensors = None
             if tensors is not None:
                 ex.loaded = True
-                ex.modules = _expert_modules(ctx, rel, tensors, False, index)
+                ex.modules = _expert_modules(ctx, rel, tensors, peft_form, index)
                 if not ex.modules:
                     ctx.add(MISSING_TENSOR, rel, "holds no LoRA tensors")
         experts[index] = ex

@@ -56,6 +56,12 @@ demo: venv
 	-HF_HUB_OFFLINE=1 $(VENV)/bin/ckpt-tools migrate --no-progress --base-model $(DEMO)-outside/base-models/llama --rank 4 $(DEMO) $(DEMO)-migrated
 	@echo; echo '$$ ckpt-tools audit -q $(DEMO)-migrated'
 	-$(VENV)/bin/ckpt-tools audit -q --no-progress --min-age 0 $(DEMO)-migrated
+	@# Ordinary Trainer runs (PEFT adapters, full and sharded fine-tunes, DeepSpeed/FSDP, damaged
+	@# copies) live beside the DyLoRA tree, not in it: the counts announced above stay the tree's own.
+	rm -rf $(DEMO)-ordinary
+	HF_HUB_OFFLINE=1 $(PY) -m fixtures.ordinary_runs $(DEMO)-ordinary > /dev/null
+	@echo; echo '$$ ckpt-tools audit --min-age 0 $(DEMO)-ordinary   # just built: judge it now'
+	-$(VENV)/bin/ckpt-tools audit --no-progress --min-age 0 $(DEMO)-ordinary
 
 # Benchmarks against their anchors (du, mergekit-extract-lora), results in bench/out/.
 # The GPU comparison is its own run: bench/lowrank_vs_mergekit.py --size 2b --device cuda.
@@ -69,4 +75,4 @@ bench: venv
 	$(PY) bench/lowrank_vs_mergekit.py --size 119m --reps 3 --exact
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(DEMO) $(DEMO)-outside $(DEMO)-migrated build *.egg-info
+	rm -rf $(VENV) $(LATEST) $(DEMO) $(DEMO)-outside $(DEMO)-migrated $(DEMO)-ordinary build *.egg-info

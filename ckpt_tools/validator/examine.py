@@ -254,7 +254,11 @@ def _being_written(ckpt: CheckpointDir, young: bool) -> str | None:
     than the minimum age may still be being written.
     """
     if ckpt.tmp_name:
-        return "being written: a temporary directory (tmp-checkpoint-* or ckpt-tools' own)"
+        if ckpt.name.startswith(layout.TMP_CHECKPOINT_PREFIX):
+            return ("being written: the Trainer saves into tmp-checkpoint-* and renames it "
+                    "checkpoint-<step> once complete; if no run is writing it, an interrupted save "
+                    "left it: rename it to checkpoint-<step> to have it judged")
+        return "being written: a temporary directory of ckpt-tools (migrate, the Trainer callback)"
     if any(layout.is_tmp_checkpoint_name(f.relpath.split("/", 1)[0]) for f in ckpt.files):
         return "being written: it holds a temporary entry of ckpt-tools"
     if not young or _complete_when_young(ckpt):

@@ -4,7 +4,6 @@ memoised checks (``_memoised``) that go through the scan's ``ReadCache``."""
 
 from __future__ import annotations
 
-import math
 import os
 from operator import itemgetter
 
@@ -14,6 +13,8 @@ from ..formats import safetensors_header as st
 from ..formats import torchsave
 from ..kinds import TreeForm
 from ..layout import Role
+from ..peft_types import finite_number as _finite  # noqa: F401 - examine uses them from here
+from ..peft_types import positive_int as _count, short_value as _short  # noqa: F401
 from ..problems import (BAD_JSON, ERROR, MISSING_FILE, PERMISSION_DENIED, UNREADABLE,
                         WARNING, FormatError, Problem)
 from ..read_cache import ReadCache, bounded_put
@@ -245,30 +246,6 @@ class _Ctx:
             return None
         flat = torchsave.flatten_tensors(info.obj)
         return {k: Tensor(v.dtype, tuple(v.shape)) for k, v in flat.items()}
-
-
-def _count(value) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int) and value > 0:
-        return value
-    return None
-
-
-def _finite(value) -> bool:
-    """A JSON number that is a finite float (NaN, Infinity and 1e999 parse; 10**4000 overflows)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _short(value) -> str:
-    """``repr`` of a config value, cut short: a hostile number may have thousands of digits."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _tree_form_of(roles: dict) -> TreeForm:

@@ -3,12 +3,12 @@ experts against each other, the expert count and the experts missing."""
 
 from __future__ import annotations
 
-from .. import layout
+from .. import layout, peft_types
 from ..kinds import TreeForm
 from ..patterns import ModuleMatch, PatternTooCostly, match_modules
 from ..problems import (BAD_CONFIG, EXPERT_COUNT_MISMATCH, EXPERT_MISSING, MISSING_FILE,
                         MISSING_TENSOR, RANK_MISMATCH, SHAPE_MISMATCH, TARGET_MISMATCH)
-from .context import _Ctx, _count, _finite, _memoised, _short
+from .context import _Ctx, _count, _memoised, _short
 from .verdict import DEEP, ExpertInfo, Tensor
 
 
@@ -69,58 +69,16 @@ def _report_missing_experts(ctx: _Ctx, missing: list[int], num_experts: int,
 
 def _check_adapter_config(ctx: _Ctx, relpath: str, cfg: dict) -> bool:
     """The fields of adapter_config.json that decide shapes and scaling. True when usable."""
-    ok = True
-
-    def bad(msg: str) -> None:
-        nonlocal ok
-        ok = False
-        ctx.add(BAD_CONFIG, relpath, msg)
-
-    peft_type = cfg.get("peft_type")
-    if peft_type is not None and peft_type != "LORA":
-        bad(f"peft_type is {peft_type!r}, expected 'LORA'")
-    r = cfg.get("r")
-    if _count(r) is None:
-        bad(f"r must be a positive integer, found {r!r}")
-    alpha = cfg.get("lora_alpha")
-    if alpha is not None and not _finite(alpha):
-        bad(f"lora_alpha must be a finite number, found {_short(alpha)}")
-    dropout = cfg.get("lora_dropout")
-    if dropout is not None and not (_finite(dropout) and 0 <= dropout <= 1):
-        bad(f"lora_dropout must be a number from 0 to 1, found {_short(dropout)}")
-    targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, (str, list)):
-        bad(f"target_modules must be a list or a string, found {type(targets).__name__}")
-    elif isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
-        bad("target_modules must hold strings")
-    for key in ("rank_pattern", "alpha_pattern"):
-        pat = cfg.get(key)
-        if pat is not None and not isinstance(pat, dict):
-            bad(f"{key} must be an object, found {type(pat).__name__}")
-        elif isinstance(pat, dict):
-            for k, v in pat.items():
-                if not _finite(v) or v <= 0:
-                    bad(f"{key}[{k!r}] must be a positive number, found {_short(v)}")
-    mts = cfg.get("modules_to_save")
-    if mts is not None and not isinstance(mts, list):
-        bad(f"modules_to_save must be a list, found {type(mts).__name__}")
-    for key in ("use_dora", "lora_bias"):
-        v = cfg.get(key)
-        if v is not None and not isinstance(v, bool):
-            bad(f"{key} must be true or false, found {v!r}")
-    return ok
+    found = peft_types.check_adapter_config(cfg, require_type="LORA")
+    for message in found.messages:
+        ctx.add(BAD_CONFIG, relpath, message)
+    return found.ok
 
 
 def _check_with_peft(ctx: _Ctx, relpath: str, cfg: dict) -> None:
-    try:
-        from peft import LoraConfig
-    except Exception:  # noqa: BLE001 - peft is optional for validation
-        return
-    fields = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
-    try:
-        LoraConfig(**fields)
-    except Exception as exc:  # noqa: BLE001 - any refusal by peft is a config problem
-        ctx.add(BAD_CONFIG, relpath, f"peft.LoraConfig refuses it: {str(exc).splitlines()[0]}")
+    refusal = peft_types.check_with_peft(cfg, require_type="LORA")
+    if refusal is not None:
+        ctx.add(BAD_CONFIG, relpath, refusal)
 
 
 # --- the PEFT tree ----------------------------------------------------------------

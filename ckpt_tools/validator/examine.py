@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from .. import layout, replay
 from ..formats import safetensors_header as st
-from ..formats import torchsave
+from ..formats import shard_index, torchsave
 from ..kinds import Layout, MergedKind, ModelKind, TreeForm
 from ..layout import Role
 from ..problems import (BAD_CONFIG, BAD_JSON, BAD_NAME, COUNT_UNCONFIRMED, ERROR,
@@ -93,31 +93,15 @@ def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
 
 
 def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]:
-    """Keys (with shapes where known) of the merged weights; False when unreadable."""
+    """Keys (with shapes where known) of the merged weights; False when unreadable or when an
+    index disagrees with its shards."""
     keys: dict[str, Tensor] = {}
     ok = True
-    indexes = [m for m in merged if ctx.roles[m].role is Role.MERGED_INDEX]
-    for idx in indexes:
-        if not ctx.readable(idx, False):
-            continue
-        cfg = ctx.read_json(idx)
-        if cfg is None:
-            ok = False
-            continue
-        wm = cfg.get("weight_map")
-        if not isinstance(wm, dict):
-            ctx.add(BAD_JSON, idx, "no weight_map object")
-            ok = False
-            continue
-        folder = idx.rsplit("/", 1)[0] + "/" if "/" in idx else ""
-        for shard in sorted(set(v for v in wm.values() if isinstance(v, str))):
-            if folder + shard not in ctx.by_path:
-                ctx.add(MISSING_FILE, folder + shard, f"shard named by {idx} is missing")
-                ok = False
+    read: dict[str, dict[str, Tensor] | None] = {}
     for m in merged:
         if ctx.roles[m].role is not Role.MERGED or not ctx.readable(m, False):
             continue
-        tensors = ctx.read_tensors(m)
+        tensors = read[m] = ctx.read_tensors(m)
         if tensors is None:
             ok = False
             tensors = _lenient_safetensors_names(ctx.abspath(m)) if m.endswith(".safetensors") else {}
@@ -125,6 +109,19 @@ def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]
         if bad:
             tensors = {k: t for k, t in tensors.items() if k not in bad}
         keys.update(tensors)
+    for idx in (m for m in merged if ctx.roles[m].role is Role.MERGED_INDEX):
+        if not ctx.readable(idx, False):
+            continue
+        cfg = ctx.read_json(idx)
+        if cfg is None:
+            ok = False
+            continue
+        check = shard_index.check_shard_index(
+            idx, cfg, {rel: read[rel] for rel in shard_index.shards_of(idx, cfg) if rel in read},
+            ctx.by_path.__contains__, (m for m in merged if ctx.roles[m].role is Role.MERGED))
+        for finding in check.problems:
+            ctx.add(*finding)
+            ok = ok and finding.severity != ERROR
     return keys, ok
 
 

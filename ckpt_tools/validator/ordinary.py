@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .. import layout
+from .. import layout, peft_types
 from ..kinds import Layout, ModelKind
 from ..layout import Role
 from ..problems import BAD_CONFIG, MISSING_FILE, MISSING_TENSOR, WARNING
 from .context import _Ctx
-from .experts import _check_adapter_config, _check_expert_shapes, _check_with_peft
+from .experts import _check_expert_shapes
 from .verdict import DEEP, ExpertInfo
 
 # What a save_model output or checkpoint must hold to be anything at all.
@@ -95,26 +95,35 @@ def _check_adapter(ctx: _Ctx, folder: str) -> Adapter:
         if not ctx.readable(rel, True):
             continue
         tensors = ctx.read_tensors(rel)
-        if tensors is None:
+        if tensors is None or peft_type is None or isinstance(peft_type, _Declared):
             continue
-        if peft_type == "LORA":
+        wrong = peft_types.adapter_tensor_messages(peft_type, tensors)
+        for message in wrong:
+            ctx.add(MISSING_TENSOR, rel, message)
+        if peft_type == "LORA" and not wrong:
             _check_lora_tensors(ctx, rel, tensors, cfg)
     return Adapter(name, peft_type)
 
 
 def _peft_type(ctx: _Ctx, rel: str, cfg: dict | None) -> str | None:
-    """The adapter's peft_type, its config checked as PEFT reads it."""
+    """The adapter's peft_type, its config checked as PEFT reads it (by PEFT's own config
+    class too, at the deep level); None where it cannot be told."""
     if cfg is None:
         return None
-    peft_type = cfg.get("peft_type", "LORA")
-    if not isinstance(peft_type, str):
-        ctx.add(BAD_CONFIG, rel, f"peft_type must be a string, found {type(peft_type).__name__}")
-        return None
-    if peft_type == "LORA":
-        _check_adapter_config(ctx, rel, cfg)
-        if ctx.level == DEEP:
-            _check_with_peft(ctx, rel, cfg)
-    return peft_type
+    found = peft_types.check_adapter_config(cfg)
+    for message in found.messages:
+        ctx.add(BAD_CONFIG, rel, message)
+    if ctx.level == DEEP and found.peft_type is not None:
+        refusal = peft_types.check_with_peft(cfg)
+        if refusal is not None:
+            ctx.add(BAD_CONFIG, rel, refusal)
+    if found.peft_type is None and isinstance(cfg.get("peft_type"), str):
+        return _Declared(cfg["peft_type"][:64])   # reported as declared, never checked against
+    return found.peft_type
+
+
+class _Declared(str):
+    """A peft_type PEFT does not know, as its config declares it."""
 
 
 def _check_lora_tensors(ctx: _Ctx, rel: str, tensors: dict, cfg: dict | None) -> None:
@@ -126,9 +135,6 @@ def _check_lora_tensors(ctx: _Ctx, rel: str, tensors: dict, cfg: dict | None) ->
             continue
         part = lk.part + (f".{lk.param}" if lk.param and lk.param != "weight" else "")
         modules.setdefault(lk.module, {})[part] = t
-    if not modules:
-        ctx.add(MISSING_TENSOR, rel, "holds no LoRA tensors, but its adapter_config.json says LORA")
-        return
     ex = ExpertInfo(index=0, source=rel, loaded=True, modules=modules, config=cfg,
                     config_path=rel.rsplit("/", 1)[0] + "/" + layout.ADAPTER_CONFIG
                     if "/" in rel else layout.ADAPTER_CONFIG)

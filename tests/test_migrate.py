@@ -463,7 +463,10 @@ def test_dry_run_writes_nothing_and_names_each_method(results_tree, tmp_path):
         if e.path in planned:
             assert planned[e.path] == EXPECTED_METHOD[e.layout]
     assert {e.path for e in migratable(manifest)} - set(planned) <= {
-        "run canonical/checkpoint-300"}   # young: in progress for the CLI's real clock
+        "run canonical/checkpoint-300",   # young: in progress for the CLI's real clock
+        "merged_hf/merged_model"}         # no DyLoRA marker and no --base-model: a full model
+    (s,) = [s for s in out["json"]["skipped"] if s["source"] == "merged_hf/merged_model"]
+    assert s["reason"].startswith("a full model: nothing to migrate")
     text = _run_cli(["migrate", str(root), str(dst), "--dry-run"])
     assert text["rc"] == 0 and not dst.exists()
     assert "Dry run" in text["stdout"]

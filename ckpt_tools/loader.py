@@ -77,7 +77,7 @@ def load_checkpoint(path, base_model, *, lora_alpha: float | None = None,
         first = errors[0] if errors else None
         raise CheckpointLoadError(f"{path}: broken checkpoint" + (
             f": {first.code}: {first.path}: {first.message}" if first else ""))
-    method, why = method_for(Checkpoint.from_verdict(src.ckpt, v))
+    method, why = method_for(Checkpoint.from_verdict(src.ckpt, v), base_model_given=True)
     if method is None:
         raise CheckpointLoadError(f"{path}: {why}")
     base_id = None if isinstance(base_model, torch.nn.Module) else os.fspath(base_model)

@@ -361,7 +361,7 @@ def render_migrate_result(result: MigrateResult, plan: MigratePlan, *, verbose: 
                 if verbose or w.startswith("warning"):
                     lines.append(f"      {w}")
         for o in result.skipped:
-            if verbose or o.reason == "already migrated":
+            if verbose or o.reason == "already migrated" or o.max_error is not None:
                 lines.append(f"skipped   {migrate_where(plan.src, o.source)}: {o.reason}")
     for o in result.failed:
         lines.append(f"failed    {migrate_where(plan.src, o.source)}: {o.reason}")

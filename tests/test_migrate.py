@@ -396,14 +396,23 @@ def test_hf_merged_svd_target_audits_peft_only_and_verify_passes(results_tree, t
 
 @needs_lowrank
 def test_svd_without_base_model_fails_that_checkpoint_only(results_tree, tmp_path):
+    """A DyLoRA-marked merged export without --base-model fails alone; the same directory
+    unmarked is a full model as far as anyone can tell without a base: skipped."""
     root, manifest, now = results_tree
     src = tmp_path / "src"
     copy_tree(root / "merged_hf", src / "merged_hf")
     copy_tree(root / "legacy_v1", src / "legacy_v1")
+    copy_tree(root / "merged_hf", src / "marked")
+    cfg_path = src / "marked" / "merged_model" / "config.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text())
+                                   | {"_dylora_original_type": "dylora-moe"}))
     out = _run_cli(["migrate", str(src), str(tmp_path / "dst"), "--json", "--min-age", "0"])
     assert out["rc"] == 1
-    assert [f["source"] for f in out["json"]["failed"]] == ["merged_hf/merged_model"]
+    assert [f["source"] for f in out["json"]["failed"]] == ["marked/merged_model"]
     assert "--base-model" in out["json"]["failed"][0]["reason"]
+    (s,) = [s for s in out["json"]["skipped"] if s["source"] == "merged_hf/merged_model"]
+    assert s["reason"].startswith("a full model: nothing to migrate")
+    assert not (tmp_path / "dst" / "merged_hf").exists()
     assert len(out["json"]["migrated"]) == 4
 
 
@@ -454,7 +463,10 @@ def test_dry_run_writes_nothing_and_names_each_method(results_tree, tmp_path):
         if e.path in planned:
             assert planned[e.path] == EXPECTED_METHOD[e.layout]
     assert {e.path for e in migratable(manifest)} - set(planned) <= {
-        "run canonical/checkpoint-300"}   # young: in progress for the CLI's real clock
+        "run canonical/checkpoint-300",   # young: in progress for the CLI's real clock
+        "merged_hf/merged_model"}         # no DyLoRA marker and no --base-model: a full model
+    (s,) = [s for s in out["json"]["skipped"] if s["source"] == "merged_hf/merged_model"]
+    assert s["reason"].startswith("a full model: nothing to migrate")
     text = _run_cli(["migrate", str(root), str(dst), "--dry-run"])
     assert text["rc"] == 0 and not dst.exists()
     assert "Dry run" in text["stdout"]

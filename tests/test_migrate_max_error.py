@@ -4,6 +4,11 @@ A full fine-tune (a plain Hugging Face model directory whose delta from its base
 low-rank) used to be "migrated" at ``--rank 4`` with a worst relative error of 0.87. The
 expected ranks here are computed from the files with ``torch.linalg.svdvals``, never with
 ``ckpt_tools.migrate.lowrank``.
+
+The fine-tunes here carry the DyLoRA-MoE export marker (``_dylora_original_type`` in their
+config.json): such a checkpoint is legacy, the user asked for its migration, and a copy over
+the bound is a failure with the full report. An unmarked plain model over the bound is a full
+fine-tune, skipped: tests/test_migrate_plain_models.py.
 """
 
 from __future__ import annotations
@@ -39,10 +44,21 @@ def _spectrum_delta(shape: tuple[int, int], decay: float, scale: float, seed: in
     return ((u * s) @ v.T).float()
 
 
+def mark_dylora_export(model_dir: Path) -> Path:
+    """Add the marker the DyLoRA-MoE benchmark script writes to a model's config.json."""
+    cfg_path = model_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_dylora_original_type"] = "dylora-moe"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return model_dir
+
+
 def full_fine_tune(base_dir: Path, dest: Path, *, decay: float | None = None,
-                   dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+                   dtype: torch.dtype = torch.float32, seed: int = 0,
+                   marked: bool = False) -> Path:
     """The base with every linear weight changed by a full-rank perturbation, saved by
-    ``save_pretrained``: Gaussian noise (``decay=None``), or a geometric spectrum."""
+    ``save_pretrained``: Gaussian noise (``decay=None``), or a geometric spectrum; ``marked``:
+    as a DyLoRA-MoE export (``mark_dylora_export``)."""
     model = load_base(base_dir)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -53,7 +69,7 @@ def full_fine_tune(base_dir: Path, dest: Path, *, decay: float | None = None,
                 d = _spectrum_delta(tuple(w.shape), decay, 0.3 * float(w.norm()), seed + i)
             w.add_(d)
     model.to(dtype).save_pretrained(str(dest))
-    return dest
+    return mark_dylora_export(dest) if marked else dest
 
 
 def needed_ranks(base_dir: Path, ft_dir: Path, bound: float) -> dict[str, int]:
@@ -78,13 +94,14 @@ def dst_entries(dst: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def trees(results_tree, tmp_path_factory):
-    """SRC trees of one checkpoint each: ``noise`` (Gaussian delta, the red team's case) and
-    ``decaying`` (singular values 0.7**i: rank 13 is the first within 1%)."""
+    """SRC trees of one DyLoRA-marked checkpoint each: ``noise`` (Gaussian delta, the red
+    team's case) and ``decaying`` (singular values 0.7**i: rank 13 is the first within 1%)."""
     root, manifest, now = results_tree
     base_dir = manifest.base_model_dirs["llama"]
     top = tmp_path_factory.mktemp("max-error")
-    noise = full_fine_tune(base_dir, top / "noise" / "ft", seed=1).parent
-    decaying = full_fine_tune(base_dir, top / "decaying" / "ft", decay=0.7, seed=2).parent
+    noise = full_fine_tune(base_dir, top / "noise" / "ft", seed=1, marked=True).parent
+    decaying = full_fine_tune(base_dir, top / "decaying" / "ft", decay=0.7, seed=2,
+                              marked=True).parent
     return base_dir, noise, decaying
 
 

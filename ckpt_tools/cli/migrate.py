@@ -62,15 +62,16 @@ def quiet_libraries(verbose: bool):
                    "state) instead of copying them.")
 @click.option("--base-model", metavar="PATH_OR_ID",
               help="Base model: a local model directory or a hub id in the local Hugging "
-                   "Face cache (truly merged checkpoints; --verify).")
+                   "Face cache (truly merged checkpoints; --verify). Plain model directories "
+                   "are then tried as LoRAs merged into it.")
 @click.option("--rank", type=click.IntRange(1), help="LoRA rank of a low-rank extraction.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
               help="Smallest rank keeping this share of each delta's squared singular values.")
 @click.option("--max-error", type=click.FloatRange(0, min_open=True), default=None,
               callback=finite, metavar="E",
               help="Largest relative error of any module of a low-rank extraction; a "
-                   "checkpoint above it fails, naming the rank that would meet it "
-                   "[default: 0.01].")
+                   "DyLoRA-MoE export above it fails, naming the rank that would meet it, and "
+                   "a plain model above it is skipped as a full fine-tune [default: 0.01].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where the low-rank extraction runs.")
 @click.option("--lora-alpha", type=float,

@@ -1,5 +1,6 @@
 """Why migrate stops: for the whole run (``MigrateError``), for one checkpoint
-(``CheckpointFailure``), and what a failing disk means, in words."""
+(``CheckpointFailure``, or ``NothingToMigrate`` where it is skipped), and what a failing disk
+means, in words."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class CheckpointFailure(Exception):
     def __init__(self, message: str, *, fields: dict | None = None):
         super().__init__(message)
         self.fields = dict(fields or {})
+
+
+class NothingToMigrate(CheckpointFailure):
+    """What migrate found while reading a checkpoint says there is nothing to migrate (a plain
+    model directory whose delta from --base-model is not low-rank: a full fine-tune): the
+    checkpoint is skipped, not failed, and nothing of it is written. ``fields`` as above."""
 
 
 STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

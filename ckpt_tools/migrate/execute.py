@@ -30,7 +30,7 @@ from .. import commit, scanner
 from ..formats import safetensors_header as st
 from ..fs import FileOps, local_or
 from ..records import BROKEN, IN_PROGRESS, Checkpoint
-from .errors import CheckpointFailure, discard_temporary, storage_error
+from .errors import CheckpointFailure, NothingToMigrate, discard_temporary, storage_error
 from .extract import MigrateSource, open_source
 from .plan import (ACTION_DONE, ACTION_MIGRATE, ACTION_SKIP, MigrateItem, MigratePlan, digest_of,
                    input_files, is_inside, method_for, skip_reason, target_state)
@@ -137,7 +137,8 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
     if v.status in (BROKEN, IN_PROGRESS) or v.fresh:
         probe = Checkpoint.from_verdict(src.ckpt, v)
         return outcome("skipped", method=item.method, reason=skip_reason(probe) + " (since the plan)")
-    method, why_not = method_for(Checkpoint.from_verdict(src.ckpt, v))
+    method, why_not = method_for(Checkpoint.from_verdict(src.ckpt, v),
+                                 base_model_given=bool(opts.base_model))
     if method is None:
         return outcome("skipped", reason=why_not)
     _refuse_unsafe_links(src, plan.src, item.source)
@@ -162,6 +163,10 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
         left = discard_temporary(tmp, ctx.fs,
                                  os.path.join(os.path.dirname(shown), os.path.basename(tmp)))
         _remove_empty(new_dirs, ctx.fs)
+        if isinstance(exc, NothingToMigrate):
+            # what reading it showed (a full fine-tune): skipped, nothing of it left in DST
+            return outcome("skipped", method=method, reason=str(exc) + (f"; {left}" if left else ""),
+                           **exc.fields)
         reason = str(exc) if isinstance(exc, CheckpointFailure) else None
         # only an OSError of its own here (mkdir, rename, a read): the writer names the file
         # of a failed write itself, and other exceptions go up as they are

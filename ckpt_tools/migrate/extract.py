@@ -16,11 +16,12 @@ from ..layout import Role
 from ..records import CheckpointDir
 from ..tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
 from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
-from .errors import CheckpointFailure
+from .errors import CheckpointFailure, NothingToMigrate
 from .hub import NotCached, cached_snapshot
 from .hyper import (Hyperparameters, hyper_for, lora_config_for, moe_config_for, ranks_from_shapes,
                     resolve_hyper, root_config_for)
-from .plan import METHOD_COPY, METHOD_EXACT, METHOD_SVD, MigrateOptions, read_json
+from .plan import (METHOD_COPY, METHOD_EXACT, METHOD_SVD, MigrateOptions, is_dylora_marked,
+                   read_json)
 
 
 @dataclass
@@ -361,6 +362,24 @@ def _hidden_size(cfg: dict | None) -> int | None:
     return None
 
 
+def _not_low_rank(ex, options: MigrateOptions) -> NothingToMigrate:
+    """The answer to the content question, when it is no: a full fine-tune, skipped."""
+    o = ex.over_bound[0]
+    need = (f"needs full rank {o.full_rank}" if o.needed_rank == o.full_rank else
+            f"needs rank {o.needed_rank} of {o.full_rank}" if o.needed_rank is not None else
+            f"no rank meets it with A and B in {o.dtype}")
+    bound = (f"--max-error {options.max_error:g}" if o.bound <= options.max_error else
+             f"the rounding of its {o.dtype} weights ({o.bound:.3g}; --max-error "
+             f"{options.max_error:g})")
+    which = "the first module over it" if not ex.complete else "the worst module"
+    return NothingToMigrate(
+        f"a full fine-tune, not a low-rank delta: relative error {o.error:.3g} at rank "
+        f"{o.rank} is above {bound} ({o.module}, {which}: {need})",
+        fields={"max_rel_error": float(ex.max_rel_error), "max_error": options.max_error,
+                "module_errors": dict(ex.errors),
+                "over_bound": tuple(b.to_dict() for b in ex.over_bound)})
+
+
 def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
     import torch
     if not options.base_model:
@@ -375,13 +394,18 @@ def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
         raise CheckpointFailure("low-rank extraction is not available in this build "
                                 "(ckpt_tools.migrate.lowrank.extract)") from None
     base_dir = resolve_model_dir(options.base_model)
+    # An unmarked plain model is asked whether it is a LoRA merged into the base: one module
+    # over the bound answers no, and the rest need not be decomposed (docs/migrate.md).
+    question = not is_dylora_marked(src.verdict)
     try:
         ex = extract(base_dir, src.abspath, rank=options.rank, energy=options.energy,
                      device=options.device, base_model_name_or_path=options.base_model,
-                     max_error=options.max_error)
+                     max_error=options.max_error, stop_at_first_over=question)
     except lowrank.BaseMismatch as exc:
         raise CheckpointFailure(f"base model {options.base_model} is not this checkpoint's "
                                 f"base: {exc}; nothing extracted") from None
+    if ex.over_bound and question:
+        raise _not_low_rank(ex, options)
     if ex.over_bound:
         raise CheckpointFailure(
             f"svd: the low-rank copy would lose part of the fine-tune: {ex.over_bound_reason()}",
@@ -392,6 +416,9 @@ def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
                     "suggested_energy": ex.suggested_energy})
     cfg = dict(ex.adapter_config)
     if not cfg.get("target_modules"):
+        if question:
+            raise NothingToMigrate("the same as --base-model in every linear layer: nothing to "
+                                   "migrate")
         raise CheckpointFailure("the merged model does not differ from the base model in any "
                                 "linear layer: nothing to extract")
     hidden = _hidden_size(src.facts.root_config) or _hidden_size(

@@ -40,12 +40,15 @@ class Extraction:
     device: str = "cpu"
     max_error: float | None = None    # the bound asked for (None: none)
     over_bound: tuple[OverBound, ...] = ()    # the modules above it, worst first
+    complete: bool = True             # False: stopped at the first module over max_error
 
     @property
     def suggested_rank(self) -> int | None:
         """A ``rank`` that brings every module within the bound: the largest rank needed, and
-        no lower than any module's rank now (None: some module meets it at no rank)."""
-        if not self.over_bound or any(o.needed_rank is None for o in self.over_bound):
+        no lower than any module's rank now (None: some module meets it at no rank, or the
+        extraction stopped before it saw every module)."""
+        if (not self.over_bound or not self.complete
+                or any(o.needed_rank is None for o in self.over_bound)):
             return None
         return max([o.needed_rank for o in self.over_bound] + list(self.ranks.values()))
 
@@ -94,6 +97,7 @@ class Extraction:
             "device": self.device, "max_error": self.max_error,
             "over_bound": [o.to_dict() for o in self.over_bound],
             "suggested_rank": self.suggested_rank, "suggested_energy": self.suggested_energy,
+            "complete": self.complete,
         }
 
 

@@ -306,6 +306,7 @@ class _Collected:
     fallbacks: int = 0
     read_s: float = 0.0
     decompose_s: float = 0.0
+    stopped: bool = False      # at the first module over the bound: the rest not decomposed
 
     def add(self, done: _Done, shape) -> None:
         module = done.module
@@ -356,8 +357,11 @@ def _load_cuda_backends(dev: torch.device) -> None:
     torch.linalg.matrix_norm(probe.double(), ord=2)
 
 
-def _decompose_all(pair: _Pair, split: _Split, asked: _Asked, workers: int) -> _Collected:
-    """Every linear module decomposed and every other tensor compared, by ``workers`` threads."""
+def _decompose_all(pair: _Pair, split: _Split, asked: _Asked, workers: int,
+                   stop_at_first_over: bool = False) -> _Collected:
+    """Every linear module decomposed and every other tensor compared, by ``workers`` threads;
+    with ``stop_at_first_over``, only up to the first module (in the fine-tune's order) above
+    the bound: the modules queued after it are cancelled, the other tensors not compared."""
     got = _Collected()
     saved_threads = torch.get_num_threads()
     if asked.dev.type == "cpu" and workers > 1:
@@ -379,6 +383,11 @@ def _decompose_all(pair: _Pair, split: _Split, asked: _Asked, workers: int) -> _
                         futures[i + ahead] = pool.submit(_decompose_module, pair, split,
                                                          modules[i + ahead], asked)
                     got.add(done, pair.merged_meta(split.linear_weights[module])[1])
+                    if stop_at_first_over and done.over is not None:
+                        got.stopped = True
+                        for f in futures.values():
+                            f.cancel()
+                        return got
                 # Non-linear tensors and embeddings: compared by the same workers.
                 got.same_as_base = dict(zip(split.others, pool.map(pair.unchanged, split.others)))
             except BaseException:
@@ -489,7 +498,7 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
             device: str = "auto", out_dtype=None, method: str = "auto",
             tolerance: float = TOLERANCE, base_model_name_or_path: str | None = None,
             prefetch: bool = True, workers: int | None = None,
-            max_error: float | None = None) -> Extraction:
+            max_error: float | None = None, stop_at_first_over: bool = False) -> Extraction:
     """Extract a LoRA adapter that turns ``base`` into ``merged``.
 
     ``base`` and ``merged`` are anything ``TensorSource.open`` takes. Every 2-D ``.weight``
@@ -508,6 +517,11 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     its merged weight (``rounding_floor``: no reconstruction can be told from the stored
     weights more finely), goes to ``over_bound`` with the smallest rank that would meet it
     (from its exact singular values); the caller decides what that means. Raises
+    ``stop_at_first_over``: the caller only wants to know whether every module meets
+    ``max_error``; the extraction stops at the first module (in the fine-tune's order) that
+    does not, and returns an incomplete ``Extraction`` (``complete`` False: its errors and
+    ``over_bound`` cover the modules decomposed so far, it has no adapter config). A full
+    fine-tune is then told apart after one module instead of all of them. Raises
     ``BaseMismatch`` (before any tensor is read) when ``base`` is of another architecture
     (``model_type``, ``architectures`` or the sizes in the configs differ), shares no tensor
     with ``merged``, or holds one of another shape.
@@ -525,7 +539,16 @@ def extract(base, merged, *, rank: int | None = None, energy: float | None = Non
     missing, extra = pair.missing(), pair.extra()
     split = _split_tensors(pair)
     workers = _worker_count(dev, workers, prefetch)
-    got = _decompose_all(pair, split, asked, workers)
+    got = _decompose_all(pair, split, asked, workers, stop_at_first_over and max_error is not None)
+    if got.stopped:
+        return Extraction(
+            lora_state={}, adapter_config={}, errors=got.errors, ranks=got.ranks,
+            max_rel_error=max(got.errors.values(), default=0.0), skipped=tuple(got.skipped),
+            modules_to_save=(), exact_fallbacks=got.fallbacks, missing=missing, extra=extra,
+            notes=(), timings={"total_s": time.perf_counter() - t_start, "read_s": got.read_s,
+                               "decompose_s": got.decompose_s, "workers": workers},
+            device=str(dev), max_error=max_error, over_bound=tuple(got.over_bound),
+            complete=False)
 
     notes: list[str] = []
     lora_bias = _add_lora_biases(got, split, notes)

@@ -7,6 +7,12 @@ already in a state dict or in ``expert_<i>.pt`` files: they are re-keyed, never 
 or ``svd`` (a truly merged model: ``lowrank.extract`` against ``--base-model``). Broken and
 in-progress checkpoints are skipped with their reason; a finished target is skipped after a
 check (``target_state``).
+
+A plain model directory is a DyLoRA-MoE export to migrate only where something says so
+(``is_dylora_marked``); any other is a full model, and whether it is a LoRA merged into a base
+is a question of content: with ``--base-model`` it is extracted (``svd``) and kept only where
+every module meets ``--max-error``, else it is skipped as a full fine-tune; without it, it is
+skipped. PEFT adapters and DeepSpeed/FSDP state hold nothing to migrate: skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from .. import layout, scanner
 from ..problems import Problem
 from ..records import BROKEN, IN_PROGRESS, HEALTHY, REDUNDANT, Checkpoint, CheckpointDir
 from ..formats import safetensors_header as st
-from ..kinds import MergedKind, MigrateAction, MigrateMethod
+from ..kinds import Layout, MergedKind, MigrateAction, MigrateMethod, ModelKind, TreeForm
 from ..checkpoint_reads import MAX_JSON_BYTES
 from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
 from .errors import CheckpointFailure, MigrateError
@@ -147,8 +153,47 @@ def _own_moe_state(c: Checkpoint) -> bool:
             and c.facts.moe_config is not None)
 
 
-def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
-    """(method, reason it cannot work) for a checkpoint that is neither broken nor in progress."""
+# Where the model's weights may be a plain Hugging Face state dict (``layout.HF_MERGED`` for a
+# DyLoRA-MoE export; ``model``, ``sharded``, or beside DeepSpeed or FSDP state for a full model).
+_PLAIN_MODEL_LAYOUTS = (Layout.HF_MERGED, Layout.MODEL, Layout.SHARDED, Layout.DEEPSPEED, Layout.FSDP)
+# Checkpoints that hold nothing migrate could make smaller or more canonical, and why.
+_NOTHING_TO_MIGRATE = {
+    Layout.ADAPTER: "a PEFT adapter already holds only the adapter: nothing to migrate",
+    Layout.ADAPTERS: "PEFT adapters already hold only the adapters: nothing to migrate",
+    Layout.DEEPSPEED: "DeepSpeed's partitioned training state without consolidated weights: "
+                      "nothing to migrate",
+    Layout.FSDP: "FSDP's sharded training state without consolidated weights: nothing to migrate",
+}
+FULL_MODEL_REASON = ("a full model: nothing to migrate (give --base-model to test whether it is "
+                     "a LoRA merged into its base)")
+
+
+def is_plain_model(c: Checkpoint | Verdict) -> bool:
+    """A plain Hugging Face model directory: plain weights and no PEFT tree beside them."""
+    return (c.layout in _PLAIN_MODEL_LAYOUTS and c.facts.tree_form is TreeForm.NONE
+            and c.facts.merged_kind in (MergedKind.HF, MergedKind.HF_LORA))
+
+
+def is_dylora_marked(c: Checkpoint | Verdict) -> bool:
+    """Whether something says this plain model directory is a DyLoRA-MoE export (to migrate,
+    where a failure to meet --max-error is a failure) rather than a full model (where it is
+    the answer to the content question: skipped)."""
+    return c.model_kind is ModelKind.DYLORA_MOE
+
+
+def content_question(options: MigrateOptions) -> str:
+    """The plan's note on a plain model directory tried as a LoRA merged into --base-model."""
+    at = " and ".join(x for x in (f"--rank {options.rank}" if options.rank else "",
+                                  f"--energy {options.energy:g}" if options.energy else "") if x)
+    return (f"a plain model: migrated only if its delta from --base-model is low-rank (every "
+            f"module within --max-error {options.max_error:g}{' at ' + at if at else ''}), else "
+            "skipped as a full fine-tune; a dry run cannot tell without extracting")
+
+
+def method_for(c: Checkpoint, *, base_model_given: bool) -> tuple[str | None, str | None]:
+    """(method, reason it cannot work or why there is nothing to do) for a checkpoint that is
+    neither broken nor in progress. ``base_model_given``: a base model to ask a plain model
+    directory's content against (--base-model; the loader always has one)."""
     lay = c.layout
     if lay == layout.CANONICAL:
         return (METHOD_COPY if _own_moe_state(c) else METHOD_EXACT), None
@@ -162,8 +207,12 @@ def method_for(c: Checkpoint) -> tuple[str | None, str | None]:
         return None, "canonical tree is incomplete and the merged weights hold no LoRA tensors"
     if lay in (layout.V0, layout.V1, layout.V2, layout.V3, layout.V4, layout.V5):
         return METHOD_EXACT, None
-    if lay == layout.HF_MERGED:
-        return METHOD_SVD, None
+    if is_plain_model(c):
+        if is_dylora_marked(c) or base_model_given:
+            return METHOD_SVD, None
+        return None, FULL_MODEL_REASON
+    if lay in _NOTHING_TO_MIGRATE:
+        return None, _NOTHING_TO_MIGRATE[lay]
     return None, f"layout {lay!r} cannot be migrated"
 
 
@@ -216,7 +265,7 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
                                      reason=skip_reason(c), experts=c.num_experts))
             continue
-        method, why_not = method_for(c)
+        method, why_not = method_for(c, base_model_given=bool(options.base_model))
         if method is None:
             items.append(MigrateItem(c.path, target, c.layout, c.status, ACTION_SKIP,
                                      reason=why_not, experts=c.num_experts))
@@ -226,6 +275,8 @@ def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(),
         experts = c.num_experts
         if method == METHOD_SVD:
             experts = 1
+            if not is_dylora_marked(c):
+                notes.append(content_question(options))
             if not options.base_model:
                 notes.append("needs --base-model (a truly merged model: the LoRA delta is baked in)")
             if options.rank is None and options.energy is None:

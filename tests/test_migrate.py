@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINER_NAMES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "scaler.pt",
                  "training_args.bin", "generation_config.json")
 EXPECTED_METHOD = {"canonical": "copy", "canonical+merged": "copy", "v0": "exact", "v1": "exact",
-                   "v2": "exact", "v3": "exact", "v4": "exact", "v5": "exact", "hf-merged": "svd"}
+                   "v2": "exact", "v3": "exact", "v4": "exact", "v5": "exact", "hf-merged": "svd",
+                   "model": "svd"}   # a plain model with --base-model: its delta is low-rank
 
 
 def _has_lowrank() -> bool:
@@ -50,7 +51,9 @@ def status_here(entry) -> str:
 
 
 def migratable(manifest) -> list:
-    return [e for e in manifest.values() if status_here(e) not in ("broken", "in-progress")]
+    """What migrate plans to migrate: not broken, in progress or fresh (younger than --min-age)."""
+    return [e for e in manifest.values()
+            if status_here(e) not in ("broken", "in-progress") and "young" not in e.flags]
 
 
 def deep_broken(manifest) -> set[str]:
@@ -217,7 +220,7 @@ def test_every_variant_is_migrated_or_skipped_with_its_reason(migration):
     migrated = {o.source: o for o in result.migrated}
     skipped = {o.source: o for o in result.skipped}
     expected_skips = {e.path for e in manifest.values() if e not in migratable(manifest)}
-    wanted = {e.path for e in migratable(manifest) if e.layout != "hf-merged" or _has_lowrank()}
+    wanted = {e.path for e in migratable(manifest) if e.layout not in ("hf-merged", "model") or _has_lowrank()}
     failed = {o.source: o.reason for o in result.failed}
     assert set(failed) == deep_broken(manifest), failed
     for path, reason in failed.items():
@@ -229,7 +232,9 @@ def test_every_variant_is_migrated_or_skipped_with_its_reason(migration):
     assert expected_skips <= set(skipped)
     for path in expected_skips:
         reason = skipped[path].reason
-        assert reason.startswith("broken" if manifest[path].status == "broken" else "in progress"), reason
+        e = manifest[path]
+        assert reason.startswith("broken" if e.status == "broken" else "fresh" if "young" in e.flags
+                                 else "in progress"), reason
     for path, o in migrated.items():
         e = manifest[path]
         assert o.method == EXPECTED_METHOD[e.layout], (path, o.method)

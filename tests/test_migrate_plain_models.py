@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_tools import scan
-from ckpt_tools.kinds import Layout, Status
+from ckpt_tools.kinds import Layout, ModelKind, Status
 from ckpt_tools.migrate import (ACTION_MIGRATE, ACTION_SKIP, DEFAULT_MAX_ERROR, MigrateOptions,
                                 execute_migrate, plan_migrate)
 from ckpt_tools.migrate.plan import FULL_MODEL_REASON, method_for
@@ -182,7 +182,7 @@ def test_the_ordinary_runs_are_skipped_whole_and_nothing_is_written(ordinary_run
     assert out["json"]["migrated"] == out["json"]["failed"] == []
     skipped = {s["source"]: s["reason"] for s in out["json"]["skipped"]}
     for path, e in manifest.items():
-        if e.kind in ("full-model", "sharded-full-model") and e.damage is None:
+        if e.model_kind == "full-model" and e.damage is None:
             assert skipped[path] == FULL_MODEL_REASON, path
     assert dst_entries(dst) <= {LOCK}
 
@@ -218,7 +218,6 @@ def test_a_plain_model_is_asked_only_with_a_base_and_a_marked_one_always(plain):
         assert {i.source: i.action for i in plan.items} == {
             "merged_hf/merged_model": action, "ft/final": action}
     (c,) = [c for c in scan(str(src), min_age_s=0).checkpoints if c.path == "ft/final"]
-    marked = dataclasses.replace(c, facts=dataclasses.replace(
-        c.facts, root_config=dict(c.facts.root_config) | {"_dylora_lora_r": 4}))
+    marked = dataclasses.replace(c, model_kind=ModelKind.DYLORA_MOE)   # what a marker makes it
     assert method_for(marked, base_model_given=False) == ("svd", None)
     assert method_for(c, base_model_given=False) == (None, FULL_MODEL_REASON)

@@ -5,7 +5,7 @@ below are imported on first use, so that starting the command line (``ckpt-tools
 pays for none of the library.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name → the module that defines it
 _EXPORTS = {

@@ -14,7 +14,7 @@ class Status(StrEnum):
     """What a checkpoint is, for prune and migrate; the same words for every model kind.
 
     ``healthy``: complete and sound, nothing to do (a DyLoRA-MoE PEFT tree without merged
-    weights, a PEFT adapter, a full model). Called ``peft-only`` in ckpt-tools 0.1.
+    weights, a PEFT adapter, a full model). Called ``peft-only`` in ckpt-tools 0.1 (README, "Changes to the JSON in 0.2").
     ``redundant``: something in it is provably reproducible from the rest (merged weights
     beside the PEFT tree they were merged from). ``legacy``: a DyLoRA-MoE checkpoint that must
     be migrated. ``broken``: something present is missing, unreadable or inconsistent.

@@ -13,6 +13,9 @@ a before/after comparison shares the machine's state; CPU time (user + system) i
 
     git worktree add /tmp/before <commit>
     python bench/audit_vs_du.py --sizes 10000 --reps 5 --against /tmp/before
+
+``--mix ordinary`` (or ``both``) generates ordinary Trainer runs (adapters, full models,
+shards) instead of DyLoRA-MoE ones, as ``gen_tree.py --mix`` says.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=1, help="passed to audit --jobs")
+    ap.add_argument("--mix", default="dylora", help="the tree's runs (gen_tree.py --mix): dylora, ordinary, both")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--against", type=Path, default=None,
@@ -97,9 +101,9 @@ def main(argv=None) -> int:
     try:
         for n in args.sizes:
             tree = work / f"tree-{n}"
-            info = generate(tree, n)
+            info = generate(tree, n, mix=args.mix)
             r = measure(tree, args.reps, extra, args.against)
-            r.update(checkpoints=n, files=info["files"])
+            r.update(checkpoints=n, files=info["files"], mix=args.mix)
             results.append(r)
             print(f"{n:>6} checkpoints {info['files']:>7} files: du {r['du_median']:.3f} s "
                   f"[{min(r['du_s']):.3f}-{max(r['du_s']):.3f}], audit {r['audit_median']:.3f} s "
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
            "command": " ".join([sys.executable] + sys.argv), "reps": args.reps, "results": results}
-    (args.out / "audit_vs_du.json").write_text(json.dumps(doc, indent=2))
+    stem = "audit_vs_du" if args.mix == "dylora" else f"audit_vs_du-{args.mix}"
+    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "audit_vs_du.png", dpi=120)
+    fig.savefig(args.out / f"{stem}.png", dpi=120)
     return 0
 
 

@@ -11,6 +11,12 @@ sparse (their header is real, their bytes are holes), so the tree is as many fil
 one without gigabytes of base weights.
 
     python bench/gen_tree.py DEST --checkpoints 3000
+
+``--mix ordinary`` writes ordinary Trainer runs instead, in turn a PEFT LoRA adapter run
+(``adapter_model.safetensors`` with real values, ``adapter_config.json``, the Trainer's
+state), a full-model run (a ``model.safetensors`` of plain keys whose data are holes, the
+model's ``config.json``) and a sharded full-model run (four shards and their index);
+``--mix both`` alternates DyLoRA-MoE and ordinary runs.
 """
 
 from __future__ import annotations
@@ -160,8 +166,69 @@ def _write(path: Path, data: bytes, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def generate(dest: Path, checkpoints: int, mtime: float | None = None) -> dict:
+MIXES = ("dylora", "ordinary", "both")
+SHARDS = 4
+
+
+def ordinary_template() -> dict[str, object]:
+    """relpath → bytes of what every ordinary checkpoint holds, and the headers of its weights:
+    ``adapter_header`` (one LoRA adapter, PEFT's keys), ``model`` (a plain model's header and
+    data size) and ``shards`` ([(name, header, size)], with ``index`` their index's bytes)."""
     files = template()
+    out: dict[str, object] = {rel: files[rel] for rel in (
+        "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")}
+    out["adapter_header"] = files["adapter_header"]
+    out["adapter_config.json"] = files["peft_adapters/expert_0/adapter_config.json"]
+    out["config.json"] = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                     "hidden_size": HIDDEN, "num_hidden_layers": LAYERS}).encode()
+    modules = list(dict.fromkeys(m for m, _ in lora_names()))
+    plain = {f"{m}.weight": ("BF16", [HIDDEN * 16, HIDDEN * 16]) for m in modules}
+    out["model"] = safetensors_bytes(plain)
+    names = list(plain)
+    shards, weight_map = [], {}
+    for k in range(SHARDS):
+        name = f"model-{k + 1:05d}-of-{SHARDS:05d}.safetensors"
+        part = {n: plain[n] for n in names[k::SHARDS]}
+        shards.append((name, *safetensors_bytes(part)))
+        weight_map.update(dict.fromkeys(part, name))
+    out["shards"] = shards
+    out["index"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    return out
+
+
+def _write_sparse(path: Path, head: bytes, size: int, mtime: float) -> None:
+    """A safetensors file of ``head`` whose ``size`` data bytes are a hole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.truncate(len(head) + size)
+    os.utime(path, (mtime, mtime))
+
+
+def _ordinary_checkpoint(ckpt: Path, kind: int, files: dict, values: bytes, mtime: float) -> int:
+    """Write one ordinary checkpoint (kind 0: adapter, 1: full model, 2: shards); its file count."""
+    static = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
+    for rel in static:
+        _write(ckpt / rel, files[rel], mtime)
+    if kind == 0:
+        _write(ckpt / "adapter_config.json", files["adapter_config.json"], mtime)
+        _write(ckpt / "adapter_model.safetensors", files["adapter_header"] + values[:ADAPTER_BYTES], mtime)
+        return len(static) + 2
+    _write(ckpt / "config.json", files["config.json"], mtime)
+    if kind == 1:
+        _write_sparse(ckpt / "model.safetensors", *files["model"], mtime)
+        return len(static) + 2
+    for name, head, size in files["shards"]:
+        _write_sparse(ckpt / name, head, size, mtime)
+    _write(ckpt / "model.safetensors.index.json", files["index"], mtime)
+    return len(static) + 2 + SHARDS
+
+
+def generate(dest: Path, checkpoints: int, mtime: float | None = None, mix: str = "dylora") -> dict:
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}")
+    files = template()
+    ordinary = ordinary_template() if mix != "dylora" else None
     pool = values_pool()
     dest.mkdir(parents=True, exist_ok=True)
     mtime = mtime if mtime is not None else time.time() - 2 * 86400
@@ -172,6 +239,11 @@ def generate(dest: Path, checkpoints: int, mtime: float | None = None) -> dict:
         run = dest / f"run_{i // PER_RUN:04d}"
         ckpt = run / f"checkpoint-{(i % PER_RUN + 1) * 100}"
         values = checkpoint_values(pool, i)
+        run_index = i // PER_RUN
+        if mix == "ordinary" or (mix == "both" and run_index % 2 == 1):
+            kind = run_index % 3 if mix == "ordinary" else (run_index // 2) % 3
+            n_files += _ordinary_checkpoint(ckpt, kind, ordinary, values, mtime)
+            continue
         for rel, content in static.items():
             _write(ckpt / rel, content, mtime)
         for e in range(EXPERTS):
@@ -197,12 +269,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dest", type=Path)
     ap.add_argument("--checkpoints", type=int, default=3000)
+    ap.add_argument("--mix", choices=MIXES, default="dylora")
     args = ap.parse_args(argv)
     if args.dest.exists() and any(args.dest.iterdir()):
         print(f"{args.dest}: not empty", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    info = generate(args.dest, args.checkpoints)
+    info = generate(args.dest, args.checkpoints, mix=args.mix)
     print(f"{info['checkpoints']} checkpoints, {info['files']} files in {time.perf_counter() - t0:.1f} s")
     return 0
 

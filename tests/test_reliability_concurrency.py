@@ -155,7 +155,7 @@ def expected_deletions(manifest, copied: tuple[str, ...]) -> tuple[dict, set[str
                if any(k == c or k.startswith(c + "/") for c in copied)}
     expected = set()
     for e in entries.values():
-        st = effective_status(e).removesuffix(" (fresh)")   # --min-age 0: nothing is fresh
+        st = effective_status(e)
         if st == "redundant" or (st == "in-progress" and not e.name.startswith("tmp-")):
             expected |= set(e.merged_files)
     return entries, expected

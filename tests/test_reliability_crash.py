@@ -348,9 +348,7 @@ def test_sigkill_during_migrate_leaves_complete_or_absent_targets_and_rerun_matc
 # --- prune --------------------------------------------------------------------------------------
 
 def effective_status(entry) -> str:
-    status = entry.status_as_root if os.geteuid() == 0 else entry.status
-    # complete but younger than --min-age: judged by content, left alone by prune
-    return f"{status} (fresh)" if "young" in entry.flags else status
+    return entry.status_as_root if os.geteuid() == 0 else entry.status
 
 
 def prune_args(root: Path, log: Path, fault: str | None = None) -> list[str]:

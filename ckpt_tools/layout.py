@@ -372,6 +372,7 @@ def belongs_to_checkpoint(name: str) -> bool:
 RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
 
 
+@lru_cache(maxsize=1 << 14)   # a relpath repeats in every checkpoint of a run
 def is_resume_only(relpath: str) -> bool:
     """Training state that only resuming needs: optimizer, scheduler, scaler and RNG state,
     DeepSpeed's global_step*/ and FSDP's optimizer_*/ (not trainer_state.json, not weights)."""

@@ -161,8 +161,12 @@ class Checkpoint:
     @property
     def training_state_bytes(self) -> int:
         """Bytes only resuming needs (optimizer, scheduler, scaler, RNG state, DeepSpeed's and
-        FSDP's optimizer state): what stripping the checkpoint would free."""
-        return sum(f.allocated for f in self.dir.files if layout.is_resume_only(f.relpath))
+        FSDP's optimizer state): what stripping the checkpoint would free. Where DeepSpeed's
+        partitioned state is the only copy of the model (ZeRO-3 without gathered weights), its
+        global_step*/ is not counted: the model cannot be had without it."""
+        engine_holds_model = self.model_kind is ModelKind.DEEPSPEED
+        return sum(f.allocated for f in self.dir.files if layout.is_resume_only(f.relpath)
+                   and not (engine_holds_model and layout.is_deepspeed_dir(f.relpath.split("/", 1)[0])))
 
     @property
     def adapters(self) -> tuple:

@@ -159,8 +159,10 @@ class RunTrainerState:
         """``ckpt`` with whether it is the best of its run and the eval at (or before) its step."""
         if self.state is None:
             return ckpt
-        return replace(ckpt, best_of_run=ckpt.path == self.best_checkpoint,
-                       evaluation=self.state.evaluation_at(ckpt.step))
+        best, evaluation = ckpt.path == self.best_checkpoint, self.state.evaluation_at(ckpt.step)
+        if not best and evaluation is None and not ckpt.best_of_run and ckpt.evaluation is None:
+            return ckpt   # nothing to add: no new record
+        return replace(ckpt, best_of_run=best, evaluation=evaluation)
 
     def to_dict(self) -> dict:
         s = self.state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_damage_is_reported_with_its_code_on_its_file_and_sound_entries_have_no_
 
 
 def test_fresh_and_training_state_at_min_age_0(audited):
-    _, manifest, _, found = audited
+    root, manifest, _, found = audited
     for p, e in manifest.items():
         c = found.get(p, {})
         assert c.get("fresh") is False, p   # nothing is younger than --min-age 0
@@ -118,6 +119,23 @@ def test_fresh_and_training_state_at_min_age_0(audited):
         assert isinstance(state, int) and 0 <= state <= c["size_bytes"], (p, state)
         # a save_model output holds no optimizer, scheduler or RNG state; a Trainer checkpoint does
         assert (state == 0) == (e.step is None), (p, state)
+        assert state == _resume_only_bytes(root / p, e.model_kind), p
+
+
+def _resume_only_bytes(ckpt: Path, model_kind: str) -> int:
+    """Allocated bytes of what only resuming needs, read from disk: the Trainer's optimizer,
+    scheduler, scaler and RNG state, FSDP's optimizer_*/, DeepSpeed's global_step*/ unless it
+    is the only copy of the model (ZeRO-3 without gathered weights)."""
+    total = 0
+    for f in ckpt.rglob("*"):
+        if not f.is_file():
+            continue
+        top = f.relative_to(ckpt).parts[0]
+        if (top in ("optimizer.pt", "scheduler.pt", "scaler.pt") or re.fullmatch(r"rng_state(_\d+)?\.pth", top)
+                or re.fullmatch(r"optimizer_\d+", top)
+                or (re.fullmatch(r"global_step\d+", top) and model_kind != "deepspeed")):
+            total += f.stat().st_blocks * 512
+    return total
 
 
 def test_audit_exits_1_on_the_tree_with_broken_copies_and_0_on_the_good_runs(audited, tmp_path):

@@ -65,7 +65,7 @@ class _Shape:
     one, so it is worked out once per distinct set of relpaths."""
 
     __slots__ = ("roles", "merged", "tree_form", "expert_dirs", "flat_experts", "position",
-                 "bad_indices")
+                 "bad_indices", "holds_temporary")
 
     def __init__(self, relpaths: tuple[str, ...]):
         roles = {rel: layout.role_of(rel) for rel in relpaths}
@@ -79,6 +79,9 @@ class _Shape:
                                          if r.role is Role.FLAT_EXPERT))
         # files and directories whose names hold an expert index out of range
         self.bad_indices = tuple(sorted({r.bad_index for r in roles.values() if r.bad_index}))
+        # an entry of ckpt-tools' own being written inside it (the callback's PEFT tree)
+        self.holds_temporary = any(layout.is_tmp_checkpoint_name(rel.split("/", 1)[0])
+                                   for rel in relpaths)
 
 
 def _shape_of(relpaths: tuple[str, ...], cache: ReadCache | None) -> _Shape:

@@ -214,7 +214,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     ckpt = ctx.ckpt
     young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
     merged = f.merged
-    writing = _being_written(ckpt, young)
+    writing = _being_written(ckpt, young, ctx.shape.holds_temporary)
     if writing:
         status = IN_PROGRESS
         # half-written is expected while it is written: say what is missing, as warnings
@@ -241,7 +241,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
                    tree_complete=f.tree_complete, facts=facts, model_kind=f.model_kind)
 
 
-def _being_written(ckpt: CheckpointDir, young: bool) -> str | None:
+def _being_written(ckpt: CheckpointDir, young: bool, holds_temporary: bool) -> str | None:
     """Why the checkpoint is in progress, or None where it is complete.
 
     A ``tmp-checkpoint-*`` (or migrate's temporary) directory always is, and so is one holding
@@ -256,7 +256,7 @@ def _being_written(ckpt: CheckpointDir, young: bool) -> str | None:
                     "checkpoint-<step> once complete; if no run is writing it, an interrupted save "
                     "left it: rename it to checkpoint-<step> to have it judged")
         return "being written: a temporary directory of ckpt-tools (migrate, the Trainer callback)"
-    if any(layout.is_tmp_checkpoint_name(f.relpath.split("/", 1)[0]) for f in ckpt.files):
+    if holds_temporary:
         return "being written: it holds a temporary entry of ckpt-tools"
     if not young or _complete_when_young(ckpt):
         return None

@@ -103,3 +103,11 @@ class MigrateMethod(StrEnum):
     COPY = "copy"
     EXACT = "exact"
     SVD = "svd"
+
+
+class RetentionAction(StrEnum):
+    """What a retention policy does with one checkpoint (``prune --keep-* --strip|--delete``)."""
+
+    KEEP = "keep"
+    STRIP = "strip"      # its training state removed, its weights or adapters kept
+    DELETE = "delete"    # moved to its run's trash, purged after the grace period

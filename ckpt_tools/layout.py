@@ -309,6 +309,18 @@ def is_own_bookkeeping(name: str) -> bool:
     return name == LOCK_FILE
 
 
+# --- retention (prune --keep-* --strip|--delete) ----------------------------------------
+
+# A run's trash: whole checkpoints deleted by a policy wait here until purged. Never walked.
+TRASH_DIR = ".ckpt-tools-trash"
+# A checkpoint holding this file is pinned: no policy strips or deletes it.
+KEEP_FILE = ".ckpt-tools-keep"
+# Written into a checkpoint before its training state is stripped, and completed after.
+STRIP_MARKER = ".ckpt-tools-stripped.json"
+# A policy file inside a run: it may only add keeps and pins to the policy of the command line.
+RUN_POLICY = ".ckpt-tools-policy.toml"
+
+
 def marks_checkpoint(names: set[str]) -> bool:
     """Whether a directory holding entries ``names`` is a checkpoint whatever its name: a
     DyLoRA-MoE tree, model weights, or a PEFT adapter (a ``save_model`` output)."""

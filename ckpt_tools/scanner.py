@@ -154,7 +154,7 @@ def walk(root: str, root_abs: str, root_real: str,
             yield (values, ckpt) if rows else ckpt
             stack.extend((p, None) for p in reversed(nested))
             continue
-        subdirs = [e.path for e in entries if _is_real_dir(e)]
+        subdirs = [e.path for e in entries if e.name != layout.TRASH_DIR and _is_real_dir(e)]
         stack.extend((p, None) for p in sorted(subdirs, reverse=True))
 
 
@@ -204,7 +204,8 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
                         listed = _named_adapter(e.path, name) if holds_adapter else None
                         if listed is None:
                             # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
-                            nested.append(e.path)
+                            if name != layout.TRASH_DIR:
+                                nested.append(e.path)
                             continue
                     else:
                         listed = _list(e.path)

@@ -106,7 +106,8 @@ def merge_run_policy(base: Policy, run_file: Policy | RunPolicy | str | os.PathL
     and its ``rest`` where it is milder. Raises ``RunPolicyRefused`` where the file cannot be
     read or parsed, or its ``rest`` is harsher than the base's."""
     if isinstance(run_file, Policy):
-        where, extra = "the run's policy", RunPolicy(run_file.tiers, run_file.rest, run_file.pinned_steps)
+        extra = RunPolicy(run_file.tiers, run_file.rest, run_file.pinned_steps)
+        where = "the run's policy"
     elif isinstance(run_file, RunPolicy):
         where, extra = "the run's policy", run_file
     else:
@@ -152,7 +153,8 @@ def _with_pins(policy: Policy, keep_steps: frozenset[int]) -> Policy:
 def _read_toml(path: str, *, follow_symlinks: bool) -> dict:
     try:
         if not follow_symlinks and stat.S_ISLNK(os.lstat(path).st_mode):
-            raise PolicyError(path, None, "a symlink, not followed: a run's policy must be a file of the run")
+            raise PolicyError(path, None, "a symlink, not followed: a run's policy must be a file "
+                              "of the run")
         raw = read_bounded(path, MAX_POLICY_BYTES)
     except PolicyError:
         raise
@@ -193,23 +195,22 @@ def _tier(table: dict, defaults: dict, path: str, where: str) -> Tier:
     values = defaults | {k: v for k, v in table.items() if k != "action"}
     if not any(k in values for k in _RULE_KEYS):
         raise PolicyError(path, where, "no rule: give keep_last, keep_best, keep_every or keep_within")
+
+    def shown(key: str) -> str:   # the key as the file spells it: in the tier, or at the top
+        return f"{where}.{key}" if key in table else key
+
     rules = Rules(
         keep_last=_count(values, "keep_last", 0, path, where),
         keep_best=_count(values, "keep_best", 0, path, where),
-        metric=_metric(values.get("metric", DEFAULT_METRIC), path, _key(values, "metric", table, where)),
-        higher_is_better=_flag(values, "higher_is_better", False, path, _key(values, "higher_is_better", table, where)),
+        metric=_metric(values.get("metric", DEFAULT_METRIC), path, shown("metric")),
+        higher_is_better=_flag(values, "higher_is_better", False, path, shown("higher_is_better")),
         keep_without_metric=_flag(values, "keep_without_metric", True, path,
-                                  _key(values, "keep_without_metric", table, where)),
+                                  shown("keep_without_metric")),
         keep_every=_count(values, "keep_every", None, path, where, least=1),
         keep_within=_within(values.get("keep_within"), path, f"{where}.keep_within"))
     if not rules.keeps_anything:
         raise PolicyError(path, where, "its rules keep nothing (every count is 0)")
     return Tier(rules, action)
-
-
-def _key(values: dict, key: str, table: dict, where: str) -> str:
-    """The key as the file spells it: in the tier, or a default at the top."""
-    return f"{where}.{key}" if key in table else key
 
 
 def _known(table: dict, keys: tuple[str, ...], path: str, prefix: str) -> None:
@@ -232,8 +233,9 @@ def _count(values: dict, key: str, default, path: str, where: str, least: int = 
         return default
     value = values[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        _fail(path, f"{where}.{key}", f"must be a whole number of {'steps' if key == 'keep_every' else 'checkpoints'}"
-              f" ({least} or more), not {_shown(value)}")
+        unit = "steps" if key == "keep_every" else "checkpoints"
+        _fail(path, f"{where}.{key}",
+              f"must be a whole number of {unit} ({least} or more), not {_shown(value)}")
     return value
 
 
@@ -246,7 +248,7 @@ def _flag(values: dict, key: str, default: bool, path: str, shown_key: str) -> b
 
 def _metric(value, path: str, key: str) -> str:
     if not isinstance(value, str) or not value:
-        _fail(path, key, f"must be the name of a logged metric such as \"eval_loss\", not {_shown(value)}")
+        _fail(path, key, f'must be the name of a logged metric such as "eval_loss", not {_shown(value)}')
     return value
 
 
@@ -268,7 +270,8 @@ def _within(value, path: str, key: str) -> float | None:
 def _steps(value, path: str) -> frozenset[int]:
     if not isinstance(value, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
                                           for s in value):
-        _fail(path, "keep_steps", f"must be a list of step numbers like [500, 1000], not {_shown(value)}")
+        _fail(path, "keep_steps",
+              f"must be a list of step numbers like [500, 1000], not {_shown(value)}")
     return frozenset(value)
 
 

@@ -77,8 +77,9 @@ class Rules:
         if self.keep_every is not None and (isinstance(self.keep_every, bool)
                                             or not isinstance(self.keep_every, int)
                                             or self.keep_every < 1):
-            raise RetentionUsageError(f"keep_every: {self.keep_every!r} is not a number of steps (1 or more)")
-        if self.keep_within is not None and not (self.keep_within >= 0 and self.keep_within != float("inf")):
+            raise RetentionUsageError(f"keep_every: {self.keep_every!r} is not a number of steps "
+                                      "(1 or more)")
+        if self.keep_within is not None and not 0 <= self.keep_within < float("inf"):
             raise RetentionUsageError(f"keep_within: {self.keep_within!r} is not a duration")
         if not isinstance(self.metric, str) or not self.metric:
             raise RetentionUsageError(f"metric: {self.metric!r} is not a metric name")
@@ -256,7 +257,8 @@ def decide(run: Run, policy: Policy, *, now: float, min_age_s: float,
     return tuple(decisions)
 
 
-def _kept_by(rules: Rules, stepped: list[Checkpoint], complete: list[Checkpoint]) -> dict[str, list[str]]:
+def _kept_by(rules: Rules, stepped: list[Checkpoint],
+             complete: list[Checkpoint]) -> dict[str, list[str]]:
     """path → the reasons ``rules`` keep it for, in the order of the rules."""
     kept: dict[str, list[str]] = {}
 

@@ -591,3 +591,22 @@ def test_the_rules_and_the_policy_file_never_import_torch(tmp_path):
             f"policy.load_policy({str(path)!r}); print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_worked_example_of_the_docs_is_what_decide_gives(tmp_path):
+    """docs/retention.md's example: its policy file, on the run it describes, decides exactly
+    the lines it shows."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "retention.md").read_text()
+    example = doc[doc.index("## A worked example"):]
+    policy_text = re.search(r"```toml\n(.*?)```", example, re.S).group(1)
+    shown = re.search(r"The decisions.*?```\n(.*?)```", example, re.S).group(1).splitlines()
+    losses = {500: 2.91, 1000: 2.40, 1500: 2.12, 2000: 1.97, 2500: 1.88, 3000: 1.93, 3500: 2.01,
+              4000: 2.05}
+    run = write_run(tmp_path / "results", tuple(range(500, 5000, 500)), best=2500, in_progress=(4500,),
+                    evals={s: {"eval_loss": v} for s, v in losses.items()}, name="llama-lora")
+    (run / "checkpoint-1500" / KEEP_FILE).write_text("")
+    set_age(run / "checkpoint-1500", 7 * DAY)
+    policy = load_policy(write_policy(tmp_path, policy_text))
+    lines = ["llama-lora"] + [f"  {str(action).upper():<7} {name:<20} {', '.join(reasons)}".rstrip()
+                              for name, (action, reasons) in decide_on(tmp_path / "results", policy).items()]
+    assert lines == [line.rstrip() for line in shown]

@@ -316,13 +316,15 @@ def test_a_hard_link_from_another_run_is_seen_through_the_scans_link_index(tmp_p
     assert alone["checkpoint-100"] == deleted(100)
 
 
-def test_a_symlink_into_another_checkpoint_pins_its_target(tmp_path):
-    run = write_run(tmp_path, (100, 200, 300))
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute root", "relative root"])
+def test_a_symlink_into_another_checkpoint_pins_its_target(tmp_path, monkeypatch, relative):
+    run = write_run(tmp_path / "root", (100, 200, 300))
     (run / "checkpoint-200" / "model.safetensors").unlink()
     link = run / "checkpoint-200" / "model.safetensors"
     link.symlink_to("../checkpoint-100/model.safetensors")
     os.utime(link, (NOW - DAY, NOW - DAY), follow_symlinks=False)   # not fresh itself
-    found = decide_on(tmp_path, one_tier(keep_last=1))
+    monkeypatch.chdir(tmp_path)
+    found = decide_on(Path("root") if relative else tmp_path / "root", one_tier(keep_last=1))
     assert found["checkpoint-100"] == ("keep", ("pinned: linked",))
     assert found["checkpoint-200"] == deleted(200)   # nothing links into it
 

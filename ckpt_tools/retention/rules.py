@@ -201,18 +201,21 @@ def link_index(checkpoints: Iterable[Checkpoint]) -> LinkIndex:
 
 
 def _symlink_targets(checkpoints: list[Checkpoint], symlinks: list[tuple[str, str]]) -> frozenset[str]:
-    """The checkpoints (abspath) that a symlink of another checkpoint leads into."""
+    """The checkpoints (abspath) that a symlink of another checkpoint leads into. The scanner
+    records a symlink's target resolved (``realpath``), so each root is resolved here too, once
+    (the only look at storage in this module, and only where the scan found symlinks)."""
     if not symlinks:
         return frozenset()
-    by_abspath = {c.dir.abspath: c.path for c in checkpoints}
+    real_roots = {root: os.path.realpath(root) for root in {c.dir.root for c in checkpoints}}
+    by_real = {os.path.normpath(os.path.join(real_roots[c.dir.root], c.path)): c for c in checkpoints}
     found = set()
     for source, target in symlinks:
         here = os.path.normpath(target)
         while True:
-            owner = by_abspath.get(here)
+            owner = by_real.get(here)
             if owner is not None:
-                if owner != source:
-                    found.add(here)
+                if owner.path != source:
+                    found.add(owner.dir.abspath)
                 break
             parent = os.path.dirname(here)
             if parent == here:

@@ -161,9 +161,6 @@ def _action(value, allowed: Sequence[RetentionAction], what: str) -> RetentionAc
 
 # --- links between checkpoints --------------------------------------------------------------
 
-_SHARED = ""   # a path no checkpoint has: the inode is found in two checkpoints or more
-
-
 @dataclass(frozen=True)
 class LinkIndex:
     """Which checkpoints another checkpoint links into: a file of it shares an inode with a file
@@ -171,57 +168,55 @@ class LinkIndex:
     Built once per scan (``link_index``) from the files with more than one link and the
     symlinks, so its cost is that of the links, not of the tree."""
 
-    owners: dict[tuple[int, int], str]      # (dev, ino) → the one checkpoint holding it, or _SHARED
-    link_targets: frozenset[str]            # checkpoints (abspath) a symlink of another leads into
+    linked_checkpoints: frozenset[tuple[str, str]]   # (root, path) of each checkpoint linked into
 
     def linked(self, ckpt: Checkpoint) -> bool:
-        if ckpt.dir.abspath in self.link_targets:
-            return True
-        owners = self.owners
-        return any(owners.get((f.dev, f.ino)) == _SHARED
-                   for f in ckpt.dir.files if f.nlink > 1 and not f.is_symlink)
+        return (ckpt.dir.root, ckpt.dir.path) in self.linked_checkpoints
 
 
 def link_index(checkpoints: Iterable[Checkpoint]) -> LinkIndex:
     """The links among ``checkpoints`` (a whole scan's: ``ScanResult.checkpoints``)."""
     checkpoints = list(checkpoints)
-    owners: dict[tuple[int, int], str] = {}
-    symlinks: list[tuple[str, str]] = []
+    first_holder: dict[tuple[int, int], tuple[str, str]] = {}   # (dev, ino) → (root, path)
+    linked: set[tuple[str, str]] = set()
+    symlinks: list[tuple[tuple[str, str], str]] = []
     for c in checkpoints:
+        me = (c.dir.root, c.dir.path)
         for f in c.dir.files:
             if f.is_symlink:
                 if f.symlink_target is not None:
-                    symlinks.append((c.path, f.symlink_target))
+                    symlinks.append((me, f.symlink_target))
             elif f.nlink > 1:
-                key = (f.dev, f.ino)
-                held = owners.setdefault(key, c.path)
-                if held != c.path:
-                    owners[key] = _SHARED
-    return LinkIndex(owners, _symlink_targets(checkpoints, symlinks))
+                held = first_holder.setdefault((f.dev, f.ino), me)
+                if held != me:
+                    linked.update((held, me))
+    if symlinks:
+        linked |= _symlink_targets(checkpoints, symlinks)
+    return LinkIndex(frozenset(linked))
 
 
-def _symlink_targets(checkpoints: list[Checkpoint], symlinks: list[tuple[str, str]]) -> frozenset[str]:
-    """The checkpoints (abspath) that a symlink of another checkpoint leads into. The scanner
+def _symlink_targets(checkpoints: list[Checkpoint],
+                     symlinks: list[tuple[tuple[str, str], str]]) -> set[tuple[str, str]]:
+    """The checkpoints (root, path) that a symlink of another checkpoint leads into. The scanner
     records a symlink's target resolved (``realpath``), so each root is resolved here too, once
     (the only look at storage in this module, and only where the scan found symlinks)."""
-    if not symlinks:
-        return frozenset()
     real_roots = {root: os.path.realpath(root) for root in {c.dir.root for c in checkpoints}}
-    by_real = {os.path.normpath(os.path.join(real_roots[c.dir.root], c.path)): c for c in checkpoints}
+    by_real = {os.path.normpath(os.path.join(real_roots[c.dir.root], c.dir.path)):
+               (c.dir.root, c.dir.path) for c in checkpoints}
     found = set()
     for source, target in symlinks:
         here = os.path.normpath(target)
         while True:
             owner = by_real.get(here)
             if owner is not None:
-                if owner.path != source:
-                    found.add(owner.dir.abspath)
+                if owner != source:
+                    found.add(owner)
                 break
             parent = os.path.dirname(here)
             if parent == here:
                 break
             here = parent
-    return frozenset(found)
+    return found
 
 
 # --- the decision ---------------------------------------------------------------------------

@@ -612,3 +612,13 @@ def test_the_worked_example_of_the_docs_is_what_decide_gives(tmp_path):
     lines = ["llama-lora"] + [f"  {str(action).upper():<7} {name:<20} {', '.join(reasons)}".rstrip()
                               for name, (action, reasons) in decide_on(tmp_path / "results", policy).items()]
     assert lines == [line.rstrip() for line in shown]
+
+
+def test_two_roots_with_the_same_relative_paths_are_told_apart(tmp_path):
+    a = write_run(tmp_path / "a", (100, 200))
+    b = write_run(tmp_path / "b", (100, 200))
+    os.link(a / "checkpoint-100" / "optimizer.pt", b / "checkpoint-200" / "shared.pt")
+    result = api.scan(str(tmp_path / "a"), str(tmp_path / "b"), now=NOW, min_age_s=HOUR)
+    links = link_index(result.checkpoints)
+    linked = {(c.dir.root, c.path) for c in result.checkpoints if links.linked(c)}
+    assert linked == {(str(tmp_path / "a"), "run/checkpoint-100"), (str(tmp_path / "b"), "run/checkpoint-200")}

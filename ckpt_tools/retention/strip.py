@@ -251,7 +251,7 @@ class _Strip:
                 self.skipped.append((f.relpath, _describe_change(f.record.identity, now_rec.identity)))
                 continue
             self._unlink(f)
-        self._remove_emptied(plan)
+        self._remove_emptied(removing)
         if not (self.skipped or self.failed):
             planned = {f.relpath for f in plan.files}
             done = {p: b for p, b in earlier.items() if p not in planned} | dict(self.removed)
@@ -266,14 +266,19 @@ class _Strip:
         return self.outcome()
 
     def _previous_marker(self) -> StripMarker | None:
-        """An interrupted strip's marker (state ``stripping``), whose files and times it had."""
-        try:
-            marker = read_marker(os.path.join(self.abspath, layout.STRIP_MARKER))
-        except OSError:
-            return None
-        if isinstance(marker, str) or marker.state != STRIPPING:
-            return None
-        return marker
+        """An interrupted strip's marker (state ``stripping``), whose files and directory times
+        it had: the marker, else the temporary of a strip killed before its marker was renamed
+        into place (no file of it was removed yet, but its temporary moved the times)."""
+        names = [layout.STRIP_MARKER] + sorted(
+            n for n in os.listdir(self.abspath) if n.startswith(layout.STRIP_MARKER_TMP_PREFIX))
+        for name in names:
+            try:
+                marker = read_marker(os.path.join(self.abspath, name))
+            except OSError:
+                continue
+            if not isinstance(marker, str) and marker.state == STRIPPING:
+                return marker
+        return None
 
     def _write_marker(self, marker: StripMarker) -> None:
         """Write the marker whole: a temporary beside it, synced, renamed onto it (storage
@@ -335,11 +340,10 @@ class _Strip:
             if fd != self.fd:
                 os.close(fd)
 
-    def _remove_emptied(self, plan: StripPlan) -> None:
+    def _remove_emptied(self, relpaths) -> None:
         """The directories of the removed state (global_step*/, optimizer_*/) once empty,
-        deepest first; one still holding anything stays."""
-        dirs = {"/".join(f.relpath.split("/")[:i]) for f in plan.files
-                for i in range(1, f.relpath.count("/") + 1)}
+        deepest first (an interrupted strip's too); one still holding anything stays."""
+        dirs = {"/".join(rel.split("/")[:i]) for rel in relpaths for i in range(1, rel.count("/") + 1)}
         for rel in sorted(dirs, key=lambda d: (-d.count("/"), d)):
             path = os.path.join(self.abspath, *rel.split("/"))
             try:

@@ -317,6 +317,14 @@ TRASH_DIR = ".ckpt-tools-trash"
 KEEP_FILE = ".ckpt-tools-keep"
 # Written into a checkpoint before its training state is stripped, and completed after.
 STRIP_MARKER = ".ckpt-tools-stripped.json"
+# The marker is written as <marker>.tmp-<pid>, then renamed onto its name.
+STRIP_MARKER_TMP_PREFIX = STRIP_MARKER + ".tmp-"
+
+
+def is_strip_bookkeeping(name: str) -> bool:
+    """The strip marker (or its temporary) at a checkpoint's top level: ckpt-tools' record of
+    a strip, which says nothing about when the Trainer last wrote the checkpoint (its age)."""
+    return name == STRIP_MARKER or name.startswith(STRIP_MARKER_TMP_PREFIX)
 # A policy file inside a run: it may only add keeps and pins to the policy of the command line.
 RUN_POLICY = ".ckpt-tools-policy.toml"
 
@@ -381,7 +389,8 @@ def belongs_to_checkpoint(name: str) -> bool:
 
 # Files the Trainer writes only to resume training: what a checkpoint is without them is
 # still usable for evaluation and inference (``training_state_bytes``).
-RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
+OPTIMIZER_STATE = "optimizer.pt"
+RESUME_ONLY_FILES = (OPTIMIZER_STATE, "scheduler.pt", "scaler.pt")
 
 
 @lru_cache(maxsize=1 << 14)   # a relpath repeats in every checkpoint of a run

@@ -40,13 +40,14 @@ MERGED_EXPORT = "merged-export"        # warning: merged weights with no LoRA te
 MERGED_MISMATCH = "merged-mismatch"    # deep only: merged weights and PEFT tree hold different tensors
 IN_PROGRESS = "in-progress"            # warning: why a checkpoint is judged in progress
 INDEX_MISMATCH = "index-mismatch"      # a shard index disagrees with its shards' headers
+STRIP_INTERRUPTED = "strip-interrupted"  # warning: a strip of the training state did not finish
 
 ALL_CODES = (
     MISSING_FILE, MISSING_TENSOR, TRUNCATED, BAD_HEADER, BAD_JSON, BAD_ARCHIVE, UNSAFE_PICKLE,
     SHAPE_MISMATCH, RANK_MISMATCH, EXPERT_MISSING, EXPERT_COUNT_MISMATCH,
     TARGET_MISMATCH, DTYPE_UNKNOWN, NAN_OR_INF, PERMISSION_DENIED, SYMLINK_ESCAPE,
     BAD_CONFIG, COUNT_UNCONFIRMED, UNREADABLE, BAD_NAME,
-    MERGED_EXPORT, MERGED_MISMATCH, IN_PROGRESS, INDEX_MISMATCH,
+    MERGED_EXPORT, MERGED_MISMATCH, IN_PROGRESS, INDEX_MISMATCH, STRIP_INTERRUPTED,
 )
 
 

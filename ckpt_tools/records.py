@@ -169,6 +169,24 @@ class Checkpoint:
                    and not (engine_holds_model and layout.is_deepspeed_dir(f.relpath.split("/", 1)[0])))
 
     @property
+    def stripped(self) -> bool:
+        """Its training state was stripped by ckpt-tools, or a strip of it began (its marker)."""
+        return self.dir.file(layout.STRIP_MARKER) is not None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the Trainer could resume from it: judged sound, its trainer_state.json and its
+        optimizer state (optimizer.pt, DeepSpeed's global_step*/, FSDP's optimizer_*/) there,
+        and never stripped. Without the optimizer state the Trainer starts a new optimizer and
+        schedule silently (README, "Stripped checkpoints")."""
+        if self.status in (BROKEN, IN_PROGRESS) or self.stripped:
+            return False
+        files = self.dir.files
+        return any(f.relpath == layout.TRAINER_STATE_JSON for f in files) and any(
+            f.relpath == layout.OPTIMIZER_STATE or ("/" in f.relpath and layout.is_resume_only(f.relpath))
+            for f in files)
+
+    @property
     def adapters(self) -> tuple:
         return () if self.facts is None else self.facts.adapters
 
@@ -186,6 +204,7 @@ class Checkpoint:
             "size_bytes": self.size_bytes,
             "reclaimable_bytes": self.reclaimable_bytes,
             "training_state_bytes": self.training_state_bytes,
+            "resumable": self.resumable,
             "adapters": [{"name": a.name, "peft_type": a.peft_type} for a in self.adapters],
             "problems": [p.to_dict() for p in self.problems],
             "best_of_run": self.best_of_run,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .kinds import MigrateMethod
 from .names import json_text, shown
+from .problems import STRIP_INTERRUPTED
 from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, Run, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
@@ -111,7 +112,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
                 if warnings and (verbose or not errors):
                     probs = (probs + "; " if probs else "") + \
                         ", ".join(sorted({p.code for p in warnings})) + " (warning)"
-                status = f"{c.status} (fresh)" if c.fresh else c.status
+                status = _status_text(c)
                 rows.append([name, "" if c.step is None else str(c.step), status, c.model_kind, c.layout,
                              size_str(c.size_bytes),
                              size_str(c.reclaimable_bytes) if c.reclaimable_bytes else "-",
@@ -134,6 +135,15 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append("")
     lines.append(footer(result))
     return lines
+
+
+def _status_text(c) -> str:
+    """The status, with what audit's JSON says beside it: fresh, stripped (not resumable)."""
+    marks = ["fresh"] if c.fresh else []
+    if c.stripped:
+        marks.append("strip interrupted" if any(p.code == STRIP_INTERRUPTED for p in c.problems)
+                     else "stripped")
+    return f"{c.status} ({', '.join(marks)})" if marks else str(c.status)
 
 
 def _metric_text(state) -> str:
@@ -180,7 +190,7 @@ def render_validate(result: ScanResult, *, verbose: bool = False, quiet: bool = 
         where = full(c.dir.root, c.path)
         errors = sum(1 for p in c.problems if p.is_error)
         warns = len(c.problems) - errors
-        head = f"{where}: {c.status}{' (fresh)' if c.fresh else ''} ({c.model_kind}, {c.layout})"
+        head = f"{where}: {_status_text(c)} ({c.model_kind}, {c.layout})"
         if errors or warns:
             head += f", {errors} error{'s' if errors != 1 else ''}"
             if warns:

@@ -233,7 +233,8 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
             except OSError:
                 unreadable.append(prefix + name)
                 continue
-            if mtime > newest:
+            # the strip marker is written after the Trainer is done: it never makes a checkpoint young
+            if mtime > newest and (prefix or not layout.is_strip_bookkeeping(name)):
                 newest = mtime
     rows.sort()  # by relpath: unique within a checkpoint, so nothing else is compared
     rel = _rel(path, root_abs)

@@ -43,6 +43,7 @@ from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _exp
                       _load_dir_experts, _load_flat_experts, _ranges, _report_missing_experts,
                       _tree_form)
 from .ordinary import NOTHING_FOUND, examine_ordinary
+from .stripped import judge_strip_marker
 from .verdict import DEEP, FULL, HEADERS, ExpertInfo, Tensor, Verdict, _Found
 
 # merged weights whose keys are DyLoRA-MoE's own (an expert index in each LoRA tensor's name)
@@ -207,6 +208,7 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     if layout.step_out_of_range(ckpt.name):  # not part of the replay's signature: added here
         ctx.add(BAD_NAME, ".", f"the step in its name has more than {layout.MAX_STEP_DIGITS} "
                                "digits: the step is unknown", WARNING)
+    judge_strip_marker(ctx)   # ckpt-tools' own bookkeeping: outside the replay's signature too
     return _conclude(ctx, found, now, min_age_s)
 
 

@@ -283,6 +283,17 @@ def test_the_restore_command_exit_codes_and_json(tree, capsys):
     assert [e.name for e in list_trash(str(run))] == [again.name]
 
 
+def test_restore_waits_for_a_prune_holding_the_roots_lock(tree, capsys):
+    from ckpt_tools.locking import root_lock
+    root, _run, now = tree
+    entry = move_to_trash(None, str(root), planned(root, OLD), now=now)
+    with root_lock([str(root)]):                    # as a running prune of the root holds it
+        assert main(["restore", entry.path]) == 75
+    assert "lock" in capsys.readouterr().err
+    assert os.path.isdir(entry.path) and not (root / OLD).exists()
+    assert main(["restore", entry.path]) == 0 and (root / OLD).is_dir()
+
+
 def test_the_trash_and_the_restore_command_import_no_torch():
     code = ("import sys; import ckpt_tools.retention.trash, ckpt_tools.cli.restore; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")

@@ -174,7 +174,10 @@ def move_to_trash(fs: FileOps | None, root: str, checkpoint: Checkpoint | Checkp
     reason = check(fresh) if check is not None else _files_changed(planned, fresh)
     if reason:
         raise MoveSkipped(reason)
-    run_st = os.lstat(run_dir)
+    try:
+        run_st = os.lstat(run_dir)
+    except OSError as exc:
+        raise MoveSkipped(f"cannot look at its run directory: {exc.strerror or exc}") from None
     run_times = (run_st.st_atime_ns, run_st.st_mtime_ns)
     try:
         os.utime(run_dir, ns=run_times, follow_symlinks=False)   # only its owner (or root) may
@@ -524,11 +527,13 @@ def restore(fs: FileOps | None, trash_path: str) -> str:
     path = os.path.abspath(trash_path)
     entry = trash_entry_at(path)
     target = entry.original_path
-    run_st = os.lstat(entry.run_dir)
     if os.path.lexists(target):
         raise RestoreFailed(f"cannot restore {path}: {target} already exists; move one of them "
                             "aside first")
-    st = os.lstat(path)
+    try:
+        run_st, st = os.lstat(entry.run_dir), os.lstat(path)
+    except OSError as exc:
+        raise RestoreFailed(f"cannot restore {path}: {exc.filename}: {exc.strerror or exc}") from None
     try:
         fs.rename(path, target)
     except OSError as exc:

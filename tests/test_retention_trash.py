@@ -128,6 +128,21 @@ def test_a_callers_check_replaces_the_file_comparison(tree):
     assert os.path.isfile(os.path.join(entry.path, "notes.txt"))
 
 
+def test_a_directory_swapped_in_between_the_check_and_the_rename_is_put_back(tree):
+    root, run, now = tree
+    ckpt, d = planned(root, OLD), root / OLD
+
+    def swap(_fresh):            # runs after the checks, right before the rename
+        os.rename(d, run / "the-planned-one")
+        copy_tree(run / "the-planned-one", d)
+
+    with pytest.raises(MoveSkipped, match="put back"):
+        move_to_trash(None, str(root), ckpt, now=now, check=swap)
+    assert d.is_dir() and os.lstat(d).st_ino != ckpt.dir.ino
+    assert os.lstat(run / "the-planned-one").st_ino == ckpt.dir.ino
+    assert list_trash(str(run)) == []
+
+
 def test_a_checkpoint_that_is_a_symlink_is_refused_and_neither_it_nor_its_target_moves(tree):
     root, run, now = tree
     ckpt = planned(root, OLD)

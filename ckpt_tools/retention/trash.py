@@ -191,10 +191,13 @@ def move_to_trash(fs: FileOps | None, root: str, checkpoint: Checkpoint | Checkp
     except OSError as exc:
         _set_times(run_dir, run_times)
         raise MoveFailed(f"not moved: cannot rename it into {trash}: {exc.strerror or exc}") from None
-    _moved_is_planned(fs, path, dest, planned)
+    try:
+        moved = _moved_is_planned(fs, path, dest, planned)
+    except (MoveSkipped, MoveFailed):
+        _set_times(run_dir, run_times)
+        raise
     entry = _entry_of(run_dir, os.path.basename(dest), fresh.files)
     problems = []
-    moved = os.lstat(dest)
     if moved.st_mtime_ns != st.st_mtime_ns and not _set_times(dest, (st.st_atime_ns, st.st_mtime_ns)):
         problems.append("its own modification time could not be set back")
     if fs.durable_fsync:
@@ -305,14 +308,15 @@ def _free_name(trash: str, name: str, now: float) -> str:
     raise MoveFailed(f"not moved: {_MAX_SAME_NAME} entries named {base} already in {trash}")
 
 
-def _moved_is_planned(fs: FileOps, path: str, dest: str, planned: CheckpointDir) -> None:
-    """A directory swapped in between the checks and the rename is put back, and skipped."""
+def _moved_is_planned(fs: FileOps, path: str, dest: str, planned: CheckpointDir) -> os.stat_result:
+    """The lstat of what was moved, if it is the directory planned; a directory swapped in
+    between the checks and the rename is put back, and skipped."""
     try:
         st = os.lstat(dest)
     except OSError as exc:
         raise MoveFailed(f"moved to {dest}, but it cannot be looked at there: {exc.strerror or exc}") from None
     if (st.st_dev, st.st_ino) == (planned.dev, planned.ino):
-        return
+        return st
     try:
         fs.rename(dest, path)
     except OSError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_tools import scan, scanner
+from ckpt_tools import scan
 from ckpt_tools.cli import main
 from ckpt_tools.layout import TRASH_DIR
 from ckpt_tools.retention.trash import (DEFAULT_PURGE_AFTER_S, PURGING_SUFFIX, MoveFailed,

@@ -7,7 +7,9 @@ runs the CLI with it). A spec is a comma-separated list of:
   written, copied or linked), ``before_rename`` / ``after_rename`` (around a rename: migrate
   renames each target into place once), ``after_unlink`` (an unlink by the process that built
   this object, right after it, before anything is logged) and ``after_unlink_in_worker`` (the
-  same in each forked worker process: the object crosses ``fork()``; a worker counts its own);
+  same in each forked worker process: the object crosses ``fork()``; a worker counts its own)
+  and ``after_op`` (right after the n-th change to storage of any kind: mkdir, write, link,
+  fsync, rename, unlink, rmdir; so that a test can kill a run after each of its calls in turn);
 - ``<error>@<op>:<n>`` makes the n-th ``op`` fail with a real ``OSError``, ``error`` being
   ``enospc`` or ``eio``: ``write`` (a file written, then left cut to half its length as a full
   disk leaves it; a hard link fails before it is made, so a source file is never cut),
@@ -28,7 +30,8 @@ from ckpt_tools.fs import LocalFileOps
 
 ERRORS = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 OPS = ("write", "fsync", "remove")
-POINTS = ("after_write", "before_rename", "after_rename", "after_unlink", "after_unlink_in_worker")
+POINTS = ("after_write", "before_rename", "after_rename", "after_unlink", "after_unlink_in_worker",
+          "after_op")
 
 
 class FaultyFileOps(LocalFileOps):
@@ -72,6 +75,7 @@ class FaultyFileOps(LocalFileOps):
             os.truncate(path, os.path.getsize(path) // 2)
             raise
         self.hit("after_write")
+        self.hit("after_op")
 
     # --- writes
     def write_file(self, path, produce):
@@ -90,22 +94,35 @@ class FaultyFileOps(LocalFileOps):
         self.fail("write", dst)
         super().link(src, dst)
         self.hit("after_write")
+        self.hit("after_op")
 
     # --- the rest
+    def mkdir(self, path):
+        super().mkdir(path)
+        self.hit("after_op")
+
+    def makedirs(self, path):
+        super().makedirs(path)
+        self.hit("after_op")
+
     def fsync(self, path, *, directory=False):
         self.fail("fsync", path)
         super().fsync(path, directory=directory)
+        self.hit("after_op")
 
     def rename(self, src, dst):
         self.hit("before_rename")
         super().rename(src, dst)
         self.hit("after_rename")
+        self.hit("after_op")
 
     def unlink(self, path, *, dir_fd=None):
         self.fail("remove", path)
         super().unlink(path, dir_fd=dir_fd)
         self.hit("after_unlink" if os.getpid() == self.pid else "after_unlink_in_worker")
+        self.hit("after_op")
 
     def rmdir(self, path):
         self.fail("remove", path)
         super().rmdir(path)
+        self.hit("after_op")

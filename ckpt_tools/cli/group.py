@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("ckpt_tools.cli.migrate:migrate",
                 "Convert every non-canonical checkpoint under SRC into the canonical layout "
                 "under DST."),
+    "restore": ("ckpt_tools.cli.restore:restore",
+                "Move checkpoints that prune --delete put in a run's trash back to their names."),
 }
 
 

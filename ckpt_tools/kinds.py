@@ -87,6 +87,9 @@ class PruneAction(StrEnum):
     DELETE = "delete"
     SKIP = "skip"
     FAIL = "fail"
+    STRIP = "strip"      # a retention policy stripped a checkpoint's training state
+    TRASH = "trash"      # a retention policy moved a checkpoint into its run's trash
+    PURGE = "purge"      # an entry of a run's trash was removed
 
 
 class MigrateAction(StrEnum):

@@ -302,6 +302,79 @@ def render_prune_outcome(result: PruneResult, *, dry_run: bool) -> str:
 
 
 
+# --- retention (prune --keep-* --strip|--delete) ------------------------------------------
+
+def render_retention_plan(plan, *, multi_root: bool, verbose: bool = False,
+                          quiet: bool = False) -> list[str]:
+    """Per run, each checkpoint's KEEP / STRIP / DELETE with its reasons and the bytes it frees;
+    the trash due for purging; the totals now and when the trash is purged."""
+    lines: list[str] = []
+    if plan.policy is not None and not quiet:
+        by_run: dict[tuple[str, str], list] = {}
+        for item in plan.items:
+            by_run.setdefault((item.checkpoint.dir.root, item.checkpoint.run), []).append(item)
+        for (root, run), items in by_run.items():
+            acting = [i for i in items if i.decision.action.value != "keep" and not i.refused]
+            if not acting and not verbose:
+                continue
+            lines.append(f"{_run_title(root, run, multi_root)}:")
+            rows = []
+            for i in items:
+                action = i.decision.action.value.upper()
+                if i.refused:
+                    action = "KEEP"
+                shown_name = shown(os.path.relpath(i.checkpoint.path, run) if run != "." else i.checkpoint.path)
+                why = ", ".join(i.decision.reasons) + (f" (not stripped: {i.refused})" if i.refused else "")
+                size = (size_str(i.frees_now) if i.frees_now else
+                        f"{size_str(i.frees_when_purged)} when purged" if i.frees_when_purged else "")
+                rows.append((action, shown_name, size, why))
+            w0 = max(len(r[0]) for r in rows)
+            w1 = max(len(r[1]) for r in rows)
+            w2 = max(len(r[2]) for r in rows)
+            for action, name, size, why in rows:
+                lines.append(f"  {action.ljust(w0)}  {name.ljust(w1)}  {size.rjust(w2)}  {why}".rstrip())
+        for root, run, why in plan.refused_runs:
+            lines.append(f"{_run_title(root, run, multi_root)}: left alone: {why}")
+    for p in plan.purges:
+        if p.due and not quiet:
+            lines.append(f"{_run_title(p.root, p.run, multi_root)}: purge {len(p.due)} trash "
+                         f"entr{'ies' if len(p.due) != 1 else 'y'}, {size_str(p.frees_bytes)}")
+    if plan.has_work:
+        counts = plan.counts()
+        total = (f"Retention: keep {counts['keep']}, strip {counts['strip']}, delete "
+                 f"{counts['delete']}: {size_str(plan.freed_now)} to free now")
+        if plan.freed_when_purged:
+            total += (f", {size_str(plan.freed_when_purged)} when the trash is purged (after "
+                      f"{_duration_text(plan.purge_after_s)}, or --purge-now)")
+        lines.append(total)
+    return lines
+
+
+def _duration_text(seconds: float) -> str:
+    from .retention.rules import format_duration
+    return format_duration(seconds)
+
+
+def render_retention_outcome(result, *, dry_run: bool) -> str:
+    if dry_run:
+        return ""
+    parts = []
+    if result.stripped:
+        parts.append(f"stripped {len(result.stripped)} checkpoint{'s' if len(result.stripped) != 1 else ''}")
+    if result.trashed:
+        parts.append(f"moved {len(result.trashed)} to the trash "
+                     f"({size_str(result.freed_when_purged)} freed when purged)")
+    if result.purged:
+        parts.append(f"purged {len(result.purged)} trash entr{'ies' if len(result.purged) != 1 else 'y'}")
+    text = "Retention: " + (", ".join(parts) if parts else "nothing done")
+    text += f"; freed {size_str(result.freed_now)} now."
+    if result.skipped:
+        text += f" Skipped {len(result.skipped)}."
+    if result.failed:
+        text += f" {len(result.failed)} failed."
+    return text
+
+
 # --- migrate ---------------------------------------------------------------------------
 
 def migrate_where(root: str, rel: str) -> str:

@@ -513,8 +513,10 @@ def test_dry_run_json_has_the_documented_shape(results_tree, tmp_path):
     proc = run_cli("prune", "--dry-run", "--json", root)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert set(doc) == {"dry_run", "deleted", "skipped", "failed", "freed_bytes", "held_bytes"}
+    assert set(doc) == {"dry_run", "deleted", "skipped", "failed", "freed_bytes", "held_bytes", "retention"}
     assert doc["dry_run"] is True and doc["failed"] == []
+    # no policy asked for: no decision, nothing in any trash
+    assert doc["retention"]["decisions"] == [] and doc["retention"]["purge"] == []
     assert all(set(d) == {"path", "bytes"} and isinstance(d["bytes"], int) for d in doc["deleted"])
     assert all(set(s) == {"path", "reason"} for s in doc["skipped"])
     assert [d["path"] for d in doc["deleted"]] == ["run_trainer/checkpoint-2/model.safetensors",

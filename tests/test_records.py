@@ -14,7 +14,7 @@ import pytest
 import ckpt_tools
 from ckpt_tools import api, scanner
 from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, ModelKind, PruneAction,
-                              Status, TreeForm)
+                              RetentionAction, Status, TreeForm)
 from ckpt_tools.problems import TRUNCATED, Problem, Severity
 from ckpt_tools.prune.plan import Skip, plan_prune
 from ckpt_tools.records import Checkpoint, CheckpointDir, FileRecord
@@ -28,7 +28,8 @@ DOCUMENTED = {
     ModelKind: ["dylora-moe", "peft-adapter", "full-model", "deepspeed", "fsdp", "unknown"],
     TreeForm: ["dirs", "nested", "flat", "none"],
     MergedKind: ["v0", "v1", "hf", "hf-lora", "unreadable"],
-    PruneAction: ["plan", "delete", "skip", "fail"],
+    PruneAction: ["plan", "delete", "skip", "fail", "strip", "trash", "purge"],
+    RetentionAction: ["keep", "strip", "delete"],
     MigrateAction: ["migrate", "skip", "done"],
     MigrateMethod: ["copy", "exact", "svd"],
     Severity: ["error", "warning"],

@@ -1,13 +1,16 @@
-"""``ckpt-tools prune``: delete the merged weights of redundant checkpoints.
+"""``ckpt-tools prune``: delete the merged weights of redundant checkpoints, and apply a
+retention policy (``--keep-* --strip|--delete``, ``--policy FILE``).
 
-A thin layer: lock → scan → ``plan_prune`` → show → confirm → ``execute_prune`` → report.
-Every decision lives in the ``prune`` package; this module asks and renders.
+A thin layer: lock → scan → ``plan_prune`` (+ ``retention.plan_retention``) → show → confirm →
+``execute_prune`` (+ ``retention.execute_retention``) → report. Every decision lives in the
+``prune`` and ``retention`` packages; this module asks and renders.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 
@@ -18,7 +21,8 @@ from ..prune.log import ActionLog
 from ..prune.plan import plan_prune
 from ..prune.result import DELETE, PruneEvent, PruneResult
 from ..records import REDUNDANT
-from ..report import prune_where, render_prune_outcome, render_prune_plan, size_str
+from ..report import (prune_where, render_prune_outcome, render_prune_plan, render_retention_outcome,
+                      render_retention_plan, size_str)
 from .exits import ExitCode
 from .options import Duration, PathArgument, command_output, output_options
 from .output import Output
@@ -62,9 +66,35 @@ def _check_roots(roots: tuple[str, ...]) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Worker processes validating checkpoints in parallel, to plan and again "
                    "before their unlinks; 0: one per CPU (at most 8).")
+@click.option("--keep-last", type=click.IntRange(1), default=None, metavar="N",
+              help="Retention: keep each run's N newest complete checkpoints.")
+@click.option("--keep-best", type=click.IntRange(1), default=None, metavar="N",
+              help="Retention: keep each run's N best checkpoints by --metric (trainer_state.json).")
+@click.option("--metric", default="eval_loss", show_default=True,
+              help="The eval metric --keep-best ranks by (lower is better).")
+@click.option("--higher-is-better", is_flag=True, help="--metric: higher is better.")
+@click.option("--keep-every", type=click.IntRange(1), default=None, metavar="STEPS",
+              help="Retention: keep checkpoints whose step is a multiple of STEPS.")
+@click.option("--keep-within", type=Duration(), default=None,
+              help="Retention: keep checkpoints written within DURATION of the run's newest.")
+@click.option("--keep-step", "keep_steps", type=click.IntRange(0), multiple=True, metavar="STEP",
+              help="Retention: pin the checkpoint of this step (repeatable).")
+@click.option("--strip", "action", flag_value="strip", default=None,
+              help="Retention: strip what no rule keeps of its training state (optimizer, "
+                   "scheduler, scaler, RNG); weights and configs stay.")
+@click.option("--delete", "action", flag_value="delete",
+              help="Retention: move what no rule keeps into its run's trash, purged after "
+                   "--purge-after.")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
+              help="Retention policy file (TOML, docs/retention.md) instead of the flags.")
+@click.option("--purge-after", type=Duration(), default="7d", show_default=True,
+              help="Purge trash entries older than this.")
+@click.option("--purge-now", is_flag=True, help="Purge the trash whatever its age.")
 @output_options
 @click.pass_context
-def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, jobs, **opts):
+def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, jobs, keep_last,
+          keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps, action,
+          policy_file, purge_after, purge_now, **opts):
     """Delete the merged weights of redundant checkpoints under ROOTS.
 
     Only checkpoints whose PEFT tree is complete and valid lose their merged weights
@@ -76,6 +106,9 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
     out = command_output(ctx, **opts)
     fs = ctx.find_root().obj.fs   # the file-operations seam (None: the local file system)
     _check_roots(roots)
+    retention = _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
+                                   keep_within, keep_steps, action, policy_file),
+                           purge_after, purge_now)
     log = ActionLog(log_file, dry_run=dry_run) if log_file else None
     # A run that will only plan (a dry run, or one that must refuse for want of --yes)
     # takes the lock shared and creates nothing.
@@ -84,7 +117,7 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
         try:
             with root_lock(roots, lock_timeout, lock_path=lock_path,
                            exclusive=not (dry_run or will_refuse)):
-                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs)
+                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention)
         except LockHeld as exc:
             if log is not None:   # the log says why this run did nothing
                 for r in roots:
@@ -96,7 +129,40 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
     ctx.exit(code)
 
 
-def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
+class _Retention:
+    """The retention asked for: a policy (None: none), the trash's grace period, --purge-now."""
+
+    def __init__(self, policy, purge_after: float, purge_now: bool):
+        self.policy = policy
+        self.purge_after = purge_after
+        self.purge_now = purge_now
+
+
+def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps,
+            action, policy_file):
+    """The policy of the flags or of --policy FILE (not both); None where none is asked for."""
+    if policy_file is None and not (keep_last or keep_best or keep_every or keep_within is not None
+                                    or keep_steps or action):
+        return None   # imports nothing of retention: prune as before
+    from ..retention.policy import load_policy
+    from ..retention.rules import Policy, Rules
+    if policy_file is not None:
+        if keep_last or keep_best or keep_every or keep_within is not None or action:
+            raise click.UsageError("--policy FILE and the --keep-*, --strip and --delete flags "
+                                   "say the same thing two ways: give one")
+        policy = load_policy(policy_file)
+        if keep_steps:
+            from ..retention.policy import merge_run_policy
+            policy = merge_run_policy(policy, Policy.from_flags(
+                Rules(keep_last=1, keep_steps=frozenset(keep_steps)), policy.rest))
+        return policy
+    rules = Rules(keep_last=keep_last or 0, keep_best=keep_best or 0, metric=metric,
+                  higher_is_better=higher_is_better, keep_every=keep_every,
+                  keep_within=keep_within, keep_steps=frozenset(keep_steps))
+    return Policy.from_flags(rules, action)
+
+
+def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention) -> int:
     multi_root = len(roots) > 1
     scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs)
     if out.json or out.quiet:
@@ -105,7 +171,17 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
         for p in scan.problems:
             if p.is_error:
                 out.say(f"ckpt-tools: {p.line()}")
-    plan = plan_prune(scan.checkpoints, jobs=jobs or default_jobs())
+    from ..retention.plan import plan_retention
+    now = time.time()
+    kept = plan_retention(scan, retention.policy, now=now, min_age_s=min_age,
+                          purge_after_s=retention.purge_after, purge_now=retention.purge_now)
+    for root, run, why in kept.refused_runs:
+        out.say(f"skipped: {prune_where(root, run, multi_root)}: {why}")
+    # a checkpoint the policy deletes whole loses its merged weights with it
+    deleting = {(i.checkpoint.dir.root, i.checkpoint.path) for i in kept.acting
+                if i.decision.action.value == "delete"}
+    plan = plan_prune([c for c in scan.checkpoints if (c.dir.root, c.path) not in deleting],
+                      jobs=jobs or default_jobs())
     emit_plan(plan, log=log)
     for s in plan.skipped:
         if s.status == REDUNDANT and not s.fresh:   # not proven by content: say so
@@ -113,21 +189,28 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
     promised = PruneResult.from_plan(plan)
     shown_plan = render_prune_plan(plan, scan, multi_root=multi_root, verbose=out.verbose,
                                    quiet=out.quiet)
+    shown_plan += _gap(shown_plan) + render_retention_plan(kept, multi_root=multi_root,
+                                                           verbose=out.verbose, quiet=out.quiet)
     if dry_run:
         if out.json:
-            out.document(promised.to_dict(dry_run=True, with_root=multi_root))
+            out.document(promised.to_dict(dry_run=True, with_root=multi_root)
+                         | {"retention": kept.to_dict()})
         else:
-            out.report(shown_plan + ([""] if shown_plan else [])
-                       + [render_prune_outcome(promised, dry_run=True)])
+            out.report(shown_plan + _gap(shown_plan)
+                       + [render_prune_outcome(promised, dry_run=True)]
+                       + ([f"A real run would also free {size_str(kept.freed_now)} by retention now"
+                           + (f" and {size_str(kept.freed_when_purged)} when the trash is purged"
+                              if kept.freed_when_purged else "") + "."] if kept.has_work else []))
         return ExitCode.OK
-    if not plan.deletions:
+    if not plan.deletions and not kept.has_work:
         if out.json:
-            out.document(promised.to_dict(with_root=multi_root))
+            out.document(promised.to_dict(with_root=multi_root) | {"retention": kept.to_dict()})
         else:
             n = len(scan.checkpoints)
-            out.report(shown_plan + ([""] if shown_plan else [])
+            out.report(shown_plan + _gap(shown_plan)
                        + [f"Nothing to delete: no redundant checkpoint holds merged weights "
-                          f"({n} checkpoint{'s' if n != 1 else ''} checked)."])
+                          f"({n} checkpoint{'s' if n != 1 else ''} checked)"
+                          + ("; the retention policy keeps every checkpoint." if kept.policy else ".")])
         return ExitCode.OK
     if not yes:
         if not _stdin_is_terminal():
@@ -135,9 +218,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
                     "terminal; pass --yes to prune unattended (e.g. from cron)")
             return ExitCode.USAGE
         out.report(shown_plan, err=out.json)
-        n = len(plan.deletions)
-        if not out.ask(f"Delete {n} file{'s' if n != 1 else ''} and free "
-                       f"{size_str(plan.freed_bytes)}?"):
+        if not out.ask(_question(plan, kept)):
             out.say("Nothing deleted.")
             return ExitCode.USAGE
     else:
@@ -145,11 +226,59 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs) -> int:
     result = _execute(out, plan, min_age, jobs, log, multi_root, fs)
     if result.log_error:
         _report_log_failure(out, result)
-    if out.json:
-        out.document(result.to_dict(with_root=multi_root))
+        done = None
     else:
-        out.report([render_prune_outcome(result, dry_run=False)])
-    return ExitCode.OK if result.ok else ExitCode.PROBLEMS
+        done = _execute_retention(out, kept, min_age, log, multi_root, fs)
+    if out.json:
+        out.document(result.to_dict(with_root=multi_root)
+                     | {"retention": kept.to_dict() | ({} if done is None else done.to_dict())})
+    else:
+        out.report(([render_prune_outcome(result, dry_run=False)] if plan.deletions else [])
+                   + ([render_retention_outcome(done, dry_run=False)]
+                      if done is not None and kept.has_work else []))
+    ok = result.ok and (done is None or done.ok)
+    return ExitCode.OK if ok else ExitCode.PROBLEMS
+
+
+def _gap(lines: list[str]) -> list[str]:
+    return [""] if lines and lines[-1] else []
+
+
+def _question(plan, kept) -> str:
+    parts = []
+    if plan.deletions:
+        n = len(plan.deletions)
+        parts.append(f"delete {n} merged-weight file{'s' if n != 1 else ''}")
+    counts = kept.counts()
+    if counts["strip"]:
+        parts.append(f"strip {counts['strip']} checkpoint{'s' if counts['strip'] != 1 else ''}")
+    if counts["delete"]:
+        parts.append(f"move {counts['delete']} checkpoint{'s' if counts['delete'] != 1 else ''} "
+                     "to the trash")
+    if any(p.due for p in kept.purges):
+        parts.append("purge the trash due")
+    total = plan.freed_bytes + kept.freed_now
+    return (", ".join(parts)).capitalize() + f", freeing {size_str(total)} now?"
+
+
+def _execute_retention(out: Output, kept, min_age, log, multi_root, fs):
+    """``execute_retention`` with each action logged, and a stderr line per skip or failure."""
+    from ..retention.execute import execute_retention
+
+    def emit(e: PruneEvent) -> None:
+        if log is not None and not log.failed:
+            try:
+                log.record(e)
+            except Exception as exc:  # noqa: BLE001 - the log's failure is reported, the run goes on
+                out.error(str(exc))
+        if e.action in ("skip", "fail"):
+            out.say(f"{'skipped' if e.action == 'skip' else 'FAILED'}: "
+                    f"{prune_where(e.root, e.path, multi_root)}: {e.reason}")
+        elif out.verbose:
+            out.report([f"{e.action} {prune_where(e.root, e.path, multi_root)} ({size_str(e.bytes)})"])
+
+    return execute_retention(kept, revalidate=Revalidator(min_age_s=min_age, prove=False),
+                             now=time.time(), fs=fs, emit=emit)
 
 
 def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResult:

@@ -12,7 +12,7 @@ import gc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..kinds import Status
+from ..kinds import ModelKind, Status
 from ..records import Checkpoint, FileRecord
 
 _SKIP_REASONS = {
@@ -37,9 +37,16 @@ def skip_reason(c: Checkpoint) -> str:
         return "in-progress: its newest file is younger than --min-age"
     if c.fresh:
         return f"{c.status} (fresh): complete, but a file of it is younger than --min-age"
+    if c.status is Status.HEALTHY and not _dylora(c):
+        return f"healthy: a {c.model_kind}, nothing in it is redundant"
     if c.status is Status.HEALTHY and c.merged_files:
         return _MERGED_EXPORT_REASON
     return _SKIP_REASONS.get(c.status, c.status)
+
+
+def _dylora(c: Checkpoint) -> bool:
+    """A DyLoRA-MoE checkpoint (or a record built without a verdict, which says nothing else)."""
+    return c.model_kind in (ModelKind.DYLORA_MOE, ModelKind.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def plan_prune(checkpoints: Iterable[Checkpoint], *, prove: bool | Prover = True
     skipped: list[Skip] = []
     for i, c in enumerate(checkpoints):
         if c.status is not Status.REDUNDANT or c.fresh:
-            if c.merged_files:
+            if c.merged_files and _dylora(c):   # a full model's weights are no merged copy
                 skipped.append(Skip(c.dir.root, c.path, skip_reason(c), c.status, c.fresh))
             continue
         if i in unproven:

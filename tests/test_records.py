@@ -14,7 +14,7 @@ import pytest
 import ckpt_tools
 from ckpt_tools import api, scanner
 from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, ModelKind, PruneAction,
-                              Status, TreeForm)
+                              SpaceRole, Status, TreeForm)
 from ckpt_tools.problems import TRUNCATED, Problem, Severity
 from ckpt_tools.prune.plan import Skip, plan_prune
 from ckpt_tools.records import Checkpoint, CheckpointDir, FileRecord
@@ -32,6 +32,7 @@ DOCUMENTED = {
     MigrateAction: ["migrate", "skip", "done"],
     MigrateMethod: ["copy", "exact", "svd"],
     Severity: ["error", "warning"],
+    SpaceRole: ["weights", "adapters", "redundant_merged", "training_state", "trash", "other"],
 }
 
 

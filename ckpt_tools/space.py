@@ -23,6 +23,7 @@ from .records import Checkpoint, FileRecord, ScanResult
 _ADAPTER_ROLES = layout.PEFT_TREE_ROLES | {Role.PEFT_CONFIG, Role.PEFT_WEIGHTS, Role.PEFT_README}
 _WEIGHT_ROLES = frozenset({Role.MERGED, Role.MERGED_INDEX, Role.ENGINE_WEIGHTS})
 
+_ROLES = tuple(SpaceRole)   # iterating the enum itself costs a run's worth of files
 UNKNOWN_OWNER = "unknown"   # a file record without a uid (not made by the scanner)
 
 
@@ -81,27 +82,34 @@ def user_name(uid: int) -> str:
 
 
 class _Tally:
-    __slots__ = ("seen", "by_role", "by_uid")
+    """Bytes by (role, uid), each inode once: those of files with one link are added without
+    asking (each is met once), the others through ``seen``."""
 
-    def __init__(self):
+    __slots__ = ("seen", "bytes")
+
+    def __init__(self, unique: dict[tuple[SpaceRole, int | None], int] | None = None):
         self.seen: set[tuple[int, int]] = set()
-        self.by_role = dict.fromkeys(SpaceRole, 0)
-        self.by_uid: dict[int | None, int] = {}
+        self.bytes = dict(unique or {})
 
-    def add(self, key: tuple[int, int], role: SpaceRole, f: FileRecord) -> None:
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        self.by_role[role] += f.allocated
-        self.by_uid[f.uid] = self.by_uid.get(f.uid, 0) + f.allocated
+    def add_linked(self, key: tuple[int, int], role: SpaceRole, f: FileRecord) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            self.bytes[role, f.uid] = self.bytes.get((role, f.uid), 0) + f.allocated
 
     def space(self, name_of: Callable[[int | None], str]) -> Space:
+        by_role = dict.fromkeys(_ROLES, 0)
         by_owner: dict[str, int] = {}
-        for uid, n in self.by_uid.items():
+        for (role, uid), n in self.bytes.items():
+            by_role[role] += n
             name = name_of(uid)
             by_owner[name] = by_owner.get(name, 0) + n
         ordered = sorted(by_owner.items(), key=lambda kv: (-kv[1], kv[0]))
-        return Space(dict(self.by_role), dict(ordered))
+        return Space(by_role, dict(ordered))
+
+
+def _add(into: dict, other: dict) -> None:
+    for k, n in other.items():
+        into[k] = into.get(k, 0) + n
 
 
 def scan_space(result: ScanResult, *,
@@ -115,12 +123,17 @@ def scan_space(result: ScanResult, *,
             names[uid] = owner_name(uid)
         return names[uid]
 
-    total = _Tally()
-    tallies = [_Tally() for _ in result.runs]
+    # Overlapping roots may list one file twice, with one link: then every file is checked.
+    check_all = len(result.roots) > 1
+    unique: list[dict] = []       # per run: bytes by (role, uid) of its files of one link
+    linked: list[list] = []       # per run: (key, role, file) of the others, in scan order
+    trash_linked: list[list] = []
     # The role of a relpath depends on it and on what the checkpoint is (redundant with these
     # merged files, DeepSpeed's state the only copy): the checkpoints of a run share a memo.
     memo: dict[tuple, dict[str, SpaceRole]] = {}
-    for run, tally in zip(result.runs, tallies):
+    for run in result.runs:
+        acc: dict[tuple[SpaceRole, int | None], int] = {}
+        links: list = []
         for c in run.checkpoints:
             kind = (c.model_kind is ModelKind.DEEPSPEED,
                     c.merged_files if c.status is Status.REDUNDANT else ())
@@ -129,12 +142,29 @@ def scan_space(result: ScanResult, *,
                 role = roles.get(f.relpath)
                 if role is None:
                     role = roles[f.relpath] = file_role(c, f.relpath)
-                key = (f.dev, f.ino)
-                tally.add(key, role, f)
-                total.add(key, role, f)
-    for run, tally in zip(result.runs, tallies):   # after every checkpoint: see the module
+                if f.nlink > 1 or check_all:
+                    links.append(((f.dev, f.ino), role, f))
+                else:
+                    k = (role, f.uid)
+                    acc[k] = acc.get(k, 0) + f.allocated
+        tlinks = []
         for f in run.trash:
-            key = (f.dev, f.ino)
-            tally.add(key, SpaceRole.TRASH, f)
-            total.add(key, SpaceRole.TRASH, f)
+            if f.nlink > 1 or check_all:
+                tlinks.append(((f.dev, f.ino), SpaceRole.TRASH, f))
+            else:
+                k = (SpaceRole.TRASH, f.uid)
+                acc[k] = acc.get(k, 0) + f.allocated
+        unique.append(acc)
+        linked.append(links)
+        trash_linked.append(tlinks)
+    total = _Tally()
+    for acc in unique:
+        _add(total.bytes, acc)
+    tallies = [_Tally(acc) for acc in unique]
+    # files of several links: every checkpoint's before any trash's (see the module)
+    for pending in (linked, trash_linked):
+        for tally, items in zip(tallies, pending):
+            for key, role, f in items:
+                tally.add_linked(key, role, f)
+                total.add_linked(key, role, f)
     return ScanSpace(tuple(t.space(name_of) for t in tallies), total.space(name_of))

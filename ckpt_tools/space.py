@@ -23,7 +23,7 @@ from .records import Checkpoint, FileRecord, ScanResult
 _ADAPTER_ROLES = layout.PEFT_TREE_ROLES | {Role.PEFT_CONFIG, Role.PEFT_WEIGHTS, Role.PEFT_README}
 _WEIGHT_ROLES = frozenset({Role.MERGED, Role.MERGED_INDEX, Role.ENGINE_WEIGHTS})
 
-_ROLES = tuple(SpaceRole)   # iterating the enum itself costs a run's worth of files
+_ROLES = tuple(SpaceRole)   # iterating an enum runs Python code: once here, not once per run
 UNKNOWN_OWNER = "unknown"   # a file record without a uid (not made by the scanner)
 
 
@@ -53,11 +53,6 @@ class Space:
 
     by_role: dict[SpaceRole, int]
     by_owner: dict[str, int]
-
-    @property
-    def size_bytes(self) -> int:
-        """Every byte counted: the checkpoints' and the trash's."""
-        return sum(self.by_role.values())
 
     def to_dict(self) -> dict:
         return {"bytes_by_role": {str(r): n for r, n in self.by_role.items()},

@@ -35,7 +35,8 @@ def expected_role(relpath: str, status: str, model_kind: str) -> str:
     parts = relpath.split("/")
     top, name = parts[0], parts[-1]
     if len(parts) == 1:
-        if name in ("optimizer.pt", "scheduler.pt", "scaler.pt") or re.match(r"^rng_state(_\d+)?\.pth$", name):
+        if name in ("optimizer.pt", "scheduler.pt", "scaler.pt") \
+                or re.match(r"^rng_state(_\d+)?\.pth$", name):
             return "training_state"
         if _MERGED.match(name):
             return "redundant_merged" if status == "redundant" else "weights"
@@ -188,14 +189,15 @@ def test_the_trash_of_a_run_is_sized_and_no_checkpoint(results_tree, tmp_path):
     before = audit_doc(root, now)
     trash = run / TRASH
     trash.mkdir()
-    (run / "checkpoint-2").rename(trash / "checkpoint-2.deleted-20250101T000000Z")
+    (run / "checkpoint-2").rename(trash / "checkpoint-2.deleted-20250101T000000Z")  # as --delete does
     # a link in the trash to a live checkpoint's file frees nothing when purged: not trash
     os.link(run / "checkpoint-4" / "optimizer.pt", trash / "linked-optimizer.pt")
 
     doc = audit_doc(root, now)
     assert [c["path"] for c in doc["checkpoints"]] == ["run_trainer/checkpoint-4"]
     assert_space_matches_the_disk(doc)
-    trashed = sum(st.st_blocks * 512 for _, st in files_under(trash / "checkpoint-2.deleted-20250101T000000Z", set()))
+    deleted = trash / "checkpoint-2.deleted-20250101T000000Z"
+    trashed = sum(st.st_blocks * 512 for _, st in files_under(deleted, set()))
     roles = doc["totals"]["bytes_by_role"]
     assert roles["trash"] == trashed > 0
     assert doc["runs"][0]["bytes_by_role"]["trash"] == trashed

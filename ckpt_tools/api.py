@@ -239,16 +239,19 @@ def _gather(walks, units, results, progress) -> ScanResult:
     return assemble(tuple(w[0] for w in walks), checkpoints, problems)
 
 
-def _run(root: str, path: str, checkpoints: list[Checkpoint]) -> Run:
+def _run(root: str, path: str, checkpoints: list[Checkpoint], problems: list[Problem]) -> Run:
     # imported once there is a run: it reads through the format readers, as the validator does
     from .trainer_state import read_run_state
     trainer = read_run_state(checkpoints)
-    return Run(root, path, tuple(map(trainer.annotated, checkpoints)), trainer)
+    trash, trash_problems = scanner.trash_files(root, path)
+    problems.extend(trash_problems)
+    return Run(root, path, tuple(map(trainer.annotated, checkpoints)), trainer, trash)
 
 
 def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:
-    """Group checkpoints into runs, fill in what prune could reclaim from each, and read each
-    run's trainer state (one trainer_state.json per run: its best checkpoint, each one's eval)."""
+    """Group checkpoints into runs, fill in what prune could reclaim from each, read each
+    run's trainer state (one trainer_state.json per run: its best checkpoint, each one's eval)
+    and list the files of each run's trash (``scanner.trash_files``)."""
     checkpoints = list(checkpoints)
     plan = plan_prune(checkpoints, prove=False)   # audit is structural: it reads no tensor
     freed = plan.by_checkpoint()
@@ -259,7 +262,8 @@ def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems
         if rec:
             c = c.with_reclaimable(rec)
         runs.setdefault((d.root, d.run), []).append(c)
-    run_records = tuple(_run(root, path, cs) for (root, path), cs in runs.items())
+    problems = list(problems)
+    run_records = tuple(_run(root, path, cs, problems) for (root, path), cs in runs.items())
     total = _total_size(c.dir for r in run_records for c in r.checkpoints)
     return ScanResult(roots=roots, runs=run_records, problems=tuple(problems),
                       total_size_bytes=total)

@@ -114,3 +114,14 @@ class RetentionAction(StrEnum):
     KEEP = "keep"
     STRIP = "strip"      # its training state removed, its weights or adapters kept
     DELETE = "delete"    # moved to its run's trash, purged after the grace period
+
+
+class SpaceRole(StrEnum):
+    """What the bytes of a file are for, in audit's space by role (``space.py``)."""
+
+    WEIGHTS = "weights"                  # the model's weights (merged, shards, engine state as the only copy)
+    ADAPTERS = "adapters"                # PEFT adapters, the DyLoRA-MoE PEFT tree and MoE state
+    REDUNDANT_MERGED = "redundant_merged"  # merged weights of a redundant checkpoint: prune frees them
+    TRAINING_STATE = "training_state"    # what only resuming needs: strip frees it
+    TRASH = "trash"                      # checkpoints deleted by a policy, in their run's trash
+    OTHER = "other"                      # configs, tokenizer, trainer_state.json, anything else

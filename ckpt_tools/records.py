@@ -47,6 +47,7 @@ class FileRecord(NamedTuple):
     escapes_root: bool = False          # a symlink whose target lies outside the root
     target_size: int | None = None      # size of the symlink's target when it stays in the root
     is_regular: bool = True             # a regular file (not a link, FIFO, socket or device)
+    uid: int | None = None              # the owner's user id (None: not scanned)
 
     @property
     def identity(self) -> tuple[int, int, int, int]:
@@ -158,15 +159,18 @@ class Checkpoint:
         age: prune and migrate leave it alone all the same."""
         return self.facts is not None and self.facts.young and self.status is not Status.IN_PROGRESS
 
+    def is_training_state(self, relpath: str) -> bool:
+        """Whether the file at ``relpath`` is only needed to resume training (optimizer,
+        scheduler, scaler, RNG state, DeepSpeed's and FSDP's optimizer state). Where DeepSpeed's
+        partitioned state is the only copy of the model (ZeRO-3 without gathered weights), its
+        global_step*/ is not: the model cannot be had without it."""
+        return layout.is_resume_only(relpath) and not (
+            self.model_kind is ModelKind.DEEPSPEED and layout.is_deepspeed_dir(relpath.split("/", 1)[0]))
+
     @property
     def training_state_bytes(self) -> int:
-        """Bytes only resuming needs (optimizer, scheduler, scaler, RNG state, DeepSpeed's and
-        FSDP's optimizer state): what stripping the checkpoint would free. Where DeepSpeed's
-        partitioned state is the only copy of the model (ZeRO-3 without gathered weights), its
-        global_step*/ is not counted: the model cannot be had without it."""
-        engine_holds_model = self.model_kind is ModelKind.DEEPSPEED
-        return sum(f.allocated for f in self.dir.files if layout.is_resume_only(f.relpath)
-                   and not (engine_holds_model and layout.is_deepspeed_dir(f.relpath.split("/", 1)[0])))
+        """Bytes only resuming needs (``is_training_state``): what stripping it would free."""
+        return sum(f.allocated for f in self.dir.files if self.is_training_state(f.relpath))
 
     @property
     def stripped(self) -> bool:
@@ -219,6 +223,8 @@ class Run:
     path: str
     checkpoints: tuple[Checkpoint, ...]
     trainer: RunTrainerState | None = None   # None: not read (a run assembled by hand)
+    # the files in the run's trash (layout.TRASH_DIR), relpaths relative to the run
+    trash: tuple[FileRecord, ...] = ()
 
     def to_dict(self) -> dict:
         doc = {"root": self.root, "path": self.path}
@@ -266,15 +272,17 @@ class ScanResult:
         return sum(r.reclaimable_bytes for r in self.runs)
 
     def to_dict(self) -> dict:
+        from .space import scan_space
+        space = scan_space(self)
         return {
             "checkpoints": [c.to_dict() for c in self.checkpoints],
-            "runs": [r.to_dict() for r in self.runs],
+            "runs": [r.to_dict() | s.to_dict() for r, s in zip(self.runs, space.runs)],
             "totals": {
                 "checkpoints": len(self.checkpoints),
                 "runs": len(self.runs),
                 "by_status": self.by_status(),
                 "size_bytes": self.size_bytes,
                 "reclaimable_bytes": self.reclaimable_bytes,
-            },
+            } | space.total.to_dict(),
             "problems": [p.to_dict() for p in self.problems],
         }

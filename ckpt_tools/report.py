@@ -93,7 +93,9 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
     lines: list[str] = []
     multi_root = len(result.roots) > 1
     if not quiet:
-        for run in result.runs:
+        from .space import scan_space
+        space = scan_space(result)
+        for run, run_space in zip(result.runs, space.runs):
             n = len(run.checkpoints)
             lines.append(f"{_run_title(run.root, run.path, multi_root)}  "
                          f"({n} checkpoint{'s' if n != 1 else ''}, {size_str(run.size_bytes)})")
@@ -120,6 +122,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
                 if best_column:
                     rows[-1].append(_best_mark(run) if c.best_of_run else "")
             lines.extend(_table(rows, right={1, 5, 6}))
+            lines.append(f"  space: {_space_text(run_space)}")
             if run.trainer is not None and run.trainer.best_missing:
                 lines.append(f"    note: {_best_missing_note(run)}")
             if verbose and run.trainer is not None:
@@ -133,6 +136,10 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append(p.line())
         if result.problems:
             lines.append("")
+        if result.runs:
+            lines.append(f"space: {_space_text(space.total)}")
+            lines.append("owners: " + ", ".join(f"{shown(name)} {size_str(n)}"
+                                                for name, n in space.total.by_owner.items()))
     lines.append(footer(result))
     return lines
 
@@ -144,6 +151,11 @@ def _status_text(c) -> str:
         marks.append("strip interrupted" if any(p.code == STRIP_INTERRUPTED for p in c.problems)
                      else "stripped")
     return f"{c.status} ({', '.join(marks)})" if marks else str(c.status)
+
+
+def _space_text(space) -> str:
+    """``weights 1.2 GB, adapters 30 MB, …``: every role, in the order of ``SpaceRole``."""
+    return ", ".join(f"{role.replace('_', ' ')} {size_str(n)}" for role, n in space.by_role.items())
 
 
 def _metric_text(state) -> str:

@@ -51,7 +51,7 @@ def _symlink_row(entry: os.DirEntry, relpath: str, root_real: str, st) -> tuple:
             except OSError:
                 target_size = None
     return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
-            st.st_mtime_ns, True, target, escapes, target_size, False)
+            st.st_mtime_ns, True, target, escapes, target_size, False, st.st_uid)
 
 
 def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
@@ -60,7 +60,8 @@ def _file_row(entry: os.DirEntry, relpath: str, root_real: str) -> tuple:
     if entry.is_symlink():
         return _symlink_row(entry, relpath, root_real, st)
     return (relpath, st.st_size, st.st_blocks * 512, st.st_dev, st.st_ino, st.st_nlink,
-            st.st_mtime_ns, False, None, False, None, entry.is_file(follow_symlinks=False))
+            st.st_mtime_ns, False, None, False, None, entry.is_file(follow_symlinks=False),
+            st.st_uid)
 
 
 def _file_record(entry: os.DirEntry, relpath: str, root_real: str) -> FileRecord:
@@ -227,7 +228,7 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
                     # (and a worker's results pickle each one once)
                     append((intern(prefix + name), st.st_size, st.st_blocks * 512, st.st_dev,
                             st.st_ino, st.st_nlink, mtime, False, None, False, None,
-                            e.is_file()))
+                            e.is_file(), st.st_uid))
             except FileNotFoundError:
                 continue
             except OSError:
@@ -278,6 +279,48 @@ def rescan_checkpoint(root: str, relpath: str) -> CheckpointDir:
     path = root_abs if relpath == "." else os.path.join(root_abs, *relpath.split("/"))
     ckpt, _ = _collect_checkpoint(root, root_abs, os.path.realpath(root_abs), path, _list(path))
     return ckpt
+
+
+def trash_files(root: str, run: str) -> tuple[tuple[FileRecord, ...], list[Problem]]:
+    """Every file in the trash of the run ``run`` (relative to ``root``), with relpaths
+    relative to the run (``.ckpt-tools-trash/checkpoint-1.deleted-…/optimizer.pt``), and the
+    problems of listing it: one ``lstat`` per entry, no link followed (a trash that is itself
+    a symlink is not entered). No trash: nothing, no problem."""
+    root_abs = os.path.abspath(root)
+    run_abs = root_abs if run == "." else os.path.join(root_abs, *run.split("/"))
+    trash = os.path.join(run_abs, layout.TRASH_DIR)
+    if not os.path.isdir(trash) or os.path.islink(trash):
+        return (), []
+    root_real = os.path.realpath(root_abs)
+    files: list[FileRecord] = []
+    problems: list[Problem] = []
+    pending = [(trash, layout.TRASH_DIR + "/")]
+    while pending:
+        path, prefix = pending.pop()
+        try:
+            entries = _list(path)
+        except PermissionError:
+            problems.append(Problem(PERMISSION_DENIED, _rel(path, root_abs),
+                                    "cannot list the trash: permission denied"))
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):   # else purged during the scan
+                problems.append(Problem(UNREADABLE, _rel(path, root_abs),
+                                        f"cannot list the trash: {exc.strerror or exc}"))
+            continue
+        for e in entries:
+            try:
+                if _is_real_dir(e):
+                    pending.append((e.path, f"{prefix}{e.name}/"))
+                else:
+                    files.append(_file_record(e, prefix + e.name, root_real))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                problems.append(Problem(UNREADABLE, _rel(e.path, root_abs),
+                                        f"cannot stat a file in the trash: {exc.strerror or exc}"))
+    files.sort()
+    return tuple(files), problems
 
 
 def iter_roots(roots) -> Iterator[str]:

@@ -14,7 +14,7 @@ import pytest
 import ckpt_tools
 from ckpt_tools import api, scanner
 from ckpt_tools.kinds import (Layout, MergedKind, MigrateAction, MigrateMethod, ModelKind, PruneAction,
-                              RetentionAction, Status, TreeForm)
+                              RetentionAction, SpaceRole, Status, TreeForm)
 from ckpt_tools.problems import TRUNCATED, Problem, Severity
 from ckpt_tools.prune.plan import Skip, plan_prune
 from ckpt_tools.records import Checkpoint, CheckpointDir, FileRecord
@@ -33,6 +33,7 @@ DOCUMENTED = {
     MigrateAction: ["migrate", "skip", "done"],
     MigrateMethod: ["copy", "exact", "svd"],
     Severity: ["error", "warning"],
+    SpaceRole: ["weights", "adapters", "redundant_merged", "training_state", "trash", "other"],
 }
 
 
@@ -56,10 +57,10 @@ def test_status_order_is_the_order_of_the_json_totals(results_tree):
 
 def test_a_file_record_is_a_named_tuple_that_pickles_like_one():
     rec = FileRecord("peft_adapters/expert_0/adapter_model.safetensors", 10, 4096, 1, 2, 1, 3,
-                     True, "/r/x", False, 9, False)
+                     True, "/r/x", False, 9, False, 1000)
     assert FileRecord._fields == (
         "relpath", "size", "allocated", "dev", "ino", "nlink", "mtime_ns", "is_symlink",
-        "symlink_target", "escapes_root", "target_size", "is_regular")
+        "symlink_target", "escapes_root", "target_size", "is_regular", "uid")
     assert [getattr(rec, f) for f in FileRecord._fields] == list(rec)   # index i is field i
     copy = pickle.loads(pickle.dumps(rec))
     assert copy == rec and type(copy) is FileRecord and copy.identity == (1, 2, 10, 3)
@@ -68,12 +69,12 @@ def test_a_file_record_is_a_named_tuple_that_pickles_like_one():
         rec.size = 11  # noqa: B018 - immutable
     plain = FileRecord("a", 1, 512, 1, 2, 1, 3)   # the defaults: a regular file, no link
     assert (plain.is_symlink, plain.symlink_target, plain.escapes_root, plain.target_size,
-            plain.is_regular) == (False, None, False, None, True)
+            plain.is_regular, plain.uid) == (False, None, False, None, True, None)
 
 
 def test_records_are_built_by_their_constructors():
     d = CheckpointDir.from_values(("r", "run/checkpoint-1", "run", "checkpoint-1", 1,
-                                   (("b", 1, 512, 1, 5, 1, 0, False, None, False, None, True),),
+                                   (("b", 1, 512, 1, 5, 1, 0, False, None, False, None, True, 0),),
                                    0, False, (), 0, 0))
     assert type(d.files[0]) is FileRecord and d.file("b").ino == 5
     assert "files" in vars(d)   # a plain field, not built behind __getattr__

@@ -154,8 +154,10 @@ def _status_text(c) -> str:
 
 
 def _space_text(space) -> str:
-    """``weights 1.2 GB, adapters 30 MB, …``: every role, in the order of ``SpaceRole``."""
-    return ", ".join(f"{role.replace('_', ' ')} {size_str(n)}" for role, n in space.by_role.items())
+    """``weights 1.2 GB, adapters 30 MB, …``: the roles that hold anything, in the order of
+    ``SpaceRole`` (the JSON has every role, 0 included)."""
+    held = [(role, n) for role, n in space.by_role.items() if n]
+    return ", ".join(f"{role.replace('_', ' ')} {size_str(n)}" for role, n in held) or "nothing"
 
 
 def _metric_text(state) -> str:

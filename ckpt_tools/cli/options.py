@@ -6,6 +6,7 @@ import math
 
 import click
 
+from .. import durations
 from .output import Output
 
 
@@ -27,28 +28,18 @@ def command_output(ctx: click.Context, **opts) -> Output:
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '1h', '2d', '1w' or plain seconds → seconds: finite and not negative.
-
-    NaN would compare false with every age and timeout (turning ``--min-age`` off, making a
-    lock wait forever), and an infinite or overflowing value is no time anyone means."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    t = text.strip().lower()
+    """``durations.parse_duration`` for options: a bad value is click's usage error."""
     try:
-        if t and t[-1] in units:
-            value = float(t[:-1]) * units[t[-1]]
-        else:
-            value = float(t)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a duration like 30m, 1h or 2d") from None
-    return _finite_seconds(value, text)
+        return durations.parse_duration(text)
+    except durations.BadDuration as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _finite_seconds(value: float, shown) -> float:
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{shown!r} is not a finite duration")
-    if value < 0:
-        raise click.BadParameter(f"{shown!r}: a duration cannot be negative")
-    return value
+    try:
+        return durations.finite_seconds(value, shown)
+    except durations.BadDuration as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 class Duration(click.ParamType):

@@ -32,6 +32,7 @@ import tomllib
 from dataclasses import dataclass
 
 from .. import layout
+from ..durations import BadDuration, parse_duration
 from ..errors import ProblemsError
 from ..formats.safetensors_header import read_bounded
 from ..kinds import RetentionAction
@@ -258,13 +259,10 @@ def _within(value, path: str, key: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         _fail(path, key, f"must be a duration like \"7d\" or a number of seconds, not {_shown(value)}")
-    import click   # the command line's own parser, so both refuse the same values
-
-    from ..cli.options import parse_duration
-    try:
+    try:   # the command line's own rule, so both refuse the same values
         return parse_duration(str(value))
-    except click.BadParameter as exc:
-        return _fail(path, key, exc.message)
+    except BadDuration as exc:
+        return _fail(path, key, str(exc))
 
 
 def _steps(value, path: str) -> frozenset[int]:

@@ -215,8 +215,10 @@ def test_young_and_tmp_checkpoints_of_the_tree_keep_their_merged_weights(pruned)
 
 def test_the_log_has_one_json_line_per_action(pruned):
     root, manifest, _, _, _, log = pruned
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert all(set(x) >= {"time", "action", "path", "bytes", "reason"} for x in lines)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["action"] for x in records[:1] + records[-1:]] == ["start", "end"]
+    lines = records[1:-1]   # the action lines, between the run's start and end records
+    assert all(set(x) >= {"time", "run_id", "action", "path", "bytes", "reason"} for x in lines)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)", x["time"]) for x in lines)
     assert all(os.path.isabs(x["path"]) for x in lines)
     expected = {str(root / m) for m in redundant_merged(manifest)}
@@ -599,8 +601,7 @@ def cron_command() -> str:
 def test_the_documented_crontab_line_prunes_a_copy_of_the_fixture_tree(results_tree, tmp_path):
     src, manifest, _ = results_tree
     root = copy_tree(src, tmp_path / "results")
-    log = tmp_path / "log" / "prune.jsonl"
-    log.parent.mkdir()
+    log = tmp_path / "log" / "prune.jsonl"    # its directory does not exist yet: prune makes it
     command = cron_command()
     for placeholder in ("/opt/ckpt-tools/.venv/bin/ckpt-tools", "/shared/results",
                         "/var/log/ckpt-tools/prune.jsonl"):
@@ -618,6 +619,7 @@ def test_the_documented_crontab_line_prunes_a_copy_of_the_fixture_tree(results_t
     assert set(before) - set(listing(root)) == redundant_merged(manifest)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert {x["path"] for x in lines if x["action"] == "delete"} == {str(root / m) for m in redundant_merged(manifest)}
+    assert lines[-1]["action"] == "end" and lines[-1]["exit_code"] == 0
 
 
 def test_the_systemd_service_runs_the_cron_command(tmp_path):

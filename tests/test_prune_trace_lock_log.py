@@ -459,15 +459,19 @@ def tiny_fs(tmp_path):
 
 def test_a_full_log_filesystem_stops_the_run_with_one_clear_error(results_tree, tmp_path, tiny_fs):
     root = _trainer_run(results_tree, tmp_path)
-    # room for the lines of the plan and not one more, measured on a dry run ("dry_run": true,
-    # one byte shorter per line than the real run's "dry_run": false)
-    probe = tmp_path / "probe.jsonl"
-    assert run_cli("prune", "--dry-run", "--log", probe, root, timeout=HANG_GUARD_S).returncode == 0
-    plan_bytes = len(probe.read_bytes()) + len(probe.read_bytes().splitlines())
+    # room for the start record and the lines of the plan and not one more, measured on a dry
+    # run ("dry_run": true, one byte shorter per line than the real run's "dry_run": false)
+    # whose argv has the real run's length: -n for -y, a log path as long as the real one
+    probe = tmp_path / "tinx" / "prune.jsonl"
     log_path = tiny_fs / "prune.jsonl"
+    assert len(str(probe)) == len(str(log_path))
+    assert run_cli("prune", "-n", "--no-progress", "--log", probe, root,
+                   timeout=HANG_GUARD_S).returncode == 0
+    planned = [x for x in probe.read_bytes().splitlines() if json.loads(x)["action"] != "end"]
+    plan_bytes = sum(len(x) + 2 for x in planned)
     log_path.write_bytes(b"#" * (4096 - plan_bytes - 40 - 1) + b"\n")    # a page, nearly full
 
-    proc = run_cli("prune", "--yes", "--no-progress", "--log", log_path, root, timeout=HANG_GUARD_S)
+    proc = run_cli("prune", "-y", "--no-progress", "--log", log_path, root, timeout=HANG_GUARD_S)
 
     assert proc.returncode == 1, proc.stderr
     errors = [x for x in proc.stderr.splitlines() if x.startswith("ckpt-tools: error:")]
@@ -477,7 +481,8 @@ def test_a_full_log_filesystem_stops_the_run_with_one_clear_error(results_tree, 
     data = log_path.read_bytes()
     assert data.endswith(b"\n")
     lines = data.decode().splitlines()[1:]
-    assert [json.loads(x)["action"] for x in lines] == ["skip", "plan", "plan", "plan"]
+    # a log that failed mid-run gets no end record
+    assert [json.loads(x)["action"] for x in lines] == ["start", "skip", "plan", "plan", "plan"]
 
 
 def test_a_log_full_before_the_plan_deletes_nothing(results_tree, tmp_path, tiny_fs):

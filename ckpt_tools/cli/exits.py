@@ -42,6 +42,21 @@ def _show_click_error(exc: click.ClickException) -> None:
     exc.show()
 
 
+def exit_code_of(exc: BaseException) -> int:
+    """The code ``handle`` returns for ``exc``, saying nothing (for ``prune --log``'s end record)."""
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
+        return ExitCode.INTERRUPTED
+    if isinstance(exc, click.ClickException):
+        return ExitCode.USAGE
+    if isinstance(exc, BrokenPipeError):
+        return ExitCode.OK
+    if isinstance(exc, CkptToolsError):
+        return ExitCode(exc.exit_code)
+    return ExitCode.PROBLEMS
+
+
 def handle(exc: BaseException, out: Output | None = None) -> int:
     """Say ``exc`` in one line on stderr (``-v``: its traceback first) and return its exit code.
 

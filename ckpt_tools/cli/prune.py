@@ -17,13 +17,13 @@ import click
 from ..api import default_jobs
 from ..locking import LockHeld, root_lock
 from ..prune.execute import Revalidator, emit_plan, execute_prune
-from ..prune.log import ActionLog
+from ..prune.log import ActionLog, LogWriteError, RunTotals
 from ..prune.plan import plan_prune
 from ..prune.result import DELETE, PruneEvent, PruneResult
 from ..records import REDUNDANT
 from ..report import (prune_where, render_prune_outcome, render_prune_plan, render_retention_outcome,
                       render_retention_plan, size_str)
-from .exits import ExitCode
+from .exits import ExitCode, exit_code_of
 from .options import Duration, PathArgument, command_output, output_options
 from .output import Output
 from .scanning import scan_roots
@@ -62,7 +62,8 @@ def _check_roots(roots: tuple[str, ...]) -> None:
 @click.option("--lock-timeout", type=Duration(), default=0, show_default=True,
               metavar="SECONDS", help="How long to wait for a lock held by another run.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
-              help="Append one JSON line per action (plan, delete, skip, fail) to FILE.")
+              help="Append one JSON line per action (plan, delete, skip, fail, ...) to FILE, "
+                   "between a start and an end record of the run.")
 @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Worker processes validating checkpoints in parallel, to plan and again "
                    "before their unlinks; 0: one per CPU (at most 8).")
@@ -105,28 +106,59 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
     """
     out = command_output(ctx, **opts)
     fs = ctx.find_root().obj.fs   # the file-operations seam (None: the local file system)
-    _check_roots(roots)
-    retention = _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
-                                   keep_within, keep_steps, action, policy_file),
-                           purge_after, purge_now)
+    # opened first: every run that got this far leaves a start and an end record, a usage error too
     log = ActionLog(log_file, dry_run=dry_run) if log_file else None
-    # A run that will only plan (a dry run, or one that must refuse for want of --yes)
-    # takes the lock shared and creates nothing.
-    will_refuse = not dry_run and not yes and not _stdin_is_terminal()
+    started, totals, retention = time.monotonic(), RunTotals(), None
     try:
+        _check_roots(roots)
+        retention = _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
+                                       keep_within, keep_steps, action, policy_file),
+                               purge_after, purge_now)
+        _log_start(log, roots, retention, policy_file)
+        # A run that will only plan (a dry run, or one that must refuse for want of --yes)
+        # takes the lock shared and creates nothing.
+        will_refuse = not dry_run and not yes and not _stdin_is_terminal()
         try:
             with root_lock(roots, lock_timeout, lock_path=lock_path,
                            exclusive=not (dry_run or will_refuse)):
-                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention)
+                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention, totals)
         except LockHeld as exc:
             if log is not None:   # the log says why this run did nothing
                 for r in roots:
                     log.record(PruneEvent("skip", r, ".", 0, str(exc)))
+                    totals.actions["skip"] += 1
             raise
-    finally:
-        if log is not None:
-            log.close()
+    except BaseException as exc:
+        _log_end(log, roots, retention, policy_file, exit_code_of(exc), started, totals, out)
+        raise
+    _log_end(log, roots, retention, policy_file, code, started, totals, out)
     ctx.exit(code)
+
+
+def _log_start(log, roots, retention, policy_file) -> None:
+    if log is not None:
+        from .. import __version__
+        log.start(version=__version__, argv=sys.argv, roots=roots,
+                  policy=retention.policy if retention else None,
+                  policy_file=policy_file if retention and retention.policy else None)
+
+
+def _log_end(log, roots, retention, policy_file, code, started, totals, out) -> None:
+    """The end record (after the start, if the run failed before it), then the log closed.
+    A failing end line fails a run that went well (exit 1); one that already failed says why."""
+    if log is None:
+        return
+    try:
+        if not log.failed:   # a log that failed was reported then, and takes no end
+            if not log.started:
+                _log_start(log, roots, retention, policy_file)
+            log.end(exit_code=code, duration_s=time.monotonic() - started, totals=totals)
+    except LogWriteError as exc:
+        if code == ExitCode.OK:
+            raise
+        out.error(str(exc))   # the run's own outcome stands
+    finally:
+        log.close()
 
 
 class _Retention:
@@ -162,9 +194,11 @@ def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_wit
     return Policy.from_flags(rules, action)
 
 
-def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention) -> int:
+def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention,
+           totals: RunTotals) -> int:
     multi_root = len(roots) > 1
     scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs)
+    totals.scanned(scan.checkpoints)
     if out.json or out.quiet:
         # the plan lists these on stdout, which --json and cron's -q do not show:
         # a directory that could not be read must still reach someone
@@ -182,6 +216,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
                 if i.decision.action.value == "delete"}
     plan = plan_prune([c for c in scan.checkpoints if (c.dir.root, c.path) not in deleting],
                       jobs=jobs or default_jobs())
+    totals.planned(plan, kept)
     emit_plan(plan, log=log)
     for s in plan.skipped:
         if s.status == REDUNDANT and not s.fresh:   # not proven by content: say so
@@ -236,6 +271,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
         out.report(([render_prune_outcome(result, dry_run=False)] if plan.deletions else [])
                    + ([render_retention_outcome(done, dry_run=False)]
                       if done is not None and kept.has_work else []))
+    totals.done(result, done)
     ok = result.ok and (done is None or done.ok)
     return ExitCode.OK if ok else ExitCode.PROBLEMS
 

@@ -284,7 +284,8 @@ def render_prune_plan(plan: PrunePlan, scan: ScanResult, *, multi_root: bool,
                     lines.append(f"  {prune_where(c.dir.root, c.path, multi_root)}: {reason}")
             else:
                 # the count per kind of reason; the details of those holding merged weights below
-                kinds = Counter(reason.split(" (")[0].split(":")[0] if c.status == REDUNDANT
+                kinds = Counter("fresh: complete, but younger than --min-age" if c.fresh
+                                else reason.split(" (")[0].split(":")[0] if c.status == REDUNDANT
                                 else reason.split(" (")[0] for c, reason in left)
                 for reason, n in sorted(kinds.items()):
                     lines.append(f"  {n:>4}  {reason}")

@@ -38,7 +38,7 @@ def skip_reason(c: Checkpoint) -> str:
     if c.fresh:
         return f"{c.status} (fresh): complete, but a file of it is younger than --min-age"
     if c.status is Status.HEALTHY and not _dylora(c):
-        return f"healthy: a {c.model_kind}, nothing in it is redundant"
+        return f"healthy: a {c.model_kind.replace('-', ' ')}, nothing in it is redundant"
     if c.status is Status.HEALTHY and c.merged_files:
         return _MERGED_EXPORT_REASON
     return _SKIP_REASONS.get(c.status, c.status)

@@ -10,7 +10,7 @@ Property tests marked ``@pytest.mark.fuzz`` are counted by :class:`FuzzCounter` 
 
 Document written for each key::
 
-    {"key", "scenario": <1..13>, "title", "test", "runs", "failures", "checks": [str],
+    {"key", "scenario": <1..15>, "title", "test", "runs", "failures", "checks": [str],
      "notes": [str], "seconds", "per_run": [...], ...extra}
 """
 
@@ -39,7 +39,7 @@ def write(key: str, doc: dict) -> None:
 class Runs:
     """Collects the runs of one scenario entry, then reports them.
 
-    ``key``: file name of the entry; ``scenario``: the scenario's number in RELIABILITY.md (1–13);
+    ``key``: file name of the entry; ``scenario``: the scenario's number in RELIABILITY.md (1–15);
     ``title``: the table's row text; ``checks``: what is verified after every run.
     """
 
@@ -71,6 +71,14 @@ class Runs:
             lines = [f"{self.key}: {len(failed)} of {len(self.records)} runs failed"]
             lines += [f"  {r['name']}: " + " | ".join(r["failures"])[:1500] for r in failed[:20]]
             pytest.fail("\n".join(lines), pytrace=False)
+
+
+# --- scenarios 14 and 15: retention (tests/test_reliability_retention.py) ------------------------
+
+# SIGKILL of `prune --keep-last 1 --delete`, `--strip` and `--purge-now` after each storage operation.
+RETENTION_CRASH = 14
+# A live Trainer rotating its checkpoints (save_total_limit) while prune applies a policy to them.
+RETENTION_TRAINER = 15
 
 
 # --- scenario 8: examples run by the property tests ----------------------------------------------

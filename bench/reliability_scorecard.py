@@ -33,9 +33,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RELIABILITY_TESTS = ("tests/test_reliability_crash.py", "tests/test_reliability_faults.py",
                      "tests/test_reliability_access.py", "tests/test_reliability_concurrency.py",
-                     "tests/test_reliability_hostile.py", "tests/test_reliability_redteam.py")
+                     "tests/test_reliability_hostile.py", "tests/test_reliability_redteam.py",
+                     "tests/test_reliability_retention.py")
 FUZZ_TESTS = ("tests/test_formats_safetensors.py", "tests/test_formats_torchsave.py")
-SCENARIOS = 13
+SCENARIOS = 15
 # The crash tests write their own documents: "scenario" is the command's name, not a number.
 CRASH = {
     "migrate": (1, "Crash during `ckpt-tools migrate SRC DST`",

@@ -4,7 +4,8 @@ Pure functions over the records of a scan: nothing here touches storage. The rul
 union, like restic's ``forget`` and Orbax: a checkpoint that any rule keeps is kept, and every
 rule that keeps it is named with its rank (``last #1``, ``best eval_loss #1 (4.88)``). What the
 rules rank (``keep_last``, ``keep_best``, and the reference time of ``keep_within``) are the
-*complete* checkpoints of the run, healthy or redundant: broken, legacy and in-progress ones are
+*complete* checkpoints of the run, healthy or redundant (and in a Trainer run holding the
+trainer_state.json the Trainer writes last): broken, legacy and in-progress ones are
 pinned anyway, and counting them would let ``--keep-last 2`` keep one usable checkpoint where
 the newest save is still being written.
 
@@ -232,7 +233,7 @@ def decide(run: Run, policy: Policy, *, now: float, min_age_s: float,
     if not stepped:
         return ()
     links = link_index(run.checkpoints) if links is None else links
-    complete = [c for c in stepped if c.status in _COMPLETE]
+    complete = _complete(stepped)
     tier_reasons = [_kept_by(t.rules, stepped, complete) for t in policy.tiers]
     pins = _pins(run, stepped, complete, policy, links, now, min_age_s)
     decisions = []
@@ -253,6 +254,16 @@ def decide(run: Run, policy: Policy, *, now: float, min_age_s: float,
         decisions.append(Decision(root=run.root, run=run.path, path=c.path, action=action,
                                   reasons=tuple(reasons)))
     return tuple(decisions)
+
+
+def _complete(stepped: list[Checkpoint]) -> list[Checkpoint]:
+    """The complete checkpoints of a run: healthy or redundant and, in a run of the Trainer
+    (one of its checkpoints holds trainer_state.json), holding the trainer_state.json the
+    Trainer writes last. Without it a checkpoint may be a save still being written even where
+    --min-age 0 judges it by content: it must not count as the run's newest complete one."""
+    trainer_run = any(c.dir.file(layout.TRAINER_STATE_JSON) is not None for c in stepped)
+    return [c for c in stepped if c.status in _COMPLETE
+            and (not trainer_run or c.dir.file(layout.TRAINER_STATE_JSON) is not None)]
 
 
 def _kept_by(rules: Rules, stepped: list[Checkpoint],
@@ -313,6 +324,7 @@ def _pins(run: Run, stepped: list[Checkpoint], complete: list[Checkpoint], polic
           links: LinkIndex, now: float, min_age_s: float) -> dict[str, list[str]]:
     """path → why it is pinned, in the order of decision.py's pins."""
     newest = complete[-1].path if complete else None
+    complete_paths = {c.path for c in complete}
     best = run.trainer.best_checkpoint if run.trainer is not None else None
     user_steps = policy.pinned_steps
     young_ns = (now - min_age_s) * 1e9
@@ -325,6 +337,8 @@ def _pins(run: Run, stepped: list[Checkpoint], complete: list[Checkpoint], polic
             why.append(PINNED_BEST)
         if c.status in _STATUS_PINS:
             why.append(_STATUS_PINS[c.status])
+        elif c.status in _COMPLETE and c.path not in complete_paths:
+            why.append(PINNED_IN_PROGRESS)   # a Trainer save without its trainer_state.json yet
         if links.linked(c):
             why.append(PINNED_LINKED)
         if c.step in user_steps or c.dir.file(layout.KEEP_FILE) is not None:

@@ -38,6 +38,12 @@ the load at each timing.
 
     python bench/retention_cost.py --checkpoints 10000 --reps 5 --mix dylora ordinary
     python bench/retention_cost.py --plan-only --profile --checkpoints 10000 --mix dylora
+
+``--against DIR`` also times the retention plan of another checkout (DIR holds its
+``ckpt_tools`` package; run with this venv's python) in the same alternation:
+
+    mkdir /tmp/before && git archive <commit> ckpt_tools | tar -x -C /tmp/before
+    python bench/retention_cost.py --plan-only --mix dylora --against /tmp/before
 """
 
 from __future__ import annotations
@@ -133,7 +139,7 @@ def in_process(tree: Path, reps: int, out: Path, mix: str, profile: bool) -> dic
     from ckpt_tools.retention.rules import Policy, Rules
     from ckpt_tools.retention.trash import DEFAULT_PURGE_AFTER_S
 
-    policy = Policy.from_flags(Rules(keep_last=2, keep_best=1, keep_every=1000), "delete")   # POLICY
+    policy = Policy.from_flags(Rules(keep_last=2, keep_best=1, keep_every=1000), "delete")  # = POLICY
 
     def retention(scan):
         kept = plan_retention(scan, policy, now=time.time(), min_age_s=3600,
@@ -186,6 +192,10 @@ def plan_bench(ck: list[str], mix: str, n: int, reps: int, work: Path, out: Path
         "prune plan": ck + ["prune", "--dry-run", "--json", "--no-progress", str(tree)],
         "retention plan": ck + ["prune", "--dry-run", "--json", "--no-progress", *POLICY, str(tree)],
     }
+    if args.against:   # another checkout's retention plan, in the same alternation
+        commands["retention plan, against"] = [
+            "env", f"PYTHONPATH={args.against}", sys.executable, "-m", "ckpt_tools.cli", "prune",
+            "--dry-run", "--json", "--no-progress", *POLICY, str(tree)]
     _, _, raw = timed(commands["retention plan"], (0, 1))
     plan = json.loads(raw)
     load_before = wait_for_quiet(args.max_load, args.wait)
@@ -196,6 +206,9 @@ def plan_bench(ck: list[str], mix: str, n: int, reps: int, work: Path, out: Path
            "retention_over_audit": ratios(times, "retention plan", "audit"),
            "prune_plan_over_audit": ratios(times, "prune plan", "audit"),
            "retention_over_prune_plan": ratios(times, "retention plan", "prune plan"),
+           **({"against": str(args.against),
+               "against_over_audit": ratios(times, "retention plan, against", "audit")}
+              if args.against else {}),
            "plan": {"counts": plan["retention"]["counts"],
                     "frees_bytes_when_purged": plan["retention"]["frees_bytes_when_purged"],
                     "merged_files_planned": len(plan["deleted"])},
@@ -332,7 +345,10 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Retention plan / audit: **{r['wall']:.2f}×** wall (per repetition "
                   f"{', '.join(f'{x:.2f}' for x in r['wall_per_rep'])}), {r['cpu']:.2f}× CPU. "
                   f"prune's plan without a policy / audit: {p['prune_plan_over_audit']['wall']:.2f}×. "
-                  f"Decisions: {p['plan']['counts']}.",
+                  f"Decisions: {p['plan']['counts']}."
+                  + (f" {p['against']}'s retention plan / audit: {p['against_over_audit']['wall']:.2f}× "
+                     f"wall (per repetition {', '.join(f'{x:.2f}' for x in p['against_over_audit']['wall_per_rep'])}), "
+                     f"{p['against_over_audit']['cpu']:.2f}× CPU." if p.get("against") else ""),
                   "", f"In this process (medians of {len(ip['scan_s'])}): api.scan {ip['scan_median_s']:.3f} s, "
                   f"plan_retention {ip['plan_retention_median_s']:.3f} s, plan_prune of the kept "
                   f"{ip['plan_prune_of_kept_median_s']:.3f} s (of every checkpoint "
@@ -364,6 +380,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the plan's library calls")
     ap.add_argument("--max-load", type=float, default=1.5)
     ap.add_argument("--wait", type=float, default=600, help="seconds to wait for --max-load")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another checkout (the directory holding its ckpt_tools package) whose "
+                         "retention plan is timed in the same alternation")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)

@@ -17,6 +17,13 @@ one without gigabytes of base weights.
 state), a full-model run (a ``model.safetensors`` of plain keys whose data are holes, the
 model's ``config.json``) and a sharded full-model run (four shards and their index);
 ``--mix both`` alternates DyLoRA-MoE and ordinary runs.
+
+``--evals`` gives each checkpoint the ``trainer_state.json`` the Trainer would have written at
+its step (``global_step`` its step, a ``log_history`` with a training loss and an ``eval_loss``
+every 100 steps so far, ``best_model_checkpoint`` / ``best_metric`` by eval_loss, the best
+checkpoint under a training-time path the tree does not have), so that retention's
+``--keep-best`` ranks by real metrics. Without it every trainer_state.json is the one
+placeholder as before, byte for byte.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import struct
 import sys
@@ -159,6 +167,42 @@ def merged_blocks(values: bytes) -> list[bytes]:
     return out
 
 
+def run_trainer_states(run_index: int, count: int = PER_RUN) -> list[bytes]:
+    """The trainer_state.json of each checkpoint of run ``run_index`` (step 100, 200, ...), as
+    the Trainer writes it (indent 2, sorted keys): each repeats the log history so far, and the
+    eval_loss curve falls, then rises (overfitting), with noise of its own per run, so the
+    best checkpoint is seldom the newest. Deterministic: the same run gets the same bytes."""
+    history: list[dict] = []
+    best_loss, best_step = math.inf, None
+    out = []
+    for k in range(1, count + 1):
+        step = k * 100
+        epoch = round(step / (count * 100), 4)
+        train_loss = round(1.4 + 2.6 * math.exp(-k / 20) + 0.05 * math.sin(0.9 * k + run_index), 4)
+        # falls, then rises again as the run overfits: the best is near k = 70, not the newest
+        eval_loss = round(1.5 + 2.5 * math.exp(-k / 15) + 0.0015 * k
+                          + 0.03 * math.sin(1.3 * k + run_index), 4)
+        history.append({"epoch": epoch, "grad_norm": round(0.8 + 0.1 * math.cos(k), 4),
+                        "learning_rate": round(5e-5 * (1 - (k - 1) / count), 10),
+                        "loss": train_loss, "step": step})
+        history.append({"epoch": epoch, "eval_loss": eval_loss, "eval_runtime": 1.234,
+                        "eval_samples_per_second": 81.04, "eval_steps_per_second": 10.13,
+                        "step": step})
+        if eval_loss < best_loss:
+            best_loss, best_step = eval_loss, step
+        state = {"best_global_step": best_step, "best_metric": best_loss,
+                 "best_model_checkpoint": f"/scratch/train/run_{run_index:04d}/checkpoint-{best_step}",
+                 "epoch": epoch, "eval_steps": 100, "global_step": step,
+                 "is_hyper_param_search": False, "is_local_process_zero": True,
+                 "is_world_process_zero": True, "log_history": list(history),
+                 "logging_steps": 100, "max_steps": count * 100, "num_input_tokens_seen": 0,
+                 "num_train_epochs": 1, "save_steps": 100, "stateful_callbacks": {},
+                 "total_flos": 0.0, "train_batch_size": 8, "trial_name": None,
+                 "trial_params": None}
+        out.append((json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
 def _write(path: Path, data: bytes, mtime: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
@@ -205,11 +249,13 @@ def _write_sparse(path: Path, head: bytes, size: int, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-def _ordinary_checkpoint(ckpt: Path, kind: int, files: dict, values: bytes, mtime: float) -> int:
+def _ordinary_checkpoint(ckpt: Path, kind: int, files: dict, values: bytes, mtime: float,
+                         trainer_state: bytes | None = None) -> int:
     """Write one ordinary checkpoint (kind 0: adapter, 1: full model, 2: shards); its file count."""
     static = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
     for rel in static:
-        _write(ckpt / rel, files[rel], mtime)
+        data = trainer_state if rel == "trainer_state.json" and trainer_state is not None else files[rel]
+        _write(ckpt / rel, data, mtime)
     if kind == 0:
         _write(ckpt / "adapter_config.json", files["adapter_config.json"], mtime)
         _write(ckpt / "adapter_model.safetensors", files["adapter_header"] + values[:ADAPTER_BYTES], mtime)
@@ -224,7 +270,8 @@ def _ordinary_checkpoint(ckpt: Path, kind: int, files: dict, values: bytes, mtim
     return len(static) + 2 + SHARDS
 
 
-def generate(dest: Path, checkpoints: int, mtime: float | None = None, mix: str = "dylora") -> dict:
+def generate(dest: Path, checkpoints: int, mtime: float | None = None, mix: str = "dylora",
+             evals: bool = False) -> dict:
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
     files = template()
@@ -235,17 +282,22 @@ def generate(dest: Path, checkpoints: int, mtime: float | None = None, mix: str 
     static = {rel: v for rel, v in files.items()
               if rel not in ("adapter_header", "merged", "merged_router")}
     n_files = 0
+    states: list[bytes] = []
     for i in range(checkpoints):
         run = dest / f"run_{i // PER_RUN:04d}"
         ckpt = run / f"checkpoint-{(i % PER_RUN + 1) * 100}"
         values = checkpoint_values(pool, i)
         run_index = i // PER_RUN
+        if evals and i % PER_RUN == 0:
+            states = run_trainer_states(run_index)
+        state = states[i % PER_RUN] if evals else None
         if mix == "ordinary" or (mix == "both" and run_index % 2 == 1):
             kind = run_index % 3 if mix == "ordinary" else (run_index // 2) % 3
-            n_files += _ordinary_checkpoint(ckpt, kind, ordinary, values, mtime)
+            n_files += _ordinary_checkpoint(ckpt, kind, ordinary, values, mtime, state)
             continue
         for rel, content in static.items():
-            _write(ckpt / rel, content, mtime)
+            _write(ckpt / rel, state if rel == "trainer_state.json" and state is not None else content,
+                   mtime)
         for e in range(EXPERTS):
             _write(ckpt / f"peft_adapters/expert_{e}/adapter_model.safetensors",
                    files["adapter_header"] + values[e * ADAPTER_BYTES:(e + 1) * ADAPTER_BYTES], mtime)
@@ -270,12 +322,14 @@ def main(argv=None) -> int:
     ap.add_argument("dest", type=Path)
     ap.add_argument("--checkpoints", type=int, default=3000)
     ap.add_argument("--mix", choices=MIXES, default="dylora")
+    ap.add_argument("--evals", action="store_true",
+                    help="each checkpoint's trainer_state.json with its run's eval_loss history")
     args = ap.parse_args(argv)
     if args.dest.exists() and any(args.dest.iterdir()):
         print(f"{args.dest}: not empty", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    info = generate(args.dest, args.checkpoints, mix=args.mix)
+    info = generate(args.dest, args.checkpoints, mix=args.mix, evals=args.evals)
     print(f"{info['checkpoints']} checkpoints, {info['files']} files in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -224,8 +224,9 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     promised = PruneResult.from_plan(plan)
     shown_plan = render_prune_plan(plan, scan, multi_root=multi_root, verbose=out.verbose,
                                    quiet=out.quiet)
-    shown_plan += _gap(shown_plan) + render_retention_plan(kept, multi_root=multi_root,
-                                                           verbose=out.verbose, quiet=out.quiet)
+    if not out.json or not (dry_run or yes):   # the text is shown (the prompt shows it on stderr)
+        shown_plan += _gap(shown_plan) + render_retention_plan(kept, multi_root=multi_root,
+                                                               verbose=out.verbose, quiet=out.quiet)
     if dry_run:
         if out.json:
             out.document(promised.to_dict(dry_run=True, with_root=multi_root)

@@ -70,6 +70,7 @@ bench: venv
 	$(PY) bench/audit_vs_du.py --sizes 1000 3000 10000 --reps 5
 	$(PY) bench/audit_slow_storage.py --checkpoints 1000 --delay-us 100 --reps 3
 	$(PY) bench/prune_cost.py --checkpoints 10000 --reps 3
+	$(PY) bench/retention_cost.py --checkpoints 10000 --reps 5 --mix dylora ordinary --delete-checkpoints 1000 --delete-reps 5
 	$(PY) bench/inspect_speed.py
 	$(PY) bench/migrate_bytes.py
 	$(PY) bench/lowrank_vs_mergekit.py --size 119m --reps 3 --exact

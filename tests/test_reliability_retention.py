@@ -409,6 +409,8 @@ def log_times(log: Path) -> list[tuple[str, str, float]]:
     out = []
     for line in log.read_text(encoding="utf-8").splitlines() if log.exists() else []:
         doc = json.loads(line)
+        if doc["action"] in ("start", "end"):   # a run's records, not actions on a path
+            continue
         when = datetime.fromisoformat(doc["time"].replace("Z", "+00:00")).timestamp()
         out.append((doc["action"], doc["path"], when))
     return out

@@ -9,7 +9,17 @@ from .options import Duration, PathArgument, command_output, output_options
 from .scanning import scan_roots
 
 
-@click.command()
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools audit results/
+  ckpt-tools audit --strict results/    # exit 1 on legacy or redundant too
+  ckpt-tools audit -q --min-age 0 results/ /shared/results
+  ckpt-tools audit --json results/ > audit.json
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.argument("roots", nargs=-1, required=True, type=PathArgument())
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,
               help="A checkpoint whose newest file is younger is in progress.")

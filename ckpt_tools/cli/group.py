@@ -60,6 +60,21 @@ class CliContext:
         return code
 
 
+def closest_commands(name: str, commands: list[str]) -> list[str]:
+    """The commands a mistyped ``name`` most likely meant: those it begins (``val``), else the
+    closest by difflib's ratio (``prun``, ``adit``, ``migrat``), without the distant runners-up
+    (``valdiate`` means validate, not audit); none when nothing is close."""
+    import difflib   # only on this error: --help and every command start without it
+    typed = name.lower()
+    begun = [c for c in commands if typed and c.startswith(typed)]
+    if begun:
+        return begun
+    ratios = {c: difflib.SequenceMatcher(None, typed, c).ratio() for c in commands}
+    best = max(ratios.values(), default=0.0)
+    return sorted((c for c, r in ratios.items() if r >= max(0.6, best - 0.1)),
+                  key=lambda c: -ratios[c])
+
+
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use, and whose failures all end in
     ``exits.handle``: the same exit codes for every command, whoever invokes the group."""
@@ -77,6 +92,20 @@ class LazyGroup(click.Group):
             command = getattr(importlib.import_module(module), attribute)
             self.add_command(command, name)
         return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """click's, but an unknown command is compared with every command in the table, not
+        only with those already imported (none, in a fresh process: ``prun`` got no hint)."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError:
+            name = click.utils.make_str(args[0])
+            if name.startswith("-") or self.get_command(ctx, name) is not None:
+                raise   # an option's error, or one inside a command: not a missing command
+            meant = closest_commands(name, self.list_commands(ctx))
+            hint = ("" if not meant else f" Did you mean {meant[0]!r}?" if len(meant) == 1
+                    else f" Did you mean one of: {', '.join(map(repr, meant))}?")
+            raise click.UsageError(f"No such command {name!r}.{hint}", ctx) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The commands and their summaries, from the table: none is imported."""
@@ -99,7 +128,18 @@ class LazyGroup(click.Group):
             ctx.exit(exits.handle(exc, obj.output if obj else None))
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS,
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools audit results/             # what is there; what prune frees
+  ckpt-tools validate results/run_trainer/checkpoint-4
+  ckpt-tools prune --dry-run results/   # what a real run would delete
+  ckpt-tools migrate --dry-run results/ results-peft/
+  ckpt-tools prune --help               # each command: its options, examples
+"""
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, epilog=EXAMPLES,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-tools")
 @output_options

@@ -53,7 +53,18 @@ def quiet_libraries(verbose: bool):
                 hf_logging.enable_progress_bar()
 
 
-@click.command()
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools migrate --dry-run results/ results-peft/
+  ckpt-tools migrate --link results/ results-peft/   # hard-link canonical ones
+  ckpt-tools migrate --base-model /models/codegemma-2b --rank 16 results/ results-peft/
+  ckpt-tools migrate --base-model /models/codegemma-2b --energy 0.99 --verify \\
+      results/ results-peft/
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.argument("src", type=PathArgument())
 @click.argument("dst", type=PathArgument())
 @click.option("--dry-run", is_flag=True, help="Show what would be done; write nothing.")

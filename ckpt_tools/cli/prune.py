@@ -49,7 +49,20 @@ def _check_roots(roots: tuple[str, ...]) -> None:
                 raise click.UsageError(f"root {b} lies inside root {a}: give only {a}")
 
 
-@click.command()
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools prune --dry-run results/   # what would be deleted and freed
+  ckpt-tools prune --yes results/
+  ckpt-tools prune --dry-run --keep-last 1 --keep-best 1 --delete results/
+  ckpt-tools prune --keep-last 2 --strip --yes results/
+  ckpt-tools prune --policy retention.toml --yes /shared/results
+  # nightly, from cron (--yes: there is no terminal to ask):
+  ckpt-tools prune --yes -q --lock-timeout 600 --log prune.jsonl /shared/results
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.argument("roots", nargs=-1, required=True, type=PathArgument())
 @click.option("--dry-run", "-n", is_flag=True,
               help="Show exactly what would be deleted and freed; change nothing.")

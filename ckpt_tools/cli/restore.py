@@ -16,7 +16,17 @@ from .exits import ExitCode
 from .options import Duration, PathArgument, command_output, output_options
 
 
-@click.command()
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools restore results/best/.ckpt-tools-trash/checkpoint-4.deleted-20261206T175217Z
+  ckpt-tools restore results/best/.ckpt-tools-trash/*.deleted-*   # a run's whole trash
+  # prune ran with --lock FILE: restore takes the same lock
+  ckpt-tools restore --lock /var/lock/results.lock results/best/.ckpt-tools-trash/*
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.argument("paths", nargs=-1, required=True, type=PathArgument())
 @click.option("--lock", "lock_path", type=click.Path(dir_okay=False), default=None,
               help="Lock file to use instead of one in each trash (give prune's --lock here too).")

@@ -9,7 +9,17 @@ from .options import Duration, PathArgument, command_output, output_options
 from .scanning import scan_roots
 
 
-@click.command()
+EXAMPLES = """Examples:
+
+\b
+  ckpt-tools validate results/broken/truncated/checkpoint-100
+  ckpt-tools validate results/run_trainer   # every checkpoint under it
+  ckpt-tools validate --deep results/run_trainer/checkpoint-4   # reads every tensor
+  ckpt-tools validate --json results/run_trainer/checkpoint-4
+"""
+
+
+@click.command(epilog=EXAMPLES)
 @click.argument("checkpoints", nargs=-1, required=True, type=PathArgument())
 @click.option("--deep", is_flag=True, help="Read every tensor: NaN/Inf and a content hash per file.")
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .kinds import MigrateMethod
 from .names import json_text, shown
 from .problems import STRIP_INTERRUPTED
-from .records import BROKEN, IN_PROGRESS, LEGACY, REDUNDANT, Run, ScanResult
+from .records import BROKEN, HEALTHY, IN_PROGRESS, LEGACY, REDUNDANT, Run, ScanResult
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
     from .migrate import MigratePlan, MigrateResult
@@ -73,13 +73,37 @@ def _layout(doc) -> str:
     return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
 
 
-def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+def _table(rows: list[list[str]], right: set[int],
+           colors: list[tuple[int, str] | None] | None = None) -> list[str]:
+    """Rows of cells in aligned columns (``right``: the columns aligned right). ``colors``, one
+    per row: None, or ``(column, colour)`` to give that cell a colour; such a row is a
+    ``Styled`` line, its cells escaped first (idempotent: the widths are those of the plain,
+    escaped cells) and the escape codes put around the cell's text after its padding was
+    decided, so the columns stay aligned on the terminal."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
-    for row in rows:
+    for row, color in zip(rows, colors or [None] * len(rows)):
+        if color is not None:
+            row = [shown(c) for c in row]
         cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(row)]
-        out.append("  " + "  ".join(cells).rstrip())
+        if color is None:
+            out.append("  " + "  ".join(cells).rstrip())
+            continue
+        import click
+        column, fg = color
+        cells[column] = cells[column].replace(row[column], click.style(row[column], fg=fg), 1)
+        out.append(Styled("  " + "  ".join(cells).rstrip()))
     return out
+
+
+class Styled(str):
+    """A line whose every cell was escaped (``names.shown``) before a colour's escape codes
+    went into it: the output sink writes it as it is, where it escapes every other line."""
+
+
+# The colour of each status's cell on a terminal.
+STATUS_COLORS = {BROKEN: "red", LEGACY: "yellow", REDUNDANT: "yellow", IN_PROGRESS: "cyan",
+                 HEALTHY: "green"}
 
 
 def _run_title(root: str, run: str, multi_root: bool) -> str:
@@ -89,7 +113,11 @@ def _run_title(root: str, run: str, multi_root: bool) -> str:
     return title
 
 
-def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = False) -> list[str]:
+def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = False,
+                 color: bool = False) -> list[str]:
+    """The tables of ``result``'s runs and the footer (``quiet``: the footer alone, with every
+    status's count). ``color``: each status cell in its status's colour (``STATUS_COLORS``),
+    as ``Styled`` lines."""
     lines: list[str] = []
     multi_root = len(result.roots) > 1
     if not quiet:
@@ -121,7 +149,8 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
                              probs or "-"])
                 if best_column:
                     rows[-1].append(_best_mark(run) if c.best_of_run else "")
-            lines.extend(_table(rows, right={1, 5, 6}))
+            colors = [None] + [(2, STATUS_COLORS[c.status]) for c in run.checkpoints] if color else None
+            lines.extend(_table(rows, right={1, 5, 6}, colors=colors))
             lines.append(f"  space: {_space_text(run_space)}")
             if run.trainer is not None and run.trainer.best_missing:
                 lines.append(f"    note: {_best_missing_note(run)}")
@@ -140,7 +169,7 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append(f"space: {_space_text(space.total)}")
             lines.append("owners: " + ", ".join(f"{shown(name)} {size_str(n)}"
                                                 for name, n in space.total.by_owner.items()))
-    lines.append(footer(result))
+    lines.append(footer(result, every_status=quiet))
     return lines
 
 
@@ -180,7 +209,10 @@ def _best_missing_note(run: Run) -> str:
             f"{f' ({metric})' if metric else ''}; it is no longer in this run")
 
 
-def footer(result: ScanResult) -> str:
+def footer(result: ScanResult, *, every_status: bool = False) -> str:
+    """The summary line. The statuses that need attention are named where there are any;
+    ``every_status`` (``-q``, where this line is all there is) names each status's count,
+    healthy and zeros included, so that a script reads them all from one line."""
     counts = result.by_status()
     n = len(result.checkpoints)
     runs = len(result.runs)
@@ -188,8 +220,8 @@ def footer(result: ScanResult) -> str:
              f"{size_str(result.size_bytes)} on disk",
              f"{size_str(result.reclaimable_bytes)} reclaimable by prune"]
     for status, label in ((BROKEN, "broken"), (LEGACY, "legacy"), (REDUNDANT, "redundant"),
-                          (IN_PROGRESS, "in progress")):
-        if counts[status]:
+                          (IN_PROGRESS, "in progress"), (HEALTHY, "healthy")):
+        if counts[status] and status is not HEALTHY or every_status:
             parts.append(f"{counts[status]} {label}")
     return ", ".join(parts)
 

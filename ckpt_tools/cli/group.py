@@ -13,7 +13,7 @@ import click
 from .. import __version__
 from . import exits
 from .options import output_options
-from .output import Output
+from .output import Output, wants_color
 
 # name → (the command, as "module:attribute"; its summary, for --help). The summary is the
 # first paragraph of the command's docstring, kept here so that listing the commands imports
@@ -144,11 +144,12 @@ EXAMPLES = """Examples:
 @click.version_option(__version__, prog_name="ckpt-tools")
 @output_options
 @click.pass_context
-def cli(ctx, as_json, quiet, verbose, no_progress):
+def cli(ctx, as_json, quiet, verbose, no_progress, no_color):
     """Audit, validate, prune and migrate PEFT/LoRA mixture-of-experts checkpoints."""
     if ctx.obj is None:
         ctx.obj = CliContext()
-    ctx.obj.output = Output(json=as_json, quiet=quiet, verbose=verbose, progress=not no_progress)
+    ctx.obj.output = Output(json=as_json, quiet=quiet, verbose=verbose, progress=not no_progress,
+                            color=wants_color(no_color))
 
 
 def main(argv=None, *, obj: CliContext | None = None) -> int:

@@ -11,7 +11,10 @@ from .output import Output
 
 
 def output_options(f):
-    """--json, -q, -v and --no-progress, accepted after the command name as well as before it."""
+    """--json, -q, -v, --no-progress and --no-color, accepted after the command name as well as
+    before it."""
+    f = click.option("--no-color", is_flag=True,
+                     help="No colour, even on a terminal (so does a non-empty NO_COLOR).")(f)
     f = click.option("--no-progress", is_flag=True, help="No progress bar.")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Warnings, details, and tracebacks on failure.")(f)
     f = click.option("-q", "--quiet", is_flag=True, help="Only the summary and errors.")(f)

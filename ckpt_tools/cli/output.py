@@ -31,12 +31,14 @@ class Output:
     quiet: bool = False
     verbose: bool = False
     progress: bool = True
+    color: bool = False   # styles in the report on stdout: see ``wants_color``
 
     def merged(self, *, as_json: bool = False, quiet: bool = False, verbose: bool = False,
-               no_progress: bool = False) -> Output:
+               no_progress: bool = False, no_color: bool = False) -> Output:
         """These options given after the command name as well as before it."""
         return Output(json=self.json or as_json, quiet=self.quiet or quiet,
-                      verbose=self.verbose or verbose, progress=self.progress and not no_progress)
+                      verbose=self.verbose or verbose, progress=self.progress and not no_progress,
+                      color=self.color and not no_color)
 
     # --- stdout ---------------------------------------------------------------------
 
@@ -45,6 +47,14 @@ class Output:
         mode, unless ``err`` sends it to stderr (a plan shown before a question)."""
         if self.json and not err:
             return
+        if self.color:   # only then may a renderer have styled a line (``report.Styled``)
+            from ..report import Styled
+            lines = list(lines)
+            if any(isinstance(line, Styled) for line in lines):
+                # a styled line was escaped cell by cell before its escape codes went in
+                click.echo("\n".join(line if isinstance(line, Styled) else shown(line)
+                                     for line in lines), err=err)
+                return
         click.echo(shown_lines(lines), err=err)
 
     def document(self, doc) -> None:
@@ -100,6 +110,15 @@ class Output:
             else:                             # a heading, or an exception's text: may quote a name
                 text = ("\n" if chunk.startswith("\n") else "") + shown(chunk.strip("\n"))
             click.echo(text, err=True)
+
+
+def wants_color(no_color: bool) -> bool:
+    """Colour on stdout only where it is a terminal (as click sees it: its test runner's
+    ``color=True`` is one) and neither ``--no-color`` nor a non-empty ``NO_COLOR``
+    (no-color.org) says no."""
+    if no_color or os.environ.get("NO_COLOR"):
+        return False
+    return not click.utils.should_strip_ansi(sys.stdout)
 
 
 def speak_any_locale() -> None:

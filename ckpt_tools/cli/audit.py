@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .exits import ExitCode
-from .options import Duration, PathArgument, command_output, output_options
+from .options import Duration, PathArgument, command_output, output_options, walk_options
 from .scanning import scan_roots
 
 
@@ -16,14 +16,15 @@ from .scanning import scan_roots
 @click.option("--strict", is_flag=True, help="Also exit 1 when any checkpoint is legacy or redundant.")
 @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Worker processes validating in parallel; 0: one per CPU (at most 8).")
+@walk_options
 @output_options
 @click.pass_context
-def audit(ctx, roots, min_age, strict, jobs, **opts):
+def audit(ctx, roots, min_age, strict, jobs, walk, **opts):
     """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim."""
     from ..records import BROKEN, LEGACY, REDUNDANT
     from ..report import render_audit
     out = command_output(ctx, **opts)
-    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs)
+    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk)
     if out.json:
         out.document(result.to_dict())
     else:

@@ -16,6 +16,7 @@ from .prune.plan import plan_prune
 from .problems import Problem
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult
+from .scanner import WalkOptions
 
 if TYPE_CHECKING:
     from .validator import Verdict
@@ -84,7 +85,8 @@ NEW_CACHE = _NewCache()
 def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE_S,
          now: float | None = None, jobs: int = 1,
          progress: Callable[[int, int], None] | None = None,
-         cache: ReadCache | _NewCache | None = NEW_CACHE) -> ScanResult:
+         cache: ReadCache | _NewCache | None = NEW_CACHE,
+         walk: WalkOptions = WalkOptions()) -> ScanResult:
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
@@ -92,7 +94,8 @@ def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE
     small scans stay in this process. ``cache``: by default a new ``ReadCache`` for this scan
     (the checkpoints of a run then cost their reads only; at 10,000 checkpoints a sixth of
     the time without it); a ``ReadCache`` of the caller's; or None to read and judge every
-    file afresh. The result is the same for every ``jobs`` and every ``cache``.
+    file afresh. The result is the same for every ``jobs`` and every ``cache``. ``walk``:
+    which directories are left out (``scanner.WalkOptions``: other file systems, patterns).
     Raises ``scanner.ScanError`` when a root cannot be scanned at all.
     """
     if cache is NEW_CACHE:
@@ -106,18 +109,18 @@ def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE
     gc.disable()
     try:
         if jobs > 1:
-            return _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache)
-        return _scan_here(roots, level, min_age_s, now, progress, cache)
+            return _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache, walk)
+        return _scan_here(roots, level, min_age_s, now, progress, cache, walk)
     finally:
         if collecting:
             gc.enable()
 
 
-def _scan_here(roots, level, min_age_s, now, progress, cache) -> ScanResult:
+def _scan_here(roots, level, min_age_s, now, progress, cache, walk) -> ScanResult:
     found: list[CheckpointDir] = []
     problems = []
     for root in scanner.iter_roots(roots):
-        dirs, probs = scanner.find_checkpoints(root)
+        dirs, probs = scanner.find_checkpoints(root, walk)
         found.extend(dirs)
         problems.extend(probs)
     checkpoints: list[Checkpoint] = []
@@ -140,17 +143,19 @@ def _scan_here(roots, level, min_age_s, now, progress, cache) -> ScanResult:
 # and adds to its own copy (see read_cache).
 
 
-def _plan(roots) -> tuple[list, list]:
-    """(walks, units): per root, (root, root_abs, root_real, items) where items are what its walk
-    yielded (problems, checkpoints it had to list itself, delegated paths); each unit is
+def _plan(roots, walk: WalkOptions) -> tuple[list, list]:
+    """(walks, units): per root, (root, root_abs, root_real, items, admits) where items are what
+    its walk yielded (problems, checkpoints it had to list itself, delegated paths) and admits
+    what it enters (the workers walk the delegated subtrees with it); each unit is
     (root index, item) for an item that needs a worker."""
     walks = []
     units = []
     for r, root in enumerate(scanner.iter_roots(roots)):
         root_abs, root_real, first = scanner._roots(root)
+        admits = walk.admits(root_abs)
         items = list(scanner.walk(root, root_abs, root_real, [(root_abs, first)],
-                                  delegate=scanner.delegable))
-        walks.append((root, root_abs, root_real, items))
+                                  delegate=scanner.delegable, admits=admits))
+        walks.append((root, root_abs, root_real, items, admits))
         units.extend((r, item) for item in items if not isinstance(item, Problem))
     return walks, units
 
@@ -181,9 +186,10 @@ class _ScanWork:
         r, item = self.units[i]
         if isinstance(item, CheckpointDir):  # listed by the parent already
             return [(None, self.judged(item))]
-        root, root_abs, root_real, _ = self.walks[r]
+        root, root_abs, root_real, _, admits = self.walks[r]
         out = []
-        for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True):
+        for x in scanner.walk(root, root_abs, root_real, [(item, None)], rows=True,
+                              admits=admits):
             if isinstance(x, Problem):
                 out.append(x)
             else:
@@ -195,8 +201,8 @@ class _ScanWork:
         return [self.run_unit(i) for i in range(*lo_hi)]
 
 
-def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache) -> ScanResult:
-    walks, units = _plan(roots)
+def _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache, walk) -> ScanResult:
+    walks, units = _plan(roots, walk)
     if units:
         from . import validator  # noqa: F401 - imported before the fork: the workers inherit it
     jobs = min(jobs, max(1, len(units) // _MIN_PER_PROCESS))
@@ -216,7 +222,7 @@ def _gather(walks, units, results, progress) -> ScanResult:
     done = 0
     total = len(units)
     u = 0
-    for root, _, _, items in walks:
+    for root, _, _, items, _ in walks:
         found = []
         for item in items:
             if isinstance(item, Problem):

@@ -1,14 +1,18 @@
 """Find runs and checkpoints under a root, with one ``lstat`` per entry and no file opened.
 
 The walk uses ``os.scandir``, never follows a symlink (a symlink is recorded as
-what it is, with where it points), and never leaves the root.
+what it is, with where it points), and never leaves the root. ``WalkOptions`` narrow it
+further: directories of other file systems (``du -x``) and directories matching a pattern
+are not entered.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from sys import intern
 
 from . import layout
@@ -19,6 +23,58 @@ from .records import CheckpointDir, FileRecord
 
 class ScanError(UsageError):
     """A root that cannot be scanned at all (missing, not a directory, unreadable)."""
+
+
+#: Whether the walk may enter a directory (a DirEntry it listed); None: every one.
+Admits = Callable[[os.DirEntry], bool] | None
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    """Which directories the walk of a root leaves out.
+
+    ``one_file_system``: a directory on another file system than its root (a mount point)
+    is not entered, as ``du -x``. ``exclude``: glob patterns (``fnmatch``, case-sensitive,
+    ``*`` also matching ``/``); a directory whose name or whose path relative to its root
+    matches one is not entered, so nothing under it is listed, judged or touched. They apply
+    to the directories the walk descends through to find checkpoints (runs, checkpoints, a
+    checkpoint nested in another), never to a root itself nor to the files and folders of a
+    checkpoint found: a checkpoint is judged whole or not at all.
+    """
+
+    one_file_system: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def admits(self, root_abs: str) -> Admits:
+        """The test of a directory entry under ``root_abs``; None when nothing is left out
+        (the walk then pays for nothing)."""
+        patterns = tuple(filter(None, map(_pattern, self.exclude)))
+        root_dev = os.stat(root_abs).st_dev if self.one_file_system else None
+        if not patterns and root_dev is None:
+            return None
+
+        def admits(entry: os.DirEntry) -> bool:
+            if root_dev is not None:
+                try:
+                    if entry.stat(follow_symlinks=False).st_dev != root_dev:
+                        return False
+                except OSError:
+                    pass   # listing it will say what is wrong with it
+            if patterns:
+                name = entry.name
+                rel = _rel(entry.path, root_abs)
+                return not any(fnmatchcase(name, p) or fnmatchcase(rel, p) for p in patterns)
+            return True
+
+        return admits
+
+
+def _pattern(text: str) -> str:
+    # "scratch/" and "./runs/a" name what "scratch" and "runs/a" do: relative paths have neither
+    text = text.rstrip("/")
+    while text.startswith("./"):
+        text = text[2:]
+    return text
 
 
 def _rel(path: str, root: str) -> str:
@@ -90,7 +146,8 @@ def _roots(root: str) -> tuple[str, str, list[os.DirEntry]]:
     return root_abs, root_real, first
 
 
-def find_checkpoints(root: str) -> tuple[list[CheckpointDir], list[Problem]]:
+def find_checkpoints(root: str, options: WalkOptions = WalkOptions()
+                     ) -> tuple[list[CheckpointDir], list[Problem]]:
     """Walk ``root`` and return every checkpoint directory found, plus scan problems.
 
     Raises ScanError only when the root itself cannot be scanned.
@@ -98,7 +155,8 @@ def find_checkpoints(root: str) -> tuple[list[CheckpointDir], list[Problem]]:
     root_abs, root_real, first = _roots(root)
     checkpoints: list[CheckpointDir] = []
     problems: list[Problem] = []
-    for item in walk(root, root_abs, root_real, [(root_abs, first)]):
+    for item in walk(root, root_abs, root_real, [(root_abs, first)],
+                     admits=options.admits(root_abs)):
         (problems if isinstance(item, Problem) else checkpoints).append(item)
     checkpoints.sort(key=checkpoint_order)
     return checkpoints, problems
@@ -119,13 +177,16 @@ def delegable(path: str) -> bool:
 
 def walk(root: str, root_abs: str, root_real: str,
          stack: list[tuple[str, list[os.DirEntry] | None]],
-         delegate=None, rows: bool = False) -> Iterator[CheckpointDir | Problem | str | tuple]:
+         delegate=None, rows: bool = False,
+         admits: Admits = None) -> Iterator[CheckpointDir | Problem | str | tuple]:
     """Depth first from ``stack``, yielding checkpoints and problems in a fixed order.
 
     With ``delegate`` (a predicate on paths, see ``delegable``), a directory it accepts is
     yielded as its path instead of being listed: the caller walks that subtree itself,
     elsewhere, and splices what it yields in at that place. With ``rows`` a checkpoint comes
-    as (its ``collect_rows`` values, the CheckpointDir).
+    as (its ``collect_rows`` values, the CheckpointDir). ``admits`` (``WalkOptions.admits``)
+    says which directories are entered; it is asked before a directory is stacked, so a
+    delegated path has passed it already.
     """
     while stack:
         path, entries = stack.pop()
@@ -150,12 +211,13 @@ def walk(root: str, root_abs: str, root_real: str,
                    or layout.marks_checkpoint({e.name for e in entries})) \
             and name not in layout.CHECKPOINT_SUBDIRS
         if is_ckpt:
-            values, nested = collect_rows(root, root_abs, root_real, path, entries)
+            values, nested = collect_rows(root, root_abs, root_real, path, entries, admits)
             ckpt = CheckpointDir.from_values(values)
             yield (values, ckpt) if rows else ckpt
             stack.extend((p, None) for p in reversed(nested))
             continue
-        subdirs = [e.path for e in entries if e.name != layout.TRASH_DIR and _is_real_dir(e)]
+        subdirs = [e.path for e in entries if e.name != layout.TRASH_DIR and _is_real_dir(e)
+                   and (admits is None or admits(e))]
         stack.extend((p, None) for p in sorted(subdirs, reverse=True))
 
 
@@ -174,10 +236,11 @@ def _collect_checkpoint(root: str, root_abs: str, root_real: str, path: str,
 
 
 def collect_rows(root: str, root_abs: str, root_real: str, path: str,
-                 entries: list[os.DirEntry]) -> tuple[tuple, list[str]]:
+                 entries: list[os.DirEntry], admits: Admits = None) -> tuple[tuple, list[str]]:
     """``_collect_checkpoint`` as plain values: the CheckpointDir's field values in
     declaration order, with ``files`` as FileRecord rows (see ``CheckpointDir.from_values``);
-    cheap to build and to send between processes."""
+    cheap to build and to send between processes. A nested directory that ``admits``
+    refuses is not returned."""
     rows: list[tuple] = []
     append = rows.append
     nested: list[str] = []
@@ -205,7 +268,7 @@ def collect_rows(root: str, root_abs: str, root_real: str, path: str,
                         listed = _named_adapter(e.path, name) if holds_adapter else None
                         if listed is None:
                             # e.g. a Trainer output_dir that holds a final model and checkpoint-*/
-                            if name != layout.TRASH_DIR:
+                            if name != layout.TRASH_DIR and (admits is None or admits(e)):
                                 nested.append(e.path)
                             continue
                     else:

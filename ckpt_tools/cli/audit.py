@@ -11,7 +11,7 @@ import click
 
 from ..kinds import Status
 from .exits import ExitCode
-from .options import Duration, PathArgument, command_output, output_options
+from .options import Duration, PathArgument, command_output, output_options, walk_options
 from .scanning import scan_roots
 
 # ckpt-tools 0.1 called healthy ``peft-only`` (README, "Changes to the JSON in 0.2")
@@ -55,14 +55,15 @@ EXAMPLES = """Examples:
 @click.option("--sort", type=click.Choice(list(SORTS)), default=None,
               help="Order checkpoints, and runs, by size or reclaimable (largest first), "
                    "step, or age (oldest first).")
+@walk_options
 @output_options
 @click.pass_context
-def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, **opts):
+def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, walk, **opts):
     """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim."""
     from ..records import BROKEN, LEGACY, REDUNDANT
     from ..report import render_audit
     out = command_output(ctx, **opts)
-    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs)
+    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk)
     result = narrowed(result, {STATUS_NAMES[s.lower()] for s in statuses}, run_globs, sort)
     if out.json:
         out.document(result.to_dict())

@@ -14,7 +14,7 @@ import click
 
 from ..report import migrate_where, render_migrate_plan, render_migrate_result
 from .exits import ExitCode
-from .options import Duration, PathArgument, command_output, finite, output_options
+from .options import Duration, PathArgument, command_output, finite, output_options, walk_options
 
 if TYPE_CHECKING:  # the migrate package is imported when migrate runs, not at start-up
     from ..migrate import MigrateEvent
@@ -101,10 +101,12 @@ EXAMPLES = """Examples:
               help="Lock file to hold instead of DST/.ckpt-tools.lock.")
 @click.option("--lock-timeout", type=Duration(), default=0.0, show_default=True,
               metavar="SECONDS", help="Seconds to wait for another run's lock.")
+@walk_options
 @output_options
 @click.pass_context
 def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, device,
-            lora_alpha, verify, verify_tol, jobs, min_age, lock_path, lock_timeout, **opts):
+            lora_alpha, verify, verify_tol, jobs, min_age, lock_path, lock_timeout, walk,
+            **opts):
     """Convert every non-canonical checkpoint under SRC into the canonical layout under DST.
 
     Relative paths are mirrored; canonical checkpoints are copied (or hard-linked with
@@ -123,7 +125,7 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     options = MigrateOptions(link=link, base_model=base_model, rank=rank, energy=energy,
                              device=device, lora_alpha=lora_alpha, verify=verify,
                              verify_tol=verify_tol, min_age_s=min_age, **bound)
-    plan = plan_migrate(src, dst, options, jobs=jobs)
+    plan = plan_migrate(src, dst, options, jobs=jobs, walk=walk)
     if dry_run:
         if out.json:
             out.document(plan.to_dict())

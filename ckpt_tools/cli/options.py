@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import click
@@ -20,6 +21,24 @@ def output_options(f):
     f = click.option("-q", "--quiet", is_flag=True, help="Only the summary and errors.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")(f)
     return f
+
+
+def walk_options(f):
+    """--one-file-system and --exclude GLOB (repeatable), handed to the command as one
+    ``walk`` argument, a ``scanner.WalkOptions`` (built when the command runs: --help imports
+    no scanner)."""
+    @functools.wraps(f)
+    def command(*args, one_file_system, exclude, **kwargs):
+        from ..scanner import WalkOptions
+        return f(*args, walk=WalkOptions(one_file_system, tuple(exclude)), **kwargs)
+
+    command = click.option(
+        "--exclude", metavar="GLOB", multiple=True,
+        help="Leave out every directory whose name or path relative to its root matches GLOB "
+             "(repeatable): nothing under it is read or touched.")(command)
+    return click.option(
+        "--one-file-system", "-x", is_flag=True,
+        help="Do not enter directories on other file systems (mount points), as du -x.")(command)
 
 
 def command_output(ctx: click.Context, **opts) -> Output:

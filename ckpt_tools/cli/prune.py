@@ -24,7 +24,7 @@ from ..records import REDUNDANT
 from ..report import (prune_where, render_prune_outcome, render_prune_plan, render_retention_outcome,
                       render_retention_plan, size_str)
 from .exits import ExitCode, exit_code_of
-from .options import Duration, PathArgument, command_output, output_options
+from .options import Duration, PathArgument, command_output, output_options, walk_options
 from .output import Output
 from .scanning import scan_roots
 
@@ -104,11 +104,12 @@ EXAMPLES = """Examples:
 @click.option("--purge-after", type=Duration(), default="7d", show_default=True,
               help="Purge trash entries older than this.")
 @click.option("--purge-now", is_flag=True, help="Purge the trash whatever its age.")
+@walk_options
 @output_options
 @click.pass_context
 def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, jobs, keep_last,
           keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps, action,
-          policy_file, purge_after, purge_now, **opts):
+          policy_file, purge_after, purge_now, walk, **opts):
     """Delete the merged weights of redundant checkpoints under ROOTS.
 
     Only checkpoints whose PEFT tree is complete and valid lose their merged weights
@@ -134,7 +135,8 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
         try:
             with root_lock(roots, lock_timeout, lock_path=lock_path,
                            exclusive=not (dry_run or will_refuse)):
-                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention, totals)
+                code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention, totals,
+                              walk)
         except LockHeld as exc:
             if log is not None:   # the log says why this run did nothing
                 for r in roots:
@@ -208,9 +210,9 @@ def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_wit
 
 
 def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention,
-           totals: RunTotals) -> int:
+           totals: RunTotals, walk) -> int:
     multi_root = len(roots) > 1
-    scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs)
+    scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk)
     totals.scanned(scan.checkpoints)
     if out.json or out.quiet:
         # the plan lists these on stdout, which --json and cron's -q do not show:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .exits import ExitCode
-from .options import Duration, PathArgument, command_output, output_options
+from .options import Duration, PathArgument, command_output, output_options, walk_options
 from .scanning import scan_roots
 
 
@@ -24,14 +24,16 @@ EXAMPLES = """Examples:
 @click.option("--deep", is_flag=True, help="Read every tensor: NaN/Inf and a content hash per file.")
 @click.option("--min-age", type=Duration(), default="1h", show_default=True,
               help="A checkpoint whose newest file is younger is reported in progress.")
+@walk_options
 @output_options
 @click.pass_context
-def validate(ctx, checkpoints, deep, min_age, **opts):
+def validate(ctx, checkpoints, deep, min_age, walk, **opts):
     """Validate the named checkpoints (or every checkpoint under a named directory)."""
     from ..report import render_validate, validate_doc
     from ..validator import DEEP, FULL
     out = command_output(ctx, **opts)
-    result = scan_roots(out, checkpoints, level=DEEP if deep else FULL, min_age_s=min_age)
+    result = scan_roots(out, checkpoints, level=DEEP if deep else FULL, min_age_s=min_age,
+                        walk=walk)
     if not result.checkpoints:
         raise click.ClickException(f"no checkpoint found under {', '.join(checkpoints)}")
     if out.json:

@@ -253,11 +253,14 @@ def digest_of(files: list[tuple[str, int, int]]) -> str:
 
 
 def plan_migrate(src: str, dst: str, options: MigrateOptions = MigrateOptions(), *,
-                 now: float | None = None, jobs: int = 1, progress=None) -> MigratePlan:
-    """Scan SRC and decide what to do with each checkpoint (nothing is written)."""
+                 now: float | None = None, jobs: int = 1, progress=None,
+                 walk: scanner.WalkOptions = scanner.WalkOptions()) -> MigratePlan:
+    """Scan SRC and decide what to do with each checkpoint (nothing is written); ``walk``:
+    which directories of SRC the scan leaves out."""
     from ..api import scan
     check_roots(src, dst)
-    result = scan(src, min_age_s=options.min_age_s, now=now, jobs=jobs, progress=progress)
+    result = scan(src, min_age_s=options.min_age_s, now=now, jobs=jobs, progress=progress,
+                  walk=walk)
     items = []
     for c in result.checkpoints:
         target = c.path

@@ -7,7 +7,9 @@ The codes mean the same for every command (README, "Exit status"):
 * 2   usage error or refusal: a bad option or path, a root that cannot be scanned, a
       ``--log`` or ``--lock`` that is not a regular file, no ``--yes`` and no terminal;
 * 75  the lock is held by another run (sysexits' EX_TEMPFAIL: try again later);
-* 130 interrupted.
+* 130 interrupted;
+* 141 stdout was closed (``| head``): what was under way finished, nothing else was started
+      (128 + SIGPIPE, what a shell reports for a program the signal ended).
 
 Commands return 0 or 1 themselves; everything else reaches ``handle`` as an exception.
 The library's exceptions that are the user's to fix derive from the kinds in
@@ -33,13 +35,18 @@ class ExitCode(enum.IntEnum):
     USAGE = UsageError.exit_code
     LOCKED = TryAgain.exit_code
     INTERRUPTED = 130
+    STDOUT_CLOSED = 141
 
 
 def _show_click_error(exc: click.ClickException) -> None:
-    exc.message = shown(exc.message)   # it may quote an argument: a name
+    """click's failure in the program's one voice: ``ckpt-tools: error: …``, then, for a usage
+    error, where to look (``Try 'ckpt-tools prune --help' for help.``)."""
     if isinstance(exc, click.FileError):
         exc.ui_filename = shown(exc.ui_filename)
-    exc.show()
+    click.echo(f"{PROGRAM}: error: {shown(exc.format_message())}", err=True)
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        click.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -51,7 +58,7 @@ def exit_code_of(exc: BaseException) -> int:
     if isinstance(exc, click.ClickException):
         return ExitCode.USAGE
     if isinstance(exc, BrokenPipeError):
-        return ExitCode.OK
+        return ExitCode.STDOUT_CLOSED
     if isinstance(exc, CkptToolsError):
         return ExitCode(exc.exit_code)
     return ExitCode.PROBLEMS
@@ -70,8 +77,8 @@ def handle(exc: BaseException, out: Output | None = None) -> int:
     if isinstance(exc, click.ClickException):   # a usage error, or a refusal worded by click
         _show_click_error(exc)
         return ExitCode.USAGE
-    if isinstance(exc, BrokenPipeError):        # the reader went away: nothing left to say
-        return ExitCode.OK
+    if isinstance(exc, BrokenPipeError):        # the reader went away: nothing left to say there
+        return ExitCode.STDOUT_CLOSED
     if isinstance(exc, TryAgain):
         out.say(f"{PROGRAM}: {exc}; nothing done. Try again later or raise --lock-timeout.")
         return ExitCode(exc.exit_code)

@@ -54,9 +54,9 @@ class CliContext:
         if self.program:
             import os
             import sys
-            sys.stdout.flush()
+            self.output.flush_stdout()
             sys.stderr.flush()
-            os._exit(int(code))
+            os._exit(_closed_stdout_says(self.output, code))
         return code
 
 
@@ -163,6 +163,17 @@ def main(argv=None, *, obj: CliContext | None = None) -> int:
     obj = obj or CliContext(program=program)
     try:
         rv = cli.main(args=argv, prog_name="ckpt-tools", standalone_mode=False, obj=obj)
-        return int(rv) if isinstance(rv, int) else exits.ExitCode.OK.value
+        code = int(rv) if isinstance(rv, int) else exits.ExitCode.OK.value
     except (Exception, KeyboardInterrupt) as exc:   # noqa: BLE001 - parsing errors, ^C
-        return int(exits.handle(exc, obj.output))
+        code = int(exits.handle(exc, obj.output))
+    if program:   # said now, while a closed pipe can still change the exit code
+        obj.output.flush_stdout()
+    return _closed_stdout_says(obj.output, code)
+
+
+def _closed_stdout_says(output: Output, code: int) -> int:
+    """A run whose stdout's reader went away did not say all it had to: that is the exit
+    code, unless the run has a worse one of its own (a usage error, a lock, a failure)."""
+    if output.stdout_lost and code == exits.ExitCode.OK:
+        return exits.ExitCode.STDOUT_CLOSED
+    return code

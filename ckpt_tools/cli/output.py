@@ -14,9 +14,10 @@ stay aligned); escaping is idempotent, so the sink's pass changes nothing there.
 from __future__ import annotations
 
 import os
+import select
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 
@@ -32,13 +33,16 @@ class Output:
     verbose: bool = False
     progress: bool = True
     color: bool = False   # styles in the report on stdout: see ``wants_color``
+    # stdout's reader went away (``| head``): set by the first write that failed, or by
+    # ``stdout_closed``'s probe; what is still to say on stdout is dropped from then on
+    stdout_lost: bool = field(default=False, compare=False)
 
     def merged(self, *, as_json: bool = False, quiet: bool = False, verbose: bool = False,
                no_progress: bool = False, no_color: bool = False) -> Output:
         """These options given after the command name as well as before it."""
         return Output(json=self.json or as_json, quiet=self.quiet or quiet,
                       verbose=self.verbose or verbose, progress=self.progress and not no_progress,
-                      color=self.color and not no_color)
+                      color=self.color and not no_color, stdout_lost=self.stdout_lost)
 
     # --- stdout ---------------------------------------------------------------------
 
@@ -47,15 +51,17 @@ class Output:
         mode, unless ``err`` sends it to stderr (a plan shown before a question)."""
         if self.json and not err:
             return
+        lines = list(lines)
+        text = shown_lines(lines)
         if self.color:   # only then may a renderer have styled a line (``report.Styled``)
             from ..report import Styled
-            lines = list(lines)
             if any(isinstance(line, Styled) for line in lines):
                 # a styled line was escaped cell by cell before its escape codes went in
-                click.echo("\n".join(line if isinstance(line, Styled) else shown(line)
-                                     for line in lines), err=err)
-                return
-        click.echo(shown_lines(lines), err=err)
+                text = "\n".join(line if isinstance(line, Styled) else shown(line) for line in lines)
+        if err:
+            click.echo(text, err=True)
+        else:
+            self._to_stdout(lambda: click.echo(text))
 
     def document(self, doc) -> None:
         """``--json``'s one document on stdout, in UTF-8 whatever the locale (RFC 8259)."""
@@ -63,11 +69,49 @@ class Output:
         text = dumps(doc)
         buffer = getattr(sys.stdout, "buffer", None)
         if buffer is None:   # a text-only stand-in for stdout (an in-process caller's)
-            click.echo(text)
+            self._to_stdout(lambda: click.echo(text))
             return
-        sys.stdout.flush()
-        buffer.write(text.encode("utf-8") + b"\n")
-        buffer.flush()
+
+        def write() -> None:
+            sys.stdout.flush()
+            buffer.write(text.encode("utf-8") + b"\n")
+            buffer.flush()
+        self._to_stdout(write)
+
+    def stdout_closed(self) -> bool:
+        """Whether stdout's reader has gone: a write failed, or (probed without writing) the
+        pipe has no reader left. A long run asks between two units of work, so that it stops
+        at a boundary rather than at whichever write would have failed."""
+        if not self.stdout_lost and _reader_gone(sys.stdout):
+            self._lose_stdout()
+        return self.stdout_lost
+
+    def flush_stdout(self) -> None:
+        """Whatever is still buffered for stdout, out now (a closed pipe is remembered)."""
+        self._to_stdout(sys.stdout.flush)
+
+    def _to_stdout(self, write) -> None:
+        """``write`` to stdout, unless its reader is gone; a closed pipe is remembered, never
+        raised: it must not interrupt whatever the run is doing between two lines."""
+        if self.stdout_lost:
+            return
+        try:
+            write()
+        except BrokenPipeError:
+            self._lose_stdout()
+
+    def _lose_stdout(self) -> None:
+        self.stdout_lost = True
+        # what is still buffered would fail again at every flush, the interpreter's last one
+        # included: it goes to /dev/null instead
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):   # no real file descriptor (a test's stand-in)
+            pass
 
     # --- stderr ---------------------------------------------------------------------
 
@@ -119,6 +163,22 @@ def wants_color(no_color: bool) -> bool:
     if no_color or os.environ.get("NO_COLOR"):
         return False
     return not click.utils.should_strip_ansi(sys.stdout)
+
+
+def _reader_gone(stream) -> bool:
+    """True when ``stream`` is a pipe or socket whose other end has closed (POLLERR/POLLHUP,
+    which poll reports whatever events are asked for); never for a file or a live terminal."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)
+    try:
+        ready = poller.poll(0)
+    except OSError:
+        return False
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in ready)
 
 
 def speak_any_locale() -> None:

@@ -270,13 +270,15 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
             return ExitCode.USAGE
         out.report(shown_plan, err=out.json)
         if not out.ask(_question(plan, kept)):
-            out.say("Nothing deleted.")
-            return ExitCode.USAGE
+            out.say("Nothing deleted.")   # the user's answer, not a failure
+            return ExitCode.OK
     else:
         out.report(shown_plan + [""])
     result = _execute(out, plan, min_age, jobs, log, multi_root, fs)
     if result.log_error:
         _report_log_failure(out, result)
+        done = None
+    elif out.stdout_closed():   # stopped at a checkpoint boundary: retention is not started
         done = None
     else:
         done = _execute_retention(out, kept, min_age, log, multi_root, fs)
@@ -289,6 +291,10 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
                       if done is not None and kept.has_work else []))
     totals.done(result, done)
     ok = result.ok and (done is None or done.ok)
+    if ok and out.stdout_lost:
+        _report_stdout_closed(out, result, log, roots, totals,
+                              retention_left=done is None and kept.has_work)
+        return ExitCode.STDOUT_CLOSED
     return ExitCode.OK if ok else ExitCode.PROBLEMS
 
 
@@ -348,7 +354,8 @@ def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResu
 
     try:
         return execute_prune(plan, revalidate=Revalidator(min_age_s=min_age), log=log,
-                             on_event=on_event, jobs=jobs or default_jobs(), fs=fs)
+                             on_event=on_event, jobs=jobs or default_jobs(), fs=fs,
+                             stop=lambda: _STDOUT_CLOSED if out.stdout_closed() else None)
     finally:
         if bar is not None:
             bar.close()
@@ -363,3 +370,29 @@ def _report_log_failure(out: Output, result: PruneResult) -> None:
     if result.stopped:
         n = len(result.stopped)
         out.say(f"stopped: {n} planned file{'s' if n != 1 else ''} not deleted")
+
+
+_STDOUT_CLOSED = "stdout was closed (its reader went away)"
+
+
+def _report_stdout_closed(out: Output, result: PruneResult, log, roots, totals: RunTotals,
+                          retention_left: bool) -> None:
+    """A closed stdout ended the run at a checkpoint boundary (or only cut its report short):
+    one line on stderr and one in the log per root saying what was left undone."""
+    n = len(result.stopped)
+    if n or retention_left:
+        undone = ([f"{n} planned file{'s' if n != 1 else ''} not deleted"] if n else []) \
+            + (["retention not started"] if retention_left else [])
+        why = (f"<stdout>: {_STDOUT_CLOSED}: stopped at a checkpoint boundary; "
+               + ", ".join(undone) + "; run it again to finish")
+    else:
+        why = f"<stdout>: {_STDOUT_CLOSED}: all planned work done, its report cut short"
+    out.error(why)
+    if log is not None and not log.failed:
+        for r in roots:
+            try:
+                log.record(PruneEvent("skip", r, ".", 0, why))
+            except LogWriteError as exc:
+                out.error(str(exc))
+                break
+            totals.actions["skip"] += 1

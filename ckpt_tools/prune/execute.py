@@ -166,10 +166,12 @@ class _Outcome:
     """What a run did, gathered as it happens: each action goes to the log (and to
     ``on_event``) the moment it is done."""
 
-    def __init__(self, log: ActionLog | None, on_event, fs: FileOps) -> None:
+    def __init__(self, log: ActionLog | None, on_event, fs: FileOps,
+                 stop: Callable[[], str | None] | None = None) -> None:
         self.log = log
         self.on_event = on_event
         self.fs = fs           # what the unlinks go through (forked workers inherit it)
+        self.stop_asked = stop   # asked between checkpoints: why to start no other, or None
         self.suffix = ""   # said after each skip and failure reason
         self.deleted: list[Deleted] = []
         self.skipped: list[Skip] = []
@@ -193,6 +195,12 @@ class _Outcome:
     def log_failed(self) -> bool:
         return self.log is not None and self.log.failed
 
+    def why_stop(self) -> str | None:
+        """Why no other checkpoint may start (the log failed, or the caller asks), or None."""
+        if self.log_failed:
+            return str(self.log.error())
+        return self.stop_asked() if self.stop_asked is not None else None
+
     def skip(self, d: PlannedDeletion, reason: str) -> None:
         reason += self.suffix
         self.skipped.append(Skip(d.root, d.path, reason, CHANGED))
@@ -203,9 +211,10 @@ class _Outcome:
         self.failed.append(Failure(d.root, d.path, reason))
         self._report(PruneEvent(FAIL, d.root, d.path, 0, reason))
 
-    def stop(self, d: PlannedDeletion) -> None:
-        """Not started: the log failed. Counted, not reported one by one (there may be many)."""
-        self.skipped.append(Skip(d.root, d.path, f"not started: {self.log.error()}", STOPPED))
+    def stop(self, d: PlannedDeletion, why: str) -> None:
+        """Not started (the log failed, or the caller asked to stop). Counted, not reported
+        one by one (there may be many)."""
+        self.skipped.append(Skip(d.root, d.path, f"not started: {why}", STOPPED))
 
     def unlinked(self, d: PlannedDeletion, st: os.stat_result) -> None:
         freed = self.acct.unlinked(st)
@@ -231,7 +240,8 @@ class _Outcome:
 def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoint] | None = None,
                   log: ActionLog | None = None,
                   on_event: Callable[[PruneEvent], None] | None = None,
-                  jobs: int = 1, fs: FileOps | None = None) -> PruneResult:
+                  jobs: int = 1, fs: FileOps | None = None,
+                  stop: Callable[[], str | None] | None = None) -> PruneResult:
     """Carry out ``plan``: unlink each planned file that is still what the plan saw.
 
     ``revalidate(root, checkpoint_path)`` must return the checkpoint as it is now;
@@ -250,6 +260,10 @@ def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoin
     status ``STOPPED``; the result says why (``log_error``) and which deletions the log
     lacks (``unlogged``).
 
+    ``stop()`` is asked at the same boundary, before each checkpoint (in workers too): a
+    reason it returns stops the run there as a failed log does (the command line's: stdout
+    closed), so that no checkpoint is left half done.
+
     ``fs``: the file operations the identity checks and unlinks go through (None: the local
     file system); the re-validation reads the disk itself.
     """
@@ -257,7 +271,7 @@ def execute_prune(plan: PrunePlan, *, revalidate: Callable[[str, str], Checkpoin
     groups: dict[tuple[str, str], list[PlannedDeletion]] = {}
     for d in plan.deletions:
         groups.setdefault((d.root, d.checkpoint), []).append(d)
-    out = _Outcome(log, on_event, local_or(fs))
+    out = _Outcome(log, on_event, local_or(fs), stop)
     out.skipped.extend(plan.skipped)
     collecting = gc.isenabled()
     gc.disable()   # the plan's records are many and acyclic; see api.scan
@@ -329,7 +343,7 @@ def _execute_in_workers(units, groups, revalidate, out: _Outcome, jobs: int) -> 
         parts = []
         for unit in units[span[0]:span[1]]:
             events: list[PruneEvent] = []
-            part = _Outcome(out.log, events.append, out.fs)
+            part = _Outcome(out.log, events.append, out.fs, out.stop_asked)
             for key in unit:
                 _prune_checkpoint(key, groups[key], revalidate, part)
             parts.append((part.part(), events))
@@ -363,9 +377,10 @@ def _prune_checkpoint(key: tuple[str, str], items: list[PlannedDeletion], revali
                       out: _Outcome) -> None:
     root, ckpt = key
     skip, fail = out.skip, out.fail
-    if out.log_failed:   # the boundary where a failed log stops the run
+    why = out.why_stop()
+    if why is not None:   # the boundary where a failed log, or the caller, stops the run
         for d in items:
-            out.stop(d)
+            out.stop(d, why)
         return
     root_abs = os.path.abspath(root)
     abspath = root_abs if ckpt == "." else os.path.join(root_abs, *ckpt.split("/"))

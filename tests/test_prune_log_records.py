@@ -165,9 +165,10 @@ def test_a_retention_run_logs_its_policy_decisions_and_bytes(results_tree, tmp_p
     assert end["freed_bytes"] == doc["freed_bytes"] + retention["freed_bytes_now"]
     assert end["freed_bytes_when_purged"] == retention["freed_bytes_when_purged"]
     assert end["planned_bytes"] == doc["freed_bytes"] + retention["frees_bytes_now"]
-    # what the plan left alone is counted by status; each checkpoint still has its skip line
-    assert sum(end["skipped"].values()) == end["counts"]["skip"] > 0
-    assert end["checkpoints"]["broken"] == end["skipped"]["broken"]
+    # what the plan left alone is counted by status and by reason, without a line each
+    assert end["counts"]["skip"] == 0
+    assert sum(end["left_alone"].values()) == sum(end["skipped"].values()) == len(doc["skipped"]) > 0
+    assert end["checkpoints"]["broken"] == end["skipped"]["broken"] == end["left_alone"]["broken"]
 
 
 def test_the_policy_file_is_named_in_the_start_record(results_tree, tmp_path):

@@ -482,7 +482,7 @@ def test_a_full_log_filesystem_stops_the_run_with_one_clear_error(results_tree, 
     assert data.endswith(b"\n")
     lines = data.decode().splitlines()[1:]
     # a log that failed mid-run gets no end record
-    assert [json.loads(x)["action"] for x in lines] == ["start", "skip", "plan", "plan", "plan"]
+    assert [json.loads(x)["action"] for x in lines] == ["start", "plan", "plan", "plan"]
 
 
 def test_a_log_full_before_the_plan_deletes_nothing(results_tree, tmp_path, tiny_fs):

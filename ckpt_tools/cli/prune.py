@@ -75,8 +75,12 @@ EXAMPLES = """Examples:
 @click.option("--lock-timeout", type=Duration(), default=0, show_default=True,
               metavar="SECONDS", help="How long to wait for a lock held by another run.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
-              help="Append one JSON line per action (plan, delete, skip, fail, ...) to FILE, "
-                   "between a start and an end record of the run.")
+              help="Append one JSON line per action (plan, delete, fail, ...) to FILE, between "
+                   "a start and an end record of the run; the end record counts the checkpoints "
+                   "left alone by reason.")
+@click.option("--log-skips", is_flag=True,
+              help="--log: also a skip line per checkpoint left alone (legacy, broken, ...), "
+                   "every run.")
 @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
               help="Worker processes validating checkpoints in parallel, to plan and again "
                    "before their unlinks; 0: one per CPU (at most 8).")
@@ -107,9 +111,9 @@ EXAMPLES = """Examples:
 @walk_options
 @output_options
 @click.pass_context
-def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, jobs, keep_last,
-          keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps, action,
-          policy_file, purge_after, purge_now, walk, **opts):
+def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, log_skips, jobs,
+          keep_last, keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps,
+          action, policy_file, purge_after, purge_now, walk, **opts):
     """Delete the merged weights of redundant checkpoints under ROOTS.
 
     Only checkpoints whose PEFT tree is complete and valid lose their merged weights
@@ -120,8 +124,10 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
     """
     out = command_output(ctx, **opts)
     fs = ctx.find_root().obj.fs   # the file-operations seam (None: the local file system)
+    if log_skips and not log_file:
+        raise click.UsageError("--log-skips writes into the log: give --log FILE too")
     # opened first: every run that got this far leaves a start and an end record, a usage error too
-    log = ActionLog(log_file, dry_run=dry_run) if log_file else None
+    log = ActionLog(log_file, dry_run=dry_run, skip_lines=log_skips) if log_file else None
     started, totals, retention = time.monotonic(), RunTotals(), None
     try:
         _check_roots(roots)
@@ -231,7 +237,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
                 if i.decision.action.value == "delete"}
     plan = plan_prune([c for c in scan.checkpoints if (c.dir.root, c.path) not in deleting],
                       jobs=jobs or default_jobs())
-    totals.planned(plan, kept)
+    totals.planned(plan, kept, skip_lines=log is not None and log.skip_lines)
     emit_plan(plan, log=log)
     for s in plan.skipped:
         if s.status == REDUNDANT and not s.fresh:   # not proven by content: say so

@@ -77,9 +77,11 @@ class Revalidator:
 
 def emit_plan(plan: PrunePlan, *, log: ActionLog | None = None,
               on_event: Callable[[PruneEvent], None] | None = None) -> None:
-    """Report the plan as events: a ``skip`` per checkpoint left alone, a ``plan`` per file."""
+    """Report the plan as events: a ``skip`` per checkpoint left alone (in the log only when
+    it takes them: ``ActionLog.skip_lines``), a ``plan`` per file."""
+    skip_log = log if log is not None and log.skip_lines else None
     for s in plan.skipped:
-        _emit(PruneEvent(SKIP, s.root, s.path, 0, s.reason), log, on_event)
+        _emit(PruneEvent(SKIP, s.root, s.path, 0, s.reason), skip_log, on_event)
     for d in plan.deletions:
         _emit(PruneEvent(PLAN, d.root, d.path, d.frees_bytes, _plan_note(d)), log, on_event)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ProblemsError, UsageError
+from ..kinds import Status
 from ..names import json_text
 from .result import PruneEvent
 
@@ -43,13 +44,18 @@ class RunTotals:
 
     ``actions`` counts the run's lines by action as the results say them (``plan``, ``delete``,
     ``skip``, ``fail``, ``strip``, ``trash``, ``purge``): workers' lines included, which the
-    parent never writes itself. ``skipped`` counts the checkpoints the plan left alone by
-    their status, so a nightly run's skips can be compared without reading each line."""
+    parent never writes itself. The checkpoints the plan left alone are counted, not written
+    line by line (a nightly log would repeat the same lines every night): ``left_alone`` by
+    reason (``left_alone_reason``) and ``skipped`` by status. Their ``skip`` lines are written,
+    and counted in ``actions``, only with ``--log-skips`` (``skip_lines``). Skips at execute
+    time (changed since the plan, a held lock, a closed stdout) are events: always lines.
+    Nothing is carried from one run to the next."""
 
     checkpoints: Counter = field(default_factory=Counter)   # by status
     actions: Counter = field(default_factory=Counter)
     decisions: Counter = field(default_factory=Counter)     # retention: keep, strip, delete
     skipped: Counter = field(default_factory=Counter)       # plan-time skips by status
+    left_alone: Counter = field(default_factory=Counter)    # plan-time skips by reason
     planned_bytes: int = 0
     planned_bytes_when_purged: int = 0
     freed_bytes: int = 0
@@ -58,11 +64,14 @@ class RunTotals:
     def scanned(self, checkpoints: Iterable) -> None:
         self.checkpoints.update(str(c.status) for c in checkpoints)
 
-    def planned(self, plan, kept=None) -> None:
-        """``plan`` a ``PrunePlan``; ``kept`` a ``RetentionPlan`` (None: no retention asked)."""
+    def planned(self, plan, kept=None, *, skip_lines: bool = False) -> None:
+        """``plan`` a ``PrunePlan``; ``kept`` a ``RetentionPlan`` (None: no retention asked);
+        ``skip_lines``: whether the plan's skips are written as lines (``ActionLog.skip_lines``)."""
         self.actions["plan"] += len(plan.deletions)
-        self.actions["skip"] += len(plan.skipped)
+        if skip_lines:
+            self.actions["skip"] += len(plan.skipped)
         self.skipped.update(s.status or "unknown" for s in plan.skipped)
+        self.left_alone.update(left_alone_reason(s) for s in plan.skipped)
         self.planned_bytes += plan.freed_bytes
         if kept is not None and kept.policy is not None:
             self.decisions.update(kept.counts())
@@ -90,11 +99,24 @@ class RunTotals:
         return {"counts": {a.value: self.actions[a.value] for a in PruneAction},
                 "checkpoints": dict(sorted(self.checkpoints.items())),
                 "skipped": dict(sorted(self.skipped.items())),
+                "left_alone": dict(sorted(self.left_alone.items())),
                 "decisions": {a.value: self.decisions[a.value] for a in RetentionAction},
                 "planned_bytes": self.planned_bytes,
                 "planned_bytes_when_purged": self.planned_bytes_when_purged,
                 "freed_bytes": self.freed_bytes,
                 "freed_bytes_when_purged": self.freed_bytes_when_purged}
+
+
+def left_alone_reason(skip) -> str:
+    """Why the plan left a checkpoint alone (a ``plan.Skip``), as a short key that stays the
+    same night after night: its status (``legacy``, ``broken``, ``in-progress``, ``healthy``:
+    a merged export), ``fresh`` (complete, but younger than ``--min-age``) or ``not proven``
+    (redundant by its verdict, its merged weights not proven redundant by content)."""
+    if skip.fresh:
+        return "fresh"
+    if skip.status == Status.REDUNDANT:
+        return "not proven"
+    return str(skip.status) or "unknown"
 
 
 class ActionLog:
@@ -111,12 +133,17 @@ class ActionLog:
     that runs on different hosts appending to one shared log, or a clock set back, never
     share an id (no host name, pid or time in it to collide or to leak). ``start`` and
     ``end`` write the run's first and last records; a log that failed takes no ``end``.
+
+    ``skip_lines``: whether ``emit_plan`` writes a ``skip`` line per checkpoint the plan left
+    alone (the CLI's ``--log-skips``); without them the ``end`` record counts them by reason.
     """
 
     def __init__(self, path: str, *, dry_run: bool = False,
-                 write: Callable[[int, bytes], int] = os.write, run_id: str | None = None):
+                 write: Callable[[int, bytes], int] = os.write, run_id: str | None = None,
+                 skip_lines: bool = True):
         self.path = path
         self.dry_run = dry_run
+        self.skip_lines = skip_lines
         self.run_id = run_id or uuid.uuid4().hex
         self.started = False   # whether the start record is written
         self._write = write

@@ -630,3 +630,18 @@ def test_the_systemd_service_runs_the_cron_command(tmp_path):
     assert shlex.split(exec_start) == shlex.split(cron.replace(">/dev/null", ""))
     timer = doc_block("systemd-timer")
     assert re.search(r"^OnCalendar=", timer, re.M) and "WantedBy=timers.target" in timer
+
+
+def test_the_systemd_service_makes_the_log_directory_the_command_writes_into():
+    """``LogsDirectory=`` has systemd create /var/log/NAME before the start (writable under
+    ``ProtectSystem=strict``): the --log of ExecStart must lie in it, and only the root need
+    be named in ReadWritePaths."""
+    settings = dict(line.split("=", 1) for line in doc_block("systemd-service").splitlines()
+                    if "=" in line and not line.startswith("#"))
+    logs_dir = settings["LogsDirectory"]
+    assert logs_dir and not logs_dir.startswith("/")
+    argv = shlex.split(settings["ExecStart"])
+    log = argv[argv.index("--log") + 1]
+    assert os.path.dirname(log) == f"/var/log/{logs_dir}"
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["ReadWritePaths"].split() == [argv[-1]]   # the root; the logs dir is implied

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from fixtures.cron_week import BROKEN, LEGACY, RUN, WEEK, play_week
+from fixtures.cron_week import BROKEN, LEGACY, RUN, WEEK, play_week, shown
 
 from test_prune import ckpt_tools_exe
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "prune.md"
+# what differs from one machine or one play to the next: times, durations, blocks allocated
+UNSTABLE = ("time", "duration_s", "version", "bytes", "planned_bytes", "freed_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +147,16 @@ def test_log_skips_without_a_log_is_a_usage_error(week):
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0] == \
         "ckpt-tools: error: --log-skips writes into the log: give --log FILE too"
+
+
+def test_the_week_docs_prune_md_shows_is_this_week(week):
+    block = re.search(r"^### A week of nightly runs\n.*?^```json\n(.*?)^```", DOC.read_text(),
+                      re.S | re.M)
+    assert block, "docs/prune.md has no week of nightly runs"
+
+    def stable(line: str) -> dict:
+        return {k: v for k, v in json.loads(line).items() if k not in UNSTABLE}
+
+    played = [stable(x) for x in shown(week.log.read_text().splitlines(), week)]
+    assert [stable(x) for x in block.group(1).splitlines()] == played, \
+        "docs/prune.md's week is stale: paste the output of tools/cron_week.py"

@@ -14,19 +14,12 @@ console script to /opt/ckpt-tools/.venv/bin/ckpt-tools. Everything else is as wr
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
-import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository's fixtures/
-
-FIRST_NIGHT = dt.datetime(2026, 11, 23, 3, 17, 1, tzinfo=dt.timezone.utc)
-SHOWN = {"root": "/shared/results", "log": "/var/log/ckpt-tools/prune.jsonl",
-         "exe": "/opt/ckpt-tools/.venv/bin/ckpt-tools"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,32 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         print("tools/cron_week.py: no ckpt-tools console script beside this python; "
               "run it with the venv's (make venv)", file=sys.stderr)
         return 2
-    from fixtures.cron_week import play_week
+    from fixtures.cron_week import play_week, shown
     with tempfile.TemporaryDirectory(prefix="cron-week-") as base:
         week = play_week(Path(base), exe)
         lines = week.log.read_text(encoding="utf-8").splitlines()
         if not args.raw:
-            lines = shown(lines, {str(week.root): SHOWN["root"], str(week.log): SHOWN["log"],
-                                  exe: SHOWN["exe"]})
+            lines = shown(lines, week)
     print("\n".join(lines))
     return 0
-
-
-def shown(lines: list[str], paths: dict[str, str]) -> list[str]:
-    """The log with its run ids, times and the given paths rewritten to stable values."""
-    nights: dict[str, tuple[int, dt.datetime]] = {}   # run id: (night, time of its first line)
-    out = []
-    for line in lines:
-        for real, stable in sorted(paths.items(), key=lambda kv: -len(kv[0])):
-            line = line.replace(real, stable)
-        doc = json.loads(line)
-        at = dt.datetime.fromisoformat(doc["time"].replace("Z", "+00:00"))
-        night, first = nights.setdefault(doc["run_id"], (len(nights), at))
-        when = FIRST_NIGHT + dt.timedelta(days=night) + (at - first)
-        doc["time"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        doc["run_id"] = hashlib.sha256(f"night {night + 1}".encode()).hexdigest()[:32]
-        out.append(json.dumps(doc, ensure_ascii=False))
-    return out
 
 
 if __name__ == "__main__":

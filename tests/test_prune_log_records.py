@@ -169,6 +169,8 @@ def test_a_retention_run_logs_its_policy_decisions_and_bytes(results_tree, tmp_p
     assert end["counts"]["skip"] == 0
     assert sum(end["left_alone"].values()) == sum(end["skipped"].values()) == len(doc["skipped"]) > 0
     assert end["checkpoints"]["broken"] == end["skipped"]["broken"] == end["left_alone"]["broken"]
+    assert {"legacy", "broken", "in-progress"} <= set(end["left_alone"]) <= {
+        "legacy", "broken", "in-progress", "fresh", "not proven", "healthy"}
 
 
 def test_the_policy_file_is_named_in_the_start_record(results_tree, tmp_path):

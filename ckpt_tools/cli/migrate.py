@@ -135,7 +135,8 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
         ctx.exit(ExitCode.OK)
     if not out.quiet:
         out.report(render_migrate_plan(plan, verbose=out.verbose, quiet=True))
-    bar = out.bar(sum(1 for i in plan.items if i.action != ACTION_SKIP), "migrating")
+    bar = out.bar(sum(1 for i in plan.items if i.action != ACTION_SKIP), "migrating",
+                  "checkpoint")
 
     def on_event(e: MigrateEvent) -> None:
         if e.kind == "done":

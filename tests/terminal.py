@@ -21,6 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS, LINES = 120, 40
 CTRL_C = b"\x03"
+# CPython loses a SIGINT that lands between input()'s prompt and its read(): the read then
+# blocks as if nothing had been typed. A user presses Ctrl-C again; so does the runner, when
+# the screen has shown nothing new for this long after one.
+CTRL_C_AGAIN_AFTER = 3.0
 
 
 @dataclass
@@ -61,6 +65,7 @@ def run_in_terminal(*args, answers: tuple[tuple[str, bytes], ...] = (),
     out = bytearray()
     pending = list(answers)
     asked_from = 0   # where to look for the next question: past the one answered last
+    ctrl_c: tuple[float, int] | None = None   # when Ctrl-C was typed last, the screen's length then
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -68,8 +73,12 @@ def run_in_terminal(*args, answers: tuple[tuple[str, bytes], ...] = (),
             if left <= 0:
                 os.kill(pid, 9)
                 raise TimeoutError(f"no EOF after {timeout} s; the screen so far:\n{out.decode(errors='replace')}")
-            ready, _, _ = select.select([master], [], [], min(left, 1.0))
+            ready, _, _ = select.select([master], [], [], min(left, 0.5))
             if not ready:
+                if ctrl_c and time.monotonic() - ctrl_c[0] > CTRL_C_AGAIN_AFTER \
+                        and len(out) <= ctrl_c[1] + len("^C"):   # only its echo since: lost
+                    os.write(master, CTRL_C)
+                    ctrl_c = (time.monotonic(), len(out))
                 continue
             try:
                 chunk = os.read(master, 65536)
@@ -80,7 +89,9 @@ def run_in_terminal(*args, answers: tuple[tuple[str, bytes], ...] = (),
             out += chunk
             while pending and (at := out.find(pending[0][0].encode(), asked_from)) >= 0:
                 asked_from = at + len(pending[0][0])
-                os.write(master, pending.pop(0)[1])
+                keys = pending.pop(0)[1]
+                os.write(master, keys)
+                ctrl_c = (time.monotonic(), len(out)) if keys == CTRL_C else None
     finally:
         os.close(master)
         _, status = os.waitpid(pid, 0)

@@ -404,9 +404,8 @@ def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
                      device=options.device, base_model_name_or_path=options.base_model,
                      max_error=options.max_error, stop_at_first_over=question)
     except lowrank.BaseMismatch as exc:
-        raise CheckpointFailure(Wording("{base_model} {given} is not this checkpoint's base: "
-                                        "{exc}; nothing extracted", given=options.base_model,
-                                        exc=str(exc))) from None
+        raise CheckpointFailure(f"base model {options.base_model} is not this checkpoint's "
+                                f"base: {exc}; nothing extracted") from None
     if ex.over_bound and question:
         raise _not_low_rank(ex, options)
     if ex.over_bound:

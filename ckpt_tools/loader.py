@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import layout
+from .errors import Wording, message_of
 from .migrate.errors import CheckpointFailure
 from .migrate.extract import Conversion, build_conversion, open_source
 from .migrate.peft_model import (CheckpointLoadError, attach_experts, base_from_merged,
@@ -89,11 +90,11 @@ def load_checkpoint(path, base_model, *, lora_alpha: float | None = None,
     try:
         conv = build_conversion(src, method, opts, check_merged=False)
     except CheckpointFailure as exc:
-        raise CheckpointLoadError(f"{path}: {exc}") from None
+        raise CheckpointLoadError(Wording("{path}: {cause}", path=path, cause=message_of(exc))) from None
     try:
         base = load_base_model(base_model, dtype=dtype)
     except CheckpointFailure as exc:
-        raise CheckpointLoadError(str(exc)) from None
+        raise CheckpointLoadError(message_of(exc)) from None
     model = attach_experts(base, conv.experts)
     router, config = _router_and_config(conv, src)
     return LoadedCheckpoint(model=model, router_state=router, config=config, layout=v.layout,

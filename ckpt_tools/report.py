@@ -154,12 +154,10 @@ def render_audit(result: ScanResult, *, verbose: bool = False, quiet: bool = Fal
             lines.append(f"  space: {_space_text(run_space)}")
             if run.trainer is not None and run.trainer.best_missing:
                 lines.append(f"    note: {_best_missing_note(run)}")
-            if verbose and run.trainer is not None:
+            # every problem's line, warnings too: a code alone in the table says too little
+            if run.trainer is not None:
                 lines.extend("    " + p.line() for p in run.trainer.problems)
-            details = [(c, p) for c in run.checkpoints for p in c.problems
-                       if p.is_error or verbose]
-            for c, p in details:
-                lines.append("    " + p.line())
+            lines.extend("    " + p.line() for c in run.checkpoints for p in c.problems)
             lines.append("")
         for p in result.problems:
             lines.append(p.line())

@@ -155,15 +155,22 @@ def test_a_missing_path_names_the_path_in_the_programs_voice(tmp_path):
     assert "Error:" not in proc.stderr
 
 
-def test_exit_0_healthy_and_1_problems(results_tree, tmp_path):
-    src, _, _ = results_tree
-    assert run_cli("audit", src).returncode == 1   # the fixture tree holds broken checkpoints
+def _exit_0_nothing_wrong(results_tree, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert run_cli("audit", empty).returncode == 0
+    return run_cli("audit", empty)
 
 
-def test_exit_75_when_the_lock_is_held(results_tree, tmp_path):
+def _exit_1_problems_found(results_tree, tmp_path):
+    src, _, _ = results_tree
+    return run_cli("audit", copy_tree(src, tmp_path / "results", only=("broken/truncated",)))
+
+
+def _exit_2_usage_error(results_tree, tmp_path):
+    return run_cli("audit", "--no-such-option", tmp_path)
+
+
+def _exit_75_lock_held(results_tree, tmp_path):
     src, _, _ = results_tree
     root = copy_tree(src, tmp_path / "results", only=("run_trainer",))
     holder = subprocess.Popen(
@@ -177,13 +184,105 @@ def test_exit_75_when_the_lock_is_held(results_tree, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    assert proc.returncode == ExitCode.LOCKED == 75, proc.stderr
     assert proc.stderr.startswith("ckpt-tools: ")
+    return proc
 
 
-def test_the_readme_documents_every_exit_code_once():
+def _exit_130_ctrl_c(results_tree, tmp_path):
+    from terminal import CTRL_C, run_in_terminal
+    src, _, _ = results_tree
+    root = copy_tree(src, tmp_path / "results", only=("run_trainer",))
+    seen = run_in_terminal("prune", "--no-progress", root, answers=(("[y/N]", CTRL_C),))
+    return subprocess.CompletedProcess([], seen.returncode, "", seen.screen)
+
+
+def _exit_141_stdout_closed(results_tree, tmp_path):
+    src, _, _ = results_tree
+    clean = copy_tree(src, tmp_path / "results", only=("run_trainer",))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(cli_cmd("audit", "--min-age", "0", clean), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+
+
+# one scenario a code of the README's table, as a user meets it
+EXIT_SCENARIOS = {0: _exit_0_nothing_wrong, 1: _exit_1_problems_found, 2: _exit_2_usage_error,
+                  75: _exit_75_lock_held, 130: _exit_130_ctrl_c, 141: _exit_141_stdout_closed}
+
+
+@pytest.mark.parametrize("code", sorted(EXIT_SCENARIOS))
+def test_each_documented_exit_code(code, results_tree, tmp_path):
+    proc = EXIT_SCENARIOS[code](results_tree, tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _readme_exit_codes() -> list[int]:
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| code | meaning |"):]
     table = table[:table.index("\n\n")]
-    codes = [int(row.split("|")[1]) for row in table.splitlines()[2:]]
-    assert codes == sorted(codes) and set(codes) == {int(c) for c in ExitCode}
+    return [int(row.split("|")[1]) for row in table.splitlines()[2:]]
+
+
+def test_the_readme_documents_every_exit_code_once_and_each_is_tested():
+    codes = _readme_exit_codes()
+    assert codes == sorted(codes) and set(codes) == {int(c) for c in ExitCode} == set(EXIT_SCENARIOS)
+
+
+# --- the library's arguments, in the command line's words -----------------------------------------
+
+def test_every_flag_the_cli_spells_an_argument_with_is_an_option_of_a_command():
+    import click
+
+    from ckpt_tools.cli.exits import FLAGS
+    ctx = click.Context(cli)
+    options = {opt for name in cli.list_commands(ctx)
+               for p in cli.get_command(ctx, name).params for opt in p.opts}
+    wildcard = {flag for flag in FLAGS.values() if flag.endswith("*")}
+    assert set(FLAGS.values()) - wildcard <= options
+    for flag in wildcard:
+        assert any(o.startswith(flag[:-1]) for o in options), flag
+
+
+def test_a_usage_error_raised_by_the_library_reaches_the_user_with_flags(results_tree, tmp_path):
+    src, _, _ = results_tree
+    root = copy_tree(src, tmp_path / "results", only=("run_trainer",))
+    proc = run_cli("prune", "--yes", "--strip", root)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["ckpt-tools: error: --strip needs a rule: give "
+                                        "--keep-last, --keep-best, --keep-every or --keep-within"]
+
+
+def test_a_migrate_failure_names_its_flags_in_text_and_json(results_tree, tmp_path):
+    src, _, _ = results_tree
+    one = copy_tree(src, tmp_path / "src", only=("run_best/checkpoint-100",))
+    want = "--verify needs --base-model here"
+    text = run_cli("migrate", "--verify", "--min-age", "0", one, tmp_path / "dst-text")
+    assert text.returncode == 1 and f"run_best/checkpoint-100: {want}" in text.stdout, text.stdout
+    doc = run_cli("migrate", "--verify", "--json", "--min-age", "0", one, tmp_path / "dst-json")
+    (failed,) = json.loads(doc.stdout)["failed"]
+    assert failed["reason"].startswith(want)
+
+
+# --- every warning shows its message ---------------------------------------------------------------
+
+def test_a_warning_is_shown_with_its_message_without_v(results_tree, tmp_path):
+    src, _, _ = results_tree
+    root = copy_tree(src, tmp_path / "results", only=("hybrid_v2",))   # bad-config: a warning
+    line = "warning: hybrid_v2/checkpoint-100/peft_adapters: bad-config: expert_<i>.pt files"
+    audit = run_cli("audit", "--no-progress", "--min-age", "0", root)
+    assert line in audit.stdout, audit.stdout
+    assert "bad-config (warning)" in audit.stdout   # the table's cell, the line below it
+    validate = run_cli("validate", "--min-age", "0", root / "hybrid_v2/checkpoint-100")
+    assert f"warning: {root}/hybrid_v2/checkpoint-100/peft_adapters: bad-config: expert_" \
+        in validate.stdout, validate.stdout
+    prune = run_cli("prune", "--dry-run", "--no-progress", "-v", "--min-age", "0", root)
+    for proc in (audit, validate, prune):   # a code is never shown bare, without its message
+        for shown in (proc.stdout + proc.stderr).splitlines():
+            if "bad-config" in shown and "(warning)" not in shown:
+                assert ": bad-config: expert_<i>.pt files" in shown, shown
+    quiet = run_cli("audit", "-q", "--min-age", "0", root)
+    assert quiet.stdout.count("\n") == 1 and "warning" not in quiet.stdout, quiet.stdout

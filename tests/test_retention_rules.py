@@ -385,16 +385,17 @@ def test_tiers_the_first_that_keeps_decides_and_pins_stay_whole(tmp_path):
 
 @pytest.mark.parametrize("rules, action, says", [
     (Rules(keep_last=2), None, "needs an action"),
-    (Rules(), "delete", "--delete needs a rule"),
-    (Rules(), "strip", "--strip needs a rule"),
-    (Rules(keep_steps={100}), None, "--keep-step"),
-    (Rules(keep_steps={100}), "delete", "--delete needs a rule"),
+    (Rules(), "delete", "delete needs a rule: give keep_last"),
+    (Rules(), "strip", "strip needs a rule: give keep_last"),
+    (Rules(keep_steps={100}), None, "keep_steps pins"),
+    (Rules(keep_steps={100}), "delete", "delete needs a rule"),
     (Rules(keep_last=1), "keep", "must be strip or delete"),
 ])
 def test_an_action_without_a_rule_or_a_rule_without_an_action_is_a_usage_error(rules, action, says):
     with pytest.raises(RetentionUsageError) as caught:
         Policy.from_flags(rules, action)
     assert says in str(caught.value) and "\n" not in str(caught.value)
+    assert "--" not in str(caught.value)   # the Python API speaks of arguments, not flags
     assert caught.value.exit_code == 2 and isinstance(caught.value, UsageError)
 
 

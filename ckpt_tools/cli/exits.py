@@ -24,9 +24,23 @@ import enum
 
 import click
 
-from ..errors import CkptToolsError, ProblemsError, TryAgain, UsageError
+from ..errors import CkptToolsError, ProblemsError, TryAgain, UsageError, message_of, spelled
 from ..names import shown
 from .output import PROGRAM, Output
+
+
+# The flag of each argument that the library's messages name (``errors.Wording``): a Python
+# caller reads "give rank or energy", the command line's user "give --rank N or --energy F".
+FLAGS = {"base_model": "--base-model", "rank": "--rank", "energy": "--energy",
+         "max_error": "--max-error", "lora_alpha": "--lora-alpha", "verify": "--verify",
+         "keep_last": "--keep-last", "keep_best": "--keep-best", "keep_every": "--keep-every",
+         "keep_within": "--keep-within", "keep_steps": "--keep-step", "keep_*": "--keep-*",
+         "strip": "--strip", "delete": "--delete"}
+
+
+def in_flags(message: str) -> str:
+    """``message`` in the command line's words: each argument it names as its flag."""
+    return spelled(message, FLAGS)
 
 
 class ExitCode(enum.IntEnum):
@@ -83,7 +97,7 @@ def handle(exc: BaseException, out: Output | None = None) -> int:
         out.say(f"{PROGRAM}: {exc}; nothing done. Try again later or raise --lock-timeout.")
         return ExitCode(exc.exit_code)
     if isinstance(exc, CkptToolsError):
-        out.error(str(exc))
+        out.error(in_flags(message_of(exc)))
         return ExitCode(exc.exit_code)
     if out.verbose:
         out.traceback(exc)

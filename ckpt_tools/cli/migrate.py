@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..report import migrate_where, render_migrate_plan, render_migrate_result
-from .exits import ExitCode
+from .exits import ExitCode, in_flags
 from .options import Duration, PathArgument, command_output, finite, output_options, walk_options
 
 if TYPE_CHECKING:  # the migrate package is imported when migrate runs, not at start-up
@@ -135,7 +135,8 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
         ctx.exit(ExitCode.OK)
     if not out.quiet:
         out.report(render_migrate_plan(plan, verbose=out.verbose, quiet=True))
-    bar = out.bar(sum(1 for i in plan.items if i.action != ACTION_SKIP), "migrating")
+    bar = out.bar(sum(1 for i in plan.items if i.action != ACTION_SKIP), "migrating",
+                  "checkpoint")
 
     def on_event(e: MigrateEvent) -> None:
         if e.kind == "done":
@@ -151,6 +152,7 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     finally:
         if bar is not None:
             bar.close()
+    result = result.reworded(in_flags)
     if out.json:
         out.document({"dry_run": False} | result.to_dict())
     else:

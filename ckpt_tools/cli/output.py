@@ -132,8 +132,10 @@ class Output:
         """A yes/no question on stderr (a terminal is there: the caller checked)."""
         return click.confirm(shown(question), default=False, err=True)
 
-    def bar(self, total: int, desc: str):
-        """A tqdm bar on stderr, only on a terminal and when wanted; else None."""
+    def bar(self, total: int, desc: str, unit: str):
+        """A tqdm bar on stderr counting ``total`` things of ``unit`` (``file``, ``checkpoint``:
+        what the caller counts, shown as ``file/s``), only on a terminal and when wanted;
+        else None."""
         if not self.progress or self.quiet or not sys.stderr.isatty() or total < 2:
             return None
         from tqdm import tqdm
@@ -142,7 +144,7 @@ class Output:
         except OSError:
             size = os.terminal_size((0, 0))
         # a terminal that reports no size (a bare pty) would get a hidden, zero-width bar
-        return tqdm(total=total, desc=shown(desc), unit="ckpt", file=sys.stderr, leave=False,
+        return tqdm(total=total, desc=shown(desc), unit=unit, file=sys.stderr, leave=False,
                     ncols=None if size.columns else 80, nrows=None if size.lines else 24)
 
     def traceback(self, exc: BaseException) -> None:

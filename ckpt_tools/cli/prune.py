@@ -347,7 +347,7 @@ def _execute_retention(out: Output, kept, min_age, log, multi_root, fs):
 
 def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResult:
     """``execute_prune`` with a bar, a stderr line per skip or failure, and -v's deletions."""
-    bar = out.bar(len(plan.deletions), "deleting")
+    bar = out.bar(len(plan.deletions), "deleting", "file")
 
     def on_event(e: PruneEvent) -> None:
         if e.action in ("delete", "skip", "fail") and bar is not None:

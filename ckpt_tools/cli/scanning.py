@@ -12,7 +12,7 @@ def scan_roots(out: Output, roots, **kwargs):
 
     def progress(done: int, total: int) -> None:
         if not bars:   # the total is known once the first checkpoint is done
-            bars.append(out.bar(total, "validating"))
+            bars.append(out.bar(total, "validating", "checkpoint"))
         if bars[0] is not None:
             bars[0].update(1)
 

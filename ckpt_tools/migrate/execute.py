@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import commit, scanner
+from ..errors import Wording, message_of
 from ..formats import safetensors_header as st
 from ..fs import FileOps, local_or
 from ..records import BROKEN, IN_PROGRESS, Checkpoint
@@ -165,9 +166,9 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
         _remove_empty(new_dirs, ctx.fs)
         if isinstance(exc, NothingToMigrate):
             # what reading it showed (a full fine-tune): skipped, nothing of it left in DST
-            return outcome("skipped", method=method, reason=str(exc) + (f"; {left}" if left else ""),
+            return outcome("skipped", method=method, reason=_and_left(message_of(exc), left),
                            **exc.fields)
-        reason = str(exc) if isinstance(exc, CheckpointFailure) else None
+        reason = message_of(exc) if isinstance(exc, CheckpointFailure) else None
         # only an OSError of its own here (mkdir, rename, a read): the writer names the file
         # of a failed write itself, and other exceptions go up as they are
         why = storage_error(exc) if reason is None and isinstance(exc, OSError) else None
@@ -178,7 +179,7 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
             reason = f"{why}: {where}" if isinstance(where, str) else f"{why} migrating to {shown}"
         if reason is None:
             raise       # a bug: execute_migrate reports it (its traceback with -v)
-        raise CheckpointFailure(reason + (f"; {left}" if left else ""),
+        raise CheckpointFailure(_and_left(reason, left),
                                 fields=getattr(exc, "fields", None)) from None
     if result.outcome == "failed":     # --verify refused it: rolled back like any failure
         left = discard_temporary(tmp, ctx.fs, tmp)
@@ -188,6 +189,11 @@ def _migrate_one(ctx: MigrateContext, item: MigrateItem) -> MigrateOutcome:
     if left:
         result = dataclasses.replace(result, warnings=result.warnings + (f"warning: {left}",))
     return result
+
+
+def _and_left(reason: str, left: str | None) -> str:
+    """Why a checkpoint failed, and what of it stays behind (a temporary directory)."""
+    return Wording("{reason}; {left}", reason=reason, left=left) if left else reason
 
 
 def _ordered(items: list[MigrateItem]) -> tuple[list[MigrateItem], list[MigrateItem]]:
@@ -254,7 +260,7 @@ def execute_migrate(plan: MigratePlan, *, jobs: int = 1,
                 out = _migrate_fresh(ctx, item)
             except CheckpointFailure as exc:
                 out = MigrateOutcome(item.source, item.target, "failed", method=item.method,
-                                     reason=str(exc), **exc.fields)
+                                     reason=message_of(exc), **exc.fields)
             except Exception as exc:  # noqa: BLE001 - one checkpoint never stops the others
                 import traceback
                 msg = str(exc).splitlines()[0] if str(exc) else ""

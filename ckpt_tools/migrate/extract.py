@@ -16,6 +16,7 @@ from ..layout import Role
 from ..records import CheckpointDir
 from ..tensor_bytes import group_moe_lora, group_peft_lora, group_router, lora_or_router_key
 from ..validator import HEADERS, Verdict, VerdictFacts, validate_checkpoint
+from ..errors import Wording
 from .errors import CheckpointFailure, NothingToMigrate
 from .hub import NotCached, cached_snapshot
 from .hyper import (Hyperparameters, hyper_for, lora_config_for, moe_config_for, ranks_from_shapes,
@@ -368,13 +369,14 @@ def _not_low_rank(ex, options: MigrateOptions) -> NothingToMigrate:
     need = (f"needs full rank {o.full_rank}" if o.needed_rank == o.full_rank else
             f"needs rank {o.needed_rank} of {o.full_rank}" if o.needed_rank is not None else
             f"no rank meets it with A and B in {o.dtype}")
-    bound = (f"--max-error {options.max_error:g}" if o.bound <= options.max_error else
-             f"the rounding of its {o.dtype} weights ({o.bound:.3g}; --max-error "
-             f"{options.max_error:g})")
+    bound = (Wording("{max_error} {at:g}", at=options.max_error) if o.bound <= options.max_error
+             else Wording("the rounding of its {dtype} weights ({rounding:.3g}; {max_error} {at:g})",
+                          dtype=o.dtype, rounding=o.bound, at=options.max_error))
     which = "the first module over it" if not ex.complete else "the worst module"
-    return NothingToMigrate(
-        f"a full fine-tune, not a low-rank delta: relative error {o.error:.3g} at rank "
-        f"{o.rank} is above {bound} ({o.module}, {which}: {need})",
+    return NothingToMigrate(Wording(
+        "a full fine-tune, not a low-rank delta: relative error {error:.3g} at rank {rank_used} "
+        "is above {bound} ({module}, {which}: {need})", error=o.error, rank_used=o.rank,
+        bound=bound, module=o.module, which=which, need=need),
         fields={"max_rel_error": float(ex.max_rel_error), "max_error": options.max_error,
                 "module_errors": dict(ex.errors),
                 "over_bound": tuple(b.to_dict() for b in ex.over_bound)})
@@ -383,10 +385,10 @@ def _not_low_rank(ex, options: MigrateOptions) -> NothingToMigrate:
 def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
     import torch
     if not options.base_model:
-        raise CheckpointFailure("a truly merged model: migrate needs --base-model to extract "
-                                "its LoRA delta")
+        raise CheckpointFailure(Wording("a truly merged model: migrate needs {base_model} to "
+                                        "extract its LoRA delta"))
     if options.rank is None and options.energy is None:
-        raise CheckpointFailure("a truly merged model: give --rank N or --energy F")
+        raise CheckpointFailure(Wording("a truly merged model: give {rank:N} or {energy:F}"))
     try:
         from . import lowrank
         extract = lowrank.extract
@@ -408,7 +410,8 @@ def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
         raise _not_low_rank(ex, options)
     if ex.over_bound:
         raise CheckpointFailure(
-            f"svd: the low-rank copy would lose part of the fine-tune: {ex.over_bound_reason()}",
+            Wording("svd: the low-rank copy would lose part of the fine-tune: {why}",
+                    why=ex.over_bound_reason()),
             fields={"max_rel_error": float(ex.max_rel_error), "max_error": options.max_error,
                     "module_errors": dict(ex.errors),
                     "over_bound": tuple(o.to_dict() for o in ex.over_bound),
@@ -417,8 +420,8 @@ def _svd_conversion(src: MigrateSource, options: MigrateOptions) -> Conversion:
     cfg = dict(ex.adapter_config)
     if not cfg.get("target_modules"):
         if question:
-            raise NothingToMigrate("the same as --base-model in every linear layer: nothing to "
-                                   "migrate")
+            raise NothingToMigrate(Wording("the same as {base_model} in every linear layer: "
+                                           "nothing to migrate"))
         raise CheckpointFailure("the merged model does not differ from the base model in any "
                                 "linear layer: nothing to extract")
     hidden = _hidden_size(src.facts.root_config) or _hidden_size(

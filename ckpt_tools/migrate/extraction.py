@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import Wording
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,7 +61,7 @@ class Extraction:
             return None
         return float(f"{1.0 - self.max_error ** 2:.12g}")
 
-    def over_bound_reason(self, shown: int = 3) -> str | None:
+    def over_bound_reason(self, shown: int = 3) -> Wording | None:
         """One line: the modules above ``max_error`` (worst first), and what would meet it."""
         if not self.over_bound:
             return None
@@ -73,17 +75,20 @@ class Extraction:
                 need = f"needs rank {o.needed_rank} of {o.full_rank}"
             parts.append(f"{o.module} {o.error:.3g} ({need})")
         more = len(self.over_bound) - shown
-        line = (f"{len(self.over_bound)} of {len(self.errors)} LoRA module(s) above --max-error "
-                f"{self.max_error:g}: {', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
+        line = (f"{len(self.over_bound)} of {len(self.errors)} LoRA module(s) above {{max_error}} "
+                f"{{bound:g}}: {{modules}}")
+        values = {"bound": self.max_error,
+                  "modules": ", ".join(parts) + (f" and {more} more" if more > 0 else "")}
         rank, energy = self.suggested_rank, self.suggested_energy
         if rank is not None:
-            line += f"; --rank {rank} or --energy {energy:g} would meet it"
+            line += "; {rank} {suggested_rank} or {energy} {suggested_energy:g} would meet it"
+            values |= {"suggested_rank": rank, "suggested_energy": energy}
             if rank >= max(o.full_rank for o in self.over_bound):
                 line += " (full rank: the delta is not low-rank, as a full fine-tune's is not)"
         else:
-            worst = max(o.error for o in self.over_bound if o.needed_rank is None)
-            line += f"; --max-error {worst:.3g} would accept it"
-        return line
+            line += "; {max_error} {worst:.3g} would accept it"
+            values["worst"] = max(o.error for o in self.over_bound if o.needed_rank is None)
+        return Wording(line, **values)
 
     def summary(self) -> dict:
         """Everything but the tensors, for JSON."""

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import spelled
 from ..fs import FileOps
 from ..layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CANONICAL_KEY_PREFIX, MIGRATE_TMP_PREFIX
 from ..tensor_io import bit_equal
@@ -694,6 +695,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """This script's flag of each argument (``max_error`` → ``--max-error``)."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.rank is None and args.energy is None:
@@ -707,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.over_bound:
             if args.json:
                 print(json.dumps(result.summary(), indent=2, sort_keys=True))
-            print(f"error: nothing written: {result.over_bound_reason()}", file=sys.stderr)
+            why = spelled(result.over_bound_reason(), _flags(_parser()))
+            print(f"error: nothing written: {why}", file=sys.stderr)
             return 1
         t0 = time.perf_counter()
         write_adapter(result, args.out, use_peft=args.peft_config)

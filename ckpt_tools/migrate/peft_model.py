@@ -13,6 +13,7 @@ import os
 import torch
 
 from .. import layout
+from ..errors import Wording
 from .errors import CheckpointFailure
 from .extract import ExpertAdapter, resolve_model_dir
 
@@ -143,8 +144,10 @@ def check_base_matches(base, src, *, sample: int = 16) -> None:
         try:
             mine = base.get_parameter(name).detach().to("cpu")
         except AttributeError:
-            raise CheckpointFailure(f"--verify: the base model has no parameter {name}: "
-                                    "it is not the model this checkpoint was trained on") from None
+            raise CheckpointFailure(Wording("{verify}: the base model has no parameter {name}: it "
+                                            "is not the model this checkpoint was trained on",
+                                            name=name)) from None
         if mine.shape != stored.shape or not torch.equal(mine.to(stored.dtype), stored):
-            raise CheckpointFailure(f"--verify: {name} of the base model differs from the base "
-                                    "weights stored in the checkpoint: wrong --base-model?")
+            raise CheckpointFailure(Wording("{verify}: {name} of the base model differs from the "
+                                            "base weights stored in the checkpoint: wrong "
+                                            "{base_model}?", name=name))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .plan import MigrateItem
@@ -57,6 +59,14 @@ class MigrateResult:
     migrated: tuple[MigrateOutcome, ...]
     skipped: tuple[MigrateOutcome, ...]
     failed: tuple[MigrateOutcome, ...]
+
+    def reworded(self, say: Callable[[str], str]) -> MigrateResult:
+        """The same result with each outcome's reason as ``say`` puts it (the command line
+        names the arguments a reason names by their flags: ``errors.Wording``)."""
+        def one(o: MigrateOutcome) -> MigrateOutcome:
+            return o if o.reason is None else dataclasses.replace(o, reason=say(o.reason))
+        return MigrateResult(*(tuple(map(one, outcomes))
+                               for outcomes in (self.migrated, self.skipped, self.failed)))
 
     def to_dict(self) -> dict:
         return {"migrated": [o.to_dict() for o in self.migrated],

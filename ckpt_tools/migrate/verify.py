@@ -8,6 +8,7 @@ import os
 import torch
 
 from .. import layout
+from ..errors import Wording
 from .errors import CheckpointFailure
 from .extract import Conversion, ExpertAdapter
 from .peft_model import (adapter_tensors, attach_experts, base_from_merged, check_base_matches,
@@ -35,7 +36,8 @@ def hooked_logits(model, tensors: dict, cfg: dict, input_ids) -> torch.Tensor:
             continue
         module, part, param = parts
         if part not in ("lora_A", "lora_B"):
-            raise CheckpointFailure(f"--verify does not handle {part} ({module})")
+            raise CheckpointFailure(Wording("{verify} does not handle {part} ({module})",
+                                            part=part, module=module))
         modules.setdefault(module, {})[part + ("" if param in (None, "weight") else "." + param)] = t
     handles = []
     try:
@@ -43,7 +45,8 @@ def hooked_logits(model, tensors: dict, cfg: dict, input_ids) -> torch.Tensor:
             try:
                 target = model.get_submodule(module)
             except AttributeError:
-                raise CheckpointFailure(f"--verify: the base model has no module {module}") from None
+                raise CheckpointFailure(Wording("{verify}: the base model has no module {module}",
+                                                module=module)) from None
             a, b = p["lora_A"].float(), p["lora_B"].float()
             bias = p.get("lora_B.bias")
             scale = _scale(cfg, module, a.shape[0])
@@ -84,8 +87,8 @@ def _verify_base(src, options: MigrateOptions):
         return base
     base = base_from_merged(src) if src.verdict.merged_kind in ("v0", "v1") else None
     if base is None:
-        raise CheckpointFailure("--verify needs --base-model here (no base weights with a model "
-                                "config inside the checkpoint)")
+        raise CheckpointFailure(Wording("{verify} needs {base_model} here (no base weights with "
+                                        "a model config inside the checkpoint)"))
     return base
 
 
@@ -100,7 +103,7 @@ def verify_conversion(conv: Conversion, target_dir: str, src, options: MigrateOp
     per_expert = {}
     if conv.method == METHOD_SVD:
         if not options.base_model:
-            raise CheckpointFailure("--verify needs --base-model")
+            raise CheckpointFailure(Wording("{verify} needs {base_model}"))
         from transformers import AutoModelForCausalLM
         merged = AutoModelForCausalLM.from_pretrained(src.abspath, dtype=torch.float32,
                                                       local_files_only=True)

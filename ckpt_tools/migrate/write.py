@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import __version__, canonical, commit, layout
+from ..errors import Wording
 from ..fs import FileOps, SyncError
 from ..problems import NAN_OR_INF, FormatError
 from ..records import HEALTHY
@@ -272,7 +273,7 @@ def write_target(ctx: MigrateContext, job: TargetJob,
                     f"logits differ by {verify['max_rel_diff']:.3g} (relative), above the "
                     f"tolerance {verify['tolerance']:g}")
                 raise VerifyFailed(job.outcome("failed", method=job.method, verify=verify,
-                                                reason=f"--verify: {why}"))
+                                                reason=Wording("{verify}: {why}", why=why)))
 
     try:
         commit.commit(staging, write, validate=validate, read_back=read_back)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .. import layout
-from ..errors import UsageError
+from ..errors import UsageError, Wording
 from ..kinds import RetentionAction, Status
 from ..records import Checkpoint, Run
 from .decision import (NOT_KEPT, PINNED_BEST, PINNED_BROKEN, PINNED_FRESH, PINNED_IN_PROGRESS,
@@ -123,8 +123,7 @@ class Policy:
         object.__setattr__(self, "tiers", tuple(self.tiers))
         object.__setattr__(self, "rest", _action(self.rest, REST_ACTIONS, "what no rule keeps"))
         if not self.tiers:
-            raise RetentionUsageError(f"--{self.rest} needs a rule: give --keep-last, --keep-best, "
-                                      "--keep-every or --keep-within")
+            raise RetentionUsageError(_needs_a_rule(self.rest))
 
     @classmethod
     def from_flags(cls, rules: Rules, action: RetentionAction | str | None) -> Policy | None:
@@ -133,20 +132,26 @@ class Policy:
         action without a rule, or ``--keep-step`` alone is a usage error."""
         if action is None:
             if rules.keeps_anything:
-                raise RetentionUsageError("a --keep-* rule needs an action for the rest: "
-                                          "give --strip or --delete")
+                raise RetentionUsageError(Wording("a {keep_*} rule needs an action for the rest: "
+                                                  "give {strip} or {delete}"))
             if rules.keep_steps:
-                raise RetentionUsageError("--keep-step pins checkpoints against a retention "
-                                          "policy: give a --keep-* rule and --strip or --delete")
+                raise RetentionUsageError(Wording(
+                    "{keep_steps} pins checkpoints against a retention policy: give a {keep_*} "
+                    "rule and {strip} or {delete}"))
             return None
         if not rules.keeps_anything:
-            raise RetentionUsageError(f"--{RetentionAction(action)} needs a rule: give --keep-last, "
-                                      "--keep-best, --keep-every or --keep-within")
+            raise RetentionUsageError(_needs_a_rule(RetentionAction(action)))
         return cls((Tier(rules, RetentionAction.KEEP),), action)
 
     @property
     def pinned_steps(self) -> frozenset[int]:
         return frozenset().union(*(t.rules.keep_steps for t in self.tiers))
+
+
+def _needs_a_rule(action: RetentionAction) -> Wording:
+    """What no rule keeps would be stripped or deleted, but there is no rule."""
+    return Wording("{%s} needs a rule: give {keep_last}, {keep_best}, {keep_every} or "
+                   "{keep_within}" % action)
 
 
 def _action(value, allowed: Sequence[RetentionAction], what: str) -> RetentionAction:

@@ -127,6 +127,9 @@ def test_an_earlier_demo_is_replaced_only_when_asked(tmp_path, capsys):
     assert _clear(dest, replace=True) is None
     assert not any(path.exists() for path in beside(dest).values())
     assert neighbour.is_dir()
+    (tmp_path / "demo-tree-ordinary").write_text("a file, not an earlier demo")
+    assert _clear(dest, replace=True) == f"{tmp_path}/demo-tree-ordinary: exists and is not a directory"
+    assert (tmp_path / "demo-tree-ordinary").is_file()
 
 
 def _recipe(target: str) -> list[str]:

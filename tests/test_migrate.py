@@ -425,9 +425,9 @@ def test_a_nan_adapter_is_reported_broken_and_nothing_is_left_in_dst(results_tre
     """A normal validation cannot see a NaN; migrate reads back every tensor it writes, so it
     fails that checkpoint as ``validate --deep`` would, and DST holds nothing of it."""
     root, manifest, now = results_tree
-    e = manifest["broken/nan-or-inf/checkpoint-100"]
+    e = manifest["deep-only/nan-or-inf/checkpoint-100"]
     src = tmp_path / "src"
-    copy_tree(root / "broken" / "nan-or-inf", src / "nan-or-inf")
+    copy_tree(root / "deep-only" / "nan-or-inf", src / "nan-or-inf")
     copy_tree(root / "run canonical", src / "run canonical")    # a healthy neighbour
     dst = tmp_path / "dst"
     out = _run_cli(["migrate", str(src), str(dst), "--json", "--min-age", "0"])

@@ -21,3 +21,11 @@ def scan_roots(out: Output, roots, **kwargs):
     finally:
         if bars and bars[0] is not None:
             bars[0].close()
+
+
+def storage_line(storage) -> str:
+    """What reading a bucket cost, for ``-v``: requests and bytes."""
+    from ..report import size_str
+    c = storage.counts
+    return (f"storage: {c.requests} requests ({c.listings} listings, {c.reads} reads), "
+            f"{size_str(c.bytes_read)} read")

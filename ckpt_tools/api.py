@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from itertools import chain
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -160,8 +159,10 @@ def _scan_objects(roots, storage, jobs, level, min_age_s, now, progress, cache, 
         dirs, probs = find_checkpoints(storage, root, walk)
         found.extend(dirs)
         problems.extend(probs)
-    judge = partial(classify, level=level, min_age_s=min_age_s, now=now, cache=cache,
-                    storage=storage)
+    def judge(ckpt: CheckpointDir) -> Checkpoint:
+        with storage.judging(ckpt):
+            return classify(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache,
+                            storage=storage)
     checkpoints: list[Checkpoint] = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for i, c in enumerate(pool.map(judge, found), 1):

@@ -146,19 +146,20 @@ def test_hostile_keys_are_problems_and_prefix_keys_stay_apart(s3_server, hostile
 
 
 def test_a_huge_object_claiming_a_tiny_header_costs_a_bounded_read(s3_server, hostile_bucket):  # noqa: F811
-    roots, storage = open_storage(["s3://hostile/runs/huge"], s3_server.options)
-    result = api.scan(*roots, min_age_s=0, storage=storage)
-    (ckpt,) = result.checkpoints
-    assert ckpt.status == "broken"
-    assert ("bad-header", "checkpoint-5/model.safetensors") in {(p.code, p.path)
-                                                                for p in ckpt.problems}
+    code, doc = audit_json(*s3_server.cli_options(), "s3://hostile/runs/huge")
+    assert code == 1
+    (ckpt,) = doc["checkpoints"]
+    assert ckpt["status"] == "broken"
+    assert ("bad-header", "checkpoint-5/model.safetensors") in {(p["code"], p["path"])
+                                                                for p in ckpt["problems"]}
     files = [f for f in hostile_bucket.rglob("*") if f.is_file()]
     small = sum(f.stat().st_size for f in files)
-    counts = storage.counts
     # every small file at most once, and of the 50 MB object its first 64 KiB
-    assert counts.bytes_read <= small + 64 * 1024
-    assert counts.reads <= len(files) + 2
-    assert counts.listings == 1
+    for counts in (ckpt["storage"], doc["storage"]):
+        assert counts["bytes_read"] <= small + 64 * 1024
+        assert counts["reads"] <= len(files) + 2
+    assert doc["storage"]["listings"] == 1
+    assert ckpt["storage"]["listings"] == 0
 
 
 def test_an_object_gone_between_listing_and_reading_is_missing(s3_server, hostile_bucket):  # noqa: F811

@@ -13,7 +13,7 @@ from ..kinds import Status
 from .exits import ExitCode
 from .options import (Duration, PathArgument, command_output, output_options, storage_options,
                       walk_options)
-from .scanning import scan_roots, storage_line
+from .scanning import scan_roots, storage_line, with_storage_counts
 
 # ckpt-tools 0.1 called healthy ``peft-only`` (README, "Changes to the JSON in 0.2")
 STATUS_NAMES = {**{str(s): s for s in Status}, "peft-only": Status.HEALTHY}
@@ -75,9 +75,7 @@ def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, walk, st
     result = narrowed(result, {STATUS_NAMES[s.lower()] for s in statuses}, run_globs, sort)
     if out.json:
         doc = result.to_dict()
-        if storage is not None:
-            doc["storage"] = storage.counts.to_dict()
-        out.document(doc)
+        out.document(doc if storage is None else with_storage_counts(doc, storage))
     else:
         lines = render_audit(result, verbose=out.verbose, quiet=out.quiet, color=out.color)
         if storage is not None and out.verbose:

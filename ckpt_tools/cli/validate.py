@@ -7,7 +7,7 @@ import click
 from .exits import ExitCode
 from .options import (Duration, PathArgument, command_output, output_options, storage_options,
                       walk_options)
-from .scanning import scan_roots, storage_line
+from .scanning import scan_roots, storage_line, with_storage_counts
 
 
 EXAMPLES = """Examples:
@@ -49,9 +49,7 @@ def validate(ctx, checkpoints, deep, min_age, jobs, walk, storage_options, **opt
         raise click.ClickException(f"no checkpoint found under {', '.join(checkpoints)}")
     if out.json:
         doc = validate_doc(result)
-        if storage is not None:
-            doc["storage"] = storage.counts.to_dict()
-        out.document(doc)
+        out.document(doc if storage is None else with_storage_counts(doc, storage))
     else:
         lines = render_validate(result, verbose=out.verbose, quiet=out.quiet)
         if storage is not None and out.verbose:

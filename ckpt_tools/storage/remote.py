@@ -17,6 +17,7 @@ import errno
 import math
 import posixpath
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -114,6 +115,9 @@ class ObjectStorage:
         self.fs = fs
         self.protocol = protocol
         self.counts = StorageCounts()
+        #: (root, checkpoint path) → what judging that checkpoint cost (``judging``)
+        self.by_checkpoint: dict[tuple[str, str], StorageCounts] = {}
+        self._judging = threading.local()   # this thread's checkpoint's counts, while judged
         self._trees: dict[str, Directory] = {}   # root path → its listing
         self._next_ino = 0
 
@@ -165,7 +169,7 @@ class ObjectStorage:
         except Exception as exc:   # the store's own errors (credentials, endpoint, bucket)
             raise ListingError(f"{url}: cannot list: {_cause(exc)}") from None
         finally:
-            self.counts.add(listings=1)
+            self._count(listings=1)
         if not found:
             raise ListingError(f"{url}: no such file or directory (no object under it)")
         if set(found) == {root} and found[root].get("type") != "directory":
@@ -222,6 +226,22 @@ class ObjectStorage:
     def isdir(self, path: str) -> bool:
         return self.directory(path) is not None
 
+    @contextmanager
+    def judging(self, ckpt: CheckpointDir):
+        """Count the reads this thread makes meanwhile as ``ckpt``'s too (``by_checkpoint``)."""
+        counts = self.by_checkpoint[ckpt.root, ckpt.path] = StorageCounts()
+        self._judging.counts = counts
+        try:
+            yield counts
+        finally:
+            self._judging.counts = None
+
+    def _count(self, *, listings: int = 0, reads: int = 0, nbytes: int = 0) -> None:
+        self.counts.add(listings=listings, reads=reads, nbytes=nbytes)
+        mine = getattr(self._judging, "counts", None)
+        if mine is not None:
+            mine.add(listings=listings, reads=reads, nbytes=nbytes)
+
     # --- reads ---------------------------------------------------------------------
 
     def read_range(self, path: str, offset: int, length: int) -> bytes:
@@ -231,12 +251,12 @@ class ObjectStorage:
         try:
             data = self.fs.cat_file(posixpath.normpath(path), start=offset, end=offset + length)
         except OSError:
-            self.counts.add(reads=1)
+            self._count(reads=1)
             raise
         except Exception as exc:   # the store's own errors: the file is unreadable, the scan goes on
-            self.counts.add(reads=1)
+            self._count(reads=1)
             raise OSError(errno.EIO, _cause(exc), path) from None
-        self.counts.add(reads=1, nbytes=len(data))
+        self._count(reads=1, nbytes=len(data))
         if len(data) > length:
             raise OSError(errno.EIO, f"the store answered {len(data)} bytes to a range of "
                                      f"{length}: it ignored the range", path)
@@ -257,7 +277,7 @@ class ObjectStorage:
         except Exception as exc:
             raise OSError(errno.EIO, _cause(exc), path) from None
         finally:
-            self.counts.add(reads=1)
+            self._count(reads=1)
         if info.get("type") == "directory":
             raise FileNotFoundError(errno.ENOENT, "a prefix, not an object", path)
         return int(info.get("size") or 0)

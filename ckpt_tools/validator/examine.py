@@ -203,7 +203,10 @@ def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s:
     # what its files' reads returned (``replay``): a checkpoint whose reads return the very
     # objects an earlier one's did is concluded from that one's findings, after reading
     # every one of its own files again. best_model/ reads its parent's MoE state: not replayed.
-    memo = cache is not None and level == HEADERS and ckpt.name != layout.BEST_MODEL_DIR
+    # In a bucket every read is a round trip: a replay that missed would have paid for each
+    # file twice, so a checkpoint there is always examined afresh (one read per file).
+    memo = (cache is not None and storage is None and level == HEADERS
+            and ckpt.name != layout.BEST_MODEL_DIR)
     replayed = replay.replay(ctx, cache) if memo else None
     if replayed is not None:
         found, problems = replayed

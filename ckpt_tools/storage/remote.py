@@ -264,10 +264,11 @@ class ObjectStorage:
 
     def reader(self, path: str, size: int | None) -> tuple[int, partial]:
         """(the object's size, a ``ReadAt`` of it): the size the listing gave, else one
-        lookup (a file found by a reader outside the listing)."""
+        lookup (a file found by a reader outside the listing). Nothing past that size is
+        asked for: the object is read as it was listed (an empty one costs no request)."""
         if size is None:
             size = self._size(path)
-        return size, partial(_read_at, self, posixpath.normpath(path))
+        return size, partial(_read_at, self, posixpath.normpath(path), size)
 
     def _size(self, path: str) -> int:
         try:
@@ -283,8 +284,8 @@ class ObjectStorage:
         return int(info.get("size") or 0)
 
 
-def _read_at(storage: ObjectStorage, path: str, n: int, offset: int) -> bytes:
-    return storage.read_range(path, offset, n)
+def _read_at(storage: ObjectStorage, path: str, size: int, n: int, offset: int) -> bytes:
+    return storage.read_range(path, offset, min(n, size - offset))
 
 
 _BOTH = "an object and a prefix of other keys share this name: the object is not read"

@@ -221,3 +221,26 @@ def test_what_cannot_act_on_a_bucket_refuses_in_one_line(args, line, tmp_path):
     assert proc.stderr.splitlines() == [line]
     assert proc.stdout == ""
     assert not (REPO / "out").exists()
+
+
+def test_an_interrupted_strip_in_a_bucket_is_read_from_its_marker(results_tree, tmp_path):
+    """The strip marker is read through the storage too: the same warning as on disk."""
+    fsspec = pytest.importorskip("fsspec")
+    from ckpt_tools.layout import STRIP_MARKER
+    from ckpt_tools.problems import STRIP_INTERRUPTED
+    from ckpt_tools.retention.strip_marker import STRIPPING, StripMarker
+    run = tmp_path / "run"
+    shutil.copytree(results_tree[0] / HEALTHY, run / "checkpoint-50")
+    (run / "checkpoint-50" / STRIP_MARKER).write_bytes(
+        StripMarker(STRIPPING, (("optimizer.pt", 1),), started="2026-01-01T00:00:00").to_json())
+    fs = fsspec.filesystem("memory")
+    bucket = f"ckpt-tools-{uuid.uuid4().hex}"
+    assert upload_tree(fs, run, f"/{bucket}/run") == []
+    try:
+        _, here = audit_json(run)
+        _, there = audit_json(f"memory://{bucket}/run")
+        assert judged(there) == judged(here)
+        (ckpt,) = there["checkpoints"]
+        assert STRIP_INTERRUPTED in {p["code"] for p in ckpt["problems"]}
+    finally:
+        fs.rm(f"/{bucket}", recursive=True)

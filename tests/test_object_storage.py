@@ -241,6 +241,9 @@ def test_an_interrupted_strip_in_a_bucket_is_read_from_its_marker(results_tree, 
         _, there = audit_json(f"memory://{bucket}/run")
         assert judged(there) == judged(here)
         (ckpt,) = there["checkpoints"]
-        assert STRIP_INTERRUPTED in {p["code"] for p in ckpt["problems"]}
+        said = [p["message"] for p in ckpt["problems"] if p["code"] == STRIP_INTERRUPTED]
+        assert said == [p["message"] for p in here["checkpoints"][0]["problems"]
+                        if p["code"] == STRIP_INTERRUPTED]
+        assert "cannot read" not in said[0]
     finally:
         fs.rm(f"/{bucket}", recursive=True)

@@ -70,9 +70,12 @@ def read_header(path: str, relpath: str, file_size: int | None, cache: ReadCache
         return st.read_header(path, file_size=file_size, read_at=read_at)
     hints = cache.header_hints
     hint = hints.get(relpath)  # (first read size, header bytes, file size, header)
-    data, size = st.read_header_bytes(
-        path, file_size=file_size, first_read=st.FIRST_READ_BYTES if hint is None else hint[0],
-        read_at=read_at)
+    first = st.FIRST_READ_BYTES if hint is None else hint[0]
+    if storage is not None:
+        # in a bucket a second request costs more than 64 KiB: never a first read shorter
+        first = max(first, st.FIRST_READ_BYTES)
+    data, size = st.read_header_bytes(path, file_size=file_size, first_read=first,
+                                      read_at=read_at)
     if hint is not None and size == hint[2] and data.startswith(hint[1]):
         return hint[3]
     header = st.parse_cached(data, size, cache.headers)

@@ -64,8 +64,9 @@ EXAMPLES = """Examples:
 @click.pass_context
 def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, walk, storage_options,
           **opts):
-    """Find every checkpoint under ROOTS (directories, or URLs such as s3://bucket/runs),
-    classify it, and show what prune could reclaim."""
+    """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim.
+
+    ROOTS are directories, or URLs of object storage (s3://bucket/runs, gs://...)."""
     from ..records import BROKEN, LEGACY, REDUNDANT
     from ..report import render_audit
     from ..storage import open_storage

@@ -33,7 +33,9 @@ EXAMPLES = """Examples:
 @output_options
 @click.pass_context
 def validate(ctx, checkpoints, deep, min_age, jobs, walk, storage_options, **opts):
-    """Validate the named checkpoints (or every checkpoint under a named directory or URL)."""
+    """Validate the named checkpoints (or every checkpoint under a named directory).
+
+    Each may be a URL of object storage (s3://bucket/runs/checkpoint-4, gs://...)."""
     from ..errors import UsageError
     from ..report import render_validate, validate_doc
     from ..storage import open_storage

@@ -6,6 +6,7 @@ import gc
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
@@ -17,11 +18,15 @@ from .problems import Problem
 from .read_cache import ReadCache
 from .records import Checkpoint, CheckpointDir, Run, ScanResult
 from .scanner import WalkOptions
+from .storage import is_url, open_storage
 
 if TYPE_CHECKING:
+    from .storage.remote import ObjectStorage
     from .validator import Verdict
 
 DEFAULT_MIN_AGE_S = 3600.0
+# Threads overlapping the round trips to object storage when the caller says 'auto' (0).
+OBJECT_STORAGE_JOBS = 16
 # Below this many checkpoints, starting worker processes costs more than it saves.
 _MIN_PER_PROCESS = 100
 
@@ -62,12 +67,14 @@ def _size(ckpt: CheckpointDir) -> int:
 
 
 def classify(ckpt: CheckpointDir, *, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE_S,
-             now: float | None = None, cache: ReadCache | None = None) -> Checkpoint:
+             now: float | None = None, cache: ReadCache | None = None,
+             storage: ObjectStorage | None = None) -> Checkpoint:
     """Validate one scanned checkpoint directory and return its verdict as a record.
     ``level``: validator.HEADERS, FULL or DEEP (the validator is imported only once there is
-    a checkpoint to judge); ``cache``: as for ``scan``."""
+    a checkpoint to judge); ``cache``, ``storage``: as for ``scan``."""
     from .validator import validate_checkpoint
-    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache)
+    v = validate_checkpoint(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache,
+                            storage=storage)
     return Checkpoint.from_verdict(ckpt, v, _size(ckpt))
 
 
@@ -86,7 +93,8 @@ def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE
          now: float | None = None, jobs: int = 1,
          progress: Callable[[int, int], None] | None = None,
          cache: ReadCache | _NewCache | None = NEW_CACHE,
-         walk: WalkOptions = WalkOptions()) -> ScanResult:
+         walk: WalkOptions = WalkOptions(),
+         storage: ObjectStorage | None = None) -> ScanResult:
     """Find, validate and classify every checkpoint under ``roots``.
 
     ``now`` and ``min_age_s`` decide what counts as in progress; pass them in tests.
@@ -96,18 +104,26 @@ def scan(*roots: str, level: str = "headers", min_age_s: float = DEFAULT_MIN_AGE
     the time without it); a ``ReadCache`` of the caller's; or None to read and judge every
     file afresh. The result is the same for every ``jobs`` and every ``cache``. ``walk``:
     which directories are left out (``scanner.WalkOptions``: other file systems, patterns).
-    Raises ``scanner.ScanError`` when a root cannot be scanned at all.
+    Roots may be fsspec URLs (``s3://bucket/runs``), all of one file system: ``storage`` is
+    then what they are read through (``storage.open_storage``; by default one with the
+    environment's credentials), and ``jobs`` threads overlap its requests. Raises
+    ``scanner.ScanError`` (``storage.remote.ListingError``) when a root cannot be scanned.
     """
+    if storage is None and any(map(is_url, roots)):
+        roots, storage = open_storage(roots)
     if cache is NEW_CACHE:
         cache = ReadCache()
     now = time.time() if now is None else now
     if jobs == 0:
-        jobs = default_jobs()
+        jobs = default_jobs() if storage is None else OBJECT_STORAGE_JOBS
     # A scan allocates many small objects and frees few: the cyclic collector would walk
     # the growing heap again and again (and, in forked workers, copy every page it touches).
     collecting = gc.isenabled()
     gc.disable()
     try:
+        if storage is not None:
+            return _scan_objects(roots, storage, jobs, level, min_age_s, now, progress, cache,
+                                 walk)
         if jobs > 1:
             return _scan_in_processes(roots, jobs, level, min_age_s, now, progress, cache, walk)
         return _scan_here(roots, level, min_age_s, now, progress, cache, walk)
@@ -129,6 +145,31 @@ def _scan_here(roots, level, min_age_s, now, progress, cache, walk) -> ScanResul
         if progress:
             progress(i, len(found))
     return assemble(tuple(scanner.iter_roots(roots)), checkpoints, problems)
+
+
+def _scan_objects(roots, storage, jobs, level, min_age_s, now, progress, cache, walk
+                  ) -> ScanResult:
+    """``_scan_here`` of roots in object storage: one listing per root, then the checkpoints
+    judged in ``jobs`` threads (their time is the store's round trips, not the CPU)."""
+    from .storage.walk import find_checkpoints
+    roots = tuple(dict.fromkeys(roots))
+    found: list[CheckpointDir] = []
+    problems = []
+    for root in roots:
+        dirs, probs = find_checkpoints(storage, root, walk)
+        found.extend(dirs)
+        problems.extend(probs)
+    def judge(ckpt: CheckpointDir) -> Checkpoint:
+        with storage.judging(ckpt):
+            return classify(ckpt, level=level, min_age_s=min_age_s, now=now, cache=cache,
+                            storage=storage)
+    checkpoints: list[Checkpoint] = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for i, c in enumerate(pool.map(judge, found), 1):
+            checkpoints.append(c)
+            if progress:
+                progress(i, len(found))
+    return assemble(roots, checkpoints, problems, storage)
 
 
 # --- scanning and validating in forked worker processes ------------------------------
@@ -245,19 +286,24 @@ def _gather(walks, units, results, progress) -> ScanResult:
     return assemble(tuple(w[0] for w in walks), checkpoints, problems)
 
 
-def _run(root: str, path: str, checkpoints: list[Checkpoint], problems: list[Problem]) -> Run:
+def _run(root: str, path: str, checkpoints: list[Checkpoint], problems: list[Problem],
+         storage: ObjectStorage | None) -> Run:
     # imported once there is a run: it reads through the format readers, as the validator does
     from .trainer_state import read_run_state
-    trainer = read_run_state(checkpoints)
-    trash, trash_problems = scanner.trash_files(root, path)
-    problems.extend(trash_problems)
+    trainer = read_run_state(checkpoints, storage)
+    trash: tuple = ()
+    if storage is None:   # prune, the only writer of a trash, does not act on buckets yet
+        trash, trash_problems = scanner.trash_files(root, path)
+        problems.extend(trash_problems)
     return Run(root, path, tuple(map(trainer.annotated, checkpoints)), trainer, trash)
 
 
-def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=()) -> ScanResult:
+def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems=(),
+             storage: ObjectStorage | None = None) -> ScanResult:
     """Group checkpoints into runs, fill in what prune could reclaim from each, read each
     run's trainer state (one trainer_state.json per run: its best checkpoint, each one's eval)
-    and list the files of each run's trash (``scanner.trash_files``)."""
+    and list the files of each run's trash (``scanner.trash_files``; none in a bucket).
+    ``storage``: where the checkpoints were listed, None for local directories."""
     checkpoints = list(checkpoints)
     plan = plan_prune(checkpoints, prove=False)   # audit is structural: it reads no tensor
     freed = plan.by_checkpoint()
@@ -269,7 +315,8 @@ def assemble(roots: tuple[str, ...], checkpoints: Iterable[Checkpoint], problems
             c = c.with_reclaimable(rec)
         runs.setdefault((d.root, d.run), []).append(c)
     problems = list(problems)
-    run_records = tuple(_run(root, path, cs, problems) for (root, path), cs in runs.items())
+    run_records = tuple(_run(root, path, cs, problems, storage)
+                        for (root, path), cs in runs.items())
     total = _total_size(c.dir for r in run_records for c in r.checkpoints)
     return ScanResult(roots=roots, runs=run_records, problems=tuple(problems),
                       total_size_bytes=total)

@@ -9,11 +9,15 @@ stands for a torch.save file's inspection in a replay recipe (``replay``). With
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from .formats import safetensors_header as st
 from .formats import torchsave
 from .read_cache import ReadCache, bounded_put
 from .records import FileRecord
+
+if TYPE_CHECKING:
+    from .storage.remote import ObjectStorage
 
 MAX_JSON_BYTES = 16 * 1024 * 1024
 _MAX_CACHED_JSON = 1 << 16
@@ -42,23 +46,36 @@ def parse_json(raw: bytes, cache: ReadCache | None):
     return value
 
 
-def read_json_bytes(path: str, file_size: int | None) -> bytes:
+def read_json_bytes(path: str, file_size: int | None, storage: ObjectStorage | None = None
+                    ) -> bytes:
     """The file's bytes, or its first MAX_JSON_BYTES + 1 when it is larger. ``file_size``
-    as for ``st.open_regular``."""
-    return st.read_bounded(path, MAX_JSON_BYTES, file_size)
+    as for ``st.open_regular``; ``storage``: the scan's object storage (None: a local path)."""
+    if storage is None:
+        return st.read_bounded(path, MAX_JSON_BYTES, file_size)
+    size, read_at = storage.reader(path, file_size)
+    return st.read_bounded(path, MAX_JSON_BYTES, size, read_at)
 
 
-def read_header(path: str, relpath: str, file_size: int | None, cache: ReadCache | None):
+def read_header(path: str, relpath: str, file_size: int | None, cache: ReadCache | None,
+                storage: ObjectStorage | None = None):
     """``st.read_header``; with a cache, the first read is sized by the header last read at
     this relpath: a run's checkpoints repeat their headers, so it takes one ``pread`` of about
     its own size rather than 64 KiB, and bytes equal to that header's (same file size) are
-    that header, without hashing them for ``st.parse_cached``."""
+    that header, without hashing them for ``st.parse_cached``. ``storage`` as for
+    ``read_json_bytes``."""
+    read_at = None
+    if storage is not None:
+        file_size, read_at = storage.reader(path, file_size)
     if cache is None:
-        return st.read_header(path, file_size=file_size)
+        return st.read_header(path, file_size=file_size, read_at=read_at)
     hints = cache.header_hints
     hint = hints.get(relpath)  # (first read size, header bytes, file size, header)
-    data, size = st.read_header_bytes(
-        path, file_size=file_size, first_read=st.FIRST_READ_BYTES if hint is None else hint[0])
+    first = st.FIRST_READ_BYTES if hint is None else hint[0]
+    if storage is not None:
+        # in a bucket a second request costs more than 64 KiB: never a first read shorter
+        first = max(first, st.FIRST_READ_BYTES)
+    data, size = st.read_header_bytes(path, file_size=file_size, first_read=first,
+                                      read_at=read_at)
     if hint is not None and size == hint[2] and data.startswith(hint[1]):
         return hint[3]
     header = st.parse_cached(data, size, cache.headers)
@@ -67,10 +84,15 @@ def read_header(path: str, relpath: str, file_size: int | None, cache: ReadCache
     return header
 
 
-def inspect_torch(path: str, check_pickle, file_size: int | None, cache: ReadCache | None):
-    """``torchsave.inspect_torch_file``, shared through the cache (never mutate the result)."""
+def inspect_torch(path: str, check_pickle, file_size: int | None, cache: ReadCache | None,
+                  storage: ObjectStorage | None = None):
+    """``torchsave.inspect_torch_file``, shared through the cache (never mutate the result).
+    ``storage`` as for ``read_json_bytes``."""
+    read_at = None
+    if storage is not None:
+        file_size, read_at = storage.reader(path, file_size)
     return torchsave.inspect_torch_file(path, check_pickle=check_pickle, shared=True,
-                                        file_size=file_size, cache=cache)
+                                        file_size=file_size, cache=cache, read_at=read_at)
 
 
 class _NoToken(Exception):

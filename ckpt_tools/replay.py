@@ -84,7 +84,7 @@ def replay(ctx, cache: ReadCache):
     append = values.append
     for read, rel, at, arg in recipe.steps:
         size = None if at is None else reads.regular_size(rows[at])
-        value = read(ctx.abspath(rel), rel, size, arg, cache)
+        value = read(ctx.abspath(rel), rel, size, arg, cache, ctx.storage)
         if value is None:
             return None
         append(value)
@@ -96,9 +96,9 @@ def replay(ctx, cache: ReadCache):
 
 # What each reader of the validator records for a file; None where it would find a problem.
 
-def _quiet_json(path: str, rel: str, size: int | None, _, cache: ReadCache):
+def _quiet_json(path: str, rel: str, size: int | None, _, cache: ReadCache, storage):
     try:
-        raw = reads.read_json_bytes(path, size)
+        raw = reads.read_json_bytes(path, size, storage)
     except OSError:
         return None
     if len(raw) > reads.MAX_JSON_BYTES:
@@ -107,16 +107,18 @@ def _quiet_json(path: str, rel: str, size: int | None, _, cache: ReadCache):
     return None if isinstance(value, str) else value
 
 
-def _quiet_safetensors(path: str, rel: str, size: int | None, _, cache: ReadCache):
+def _quiet_safetensors(path: str, rel: str, size: int | None, _, cache: ReadCache, storage):
     try:
-        return reads.read_header(path, rel, size, cache)
+        return reads.read_header(path, rel, size, cache, storage)
     except (FormatError, OSError):
         return None
 
 
-def _quiet_torch(path: str, rel: str, size: int | None, check_pickle, cache: ReadCache):
+def _quiet_torch(path: str, rel: str, size: int | None, check_pickle, cache: ReadCache,
+                 storage):
     try:
-        return reads.torch_token(reads.inspect_torch(path, check_pickle, size, cache), cache)
+        return reads.torch_token(reads.inspect_torch(path, check_pickle, size, cache, storage),
+                                 cache)
     except (FormatError, OSError):
         return None
 

@@ -28,6 +28,7 @@ from .problems import BAD_JSON, PERMISSION_DENIED, UNREADABLE, WARNING, Problem
 
 if TYPE_CHECKING:
     from .records import Checkpoint, CheckpointDir
+    from .storage.remote import ObjectStorage
 
 # What the Trainer prefixes every metric of ``evaluate`` with (``metric_key_prefix="eval"``).
 _EVAL_PREFIX = "eval_"
@@ -178,27 +179,31 @@ class RunTrainerState:
         }
 
 
-def _read(ckpt: Checkpoint) -> TrainerState | Problem | None:
-    return read_state(ckpt.dir)
+def _read(ckpt: Checkpoint, storage: ObjectStorage | None) -> TrainerState | Problem | None:
+    return read_state(ckpt.dir, storage)
 
 
-def names_its_step(d: CheckpointDir) -> bool:
+def names_its_step(d: CheckpointDir, storage: ObjectStorage | None = None) -> bool:
     """Whether the checkpoint's own trainer_state.json parses and says the step in its name:
     the Trainer writes that file last, so the checkpoint is complete."""
-    state = read_state(d) if d.step is not None else None
+    state = read_state(d, storage) if d.step is not None else None
     return isinstance(state, TrainerState) and state.global_step == d.step
 
 
-def read_state(d: CheckpointDir) -> TrainerState | Problem | None:
+def read_state(d: CheckpointDir, storage: ObjectStorage | None = None
+               ) -> TrainerState | Problem | None:
     """The state of the checkpoint's own trainer_state.json, a warning on it, or None when it has
-    none that is a regular file (a symlink is not followed: it may lead out of the root)."""
+    none that is a regular file (a symlink is not followed: it may lead out of the root).
+    ``storage``: the object storage ``d`` was listed from; None for a local directory."""
     row = d.file(TRAINER_STATE_JSON)
     size = None if row is None else checkpoint_reads.regular_size(row)
     if size is None:
         return None
     rel = TRAINER_STATE_JSON if d.path == "." else f"{d.path}/{TRAINER_STATE_JSON}"
     try:
-        raw = checkpoint_reads.read_json_bytes(os.path.join(d.abspath, TRAINER_STATE_JSON), size)
+        base = d.abspath if storage is None else storage.path_of(d)
+        raw = checkpoint_reads.read_json_bytes(os.path.join(base, TRAINER_STATE_JSON), size,
+                                               storage)
     except NotRegularFile:
         return None
     except PermissionError as exc:
@@ -211,14 +216,16 @@ def read_state(d: CheckpointDir) -> TrainerState | Problem | None:
     return state
 
 
-def read_run_state(checkpoints: Sequence[Checkpoint]) -> RunTrainerState:
+def read_run_state(checkpoints: Sequence[Checkpoint], storage: ObjectStorage | None = None
+                   ) -> RunTrainerState:
     """The trainer state of the run whose checkpoints are ``checkpoints``: the newest
-    trainer_state.json that parses (highest step first; one file read in the usual case)."""
+    trainer_state.json that parses (highest step first; one file read in the usual case).
+    ``storage`` as for ``read_state``."""
     problems: list[Problem] = []
     stepped = sorted((c for c in checkpoints if c.step is not None and not c.dir.tmp_name),
                      key=lambda c: c.step, reverse=True)
     for c in stepped:
-        found = _read(c)
+        found = _read(c, storage)
         if isinstance(found, Problem):
             problems.append(found)
         elif found is not None:

@@ -11,8 +11,9 @@ import click
 
 from ..kinds import Status
 from .exits import ExitCode
-from .options import Duration, PathArgument, command_output, output_options, walk_options
-from .scanning import scan_roots
+from .options import (Duration, PathArgument, command_output, output_options, storage_options,
+                      walk_options)
+from .scanning import scan_roots, storage_line, with_storage_counts
 
 # ckpt-tools 0.1 called healthy ``peft-only`` (README, "Changes to the JSON in 0.2")
 STATUS_NAMES = {**{str(s): s for s in Status}, "peft-only": Status.HEALTHY}
@@ -36,6 +37,7 @@ EXAMPLES = """Examples:
   ckpt-tools audit --strict results/    # exit 1 on legacy or redundant too
   ckpt-tools audit -q --min-age 0 results/ /shared/results
   ckpt-tools audit --json results/ > audit.json
+  ckpt-tools audit --storage-option endpoint_url=http://127.0.0.1:9000 s3://bucket/results/
 """
 
 
@@ -45,7 +47,8 @@ EXAMPLES = """Examples:
               help="A checkpoint whose newest file is younger is in progress.")
 @click.option("--strict", is_flag=True, help="Also exit 1 when any checkpoint is legacy or redundant.")
 @click.option("--jobs", "-j", type=click.IntRange(0, 256), default=0, show_default=True,
-              help="Worker processes validating in parallel; 0: one per CPU (at most 8).")
+              help="Worker processes validating in parallel; 0: one per CPU (at most 8). "
+                   "For URLs, threads overlapping the requests; 0: 16.")
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
               type=click.Choice(list(STATUS_NAMES), case_sensitive=False),
               help="Show only checkpoints of this status: healthy, redundant, legacy, broken or "
@@ -56,19 +59,29 @@ EXAMPLES = """Examples:
               help="Order checkpoints, and runs, by size or reclaimable (largest first), "
                    "step, or age (oldest first).")
 @walk_options
+@storage_options
 @output_options
 @click.pass_context
-def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, walk, **opts):
-    """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim."""
+def audit(ctx, roots, min_age, strict, jobs, statuses, run_globs, sort, walk, storage_options,
+          **opts):
+    """Find every checkpoint under ROOTS, classify it, and show what prune could reclaim.
+
+    ROOTS are directories, or URLs of object storage (s3://bucket/runs, gs://...)."""
     from ..records import BROKEN, LEGACY, REDUNDANT
     from ..report import render_audit
+    from ..storage import open_storage
     out = command_output(ctx, **opts)
-    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk)
+    roots, storage = open_storage(roots, storage_options)
+    result = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk, storage=storage)
     result = narrowed(result, {STATUS_NAMES[s.lower()] for s in statuses}, run_globs, sort)
     if out.json:
-        out.document(result.to_dict())
+        doc = result.to_dict()
+        out.document(doc if storage is None else with_storage_counts(doc, storage))
     else:
-        out.report(render_audit(result, verbose=out.verbose, quiet=out.quiet, color=out.color))
+        lines = render_audit(result, verbose=out.verbose, quiet=out.quiet, color=out.color)
+        if storage is not None and out.verbose:
+            lines = [*lines, storage_line(storage)]
+        out.report(lines)
     counts = result.by_status()
     code = ExitCode.OK
     if counts[BROKEN] or any(p.is_error for p in result.problems):

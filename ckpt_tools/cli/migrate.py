@@ -115,6 +115,8 @@ def migrate(ctx, src, dst, dry_run, link, base_model, rank, energy, max_error, d
     the job. Exit 0 when all was done, 1 when any checkpoint failed, 2 on a usage
     error, 75 when the lock is held.
     """
+    from ..storage import refuse_urls
+    refuse_urls((src, dst), "migrate")
     # no network, ever: hub ids resolve from the local cache only
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -41,6 +41,26 @@ def walk_options(f):
         help="Do not enter directories on other file systems (mount points), as du -x.")(command)
 
 
+def storage_options(f):
+    """--storage-option KEY=VALUE (repeatable), handed to the command as one ``storage_options``
+    dict: the fsspec file system's options for roots given as URLs (``endpoint_url=...``,
+    ``anon=true``, ``client_kwargs.region_name=...``)."""
+    @functools.wraps(f)
+    def command(*args, storage_option, **kwargs):
+        from ..storage import parse_storage_options
+        try:
+            options = parse_storage_options(storage_option)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--storage-option'") from None
+        return f(*args, storage_options=options, **kwargs)
+
+    return click.option(
+        "--storage-option", metavar="KEY=VALUE", multiple=True,
+        help="For roots given as URLs (s3://, gs://, memory://...): an option of the fsspec "
+             "file system, e.g. endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable). "
+             "Credentials come from the environment and profiles, as boto's do.")(command)
+
+
 def command_output(ctx: click.Context, **opts) -> Output:
     """The sink of this run: the group's output options merged with the command's own, kept on
     the context object so that the exit-code handler knows about ``-v`` too."""

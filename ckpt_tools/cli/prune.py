@@ -36,6 +36,8 @@ def _stdin_is_terminal() -> bool:
 def _check_roots(roots: tuple[str, ...]) -> None:
     """Each root an existing directory, no root inside another (a file would be counted twice)."""
     from ..scanner import ScanError
+    from ..storage import refuse_urls
+    refuse_urls(roots, "prune")
     real: list[tuple[str, str]] = []
     for r in roots:
         if not os.path.lexists(r):

@@ -17,7 +17,9 @@ import re
 import reprlib
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from ckpt_tools.problems import BAD_HEADER, DTYPE_UNKNOWN, TRUNCATED, FormatError
 
@@ -32,6 +34,10 @@ METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = frozenset(("dtype", "shape", "data_offsets"))
 _U64 = 1 << 64
 _U64_LE = struct.Struct("<Q")
+
+#: ``read_at(n, offset)``: up to ``n`` bytes at ``offset`` of one file, fewer only at its end
+#: (``pread_full`` of an open descriptor, or a ranged GET of an object in a bucket).
+ReadAt = Callable[[int, int], bytes]
 
 #: Bits per element of every dtype safetensors 0.8 knows.
 DTYPE_BITS: dict[str, int] = {
@@ -437,19 +443,28 @@ def open_regular(path: str | os.PathLike, file_size: int | None = None) -> tuple
     return fd, st.st_size
 
 
-def read_bounded(path: str | os.PathLike, limit: int, file_size: int | None = None) -> bytes:
+def read_bounded(path: str | os.PathLike, limit: int, file_size: int | None = None,
+                 read_at: ReadAt | None = None) -> bytes:
     """The bytes of the regular file ``path`` (``open_regular``), or its first ``limit + 1``
-    when it is larger than ``limit``: a caller tells "too large" by the length."""
+    when it is larger than ``limit``: a caller tells "too large" by the length. With
+    ``read_at`` (an object in a bucket, ``storage.remote``) the bytes come from it and
+    ``file_size`` is the size its listing gave."""
+    if read_at is not None:
+        return _bounded(read_at, file_size, limit)
     fd, size = open_regular(path, file_size)
     try:
-        if 0 < size <= limit:
-            return pread_full(fd, size, 0)  # as big as it was found
-        raw = pread_full(fd, limit + 1, 0)
-        if len(raw) <= limit:
-            while chunk := pread_full(fd, limit + 1 - len(raw), len(raw)):
-                raw += chunk
+        return _bounded(partial(pread_full, fd), size, limit)
     finally:
         os.close(fd)
+
+
+def _bounded(read_at: ReadAt, size: int, limit: int) -> bytes:
+    if 0 < size <= limit:
+        return read_at(size, 0)  # as big as it was found
+    raw = read_at(limit + 1, 0)
+    if len(raw) <= limit:
+        while chunk := read_at(limit + 1 - len(raw), len(raw)):
+            raw += chunk
     return raw
 
 
@@ -479,46 +494,58 @@ def no_readahead(fd: int) -> None:
 
 
 def read_header_bytes(path: str | os.PathLike, *, file_size: int | None = None,
-                      first_read: int = FIRST_READ_BYTES) -> tuple[bytes, int]:
+                      first_read: int = FIRST_READ_BYTES,
+                      read_at: ReadAt | None = None) -> tuple[bytes, int]:
     """(the file's first bytes, its size): what ``read_header`` reads and then parses.
 
     The bytes hold the whole header (8 + N bytes, more when ``first_read`` was larger)
     whenever the file is long enough for the length it declares. ``file_size`` as for
-    ``open_regular``. Raises ``FormatError`` ``truncated`` when the file ends before that,
-    and ``OSError`` from the OS.
+    ``open_regular``; ``read_at`` as for ``read_bounded`` (then at most two ranged reads,
+    the second bounded by MAX_HEADER_BYTES and the size listed). Raises ``FormatError``
+    ``truncated`` when the file ends before that, and ``OSError`` from the OS.
     """
+    if read_at is not None:
+        return _header_bytes(read_at, file_size, first_read), file_size
     fd, file_size = open_regular(path, file_size)
     try:
         if file_size > first_read:
             no_readahead(fd)
-        data = pread_full(fd, min(first_read, file_size), 0)
-        if len(data) >= 8:
-            (header_len,) = _U64_LE.unpack_from(data)
-            needed = 8 + header_len
-            if len(data) < needed <= min(file_size, 8 + MAX_HEADER_BYTES):
-                data += pread_full(fd, needed - len(data), len(data))
-                if len(data) < needed:
-                    raise FormatError(TRUNCATED, f"file ended at byte {len(data)} while "
-                                                 f"reading a {header_len}-byte header")
-        elif len(data) < min(8, file_size):
-            raise FormatError(TRUNCATED, f"file ended at byte {len(data)}, "
-                                         f"expected {file_size} bytes")
+        data = _header_bytes(partial(pread_full, fd), file_size, first_read)
     finally:
         os.close(fd)
     return data, file_size
 
 
+def _header_bytes(read_at: ReadAt, file_size: int, first_read: int) -> bytes:
+    data = read_at(min(first_read, file_size), 0)
+    if len(data) >= 8:
+        (header_len,) = _U64_LE.unpack_from(data)
+        needed = 8 + header_len
+        if len(data) < needed <= min(file_size, 8 + MAX_HEADER_BYTES):
+            data += read_at(needed - len(data), len(data))
+            if len(data) < needed:
+                raise FormatError(TRUNCATED, f"file ended at byte {len(data)} while "
+                                             f"reading a {header_len}-byte header")
+    elif len(data) < min(8, file_size):
+        raise FormatError(TRUNCATED, f"file ended at byte {len(data)}, "
+                                     f"expected {file_size} bytes")
+    return data
+
+
 def read_header(path: str | os.PathLike, *, file_size: int | None = None,
-                first_read: int = FIRST_READ_BYTES, memo: dict | None = None) -> SafetensorsHeader:
+                first_read: int = FIRST_READ_BYTES, memo: dict | None = None,
+                read_at: ReadAt | None = None) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
     Reads the first ``first_read`` bytes (64 KiB) in one ``pread`` and the rest of the
     header only when it is longer; tensor data is never read. ``file_size``: the size of a
     regular file as the caller's own ``lstat`` saw it (see ``open_regular``); a caller that
     knows the header's likely size may pass it as ``first_read``. ``memo``: as for
-    ``parse_cached``. Raises ``FormatError`` for bad data and ``OSError`` from the OS.
+    ``parse_cached``; ``read_at`` as for ``read_bounded``. Raises ``FormatError`` for bad data
+    and ``OSError`` from the OS.
     """
-    data, file_size = read_header_bytes(path, file_size=file_size, first_read=first_read)
+    data, file_size = read_header_bytes(path, file_size=file_size, first_read=first_read,
+                                        read_at=read_at)
     return parse_cached(data, file_size, memo)
 
 

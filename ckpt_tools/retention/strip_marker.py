@@ -76,9 +76,10 @@ def parse_marker(raw: bytes) -> StripMarker | str:
                        None if times is None else (times[0], times[1]))
 
 
-def read_marker(path: str, file_size: int | None = None) -> StripMarker | str:
-    """The marker at ``path``, or why it cannot be read; OSError where it cannot be opened."""
-    return parse_marker(reads.read_json_bytes(path, file_size))
+def read_marker(path: str, file_size: int | None = None, storage=None) -> StripMarker | str:
+    """The marker at ``path``, or why it cannot be read; OSError where it cannot be opened.
+    ``storage``: the object storage it is in (``checkpoint_reads.read_json_bytes``)."""
+    return parse_marker(reads.read_json_bytes(path, file_size, storage))
 
 
 __all__ = ["StripMarker", "STRIPPING", "STRIPPED", "parse_marker", "read_marker"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 from .. import checkpoint_reads as reads
 from .. import layout
@@ -20,6 +21,9 @@ from ..problems import (BAD_JSON, ERROR, MISSING_FILE, PERMISSION_DENIED, UNREAD
 from ..read_cache import ReadCache, bounded_put
 from ..records import CheckpointDir, FileRecord
 from .verdict import Tensor
+
+if TYPE_CHECKING:
+    from ..storage.remote import ObjectStorage
 
 
 _RELPATH = itemgetter(reads.ROW_RELPATH)
@@ -97,11 +101,13 @@ def _shape_of(relpaths: tuple[str, ...], cache: ReadCache | None) -> _Shape:
 class _Ctx:
     """The state of one validation: where things are and the problems found so far."""
 
-    def __init__(self, ckpt: CheckpointDir, level: str, cache: ReadCache | None):
+    def __init__(self, ckpt: CheckpointDir, level: str, cache: ReadCache | None,
+                 storage: ObjectStorage | None = None):
         self.ckpt = ckpt
         self.level = level
         self.cache = cache
-        self.base = base = ckpt.abspath
+        self.storage = storage   # None: local files; else the scan's object storage
+        self.base = base = ckpt.abspath if storage is None else storage.path_of(ckpt)
         self._prefix = base if base.endswith(os.sep) else base + os.sep
         self.problems: list[Problem] = []
         self.raw: list[tuple] = []   # the problems as added: (code, relpath, message, severity)
@@ -171,6 +177,24 @@ class _Ctx:
                 return False
         return True
 
+    def scandir(self, path: str) -> list:
+        """The entries of the directory ``path`` (beside the checkpoint: best_model/'s run)."""
+        if self.storage is None:
+            with os.scandir(path) as it:
+                return list(it)
+        return self.storage.scandir(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path) if self.storage is None else self.storage.isdir(path)
+
+    def read_prefix(self, relpath: str, n: int) -> bytes:
+        """The first ``n`` bytes of a small file (``OSError`` as the OS or the store says)."""
+        path = self.abspath(relpath)
+        if self.storage is None:
+            with open(path, "rb") as fh:
+                return fh.read(n)
+        return self.storage.read_range(path, 0, n)
+
     def os_problem(self, relpath: str, exc: OSError) -> None:
         if isinstance(exc, PermissionError):
             self.add(PERMISSION_DENIED, relpath, "permission denied")
@@ -186,7 +210,8 @@ class _Ctx:
     def read_json(self, relpath: str) -> dict | None:
         """A JSON object, shared with other readers of the same bytes: never mutate it."""
         try:
-            raw = reads.read_json_bytes(self.abspath(relpath), self.size_hint(relpath))
+            raw = reads.read_json_bytes(self.abspath(relpath), self.size_hint(relpath),
+                                        self.storage)
         except OSError as exc:
             self.trace = None
             self.os_problem(relpath, exc)
@@ -218,7 +243,7 @@ class _Ctx:
 
     def read_safetensors(self, relpath: str) -> dict[str, Tensor] | None:
         header = self._guarded(relpath, lambda: reads.read_header(
-            self.abspath(relpath), relpath, self.size_hint(relpath), self.cache))
+            self.abspath(relpath), relpath, self.size_hint(relpath), self.cache, self.storage))
         if header is None:
             return None
         if self.trace is not None:
@@ -229,7 +254,8 @@ class _Ctx:
     def read_torch(self, relpath: str, check_pickle: bool | frozenset[str] = True):
         # shared: the validator never mutates what it reads
         info = self._guarded(relpath, lambda: reads.inspect_torch(
-            self.abspath(relpath), check_pickle, self.size_hint(relpath), self.cache))
+            self.abspath(relpath), check_pickle, self.size_hint(relpath), self.cache,
+            self.storage))
         if info is None:
             return None
         if self.trace is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .. import layout, replay
 from ..formats import safetensors_header as st
@@ -45,6 +45,9 @@ from .experts import (_ROUTER_ROWS, _check_expert_shapes, _compare_experts, _exp
 from .ordinary import NOTHING_FOUND, examine_ordinary
 from .stripped import judge_strip_marker
 from .verdict import DEEP, FULL, HEADERS, ExpertInfo, Tensor, Verdict, _Found
+
+if TYPE_CHECKING:
+    from ..storage.remote import ObjectStorage
 
 # merged weights whose keys are DyLoRA-MoE's own (an expert index in each LoRA tensor's name)
 _MOE_MERGED = (MergedKind.V0, MergedKind.V1)
@@ -80,13 +83,18 @@ def _pickle_check_of(name: str) -> bool | frozenset[str]:
     return not layout.never_unpickle(name)
 
 
-def _lenient_safetensors_names(path: str) -> dict[str, Tensor]:
+def _lenient_safetensors_names(ctx: _Ctx, relpath: str) -> dict[str, Tensor]:
     """Tensor names of a safetensors file whose data is damaged but whose header parses.
 
     Used only to name the layout of a broken merged file; never to trust it.
     """
+    path = ctx.abspath(relpath)
     try:
-        data, _ = st.read_header_bytes(path)   # a FIFO or device is refused
+        read_at = size = None
+        if ctx.storage is not None:
+            size, read_at = ctx.storage.reader(path, ctx.size_hint(relpath))
+        # a FIFO or device is refused
+        data, _ = st.read_header_bytes(path, file_size=size, read_at=read_at)
     except (OSError, FormatError):
         return {}
     unknown = Tensor("?", ())
@@ -105,7 +113,7 @@ def _merged_keys(ctx: _Ctx, merged: list[str]) -> tuple[dict[str, Tensor], bool]
         tensors = read[m] = ctx.read_tensors(m)
         if tensors is None:
             ok = False
-            tensors = _lenient_safetensors_names(ctx.abspath(m)) if m.endswith(".safetensors") else {}
+            tensors = _lenient_safetensors_names(ctx, m) if m.endswith(".safetensors") else {}
         bad = _bad_expert_indices(ctx, m, tensors)
         if bad:
             tensors = {k: t for k, t in tensors.items() if k not in bad}
@@ -163,7 +171,7 @@ def _adopt_parent_moe_state(ctx: _Ctx) -> str:
         return own
     parent = os.path.join(os.path.dirname(ctx.base), own)
     try:
-        entries = list(os.scandir(parent))
+        entries = ctx.scandir(parent)
     except OSError:
         return own
     for e in entries:
@@ -182,18 +190,23 @@ def _adopt_parent_moe_state(ctx: _Ctx) -> str:
 
 
 def validate_checkpoint(ckpt: CheckpointDir, *, level: str = HEADERS, min_age_s: float = 3600,
-                        now: float | None = None, cache: ReadCache | None = None) -> Verdict:
+                        now: float | None = None, cache: ReadCache | None = None,
+                        storage: ObjectStorage | None = None) -> Verdict:
     """Validate one checkpoint directory and classify it.
 
     ``cache``: the scan's ``ReadCache``, or None to read and judge every file afresh; the
-    verdict is the same either way."""
+    verdict is the same either way. ``storage``: the object storage ``ckpt`` was listed from
+    (``storage.walk``), None for a local directory."""
     now = time.time() if now is None else now
-    ctx = _Ctx(ckpt, level, cache)
+    ctx = _Ctx(ckpt, level, cache, storage)
     # At 'headers' level a checkpoint's findings are a pure function of its signature and
     # what its files' reads returned (``replay``): a checkpoint whose reads return the very
     # objects an earlier one's did is concluded from that one's findings, after reading
     # every one of its own files again. best_model/ reads its parent's MoE state: not replayed.
-    memo = cache is not None and level == HEADERS and ckpt.name != layout.BEST_MODEL_DIR
+    # In a bucket every read is a round trip: a replay that missed would have paid for each
+    # file twice, so a checkpoint there is always examined afresh (one read per file).
+    memo = (cache is not None and storage is None and level == HEADERS
+            and ckpt.name != layout.BEST_MODEL_DIR)
     replayed = replay.replay(ctx, cache) if memo else None
     if replayed is not None:
         found, problems = replayed
@@ -216,7 +229,7 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
     ckpt = ctx.ckpt
     young = ckpt.newest_mtime_ns > (now - min_age_s) * 1e9
     merged = f.merged
-    writing = _being_written(ckpt, young, ctx.shape.holds_temporary)
+    writing = _being_written(ckpt, young, ctx.shape.holds_temporary, ctx.storage)
     if writing:
         status = IN_PROGRESS
         # half-written is expected while it is written: say what is missing, as warnings
@@ -243,7 +256,8 @@ def _conclude(ctx: _Ctx, f: _Found, now: float, min_age_s: float) -> Verdict:
                    tree_complete=f.tree_complete, facts=facts, model_kind=f.model_kind)
 
 
-def _being_written(ckpt: CheckpointDir, young: bool, holds_temporary: bool) -> str | None:
+def _being_written(ckpt: CheckpointDir, young: bool, holds_temporary: bool,
+                   storage: ObjectStorage | None) -> str | None:
     """Why the checkpoint is in progress, or None where it is complete.
 
     A ``tmp-checkpoint-*`` (or migrate's temporary) directory always is, and so is one holding
@@ -260,7 +274,7 @@ def _being_written(ckpt: CheckpointDir, young: bool, holds_temporary: bool) -> s
         return "being written: a temporary directory of ckpt-tools (migrate, the Trainer callback)"
     if holds_temporary:
         return "being written: it holds a temporary entry of ckpt-tools"
-    if not young or _complete_when_young(ckpt):
+    if not young or _complete_when_young(ckpt, storage):
         return None
     state = ("its trainer_state.json does not name its step" if ckpt.file(layout.TRAINER_STATE_JSON)
              else "it has no trainer_state.json, which the Trainer writes last")
@@ -268,10 +282,10 @@ def _being_written(ckpt: CheckpointDir, young: bool, holds_temporary: bool) -> s
             "to judge it as it is now, give --min-age 0")
 
 
-def _complete_when_young(ckpt: CheckpointDir) -> bool:
+def _complete_when_young(ckpt: CheckpointDir, storage: ObjectStorage | None) -> bool:
     if ckpt.file(layout.MIGRATED_MARKER) is not None:
         return True
-    return trainer_state.names_its_step(ckpt)
+    return trainer_state.names_its_step(ckpt, storage)
 
 
 class _Configs(NamedTuple):
@@ -342,14 +356,14 @@ def _is_dylora(ctx: _Ctx, tree_form: TreeForm, cfgs: _Configs, merged: _MergedWe
 def _beside_dylora_checkpoints(ctx: _Ctx) -> bool:
     """A best_model/ whose run holds a dylo_moe_state/ or DyLoRA-MoE checkpoints."""
     run = os.path.dirname(ctx.base)
-    if os.path.isdir(os.path.join(run, layout.MOE_STATE_DIR)):
+    if ctx.isdir(os.path.join(run, layout.MOE_STATE_DIR)):
         return True
     try:
-        siblings = [e.path for e in os.scandir(run)
+        siblings = [e.path for e in ctx.scandir(run)
                     if layout.checkpoint_step(e.name) is not None and e.is_dir(follow_symlinks=False)]
     except OSError:
         return False
-    return any(os.path.isdir(os.path.join(p, d)) for p in siblings[:64]
+    return any(ctx.isdir(os.path.join(p, d)) for p in siblings[:64]
                for d in (layout.PEFT_DIR, layout.MOE_STATE_DIR))
 
 

@@ -175,8 +175,7 @@ def _latest_tag(ctx: _Ctx) -> str | None:
         return None
     ctx.trace = None  # a read the replay does not record: this checkpoint is judged afresh
     try:
-        with open(ctx.abspath(rel), "rb") as fh:
-            text = fh.read(257)
+        text = ctx.read_prefix(rel, 257)
     except OSError as exc:
         ctx.os_problem(rel, exc)
         return None

@@ -29,7 +29,7 @@ def judge_strip_marker(ctx: _Ctx) -> None:
         said = "it is not a regular file"
     else:
         try:
-            marker = read_marker(ctx.abspath(layout.STRIP_MARKER), rec.size)
+            marker = read_marker(ctx.abspath(layout.STRIP_MARKER), rec.size, ctx.storage)
         except OSError as exc:
             marker = f"cannot read it: {exc.strerror or exc}"
         if not isinstance(marker, str) and marker.finished_strip:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 
-from ckpt_tools.formats.safetensors_header import no_readahead, open_regular, pread_full
+from ckpt_tools.formats.safetensors_header import ReadAt, no_readahead, open_regular, pread_full
 from ckpt_tools.problems import TRUNCATED, FormatError
 from ckpt_tools.read_cache import ReadCache
 
@@ -41,11 +42,15 @@ from .zip_archive import (_archive_from_memo, _central_directory,  # noqa: F401 
 
 _SMALL_FILE = 1 << 20  # files up to this size are read whole, in one pread
 _HEAD_READ = 16 * 1024  # larger files: the first read at offset 0 (data.pkl comes first)
+_WHOLE_OBJECT = 64 * 1024  # in a bucket a request costs more than bytes: one GET up to this
+
+
 def inspect_torch_file(path: str | os.PathLike, *,
                        check_pickle: bool | frozenset[str] = True,
                        max_pickle_bytes: int = MAX_PICKLE_BYTES, shared: bool = False,
                        file_size: int | None = None,
-                       cache: ReadCache | None = None) -> TorchFileInfo:
+                       cache: ReadCache | None = None,
+                       read_at: ReadAt | None = None) -> TorchFileInfo:
     """Check a ``torch.save`` file's container and pickle without unpickling it.
 
     Reads the zip directory and the pickle, never the tensor data: a file of up to
@@ -62,33 +67,48 @@ def inspect_torch_file(path: str | os.PathLike, *,
     ``file_size``: the size of a regular file as the caller's own ``lstat`` saw it (see
     ``safetensors_header.open_regular``). ``check_pickle`` may be a frozenset of global
     names (``TRAINER_RNG_GLOBALS``): then it is True with those globals allowed too.
+    ``read_at`` (an object in a bucket): its bytes come through it, ``file_size`` being the
+    size listed, and only the ranges the container needs are asked for, whatever its size.
     """
+    if read_at is not None:
+        return _inspect(read_at, file_size, _WHOLE_OBJECT, check_pickle, max_pickle_bytes,
+                        shared, cache)
     fd, size = open_regular(path, file_size)
     try:
-        if size == 0:
-            raise FormatError(TRUNCATED, "empty file")
-        if size <= _SMALL_FILE:
-            data = pread_full(fd, size, 0)
-            f = _File(fd, len(data), data)  # a file cut short since fstat: what is there
-            if data[:4] == _ZIP_LOCAL:
-                if cache is None:
-                    return _read_zip(f, check_pickle, max_pickle_bytes, None)[0]
-                memo = cache.archives
-                info = _archive_from_memo(memo, data, check_pickle, max_pickle_bytes)
-                if info is None:
-                    info, entries, cd_offset = _read_zip(f, check_pickle, max_pickle_bytes, cache)
-                    _remember_archive(memo, data, info, entries, cd_offset, check_pickle,
-                                      max_pickle_bytes)
-                return info if shared else _handed_out(info)
-        else:
+        if size > _SMALL_FILE:
             no_readahead(fd)
-            f = _File(fd, size)
-            data = f.keep(0, _HEAD_READ)
-        if data[:4] == _ZIP_LOCAL:
-            return _inspect_zip(f, check_pickle, max_pickle_bytes, cache)
-        return _inspect_legacy(f, check_pickle, max_pickle_bytes, cache)
+        return _inspect(partial(pread_full, fd), size, _SMALL_FILE, check_pickle, max_pickle_bytes,
+                        shared, cache)
     finally:
         os.close(fd)
+
+
+def _inspect(read_at: ReadAt, size: int, whole_up_to: int, check_pickle, max_pickle_bytes: int,
+             shared: bool, cache: ReadCache | None) -> TorchFileInfo:
+    """``inspect_torch_file`` of the file ``read_at`` reads: one up to ``whole_up_to`` bytes in
+    one read, a larger one by the ranges the container needs (its head, its central directory
+    from the tail, the pickle records), each one request on object storage."""
+    if size == 0:
+        raise FormatError(TRUNCATED, "empty file")
+    if size <= whole_up_to:
+        data = read_at(size, 0)
+        f = _File(read_at, len(data), data)  # a file cut short since fstat: what is there
+        if data[:4] == _ZIP_LOCAL:
+            if cache is None:
+                return _read_zip(f, check_pickle, max_pickle_bytes, None)[0]
+            memo = cache.archives
+            info = _archive_from_memo(memo, data, check_pickle, max_pickle_bytes)
+            if info is None:
+                info, entries, cd_offset = _read_zip(f, check_pickle, max_pickle_bytes, cache)
+                _remember_archive(memo, data, info, entries, cd_offset, check_pickle,
+                                  max_pickle_bytes)
+            return info if shared else _handed_out(info)
+    else:
+        f = _File(read_at, size)
+        data = f.keep(0, min(_HEAD_READ, size))
+    if data[:4] == _ZIP_LOCAL:
+        return _inspect_zip(f, check_pickle, max_pickle_bytes, cache)
+    return _inspect_legacy(f, check_pickle, max_pickle_bytes, cache)
 
 
 def flatten_tensors(obj, *, max_nodes: int = 10_000_000,

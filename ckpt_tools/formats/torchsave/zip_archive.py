@@ -18,7 +18,6 @@ import struct
 import zlib
 from operator import itemgetter
 
-from ckpt_tools.formats.safetensors_header import pread_full
 from ckpt_tools.problems import TRUNCATED, FormatError
 from ckpt_tools.read_cache import ArchiveMemo, ReadCache
 from .evaluation import _evaluate_data_pkl, _fresh
@@ -41,14 +40,15 @@ _INFLATE_CHUNK = 1 << 20
 class _File:
     """The bytes of one open file: all of them (small files), or the windows read so far.
 
-    ``get(offset, n)`` answers like ``pread_full(fd, n, offset)`` (fewer bytes at the end
-    of the file) from the whole file, a kept window or the last read, else reads.
+    ``get(offset, n)`` answers like ``read_at(n, offset)`` (fewer bytes at the end of the
+    file) from the whole file, a kept window or the last read, else reads. ``read_at``: a
+    ``safetensors_header.ReadAt`` (a local descriptor's ``pread_full``, or ranged GETs).
     """
 
-    __slots__ = ("fd", "size", "data", "windows", "recent")
+    __slots__ = ("read_at", "size", "data", "windows", "recent")
 
-    def __init__(self, fd: int, size: int, data: bytes | None = None):
-        self.fd = fd
+    def __init__(self, read_at, size: int, data: bytes | None = None):
+        self.read_at = read_at
         self.size = size
         self.data = data
         self.windows: list[tuple[int, bytes]] = []
@@ -56,7 +56,7 @@ class _File:
 
     def keep(self, offset: int, n: int) -> bytes:
         """Read ``n`` bytes at ``offset`` and keep them for later ``get`` calls."""
-        window = pread_full(self.fd, n, offset)
+        window = self.read_at(n, offset)
         self.windows.append((offset, window))
         return window
 
@@ -73,7 +73,7 @@ class _File:
         for start, window in (*self.windows, self.recent):
             if start <= offset and end <= start + len(window):
                 return window[offset - start:end - start]
-        window = pread_full(self.fd, max(n, _READ_AHEAD), offset)
+        window = self.read_at(max(n, _READ_AHEAD), offset)
         self.recent = (offset, window)
         return window[:n]
 

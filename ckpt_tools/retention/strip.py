@@ -87,7 +87,9 @@ class Refusal:
 class StripOutcome:
     """What ``execute_strip`` did. ``removed``: (relpath, bytes freed) of the files this call
     unlinked; ``skipped`` and ``failed``: (relpath, reason); ``refused``: why nothing was touched.
-    ``complete``: the checkpoint is stripped and its marker says so."""
+    ``marker_bytes``: what the strip marker takes on disk beyond what it took before this call
+    (a first strip's marker costs a block). ``freed_bytes`` is net of it: the bytes that left the
+    disk. ``complete``: the checkpoint is stripped and its marker says so."""
 
     root: str
     checkpoint: str
@@ -95,10 +97,11 @@ class StripOutcome:
     skipped: tuple[tuple[str, str], ...] = ()
     failed: tuple[tuple[str, str], ...] = ()
     refused: str = ""
+    marker_bytes: int = 0
 
     @property
     def freed_bytes(self) -> int:
-        return sum(b for _, b in self.removed)
+        return sum(b for _, b in self.removed) - self.marker_bytes
 
     @property
     def complete(self) -> bool:
@@ -193,10 +196,19 @@ class _Strip:
         self.removed: list[tuple[str, int]] = []
         self.skipped: list[tuple[str, str]] = []
         self.failed: list[tuple[str, str]] = []
+        self.marker_before = self._marker_allocated()
 
     def outcome(self, refused: str = "") -> StripOutcome:
         return StripOutcome(self.root, self.ckpt, tuple(self.removed), tuple(self.skipped),
-                            tuple(self.failed), refused)
+                            tuple(self.failed), refused,
+                            max(0, self._marker_allocated() - self.marker_before))
+
+    def _marker_allocated(self) -> int:
+        """What the strip marker takes on disk now (0: none)."""
+        try:
+            return self.fs.lstat(os.path.join(self.abspath, layout.STRIP_MARKER)).st_blocks * 512
+        except OSError:
+            return 0
 
     def still_there(self) -> None:
         """The checkpoint's path still leads to the directory held open, with no symlink."""

@@ -127,3 +127,30 @@ def test_a_retention_policy_without_its_other_half_names_the_arguments(rules, ac
     with pytest.raises(RetentionUsageError) as info:
         Policy.from_flags(Rules(**rules), action)
     speaks_of_arguments(message_of(info.value), *names)
+
+
+# --- warnings a Python caller reads ------------------------------------------------------------------
+
+def test_the_lora_alpha_guess_names_the_argument_and_the_command_line_the_flag(results_tree, tmp_path):
+    """A legacy checkpoint records no lora_alpha: the loader's warning tells a Python caller to
+    pass ``lora_alpha``; migrate on the command line tells the user to pass ``--lora-alpha``."""
+    import json
+    import subprocess
+    import sys
+
+    import ckpt_tools
+    root, manifest, _ = results_tree
+    loaded = ckpt_tools.load_checkpoint(root / "legacy_v0/checkpoint-100",
+                                        str(manifest.base_model_dirs["llama"]))
+    guess = [w for w in loaded.warnings if "guessed lora_alpha" in w]
+    assert len(guess) == 1
+    speaks_of_arguments(guess[0], "lora_alpha")
+    assert "pass lora_alpha if training used another" in guess[0]
+
+    src = copy_tree(root / "legacy_v0", tmp_path / "src" / "legacy_v0")
+    out = subprocess.run([sys.executable, "-m", "ckpt_tools.cli", "migrate", "--json", "--no-progress",
+                          str(src.parent), str(tmp_path / "dst")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    warnings = [w for o in json.loads(out.stdout)["migrated"] for w in o.get("warnings", ())]
+    assert warnings and all("pass --lora-alpha if training used another" in w
+                            for w in warnings if "guessed" in w)

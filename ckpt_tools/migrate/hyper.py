@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import canonical, layout
+from ..errors import Wording
 from ..layout import Role
 from .errors import CheckpointFailure
 from .plan import read_json
@@ -162,7 +163,7 @@ def _first_said(getter, candidates: list[tuple[str, dict]]):
 def _resolve_alpha(r: int, own: list[tuple[str, dict]], run: list[tuple[str, dict]],
                    options: MigrateOptions, notes: list[str]) -> float:
     """lora_alpha from the checkpoint's configs, else from the run's when they agree for this
-    r, else --lora-alpha, else the upstream guess 2·r; ``notes`` says which and why."""
+    r, else the caller's ``lora_alpha``, else the upstream guess 2·r; ``notes`` says which and why."""
     alpha, where = _first_said(_cfg_alpha, own)
     if alpha is None:
         values = {}
@@ -175,16 +176,19 @@ def _resolve_alpha(r: int, own: list[tuple[str, dict]], run: list[tuple[str, dic
             where = f"the run's {where}"
         elif len(values) > 1:
             notes.append(f"the run's configs disagree on lora_alpha ({sorted(values)}); not using them")
+    given = Wording("{lora_alpha}")       # the caller's argument: --lora-alpha on the command line
     if alpha is None and options.lora_alpha is not None:
-        alpha, where = options.lora_alpha, "--lora-alpha"
+        alpha, where = options.lora_alpha, given
     if alpha is None:
         alpha = 2 * r
-        notes.append(f"warning: no config records lora_alpha; guessed lora_alpha = 2·r = {alpha} "
-                     "(the upstream convention; pass --lora-alpha if training used another)")
+        notes.append(Wording("warning: no config records lora_alpha; guessed lora_alpha = 2·r = "
+                             "{alpha} (the upstream convention; pass {lora_alpha} if training used "
+                             "another)", alpha=alpha))
     else:
-        if options.lora_alpha is not None and where != "--lora-alpha" and options.lora_alpha != alpha:
-            notes.append(f"warning: --lora-alpha {options.lora_alpha} ignored: {where} says {alpha}")
-        notes.append(f"lora_alpha = {alpha} from {where}")
+        if options.lora_alpha is not None and where is not given and options.lora_alpha != alpha:
+            notes.append(Wording("warning: {lora_alpha} {value} ignored: {where} says {alpha}",
+                                 value=options.lora_alpha, where=where, alpha=alpha))
+        notes.append(Wording("lora_alpha = {alpha} from {where}", alpha=alpha, where=where))
     if isinstance(alpha, float) and alpha.is_integer():
         alpha = int(alpha)
     return alpha

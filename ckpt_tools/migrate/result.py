@@ -61,10 +61,11 @@ class MigrateResult:
     failed: tuple[MigrateOutcome, ...]
 
     def reworded(self, say: Callable[[str], str]) -> MigrateResult:
-        """The same result with each outcome's reason as ``say`` puts it (the command line
-        names the arguments a reason names by their flags: ``errors.Wording``)."""
+        """The same result with each outcome's reason and warnings as ``say`` puts them (the
+        command line names the arguments they name by their flags: ``errors.Wording``)."""
         def one(o: MigrateOutcome) -> MigrateOutcome:
-            return o if o.reason is None else dataclasses.replace(o, reason=say(o.reason))
+            return dataclasses.replace(o, reason=None if o.reason is None else say(o.reason),
+                                       warnings=tuple(map(say, o.warnings)))
         return MigrateResult(*(tuple(map(one, outcomes))
                                for outcomes in (self.migrated, self.skipped, self.failed)))
 

@@ -303,10 +303,12 @@ def is_tmp_checkpoint_name(name: str) -> bool:
 
 # ckpt-tools' own lock file: never part of a checkpoint's content or age.
 LOCK_FILE = ".ckpt-tools.lock"
+# In a bucket: prune's intent records (what a run is about to delete), under each root.
+INTENT_DIR = ".ckpt-tools-intent"
 
 
 def is_own_bookkeeping(name: str) -> bool:
-    return name == LOCK_FILE
+    return name in (LOCK_FILE, INTENT_DIR)
 
 
 # --- retention (prune --keep-* --strip|--delete) ----------------------------------------

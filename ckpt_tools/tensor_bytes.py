@@ -19,6 +19,7 @@ content proof (which compares their bytes without it) agree on what is what.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import struct
 import zipfile
@@ -107,13 +108,48 @@ def locate_safetensors(path: str, header: st.SafetensorsHeader | None = None,
     return out
 
 
-def record_data_offsets(path: str, prefix: str, keys: Iterable[str]) -> dict[str, int]:
-    """Absolute offset of the data of each storage record ``<prefix>/data/<key>``."""
+class _RangedFile(io.RawIOBase):
+    """A read-only, seekable file over a ``ReadAt`` (an object in a bucket, read by ranges),
+    for ``zipfile``: each read is one ranged request."""
+
+    def __init__(self, read_at: st.ReadAt, size: int):
+        self._read_at, self._size, self._pos = read_at, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), max(self._size - self._pos, 0))
+        data = self._read_at(n, self._pos) if n else b""
+        buffer[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def record_data_offsets(path: str, prefix: str, keys: Iterable[str],
+                        read_at: st.ReadAt | None = None,
+                        size: int | None = None) -> dict[str, int]:
+    """Absolute offset of the data of each storage record ``<prefix>/data/<key>``.
+    ``read_at``, ``size``: an object in a bucket, read by ranges (its listed size)."""
     wanted = {f"{prefix}/data/{k}": k for k in keys}
     out: dict[str, int] = {}
-    fd = st.open_readonly(path)
+    fd = st.open_readonly(path) if read_at is None else None
+    pread = read_at if read_at is not None else (lambda n, at: st.pread_full(fd, n, at))
     try:
-        with open(fd, "rb", closefd=False) as stream, zipfile.ZipFile(stream) as archive:
+        stream = open(fd, "rb", closefd=False) if fd is not None else \
+            io.BufferedReader(_RangedFile(read_at, size), 64 * 1024)
+        with stream, zipfile.ZipFile(stream) as archive:
             infos = {i.filename: i for i in archive.infolist() if i.filename in wanted}
         for name, key in wanted.items():
             info = infos.get(name)
@@ -121,7 +157,7 @@ def record_data_offsets(path: str, prefix: str, keys: Iterable[str]) -> dict[str
                 raise FormatError(BAD_ARCHIVE, f"storage record {name!r} is missing")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise FormatError(BAD_ARCHIVE, f"storage record {name!r} is compressed")
-            head = st.pread_full(fd, 30, info.header_offset)
+            head = pread(30, info.header_offset)
             if len(head) < 30 or head[:4] != b"PK\x03\x04":
                 raise FormatError(BAD_ARCHIVE, f"no local header for {name!r}")
             name_len, extra_len = struct.unpack_from("<HH", head, 26)
@@ -129,16 +165,20 @@ def record_data_offsets(path: str, prefix: str, keys: Iterable[str]) -> dict[str
     except zipfile.BadZipFile as exc:
         raise FormatError(BAD_ARCHIVE, f"unreadable zip archive: {exc}") from None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     return out
 
 
 def locate_torch(path: str, wanted=None,
-                 info: torchsave.TorchFileInfo | None = None) -> dict[str, TensorLocation]:
+                 info: torchsave.TorchFileInfo | None = None,
+                 read_at: st.ReadAt | None = None,
+                 size: int | None = None) -> dict[str, TensorLocation]:
     """Locations of the tensors of a torch.save state dict (nested keys joined with '.').
 
     ``wanted(name) -> bool`` limits which storages are resolved (each costs a tiny read);
     ``info``: the file's ``inspect_torch_file``, when inspected already (with its pickle).
+    ``read_at``, ``size``: as for ``record_data_offsets``.
     """
     if info is None:
         info = torchsave.inspect_torch_file(path, check_pickle=True)
@@ -148,7 +188,8 @@ def locate_torch(path: str, wanted=None,
     if info.format != "zip":
         return {k: TensorLocation(path, k, t.dtype, tuple(t.shape), tuple(t.stride), -1, 0)
                 for k, t in flat.items()}
-    data_at = record_data_offsets(path, info.record_prefix, {t.storage_key for t in flat.values()})
+    data_at = record_data_offsets(path, info.record_prefix, {t.storage_key for t in flat.values()},
+                                  read_at, size)
     out = {}
     for k, t in flat.items():
         size = torchsave.DTYPE_SIZES[t.dtype]

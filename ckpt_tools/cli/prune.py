@@ -24,7 +24,9 @@ from ..records import REDUNDANT
 from ..report import (prune_where, render_prune_outcome, render_prune_plan, render_retention_outcome,
                       render_retention_plan, size_str)
 from .exits import ExitCode, exit_code_of
-from .options import Duration, PathArgument, command_output, output_options, walk_options
+from ..storage import is_url
+from .options import (Duration, PathArgument, command_output, output_options, storage_options,
+                      walk_options)
 from .output import Output
 from .scanning import scan_roots
 
@@ -33,11 +35,11 @@ def _stdin_is_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
-def _check_roots(roots: tuple[str, ...]) -> None:
+def _check_roots(roots: tuple[str, ...], storage_options: dict) -> None:
     """Each root an existing directory, no root inside another (a file would be counted twice)."""
     from ..scanner import ScanError
-    from ..storage import refuse_urls
-    refuse_urls(roots, "prune")
+    if storage_options:
+        raise click.UsageError("--storage-option applies to URLs only (s3://...)")
     real: list[tuple[str, str]] = []
     for r in roots:
         if not os.path.lexists(r):
@@ -61,6 +63,8 @@ EXAMPLES = """Examples:
   ckpt-tools prune --policy retention.toml --yes /shared/results
   # nightly, from cron (--yes: there is no terminal to ask):
   ckpt-tools prune --yes -q --lock-timeout 600 --log prune.jsonl /shared/results
+  # a bucket (S3: conditional deletes; docs/object-storage.md):
+  ckpt-tools prune --yes -q --log prune.jsonl s3://bucket/results/
 """
 
 
@@ -111,15 +115,17 @@ EXAMPLES = """Examples:
               help="Purge trash entries older than this.")
 @click.option("--purge-now", is_flag=True, help="Purge the trash whatever its age.")
 @walk_options
+@storage_options
 @output_options
 @click.pass_context
 def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, log_skips, jobs,
           keep_last, keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps,
-          action, policy_file, purge_after, purge_now, walk, **opts):
+          action, policy_file, purge_after, purge_now, walk, storage_options, **opts):
     """Delete the merged weights of redundant checkpoints under ROOTS.
 
     Only checkpoints whose PEFT tree is complete and valid lose their merged weights
     (model*.safetensors, pytorch_model*.bin, index files, dylo_moe_weights.pt).
+    ROOTS may be s3:// URLs: every delete there is conditional on the ETag planned.
     Each checkpoint is validated again, and each file checked unchanged, right
     before its deletion. Exit 0: all planned work done (or nothing to do);
     1: something failed or changed since the plan; 2: refused; 75: lock held.
@@ -130,21 +136,32 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
         raise click.UsageError("--log-skips writes into the log: give --log FILE too")
     # opened first: every run that got this far leaves a start and an end record, a usage error too
     log = ActionLog(log_file, dry_run=dry_run, skip_lines=log_skips) if log_file else None
-    started, totals, retention = time.monotonic(), RunTotals(), None
+    started, totals, retention, bucket = time.monotonic(), RunTotals(), None, None
     try:
-        _check_roots(roots)
-        retention = _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
-                                       keep_within, keep_steps, action, policy_file),
-                               purge_after, purge_now)
+        def asked() -> _Retention:
+            return _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
+                                      keep_within, keep_steps, action, policy_file),
+                              purge_after, purge_now)
+
+        if any(map(is_url, roots)):
+            from .bucket import open_bucket_roots
+            retention = asked()
+            bucket = open_bucket_roots(roots, storage_options, lock_path=lock_path,
+                                       policy=retention.policy)
+            roots = bucket.roots
+        else:
+            _check_roots(roots, storage_options)
+            retention = asked()
         _log_start(log, roots, retention, policy_file)
         # A run that will only plan (a dry run, or one that must refuse for want of --yes)
         # takes the lock shared and creates nothing.
         will_refuse = not dry_run and not yes and not _stdin_is_terminal()
         try:
-            with root_lock(roots, lock_timeout, lock_path=lock_path,
-                           exclusive=not (dry_run or will_refuse)):
+            with (root_lock(roots, lock_timeout, lock_path=lock_path,
+                            exclusive=not (dry_run or will_refuse)) if bucket is None else
+                  bucket.locked(lock_timeout, exclusive=not (dry_run or will_refuse))):
                 code = _prune(out, roots, dry_run, yes, min_age, jobs, log, fs, retention, totals,
-                              walk)
+                              walk, bucket)
         except LockHeld as exc:
             if log is not None:   # the log says why this run did nothing
                 for r in roots:
@@ -218,9 +235,16 @@ def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_wit
 
 
 def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention,
-           totals: RunTotals, walk) -> int:
+           totals: RunTotals, walk, bucket=None) -> int:
     multi_root = len(roots) > 1
-    scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk)
+    if bucket is not None:   # a killed run's intent first: the scan then sees what it left
+        if dry_run:
+            for line in bucket.pending_note():
+                out.say(line)
+        elif yes or _stdin_is_terminal():
+            bucket.finish_interrupted(out, log, multi_root)
+    scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk,
+                      storage=bucket.storage if bucket is not None else None)
     totals.scanned(scan.checkpoints)
     if out.json or out.quiet:
         # the plan lists these on stdout, which --json and cron's -q do not show:
@@ -237,8 +261,14 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     # a checkpoint the policy deletes whole loses its merged weights with it
     deleting = {(i.checkpoint.dir.root, i.checkpoint.path) for i in kept.acting
                 if i.decision.action.value == "delete"}
-    plan = plan_prune([c for c in scan.checkpoints if (c.dir.root, c.path) not in deleting],
-                      jobs=jobs or default_jobs())
+    planned = [c for c in scan.checkpoints if (c.dir.root, c.path) not in deleting]
+    if bucket is None:
+        plan = plan_prune(planned, jobs=jobs or default_jobs())
+    else:
+        from .bucket import hidden_note, plan_in_bucket
+        plan = plan_in_bucket(planned, bucket)
+        for line in hidden_note(plan, bucket):
+            out.say(line)
     totals.planned(plan, kept, skip_lines=log is not None and log.skip_lines)
     emit_plan(plan, log=log)
     for s in plan.skipped:
@@ -282,7 +312,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
             return ExitCode.OK
     else:
         out.report(shown_plan + [""])
-    result = _execute(out, plan, min_age, jobs, log, multi_root, fs)
+    result = _execute(out, plan, min_age, jobs, log, multi_root, fs, bucket)
     if result.log_error:
         _report_log_failure(out, result)
         done = None
@@ -347,7 +377,7 @@ def _execute_retention(out: Output, kept, min_age, log, multi_root, fs):
                              now=time.time(), fs=fs, emit=emit)
 
 
-def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResult:
+def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs, bucket=None) -> PruneResult:
     """``execute_prune`` with a bar, a stderr line per skip or failure, and -v's deletions."""
     bar = out.bar(len(plan.deletions), "deleting", "file")
 
@@ -360,10 +390,15 @@ def _execute(out: Output, plan, min_age, jobs, log, multi_root, fs) -> PruneResu
         elif e.action == "delete" and out.verbose:
             out.report([f"deleted {prune_where(e.root, e.path, multi_root)} ({size_str(e.bytes)})"])
 
+    def stop() -> str | None:
+        return _STDOUT_CLOSED if out.stdout_closed() else None
+
     try:
+        if bucket is not None:
+            from .bucket import execute
+            return execute(bucket, plan, min_age, log, on_event, stop)
         return execute_prune(plan, revalidate=Revalidator(min_age_s=min_age), log=log,
-                             on_event=on_event, jobs=jobs or default_jobs(), fs=fs,
-                             stop=lambda: _STDOUT_CLOSED if out.stdout_closed() else None)
+                             on_event=on_event, jobs=jobs or default_jobs(), fs=fs, stop=stop)
     finally:
         if bar is not None:
             bar.close()

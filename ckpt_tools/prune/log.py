@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ProblemsError, UsageError
 from ..kinds import Status
 from ..names import json_text
+from ..storage import is_url
 from .result import PruneEvent
 
 class LogWriteError(ProblemsError):
@@ -160,7 +161,7 @@ class ActionLog:
         (a retention ``Policy``, or None: merged weights only)."""
         self._append(_record_line({
             "action": START, "version": version, "argv": list(argv),
-            "roots": [os.path.abspath(r) for r in roots],
+            "roots": [r if is_url(r) else os.path.abspath(r) for r in roots],
             "policy": _policy_doc(policy, policy_file)}, self, now))
         self.started = True
 

@@ -60,6 +60,7 @@ class PlannedDeletion:
     frees_bytes: int       # 0 when other hard links keep the data alive
     held_by_links: int     # bytes that stay allocated because of links outside the plan
     other_links: int = 0   # hard links to this file that the plan does not delete
+    etag: str = ""         # in a bucket: the object's ETag as listed (every DELETE names it)
 
     @property
     def path(self) -> str:

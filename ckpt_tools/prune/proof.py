@@ -42,6 +42,7 @@ from ..tensor_bytes import (TensorLocation, group_moe_lora, group_peft_lora, gro
                            locate_safetensors, locate_torch, lora_or_router_key)
 
 if TYPE_CHECKING:
+    from ..storage.remote import ObjectStorage
     from ..validator import VerdictFacts
 
 DIFFER = "merged weights differ from the PEFT tree"
@@ -96,29 +97,44 @@ class _Pairing:
 
 
 class _File:
-    """One input file, opened once: its descriptor, its size and, when it is small, its bytes."""
+    """One input file, opened once: its descriptor (None for an object in a bucket, read by
+    ranges through ``read_at``), its size and, when it is small, its bytes."""
 
-    __slots__ = ("rel", "path", "fd", "size", "whole")
+    __slots__ = ("rel", "path", "fd", "size", "whole", "read_at")
 
-    def __init__(self, rel: str, path: str, size: int | None):
-        """``size``: the size the scan's ``lstat`` found for a regular file (then no ``fstat``;
-        see ``safetensors_header.open_regular``), else None."""
+    def __init__(self, rel: str, path: str, size: int | None,
+                 storage: ObjectStorage | None = None):
+        """``size``: the size the scan's ``lstat`` (or listing) found for a regular file (then
+        no ``fstat``; see ``safetensors_header.open_regular``), else None."""
         self.rel, self.path = rel, path
-        self.fd, self.size = st.open_regular(path, size)
+        self.fd, self.read_at = None, None
+        if storage is None:
+            self.fd, self.size = st.open_regular(path, size)
+        else:
+            self.size, self.read_at = storage.reader(path, size)
         self.whole: bytes | None = None
         try:
             if self.size <= _WHOLE_FILE:
-                self.whole = st.pread_full(self.fd, self.size, 0)
-            else:
+                self.whole = self._pread(self.size, 0)
+            elif self.fd is not None:
                 st.no_readahead(self.fd)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
+
+    def _pread(self, nbytes: int, offset: int) -> bytes:
+        if self.read_at is not None:
+            return self.read_at(nbytes, offset)
+        return st.pread_full(self.fd, nbytes, offset)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
     def read(self, offset: int, nbytes: int) -> memoryview:
         """The ``nbytes`` bytes at ``offset``; FormatError ``truncated`` where the file ends first."""
         if self.whole is None:
-            data, offset = st.pread_full(self.fd, nbytes, offset), 0
+            data, offset = self._pread(nbytes, offset), 0
         else:
             data = self.whole
         if offset + nbytes > len(data):
@@ -126,11 +142,11 @@ class _File:
         return memoryview(data)[offset:offset + nbytes]
 
     def header(self, first_read: int, memo: dict | None) -> st.SafetensorsHeader:
-        data = self.whole if self.whole is not None else st.pread_full(self.fd, first_read, 0)
+        data = self.whole if self.whole is not None else self._pread(first_read, 0)
         if len(data) >= 8:
             need = 8 + int.from_bytes(data[:8], "little")
             if len(data) < need <= min(self.size, 8 + st.MAX_HEADER_BYTES):
-                data += st.pread_full(self.fd, need - len(data), len(data))
+                data += self._pread(need - len(data), len(data))
         return st.parse_cached(data, self.size, memo)
 
 
@@ -143,11 +159,15 @@ class ContentProof:
     parsed headers of identical bytes), so that a checkpoint like the one before costs only
     its reads. It holds no open file between calls. ``cache``: the ``ReadCache`` its reads
     of headers and torch.save files go through (the scan's, when it has one); by default one
-    of its own, which lives as long as this object.
+    of its own, which lives as long as this object. ``storage``: the object storage the
+    checkpoints were listed from (their files are then read by byte ranges through it);
+    None for local directories.
     """
 
-    def __init__(self, cache: ReadCache | None = None) -> None:
+    def __init__(self, cache: ReadCache | None = None,
+                 storage: ObjectStorage | None = None) -> None:
         self._cache = ReadCache() if cache is None else cache
+        self._storage = storage
         self._pairings: dict[tuple, _Pairing] = {}
         self._inputs: dict[tuple, list[_Input] | str] = {}
         self._first_read: dict[str, int] = {}
@@ -204,31 +224,33 @@ class ContentProof:
 
     def _compare(self, ckpt: CheckpointDir, rows, inputs: list[_Input],
                  tree_form: TreeForm) -> None:
-        base = ckpt.abspath
-        prefix = base if base.endswith(os.sep) else base + os.sep
+        base = ckpt.abspath if self._storage is None else self._storage.path_of(ckpt)
+        sep = os.sep if self._storage is None else "/"
+        prefix = base if base.endswith(sep) else base + sep
         sizes = {r[ROW_RELPATH]: regular_size(r) for r in rows if regular_size(r) is not None}
         files: list[_File] = []
         try:
             for inp in inputs:
-                path = prefix + inp.rel if os.sep == "/" else os.path.join(base, *inp.rel.split("/"))
-                files.append(self._open(inp.rel, path, sizes.get(inp.rel)))
+                path = prefix + inp.rel if sep == "/" else os.path.join(base, *inp.rel.split("/"))
+                files.append(self._open(inp.rel, path, sizes.get(inp.rel), self._storage))
             parsed = [self._parse(f) for f in files]
             key = (tree_form,) + tuple((i, id(p)) for i, p in zip(inputs, parsed))
             pairing = self._pairings.get(key)
             if pairing is None:
-                pairing = _pair(inputs, [f.path for f in files], parsed)
+                pairing = _pair(inputs, [f.path for f in files], parsed,
+                                [(f.read_at, f.size) for f in files])
                 if len(self._pairings) >= _MEMO_MAX:
                     self._pairings.clear()
                 self._pairings[key] = pairing
             _compare_bytes(files, pairing)
         finally:
             for f in files:
-                os.close(f.fd)
+                f.close()
 
     @staticmethod
-    def _open(rel: str, path: str, size: int | None) -> _File:
+    def _open(rel: str, path: str, size: int | None, storage: ObjectStorage | None) -> _File:
         try:
-            return _File(rel, path, size)
+            return _File(rel, path, size, storage)
         except (FormatError, OSError) as exc:
             raise _Fail(f"{NOT_PROVEN}: cannot read {rel}: {_why(exc)}") from None
 
@@ -237,7 +259,8 @@ class ContentProof:
         try:
             if not f.rel.endswith(".safetensors"):
                 return torchsave.inspect_torch_file(f.path, check_pickle=True, shared=True,
-                                                    file_size=f.size, cache=self._cache)
+                                                    file_size=f.size, cache=self._cache,
+                                                    read_at=f.read_at)
             header = f.header(self._first_read.get(f.rel, st.FIRST_READ_BYTES),
                               self._cache.headers)
             self._first_read[f.rel] = (header.data_start + 4095) // 4096 * 4096
@@ -321,13 +344,13 @@ def _is_lora(key: str) -> bool:
     return ".lora_" in key
 
 
-def _locations(inp: _Input, path: str, parsed) -> dict[str, TensorLocation]:
+def _locations(inp: _Input, path: str, parsed, reader=(None, None)) -> dict[str, TensorLocation]:
     wanted = {"adapter": _is_lora, "flat": _is_lora, "router": None,
               "merged": lora_or_router_key}[inp.kind]
     try:
         if isinstance(parsed, st.SafetensorsHeader):
             return locate_safetensors(path, header=parsed, wanted=wanted)
-        return locate_torch(path, wanted, info=parsed)
+        return locate_torch(path, wanted, info=parsed, read_at=reader[0], size=reader[1])
     except (FormatError, OSError) as exc:
         raise _Fail(f"{NOT_PROVEN}: cannot read {inp.rel}: {_why(exc)}") from None
 
@@ -344,17 +367,18 @@ def _flat_peft_form(inp: _Input, locs: dict) -> bool:
         raise _Fail(f"{NOT_PROVEN}: {inp.rel} {exc}") from None
 
 
-def _pair(inputs: list[_Input], paths: list[str], parsed: list) -> _Pairing:
+def _pair(inputs: list[_Input], paths: list[str], parsed: list, readers: list) -> _Pairing:
     """Which tensor of the PEFT tree each LoRA / router tensor of the merged weights must
-    equal; ``_Fail`` where one has no counterpart or the two disagree on dtype or shape."""
+    equal; ``_Fail`` where one has no counterpart or the two disagree on dtype or shape.
+    ``readers``: per file, (its ``read_at``, its size) when it is an object in a bucket."""
     index = {p: n for n, p in enumerate(paths)}
     tree: dict[int, dict[str, TensorLocation]] = {}
     tree_rel: dict[int, str] = {}
     router: dict[str, TensorLocation] = {}
     router_rel = ""
     merged_locs: dict[str, TensorLocation] = {}
-    for inp, path, value in zip(inputs, paths, parsed):
-        locs = _locations(inp, path, value)
+    for inp, path, value, reader in zip(inputs, paths, parsed, readers):
+        locs = _locations(inp, path, value, reader)
         if inp.kind == "adapter":
             tree[inp.expert] = group_peft_lora(locs)
             tree_rel[inp.expert] = inp.rel

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ..kinds import PruneAction
+from ..storage import is_url
 from .plan import PrunePlan, Skip
 
 PLAN, DELETE, SKIP, FAIL = PruneAction.PLAN, PruneAction.DELETE, PruneAction.SKIP, PruneAction.FAIL
@@ -26,6 +27,8 @@ class PruneEvent:
 
     @property
     def abspath(self) -> str:
+        if is_url(self.root):   # a bucket's key, as the URL names it
+            return self.root.rstrip("/") + ("" if self.path == "." else "/" + self.path)
         root = os.path.abspath(self.root)
         return root if self.path == "." else os.path.join(root, *self.path.split("/"))
 

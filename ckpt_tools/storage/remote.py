@@ -119,6 +119,8 @@ class ObjectStorage:
         self.by_checkpoint: dict[tuple[str, str], StorageCounts] = {}
         self._judging = threading.local()   # this thread's checkpoint's counts, while judged
         self._trees: dict[str, Directory] = {}   # root path → its listing
+        #: object path → its ETag, as the latest listing of it gave it (prune's conditions)
+        self.etags: dict[str, str] = {}
         self._next_ino = 0
 
     @classmethod
@@ -195,9 +197,41 @@ class ObjectStorage:
                                         "'..' segment: no directory tree holds it; not read"))
                 continue
             self._next_ino += 1
+            if info.get("ETag"):
+                self.etags[key] = info["ETag"]
             _place(top, parts, (int(info.get("size") or 0), mtime_ns(info), self._next_ino),
                    rel, problems)
         return top, problems
+
+    def relist(self, url: str, rel: str) -> tuple[Directory, list[Problem]]:
+        """The directory ``rel`` of the root ``url`` listed again, now (one listing of its
+        prefix, nothing cached), put in place of what the root's listing said of it; ETags
+        and sizes are then the store's of this moment. ``FileNotFoundError`` when nothing
+        is left under it."""
+        root = self.root_path(url)
+        if root not in self._trees:
+            self.list_root(url)
+        path = root if rel == "." else f"{root}/{rel}"
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            found = {}
+        except Exception as exc:   # the store's own errors
+            raise OSError(errno.EIO, _cause(exc), path) from None
+        finally:
+            self._count(listings=1)
+        if not found:
+            raise FileNotFoundError(errno.ENOENT, "nothing is left under it", path)
+        node, problems = self._tree(path, found)
+        if rel == ".":
+            self._trees[root] = node
+        else:
+            parent = self.directory(posixpath.dirname(path))
+            if parent is None:
+                raise FileNotFoundError(errno.ENOENT, "its parent is gone from the listing", path)
+            parent.dirs[posixpath.basename(path)] = node
+        return node, problems
 
     def directory(self, path: str) -> Directory | None:
         """The listed directory at ``path`` (a path of this file system), or None."""

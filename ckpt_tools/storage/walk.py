@@ -51,10 +51,19 @@ def find_checkpoints(storage: ObjectStorage, root: str, options: WalkOptions = W
             stack.extend(reversed(nested))
             continue
         subdirs = [(_join(rel, n), d) for n, d in node.dirs.items()
-                   if n != layout.TRASH_DIR and admitted(_join(rel, n), n)]
+                   if n not in (layout.TRASH_DIR, layout.INTENT_DIR) and admitted(_join(rel, n), n)]
         stack.extend(sorted(subdirs, key=lambda s: s[0], reverse=True))
     checkpoints.sort(key=checkpoint_order)
     return checkpoints, problems
+
+
+def rescan_checkpoint(storage: ObjectStorage, root: str, rel: str) -> CheckpointDir:
+    """``scanner.rescan_checkpoint`` in a bucket: the checkpoint ``rel`` of the root URL
+    ``root`` as a new listing of its prefix finds it now (``ObjectStorage.relist``)."""
+    node, _ = storage.relist(root, rel)
+    name = posixpath.basename(storage.root_path(root)) if rel == "." else posixpath.basename(rel)
+    values, _ = _collect(root, rel, name, node, lambda _rel, _name: True)
+    return CheckpointDir.from_values(values)
 
 
 def _join(rel: str, name: str) -> str:
@@ -108,4 +117,4 @@ def _named_adapter(name: str, sub: Directory) -> bool:
     return layout.ADAPTER_CONFIG in names and layout.TRAINER_STATE_JSON not in names
 
 
-__all__ = ["find_checkpoints"]
+__all__ = ["find_checkpoints", "rescan_checkpoint"]

@@ -1,0 +1,173 @@
+"""``prune`` on roots in a bucket: what the command adds there to the plan and the execution of
+``prune`` (``cli/prune.py`` stays the command; this module is imported only for URLs).
+
+A session holds what one run needs of the bucket: the scan's ``ObjectStorage``, its
+conditional requests, the run's id, the lock object of each root, and whether each root's
+bucket keeps versions (then a delete frees nothing: it adds a delete marker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+from ..errors import UsageError
+from ..prune.bucket import Bucket, BucketRevalidator, execute_in_bucket, hidden_bytes, with_etags
+from ..prune.plan import plan_prune
+from ..prune.proof import ContentProof
+from ..prune.result import DELETE, SKIP, PruneEvent
+from ..report import prune_where, size_str
+from ..storage import is_url, open_storage
+from ..storage.bucket_lock import BucketLock, lock_path_of
+from ..storage.conditional import ConditionalStore, refuse_unless_conditional, split_key
+from ..storage.intent import finish, pending
+from .output import Output
+
+_VERSIONED = ("Enabled", "Suspended")
+
+
+def open_bucket_roots(roots, storage_options: dict, *, lock_path, policy) -> BucketSession:
+    """The session of roots given as URLs; ``UsageError`` (exit 2) for a store without
+    conditional deletes, for ``--lock PATH`` and for a retention policy."""
+    for root in filter(is_url, roots):
+        refuse_unless_conditional(root.split("://", 1)[0], root)
+    if lock_path is not None:
+        raise UsageError(f"{roots[0]}: --lock names a local file; a root in a bucket is "
+                         "locked by its own lock object (ROOT/.ckpt-tools.lock)")
+    if policy is not None:
+        raise UsageError(f"{roots[0]}: retention (--keep-*, --strip, --delete, --policy) on "
+                         "object storage is not supported yet; prune there deletes the merged "
+                         "weights of redundant checkpoints only")
+    roots, storage = open_storage(roots, storage_options)
+    return BucketSession(roots, storage)
+
+
+class BucketSession:
+    """One prune run's bucket (see the module's docstring)."""
+
+    def __init__(self, roots: tuple[str, ...], storage):
+        self.roots = roots
+        self.storage = storage
+        self.store = ConditionalStore(storage.fs)
+        self.run_id = uuid.uuid4().hex
+        self.locks: list[BucketLock] = []
+        self._hides: dict[str, str] = {}   # bucket → why its deletes free nothing ("": they do)
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float, exclusive: bool) -> Iterator[None]:
+        """Hold each root's lock object (``exclusive``), or nothing (a dry run: a bucket has no
+        shared lock; a dry run reads and writes nothing)."""
+        if not exclusive:
+            yield
+            return
+        try:
+            for root in sorted(self.roots):
+                path = lock_path_of(self.storage.root_path(root))
+                lock = BucketLock(self.store, path, self.run_id,
+                                  url=f"{root.rstrip('/')}/{path.rsplit('/', 1)[1]}")
+                lock.acquire(timeout)
+                self.locks.append(lock)
+            yield
+        finally:
+            for lock in reversed(self.locks):
+                lock.release()
+            self.locks.clear()
+
+    def lost_lock(self) -> str | None:
+        """Why this run must start no other checkpoint: a lock of it was taken over."""
+        return next((lock.lost for lock in self.locks if lock.lost is not None), None)
+
+    def hides(self, root: str) -> str:
+        """Why a delete under ``root`` frees no byte (its bucket keeps versions), or ""."""
+        bucket, _ = split_key(self.storage.root_path(root))
+        if bucket not in self._hides:
+            try:
+                status = self.store.versioning(bucket)
+            except OSError as exc:
+                self._hides[bucket] = (f"cannot tell whether bucket {bucket} keeps versions "
+                                       f"({exc.strerror or exc}): no byte is counted as freed")
+            else:
+                self._hides[bucket] = (f"versioning is {status.lower()} in bucket {bucket}: a "
+                                       "delete only adds a delete marker"
+                                       if status in _VERSIONED else "")
+        return self._hides[bucket]
+
+    def bucket(self) -> Bucket:
+        return Bucket(self.storage, self.store, self.run_id,
+                      hides=any(self.hides(r) for r in self.roots))
+
+    def finish_interrupted(self, out: Output, log, multi_root: bool) -> None:
+        """Finish the intent records that killed runs left under the roots (before the scan,
+        under the lock): a line for each, and a log line per object."""
+        for root in self.roots:
+            root_path = self.storage.root_path(root)
+            for record in pending(self.storage.fs, root_path):
+                done = finish(self.store, record)
+                _report_finished(out, log, root, root_path, done, multi_root)
+
+    def pending_note(self) -> list[str]:
+        """For a dry run: the intent records a real run would finish first."""
+        notes = []
+        for root in self.roots:
+            n = len(pending(self.storage.fs, self.storage.root_path(root)))
+            if n:
+                notes.append(f"{root}: a killed prune left {n} intent record"
+                             f"{'s' if n != 1 else ''}: a real run finishes "
+                             f"{'it' if n == 1 else 'them'} first")
+        return notes
+
+
+def _report_finished(out: Output, log, root: str, root_path: str, done, multi_root: bool) -> None:
+    def rel(path: str) -> str:
+        return path[len(root_path) + 1:] if path.startswith(root_path + "/") else path
+
+    what = (f"finished the interrupted prune run {done.intent.run_id} in "
+            f"{prune_where(root, done.intent.checkpoint, multi_root)}"
+            if done.intent is not None else f"dropped the intent record {done.record}")
+    if done.dropped:
+        out.say(f"{what}: {done.dropped}")
+        return
+    freed = sum(n for _, n in done.deleted)
+    out.say(f"{what}: {len(done.deleted)} deleted now ({size_str(freed)}), "
+            f"{len(done.gone)} deleted before it was killed, {len(done.kept)} kept")
+    for path, why in done.kept:
+        out.say(f"skipped: {prune_where(root, rel(path), multi_root)}: {why}")
+    if log is None:
+        return
+    for path, nbytes in done.deleted:
+        log.record(PruneEvent(DELETE, root, rel(path), nbytes,
+                              f"finishing the interrupted run {done.intent.run_id}"))
+    for path, why in done.kept:
+        log.record(PruneEvent(SKIP, root, rel(path), 0, why))
+
+
+def plan_in_bucket(checkpoints, session: BucketSession):
+    """``plan_prune`` proven through the storage (one process: the store's round trips are
+    the cost), each deletion with its ETag."""
+    plan = plan_prune(checkpoints, prove=ContentProof(storage=session.storage), jobs=1)
+    return with_etags(plan, session.bucket())
+
+
+def hidden_note(plan, session: BucketSession) -> list[str]:
+    """One line per root whose deletes free nothing (a versioned bucket), with the bytes."""
+    bucket = session.bucket()
+    n = hidden_bytes(plan, bucket)
+    if not n:
+        return []
+    why = next(session.hides(r) for r in session.roots if session.hides(r))
+    return [f"{session.roots[0]}: {why}: {size_str(n)} stay, hidden behind delete markers; "
+            "the bucket's lifecycle rules free them"]
+
+
+def execute(session: BucketSession, plan, min_age, log, on_event, stop):
+    """``execute_in_bucket`` of the plan; ``stop`` also asked whether a lock was lost."""
+    def why_stop():
+        return session.lost_lock() or stop()
+
+    return execute_in_bucket(plan, session.bucket(),
+                             revalidate=BucketRevalidator(session.storage, min_age_s=min_age),
+                             log=log, on_event=on_event, stop=why_stop)
+
+
+__all__ = ["open_bucket_roots", "BucketSession", "plan_in_bucket", "hidden_note", "execute"]

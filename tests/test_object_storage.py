@@ -5,7 +5,8 @@ started by the suite), the fixture trees uploaded to a bucket must audit exactly
 disk; a hostile bucket (``..`` keys, keys that are prefixes of others, an object and a prefix
 of one name, an object gone between listing and reading, a 50 MB object claiming a 100-byte
 header) gets a clear problem each, with bounded bytes read. ``memory://`` needs no server and
-``file://`` is the local path. prune and migrate refuse URLs.
+``file://`` is the local path. migrate refuses URLs, prune those without conditional deletes
+(tests/test_object_storage_prune.py).
 """
 
 from __future__ import annotations
@@ -213,8 +214,9 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, line", [
-    (["prune", "--yes", "s3://bucket/runs"],
-     "ckpt-tools: error: s3://bucket/runs: prune on object storage is not supported yet"),
+    (["prune", "--yes", "gs://bucket/runs"],
+     "ckpt-tools: error: gs://bucket/runs: prune needs conditional deletes, which this storage "
+     "does not offer"),
     (["migrate", "gs://bucket/runs", "out"],
      "ckpt-tools: error: gs://bucket/runs: migrate on object storage is not supported yet"),
     (["audit", "memory://bucket/runs", "."],

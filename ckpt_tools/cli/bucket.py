@@ -103,7 +103,12 @@ class BucketSession:
         for root in self.roots:
             root_path = self.storage.root_path(root)
             for record in pending(self.storage.fs, root_path):
-                done = finish(self.store, record)
+                try:
+                    done = finish(self.store, record)
+                except OSError as exc:   # the plan judges what is there now: safe to go on
+                    out.error(f"{record}: cannot finish this intent record of a killed run: "
+                              f"{exc.strerror or exc}")
+                    continue
                 _report_finished(out, log, root, root_path, done, multi_root)
 
     def pending_note(self) -> list[str]:

@@ -22,6 +22,7 @@ bucket's lifecycle rules expire the noncurrent versions, so nothing is counted a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def _delete(fresh: Checkpoint, todo: list[PlannedDeletion], bucket: Bucket, out:
                     tuple((f"{prefix}/{d.relpath}", d.etag, d.record.size) for d in todo),
                     tuple((f"{prefix}/{f.relpath}", storage.etags.get(f"{prefix}/{f.relpath}", ""))
                           for f in fresh.dir.files if f.relpath not in going))
-    record = intent_path(storage.root_path(fresh.dir.root), bucket.run_id)
+    # one record per checkpoint: one left behind (its delete failed) never blocks the next
+    record = intent_path(storage.root_path(fresh.dir.root),
+                         f"{bucket.run_id}-{hashlib.sha256(fresh.path.encode()).hexdigest()[:16]}")
     try:
         record_etag = store.create(record, intent.to_json())
     except (PreconditionFailed, OSError) as exc:

@@ -4,7 +4,8 @@ that a run killed in the middle of a checkpoint is finished by the next one.
 On disk a checkpoint's merged weights go one unlink at a time too, but a killed prune leaves
 files that the next scan judges as before. In a bucket the same holds, except for a sharded
 model: without some of its shards a checkpoint is ``broken`` and never pruned again. So before
-the first DELETE of a checkpoint, prune writes ``<root>/.ckpt-tools-intent/<run-id>.json``
+the first DELETE of a checkpoint, prune writes
+``<root>/.ckpt-tools-intent/<run-id>-<checkpoint hash>.json``
 (conditional create) naming each object it will delete with the ETag it checked, and each
 object of the PEFT tree it proved them against; it deletes the record when the checkpoint is
 done. A run that finds a record (its run was killed) finishes it first, under the lock:
@@ -31,9 +32,10 @@ from .conditional import ConditionalStore, PreconditionFailed
 INTENT_DIR = layout.INTENT_DIR
 
 
-def intent_path(root_path: str, run_id: str) -> str:
-    """Where the run ``run_id`` writes its intent record under a root (a file system path)."""
-    return f"{root_path}/{INTENT_DIR}/{run_id}.json"
+def intent_path(root_path: str, name: str) -> str:
+    """Where the intent record ``name`` (a run id, and its checkpoint's) lies under a root
+    (a file system path)."""
+    return f"{root_path}/{INTENT_DIR}/{name}.json"
 
 
 @dataclass(frozen=True)

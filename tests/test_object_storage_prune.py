@@ -197,9 +197,10 @@ def test_a_live_lock_stops_a_second_run_and_a_stale_one_is_taken_over(
     assert got == code, err
     left = keys_under(fs, url)
     if code == 75:
-        assert err.splitlines() == [line for line in err.splitlines() if line.startswith(
-            f"ckpt-tools: another ckpt-tools run holds the lock {url}/{LOCK_FILE} (host ")]
-        assert "run_id other-run" in err and len(err.splitlines()) == 1
+        (line,) = err.splitlines()
+        assert line.startswith(f"ckpt-tools: another ckpt-tools run holds the lock "
+                               f"{url}/{LOCK_FILE} (host ")
+        assert "run_id other-run" in line
         assert f"{V3}/{MERGED}" in left
         assert fs.info(other.path)["ETag"] == other.etag   # its lock untouched
         other.release()
@@ -323,6 +324,14 @@ def test_a_killed_runs_intent_whose_peft_tree_changed_deletes_nothing(s3_server,
     assert "changed since the interrupted run proved the merged weights redundant" in err
     left = keys_under(fs, url)
     assert f"{V3}/{MERGED}" in left and record not in left
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(s3_server):  # noqa: F811
+    code, out, err = prune_cli("--yes", *s3_server.cli_options(), "s3://no-such-bucket-here/runs")
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("ckpt-tools: error: s3://no-such-bucket-here/runs: cannot take the "
+                           "lock s3://no-such-bucket-here/runs/.ckpt-tools.lock: ")
 
 
 # --- what is refused --------------------------------------------------------------------------------

@@ -66,7 +66,11 @@ class BucketSession:
                 path = lock_path_of(self.storage.root_path(root))
                 lock = BucketLock(self.store, path, self.run_id,
                                   url=f"{root.rstrip('/')}/{path.rsplit('/', 1)[1]}")
-                lock.acquire(timeout)
+                try:
+                    lock.acquire(timeout)
+                except OSError as exc:   # no such bucket, no credentials, no endpoint
+                    raise UsageError(f"{root}: cannot take the lock {lock.url}: "
+                                     f"{exc.strerror or exc}") from None
                 self.locks.append(lock)
             yield
         finally:

@@ -40,7 +40,12 @@ def open_bucket_roots(roots, storage_options: dict, *, lock_path, policy) -> Buc
                          "object storage is not supported yet; prune there deletes the merged "
                          "weights of redundant checkpoints only")
     roots, storage = open_storage(roots, storage_options)
-    return BucketSession(roots, storage)
+    paths = [(r, storage.root_path(r)) for r in roots]
+    for a, pa in paths:
+        for b, pb in paths:
+            if a != b and pa != pb and pb.startswith(pa + "/"):
+                raise UsageError(f"root {b} lies inside root {a}: give only {a}")
+    return BucketSession(tuple(dict.fromkeys(roots)), storage)
 
 
 class BucketSession:
@@ -99,7 +104,7 @@ class BucketSession:
 
     def bucket(self) -> Bucket:
         return Bucket(self.storage, self.store, self.run_id,
-                      hides=any(self.hides(r) for r in self.roots))
+                      hides=frozenset(r for r in self.roots if self.hides(r)))
 
     def finish_interrupted(self, out: Output, log, multi_root: bool) -> None:
         """Finish the intent records that killed runs left under the roots (before the scan,
@@ -161,12 +166,9 @@ def plan_in_bucket(checkpoints, session: BucketSession):
 def hidden_note(plan, session: BucketSession) -> list[str]:
     """One line per root whose deletes free nothing (a versioned bucket), with the bytes."""
     bucket = session.bucket()
-    n = hidden_bytes(plan, bucket)
-    if not n:
-        return []
-    why = next(session.hides(r) for r in session.roots if session.hides(r))
-    return [f"{session.roots[0]}: {why}: {size_str(n)} stay, hidden behind delete markers; "
-            "the bucket's lifecycle rules free them"]
+    return [f"{root}: {session.hides(root)}: {size_str(n)} stay, hidden behind delete "
+            "markers; the bucket's lifecycle rules free them"
+            for root in session.roots if (n := hidden_bytes(plan, bucket, root))]
 
 
 def execute(session: BucketSession, plan, min_age, log, on_event, stop):

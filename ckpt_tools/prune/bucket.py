@@ -46,13 +46,13 @@ CHANGED_SINCE_PLAN = "changed since the plan"
 @dataclass(frozen=True)
 class Bucket:
     """What deleting in a bucket needs: the scan's storage, its conditional requests, the
-    run's id (its intent records' name), and whether a delete frees bytes there
-    (``hides``: versioning is on, a delete only adds a delete marker)."""
+    run's id (its intent records' name), and the roots where a delete frees no byte
+    (``hides``: their bucket keeps versions, a delete only adds a delete marker)."""
 
     storage: ObjectStorage
     store: ConditionalStore
     run_id: str
-    hides: bool = False
+    hides: frozenset[str] = frozenset()
 
 
 class BucketRevalidator:
@@ -85,14 +85,16 @@ def with_etags(plan: PrunePlan, bucket: Bucket) -> PrunePlan:
         return storage.etags.get(f"{storage.root_path(d.root)}/{d.path}", "")
 
     deletions = tuple(dataclasses.replace(d, etag=etag_of(d),
-                                          frees_bytes=0 if bucket.hides else d.frees_bytes)
+                                          frees_bytes=0 if d.root in bucket.hides
+                                          else d.frees_bytes)
                       for d in plan.deletions)
     return PrunePlan(deletions, plan.skipped)
 
 
-def hidden_bytes(plan: PrunePlan, bucket: Bucket) -> int:
-    """What the plan's deletes leave behind delete markers (0 where versioning is off)."""
-    return sum(d.record.size for d in plan.deletions) if bucket.hides else 0
+def hidden_bytes(plan: PrunePlan, bucket: Bucket, root: str) -> int:
+    """What the plan's deletes under ``root`` leave behind delete markers (0 where its bucket
+    keeps no versions)."""
+    return sum(d.record.size for d in plan.deletions if d.root == root and root in bucket.hides)
 
 
 def execute_in_bucket(plan: PrunePlan, bucket: Bucket, *,
@@ -207,7 +209,7 @@ def _delete(fresh: Checkpoint, todo: list[PlannedDeletion], bucket: Bucket, out:
         except OSError as exc:
             out.fail(d, f"cannot delete: {exc.strerror or exc}")
             continue
-        nbytes = 0 if bucket.hides else d.record.size
+        nbytes = 0 if d.root in bucket.hides else d.record.size
         freed += nbytes
         deleted = Deleted(d.root, d.path, nbytes)
         out.deleted.append(deleted)

@@ -45,7 +45,10 @@ def open_bucket_roots(roots, storage_options: dict, *, lock_path, policy) -> Buc
         for b, pb in paths:
             if a != b and pa != pb and pb.startswith(pa + "/"):
                 raise UsageError(f"root {b} lies inside root {a}: give only {a}")
-    return BucketSession(tuple(dict.fromkeys(roots)), storage)
+    once: dict[str, str] = {}   # one root per path: "s3://b/runs" and "s3://b/runs/" are one
+    for r, p in paths:
+        once.setdefault(p, r)
+    return BucketSession(tuple(once.values()), storage)
 
 
 class BucketSession:

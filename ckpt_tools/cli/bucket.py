@@ -124,13 +124,14 @@ class BucketSession:
                 _report_finished(out, log, root, root_path, done, multi_root)
 
     def pending_note(self) -> list[str]:
-        """For a dry run: the intent records a real run would finish first."""
+        """For a dry run, or a run without --yes: the intent records a run with --yes
+        finishes first."""
         notes = []
         for root in self.roots:
             n = len(pending(self.storage.fs, self.storage.root_path(root)))
             if n:
                 notes.append(f"{root}: a killed prune left {n} intent record"
-                             f"{'s' if n != 1 else ''}: a real run finishes "
+                             f"{'s' if n != 1 else ''}: a run with --yes finishes "
                              f"{'it' if n == 1 else 'them'} first")
         return notes
 

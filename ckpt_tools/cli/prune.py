@@ -238,10 +238,10 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
            totals: RunTotals, walk, bucket=None) -> int:
     multi_root = len(roots) > 1
     if bucket is not None:   # a killed run's intent first: the scan then sees what it left
-        if dry_run:
+        if dry_run or not yes:   # deleting a killed run's objects is not asked about
             for line in bucket.pending_note():
                 out.say(line)
-        elif yes or _stdin_is_terminal():
+        else:
             bucket.finish_interrupted(out, log, multi_root)
     scan = scan_roots(out, roots, min_age_s=min_age, jobs=jobs, walk=walk,
                       storage=bucket.storage if bucket is not None else None)

@@ -237,6 +237,23 @@ def test_a_lock_refresh_names_its_own_etag_and_finds_a_takeover(s3_server):  # n
     assert not fs.exists(lock.path)
 
 
+def test_a_held_lock_is_refreshed_in_the_background_until_released(s3_server):  # noqa: F811
+    import time
+    fs = s3_server.filesystem()
+    store = ConditionalStore(fs)
+    ticks = iter(range(1_000_000, 2_000_000, 60))
+    lock = BucketLock(store, f"{new_bucket(fs)}/runs/{LOCK_FILE}", "mine",
+                      clock=lambda: float(next(ticks)), refresh_s=0.05)
+    lock.acquire()
+    first = json.loads(fs.cat_file(lock.path))["refreshed_epoch"]
+    deadline = time.monotonic() + 10
+    while json.loads(fs.cat_file(lock.path))["refreshed_epoch"] == first:
+        assert time.monotonic() < deadline, "the lock was never refreshed"
+        time.sleep(0.05)
+    lock.release()
+    assert not fs.exists(lock.path) and lock.lost is None
+
+
 def test_a_run_that_lost_its_lock_starts_no_other_checkpoint(s3_server, results_tree):  # noqa: F811
     url = bucket_of(s3_server, results_tree, CANONICAL, V3)
     plan, bucket = planned(s3_server, url)

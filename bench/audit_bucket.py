@@ -7,9 +7,9 @@ before it is forwarded, as a round trip to real object storage would, and the pr
 requests and the response bytes itself. Then, alternating, REPS times:
 
 - the anchor, an ordinary client listing the same prefix: ``aws s3 ls --recursive --summarize``
-  (awscli from ``--aws``, installed in a venv of its own so the project's lock is untouched:
-  ``python3.11 -m venv bench/.venv-aws && bench/.venv-aws/bin/pip install awscli``), or boto3's
-  ``list_objects_v2`` paginator when that is not there;
+  (awscli 1.46.3 in a venv of its own, ``bench/.venv-aws``, made here when missing so that the
+  project's lock is untouched, or ``--aws PATH``), or boto3's ``list_objects_v2`` paginator when
+  awscli cannot be installed (the JSON says why);
 - ``ckpt-tools audit --json --min-age 0 --jobs J s3://bench/tree`` for each J of ``--jobs``;
 - a download of every object under the prefix with J threads (boto3, bench/bucket_clients.py).
 
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,7 +46,24 @@ from latency_proxy import LatencyProxy  # noqa: E402
 from fixtures.s3server import CLIENT_ENV, CREDENTIALS, moto_server, upload_tree  # noqa: E402
 
 BUCKET = "bench"
-AWS = HERE / ".venv-aws" / "bin" / "aws"
+AWS_VENV = HERE / ".venv-aws"
+AWSCLI_PIN = "awscli==1.46.3"
+
+
+def ensure_awscli(aws: Path | None) -> tuple[Path | None, str]:
+    """awscli's ``aws``: the given one, or the bench venv's (made when missing); else None and
+    why, and the anchor is boto3's paginator."""
+    if aws is not None:
+        return (aws, "") if aws.exists() else (None, f"{aws} does not exist")
+    exe = AWS_VENV / "bin" / "aws"
+    if not exe.exists():
+        try:
+            subprocess.run(["python3.11", "-m", "venv", str(AWS_VENV)], check=True)
+            subprocess.run([str(AWS_VENV / "bin" / "python"), "-m", "pip", "install", "-q",
+                            AWSCLI_PIN], check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            return None, f"awscli could not be installed in {AWS_VENV}: {exc}"
+    return exe, ""
 
 
 def client_env() -> dict:
@@ -76,13 +94,30 @@ def commands(url: str, proxy: str, jobs: list[int], aws: Path | None, download_t
     return cmds
 
 
-def run_once(argv: list[str], env: dict, proxy: LatencyProxy) -> tuple[float, dict, str]:
-    """Wall time, what the proxy forwarded meanwhile, and stdout of one command."""
+def cpu_seconds(server_pid: int) -> dict:
+    """CPU time (user + system) so far of the clients run (finished children), of this process
+    (the proxy's threads: the main thread only waits) and of the server."""
+    kids, me = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        fields = Path(f"/proc/{server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        server = float("nan")
+    return {"client": kids.ru_utime + kids.ru_stime, "proxy": me.ru_utime + me.ru_stime,
+            "server": server}
+
+
+def run_once(argv: list[str], env: dict, proxy: LatencyProxy,
+             server_pid: int = 0) -> tuple[float, dict, str]:
+    """Wall time, what the proxy forwarded meanwhile (and the CPU time each party spent), and
+    stdout of one command."""
     proxy.traffic.take()
+    cpu0 = cpu_seconds(server_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - t0
-    traffic = proxy.traffic.take()
+    cpu1 = cpu_seconds(server_pid)
+    traffic = proxy.traffic.take() | {"cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}}
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(argv[:6])}... failed ({proc.returncode}): "
                          f"{proc.stderr.decode()[-800:]}")
@@ -114,6 +149,10 @@ def disagreements(name: str, mine: dict, seen: dict, uploaded: dict) -> list[str
                        f"({lists} listing pages, {reads} other)")
         if mine["reads"] != reads:
             out.append(f"reads: audit says {mine['reads']}, proxy forwarded {reads} non-listing")
+        read_bytes = seen["response_bytes"] - seen["bytes_by_kind"].get("list", 0)
+        if mine["bytes_read"] != read_bytes:
+            out.append(f"bytes: audit says {mine['bytes_read']} read, proxy forwarded "
+                       f"{read_bytes} outside listings")
     elif mine.get("objects") != uploaded["objects"] or mine.get("bytes") != uploaded["bytes"]:
         out.append(f"saw {mine.get('objects')} objects, {mine.get('bytes')} bytes; uploaded "
                    f"{uploaded['objects']}, {uploaded['bytes']}")
@@ -124,14 +163,14 @@ def disagreements(name: str, mine: dict, seen: dict, uploaded: dict) -> list[str
 
 
 def measure(cmds: dict, env: dict, proxy: LatencyProxy, reps: int, download_to: Path,
-            uploaded: dict) -> dict:
+            uploaded: dict, server_pid: int) -> dict:
     """Every command REPS times, alternating forward and backward; per command its times, the
     proxy's counts of the last run and the disagreements of any run."""
     results = {name: {"seconds": [], "disagreements": []} for name in cmds}
     names = list(cmds)
     for rep in range(reps):
         for name in names if rep % 2 == 0 else reversed(names):
-            t, seen, stdout = run_once(cmds[name], env, proxy)
+            t, seen, stdout = run_once(cmds[name], env, proxy, server_pid)
             shutil.rmtree(download_to, ignore_errors=True)
             mine = self_report(name, stdout)
             r = results[name]
@@ -139,8 +178,9 @@ def measure(cmds: dict, env: dict, proxy: LatencyProxy, reps: int, download_to: 
             r |= {"proxy": seen, "self_reported": mine}
             r["disagreements"] += [f"rep {rep}: {d}"
                                    for d in disagreements(name, mine, seen, uploaded)]
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in seen["cpu_s"].items())
             print(f"rep {rep} {name}: {t:.2f} s, {seen['requests']:,} requests, "
-                  f"{seen['response_bytes']:,} bytes", file=sys.stderr, flush=True)
+                  f"{seen['response_bytes']:,} bytes; CPU s: {cpu}", file=sys.stderr, flush=True)
     return results
 
 
@@ -154,7 +194,8 @@ def rows(results: dict, checkpoints: int) -> list[dict]:
         req, nbytes = r["proxy"]["requests"], r["proxy"]["response_bytes"]
         out.append({"command": name, "seconds": r["seconds"], "median_s": s,
                     "s_per_checkpoint": s / checkpoints, "requests": req,
-                    "requests_by_kind": r["proxy"]["by_kind"],
+                    "requests_by_kind": r["proxy"]["by_kind"], "cpu_s": r["proxy"]["cpu_s"],
+                    "bytes_by_kind": r["proxy"]["bytes_by_kind"],
                     "requests_per_checkpoint": req / checkpoints, "bytes": nbytes,
                     "bytes_per_checkpoint": nbytes / checkpoints,
                     "ratio_s": s / a_s, "ratio_requests": req / a_req,
@@ -170,12 +211,14 @@ def markdown(doc: dict) -> str:
              f"anchor: {doc['anchor']}; {doc['reps']} run(s) each, alternating; "
              f"{doc['machine']['cpus']} CPUs.", "",
              "| command | wall, median | s / checkpoint | requests (per ckpt) | bytes (per ckpt) "
-             "| ratio to listing: s / requests / bytes |", "|---|---:|---:|---:|---:|---:|"]
+             "| ratio to listing: s / requests / bytes | CPU s: client / proxy / server |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
         lines.append(f"| `{r['command']}` | {r['median_s']:.2f} s | {r['s_per_checkpoint'] * 1e3:.2f} ms "
                      f"| {r['requests']:,} ({r['requests_per_checkpoint']:.2f}) "
                      f"| {r['bytes']:,} ({r['bytes_per_checkpoint'] / 1e3:.1f} kB) "
-                     f"| {r['ratio_s']:.2f}× / {r['ratio_requests']:.1f}× / {r['ratio_bytes']:.1f}× |")
+                     f"| {r['ratio_s']:.2f}× / {r['ratio_requests']:.1f}× / {r['ratio_bytes']:.1f}× "
+                     f"| {' / '.join(f'{v:.1f}' for v in r['cpu_s'].values())} |")
     lines += ["", "Disagreements between a command's own account and the proxy's:", ""]
     lines += [f"- `{r['command']}`: {d}" for r in doc["rows"] for d in r["disagreements"][:1]] or ["- none"]
     return "\n".join(lines) + "\n"
@@ -189,12 +232,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--base-side", type=int, default=128,
                     help="side of the merged files' base weights (gen_tree's 2048 is 128 MiB a file)")
-    ap.add_argument("--aws", type=Path, default=AWS, help="awscli's `aws` (boto3 when missing)")
+    ap.add_argument("--aws", type=Path, default=None,
+                    help="awscli's `aws` (default: bench/.venv-aws, made when missing)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    aws = args.aws if args.aws.exists() else None
+    aws, why_not_aws = ensure_awscli(args.aws)
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-bucket-", dir=args.workdir))
     try:
         tree = work / "tree"
@@ -214,7 +258,7 @@ def main(argv=None) -> int:
                 cmds = commands(f"s3://{BUCKET}/tree", proxy.endpoint, args.jobs, aws, download_to)
                 env = client_env()
                 run_once(cmds["listing"], env, proxy)   # untimed: the server's first answers
-                results = measure(cmds, env, proxy, args.reps, download_to, uploaded)
+                results = measure(cmds, env, proxy, args.reps, download_to, uploaded, server.pid)
             finally:
                 proxy.stop()
     finally:
@@ -225,6 +269,7 @@ def main(argv=None) -> int:
            "left_out_of_upload": left_out, "latency_ms": args.latency_ms, "reps": args.reps,
            "merged_base_side": args.base_side,
            "anchor": "aws s3 ls --recursive --summarize" if aws else "boto3 list_objects_v2",
+           "why_not_awscli": why_not_aws,
            "rows": rows(results, args.checkpoints)}
     (args.out / "audit_bucket.json").write_text(json.dumps(doc, indent=2))
     md = markdown(doc)

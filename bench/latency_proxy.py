@@ -37,23 +37,24 @@ def request_kind(method: str, target: str, headers) -> str:
 
 @dataclass
 class Traffic:
-    """What the proxy forwarded since the last ``take``: requests by kind, response body bytes."""
+    """What the proxy forwarded since the last ``take``: requests and response body bytes, by kind."""
 
     requests: dict[str, int] = field(default_factory=dict)
-    response_bytes: int = 0
+    response_bytes: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, kind: str, nbytes: int) -> None:
         with self._lock:
             self.requests[kind] = self.requests.get(kind, 0) + 1
-            self.response_bytes += nbytes
+            self.response_bytes[kind] = self.response_bytes.get(kind, 0) + nbytes
 
     def take(self) -> dict:
         """The counts so far, which start again from zero."""
         with self._lock:
             out = {"requests": sum(self.requests.values()), "by_kind": dict(self.requests),
-                   "response_bytes": self.response_bytes}
-            self.requests, self.response_bytes = {}, 0
+                   "response_bytes": sum(self.response_bytes.values()),
+                   "bytes_by_kind": dict(self.response_bytes)}
+            self.requests, self.response_bytes = {}, {}
         return out
 
 

@@ -50,12 +50,13 @@ lock: test-latest
 demo: venv
 	HF_HUB_OFFLINE=1 $(PY) -m fixtures.demo --replace $(DEMO)
 
-# Benchmarks against their anchors (du, mergekit-extract-lora), results in bench/out/.
+# Benchmarks against their anchors (du, aws s3 ls, mergekit-extract-lora), results in bench/out/.
 # The GPU comparison is its own run: bench/lowrank_vs_mergekit.py --size 2b --device cuda.
 bench: venv
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) bench/audit_vs_du.py --sizes 1000 3000 10000 --reps 5
 	$(PY) bench/audit_slow_storage.py --checkpoints 1000 --delay-us 100 --reps 3
+	$(PY) bench/audit_bucket.py --checkpoints 300 --latency-ms 20 --jobs 1 4 16 64
 	$(PY) bench/prune_cost.py --checkpoints 10000 --reps 3
 	$(PY) bench/retention_cost.py --checkpoints 10000 --reps 5 --mix dylora ordinary --delete-checkpoints 1000 --delete-reps 5
 	$(PY) bench/inspect_speed.py

@@ -90,10 +90,11 @@ def checkpoint_values(pool: bytes, i: int) -> bytes:
     return pool[at:at + VALUES_BYTES]
 
 
-def template() -> dict[str, object]:
+def template(base_side: int = HIDDEN * 16) -> dict[str, object]:
     """relpath → bytes for one checkpoint, with the headers and offsets of the files whose
     data differ per checkpoint under the keys ``adapter_header``, ``merged`` (its header, data
-    size and the offset of each block of LoRA tensors) and ``merged_router`` (offset)."""
+    size and the offset of each block of LoRA tensors) and ``merged_router`` (offset). Each
+    base weight of the merged file is ``base_side`` square (BF16)."""
     import torch
     files: dict[str, object] = {}
     lora = {}
@@ -130,7 +131,7 @@ def template() -> dict[str, object]:
     prefix = "foundation_model.base_model.model."
     modules = list(dict.fromkeys(m for m, _ in lora_names()))
     for module in modules:
-        merged[f"{prefix}{module}.base_layer.weight"] = ("BF16", [HIDDEN * 16, HIDDEN * 16])
+        merged[f"{prefix}{module}.base_layer.weight"] = ("BF16", [base_side, base_side])
         for part in ("lora_A", "lora_B"):
             shape = [RANK, HIDDEN] if part == "lora_A" else [HIDDEN, RANK]
             for e in range(EXPERTS):
@@ -271,10 +272,12 @@ def _ordinary_checkpoint(ckpt: Path, kind: int, files: dict, values: bytes, mtim
 
 
 def generate(dest: Path, checkpoints: int, mtime: float | None = None, mix: str = "dylora",
-             evals: bool = False) -> dict:
+             evals: bool = False, base_side: int = HIDDEN * 16) -> dict:
+    """``base_side`` sizes the merged files' base weights (128 MiB in all by default, as holes;
+    an upload to a bucket writes every byte, so the bucket benchmark passes a smaller one)."""
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {MIXES}")
-    files = template()
+    files = template(base_side)
     ordinary = ordinary_template() if mix != "dylora" else None
     pool = values_pool()
     dest.mkdir(parents=True, exist_ok=True)

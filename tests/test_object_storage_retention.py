@@ -109,6 +109,9 @@ def test_delete_in_a_bucket_leaves_what_delete_and_purge_leave_on_disk(s3_server
 
 def test_the_plan_in_a_bucket_decides_as_on_disk(s3_server, both):  # noqa: F811
     disk, url = both
+    pin = b"keep_steps = [2]\n"   # the run's own policy file, read from the bucket too
+    (disk / "full" / layout.RUN_POLICY).write_bytes(pin)
+    s3_server.filesystem().pipe_file(f"{url.removeprefix('s3://')}/full/{layout.RUN_POLICY}", pin)
     args = ("--dry-run", "--json", "--keep-last", "1", "--keep-every", "4", "--delete")
     code, on_disk, _ = prune_cli(*args, disk)
     assert code == 0
@@ -121,6 +124,7 @@ def test_the_plan_in_a_bucket_decides_as_on_disk(s3_server, both):  # noqa: F811
 
     assert decisions(in_bucket) == decisions(on_disk)
     assert {a for _, a, _ in decisions(on_disk)} == {"keep", "delete"}
+    assert ("full/checkpoint-2", "keep", ["pinned: user"]) in decisions(in_bucket)
     assert err.splitlines() == [f"{url}: --purge-after and --purge-now mean nothing in a bucket: "
                                 "it has no trash (a rename is a copy there), so a checkpoint "
                                 "--delete removes is deleted at once; the bucket's versioning "
@@ -134,7 +138,8 @@ def planned(s3_server, url: str, action: str = "delete"):  # noqa: F811
     scan = api.scan(*roots, min_age_s=0, storage=storage)
     policy = Policy.from_flags(Rules(keep_last=1), action)
     bucket = Bucket(storage, ConditionalStore(storage.fs), uuid.uuid4().hex)
-    kept = plan_retention(scan, policy, now=time.time(), min_age_s=0, purge_after_s=0)
+    kept = plan_retention(scan, policy, now=time.time(), min_age_s=0, purge_after_s=0,
+                          storage=storage)
     return for_bucket(kept, bucket), bucket
 
 

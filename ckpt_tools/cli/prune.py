@@ -260,7 +260,8 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     from ..retention.plan import plan_retention
     now = time.time()
     kept = plan_retention(scan, retention.policy, now=now, min_age_s=min_age,
-                          purge_after_s=retention.purge_after, purge_now=retention.purge_now)
+                          purge_after_s=retention.purge_after, purge_now=retention.purge_now,
+                          storage=bucket.storage if bucket is not None else None)
     in_bucket = None
     if bucket is not None:   # no trash there: a delete frees its bytes now (or, versioned, none)
         from .bucket import retention_in_bucket

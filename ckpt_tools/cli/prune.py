@@ -108,7 +108,7 @@ EXAMPLES = """Examples:
                    "scheduler, scaler, RNG); weights and configs stay.")
 @click.option("--delete", "action", flag_value="delete",
               help="Retention: move what no rule keeps into its run's trash, purged after "
-                   "--purge-after.")
+                   "--purge-after (in a bucket, which has no trash: deleted at once).")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
               help="Retention policy file (TOML, docs/retention.md) instead of the flags.")
 @click.option("--purge-after", type=Duration(), default="7d", show_default=True,

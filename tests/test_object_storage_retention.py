@@ -91,10 +91,12 @@ def test_strip_in_a_bucket_removes_the_objects_it_removes_as_files(s3_server, bo
     assert f"full/checkpoint-6/{layout.STRIP_MARKER}" not in after   # kept: not stripped
 
 
-def test_delete_in_a_bucket_leaves_what_delete_and_purge_leave_on_disk(s3_server, both):  # noqa: F811
+def test_delete_in_a_bucket_leaves_what_delete_and_purge_leave_on_disk(s3_server, both,  # noqa: F811
+                                                                      tmp_path):
     disk, url = both
     assert prune_cli("--yes", "--keep-last", "1", "--delete", "--purge-now", disk)[0] == 0
-    code, out, err = prune_cli("--yes", "--json", "--keep-last", "1", "--delete",
+    log = tmp_path / "prune.jsonl"
+    code, out, err = prune_cli("--yes", "--json", "--keep-last", "1", "--delete", "--log", log,
                                *s3_server.cli_options(), url)
     assert code == 0, err
     after = files_under(disk)
@@ -105,6 +107,10 @@ def test_delete_in_a_bucket_leaves_what_delete_and_purge_leave_on_disk(s3_server
                                                     for s in (2, 4)}
     assert done["freed_bytes_now"] == sum(d["bytes"] for d in done["deleted"]) > 0
     assert done["trashed"] == [] and done["freed_bytes_when_purged"] == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    deleted = [r["path"] for r in lines if r["action"] == "delete"]
+    assert sorted(deleted) == sorted(f"{url}/{d['path']}" for d in done["deleted"])
+    assert lines[-1]["counts"]["delete"] == 6
 
 
 def test_the_plan_in_a_bucket_decides_as_on_disk(s3_server, both):  # noqa: F811

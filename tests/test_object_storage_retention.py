@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from ckpt_tools import api, layout
 from ckpt_tools.cli.group import cli
 from ckpt_tools.prune.bucket import CHANGED_SINCE_PLAN, Bucket, BucketRevalidator
+from ckpt_tools.report import size_str
 from ckpt_tools.retention.bucket import execute_retention_in_bucket, for_bucket
 from ckpt_tools.retention.plan import plan_retention
 from ckpt_tools.retention.rules import Policy, Rules
@@ -247,4 +248,11 @@ def test_a_versioned_bucket_counts_nothing_freed_by_retention(s3_server, ordinar
     assert code == 0, err
     done = json.loads(out)["retention"]
     assert len(done["deleted"]) == 2 and done["freed_bytes_now"] == 0
+    bucket = url.removeprefix("s3://").split("/")[0]
+    hidden = sum(p.stat().st_size for s in (2, 4)
+                 for p in (ordinary_runs[0] / "full" / f"checkpoint-{s}").rglob("*") if p.is_file())
+    assert [line for line in err.splitlines() if "delete marker" in line] == [
+        f"{url}: versioning is enabled in bucket {bucket}: a delete only adds a delete marker: "
+        f"{size_str(hidden)} stay, hidden behind delete markers; the bucket's lifecycle rules "
+        "free them"]
     assert not any(k.startswith("full/checkpoint-2/") for k in keys_under(s3_server, url))

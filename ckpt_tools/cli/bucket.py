@@ -163,12 +163,15 @@ def plan_in_bucket(checkpoints, session: BucketSession):
     return with_etags(plan, session.bucket())
 
 
-def hidden_note(plan, session: BucketSession) -> list[str]:
-    """One line per root whose deletes free nothing (a versioned bucket), with the bytes."""
+def hidden_note(plan, session: BucketSession, retention=None) -> list[str]:
+    """One line per root whose deletes free nothing (a versioned bucket), with the bytes (of
+    prune's plan and of ``retention``, a ``BucketRetention``)."""
     bucket = session.bucket()
     return [f"{root}: {session.hides(root)}: {size_str(n)} stay, hidden behind delete "
             "markers; the bucket's lifecycle rules free them"
-            for root in session.roots if (n := hidden_bytes(plan, bucket, root))]
+            for root in session.roots
+            if (n := hidden_bytes(plan, bucket, root)
+                + (retention.hidden.get(root, 0) if retention is not None else 0))]
 
 
 NO_TRASH = ("--purge-after and --purge-now mean nothing in a bucket: it has no trash (a rename "

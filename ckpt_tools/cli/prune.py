@@ -278,7 +278,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     else:
         from .bucket import hidden_note, plan_in_bucket
         plan = plan_in_bucket(planned, bucket)
-        for line in hidden_note(plan, bucket):
+        for line in hidden_note(plan, bucket, in_bucket):
             out.say(line)
     totals.planned(plan, kept, skip_lines=log is not None and log.skip_lines)
     emit_plan(plan, log=log)

@@ -50,10 +50,12 @@ _BY = f"ckpt-tools {__version__}"
 @dataclass(frozen=True)
 class BucketRetention:
     """A retention plan made for a bucket (``for_bucket``), with the ETag of each object of
-    each checkpoint it decided on as the plan's scan listed it."""
+    each checkpoint it decided on as the plan's scan listed it, and the bytes its deletes leave
+    behind delete markers under each root whose bucket keeps versions."""
 
     plan: RetentionPlan
     etags: dict[tuple[str, str], dict[str, str]]   # (root, checkpoint) → relpath → ETag
+    hidden: dict[str, int] = dataclasses.field(default_factory=dict)   # root → bytes
 
 
 def for_bucket(plan: RetentionPlan, bucket: Bucket) -> BucketRetention:
@@ -62,20 +64,21 @@ def for_bucket(plan: RetentionPlan, bucket: Bucket) -> BucketRetention:
     storage = bucket.storage
     items: list[RetentionItem] = []
     etags: dict[tuple[str, str], dict[str, str]] = {}
+    hidden: dict[str, int] = {}
+    acting = {id(i) for i in plan.acting}
     for item in plan.items:
         c = item.checkpoint
         prefix = storage.path_of(c.dir)
         etags[(c.dir.root, c.path)] = {f.relpath: storage.etags.get(f"{prefix}/{f.relpath}", "")
                                        for f in c.dir.files}
-        hidden = c.dir.root in bucket.hides
-        if item.decision.action is RetentionAction.DELETE:
-            item = dataclasses.replace(item, frees_now=0 if hidden else item.frees_when_purged,
-                                       frees_when_purged=0)
-        elif hidden:
-            item = dataclasses.replace(item, frees_now=0)
-        items.append(item)
+        frees = (item.frees_when_purged if item.decision.action is RetentionAction.DELETE
+                 else item.frees_now)
+        if c.dir.root in bucket.hides and id(item) in acting:
+            hidden[c.dir.root] = hidden.get(c.dir.root, 0) + frees
+            frees = 0
+        items.append(dataclasses.replace(item, frees_now=frees, frees_when_purged=0))
     return BucketRetention(dataclasses.replace(plan, items=tuple(items), purges=(),
-                                               purge_now=False), etags)
+                                               purge_now=False), etags, hidden)
 
 
 def execute_retention_in_bucket(

@@ -409,6 +409,8 @@ def render_retention_outcome(result, *, dry_run: bool) -> str:
     if result.trashed:
         parts.append(f"moved {len(result.trashed)} to the trash "
                      f"({size_str(result.freed_when_purged)} freed when purged)")
+    if result.deleted:   # in a bucket: no trash
+        parts.append(f"deleted {len(result.deleted)} checkpoint{'s' if len(result.deleted) != 1 else ''}")
     if result.purged:
         parts.append(f"purged {len(result.purged)} trash entr{'ies' if len(result.purged) != 1 else 'y'}")
     text = "Retention: " + (", ".join(parts) if parts else "nothing done")

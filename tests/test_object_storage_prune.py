@@ -360,12 +360,3 @@ def test_a_store_without_conditional_deletes_is_refused(url):
     assert err.splitlines() == [f"ckpt-tools: error: {url}: prune needs conditional deletes, "
                                 "which this storage does not offer"]
 
-
-def test_retention_in_a_bucket_is_refused_in_one_line(s3_server):  # noqa: F811
-    code, _, err = prune_cli("--yes", "--keep-last", "1", "--delete", *s3_server.cli_options(),
-                             "s3://nothing-here/runs")
-    assert code == 2
-    assert err.splitlines() == ["ckpt-tools: error: s3://nothing-here/runs: retention (--keep-*, "
-                                "--strip, --delete, --policy) on object storage is not supported "
-                                "yet; prune there deletes the merged weights of redundant "
-                                "checkpoints only"]

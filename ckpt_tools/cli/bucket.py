@@ -27,18 +27,14 @@ from .output import Output
 _VERSIONED = ("Enabled", "Suspended")
 
 
-def open_bucket_roots(roots, storage_options: dict, *, lock_path, policy) -> BucketSession:
+def open_bucket_roots(roots, storage_options: dict, *, lock_path) -> BucketSession:
     """The session of roots given as URLs; ``UsageError`` (exit 2) for a store without
-    conditional deletes, for ``--lock PATH`` and for a retention policy."""
+    conditional deletes and for ``--lock PATH``."""
     for root in filter(is_url, roots):
         refuse_unless_conditional(root.split("://", 1)[0], root)
     if lock_path is not None:
         raise UsageError(f"{roots[0]}: --lock names a local file; a root in a bucket is "
                          "locked by its own lock object (ROOT/.ckpt-tools.lock)")
-    if policy is not None:
-        raise UsageError(f"{roots[0]}: retention (--keep-*, --strip, --delete, --policy) on "
-                         "object storage is not supported yet; prune there deletes the merged "
-                         "weights of redundant checkpoints only")
     roots, storage = open_storage(roots, storage_options)
     paths = [(r, storage.root_path(r)) for r in roots]
     for a, pa in paths:
@@ -167,12 +163,34 @@ def plan_in_bucket(checkpoints, session: BucketSession):
     return with_etags(plan, session.bucket())
 
 
-def hidden_note(plan, session: BucketSession) -> list[str]:
-    """One line per root whose deletes free nothing (a versioned bucket), with the bytes."""
+def hidden_note(plan, session: BucketSession, retention=None) -> list[str]:
+    """One line per root whose deletes free nothing (a versioned bucket), with the bytes (of
+    prune's plan and of ``retention``, a ``BucketRetention``)."""
     bucket = session.bucket()
     return [f"{root}: {session.hides(root)}: {size_str(n)} stay, hidden behind delete "
             "markers; the bucket's lifecycle rules free them"
-            for root in session.roots if (n := hidden_bytes(plan, bucket, root))]
+            for root in session.roots
+            if (n := hidden_bytes(plan, bucket, root)
+                + (retention.hidden.get(root, 0) if retention is not None else 0))]
+
+
+NO_TRASH = ("--purge-after and --purge-now mean nothing in a bucket: it has no trash (a rename "
+            "is a copy there), so a checkpoint --delete removes is deleted at once; the "
+            "bucket's versioning and lifecycle rules are its grace period")
+
+
+def retention_in_bucket(kept, session: BucketSession):
+    """The retention plan as it is carried out in the session's bucket (``for_bucket``)."""
+    from ..retention.bucket import for_bucket
+    return for_bucket(kept, session.bucket())
+
+
+def execute_retention(session: BucketSession, retention, min_age, now, emit):
+    """``execute_retention_in_bucket``: each checkpoint listed and validated again first."""
+    from ..retention.bucket import execute_retention_in_bucket
+    return execute_retention_in_bucket(
+        retention, session.bucket(), now=now, emit=emit,
+        revalidate=BucketRevalidator(session.storage, min_age_s=min_age, prove=False))
 
 
 def execute(session: BucketSession, plan, min_age, log, on_event, stop):
@@ -185,4 +203,5 @@ def execute(session: BucketSession, plan, min_age, log, on_event, stop):
                              log=log, on_event=on_event, stop=why_stop)
 
 
-__all__ = ["open_bucket_roots", "BucketSession", "plan_in_bucket", "hidden_note", "execute"]
+__all__ = ["open_bucket_roots", "BucketSession", "plan_in_bucket", "hidden_note", "execute",
+           "retention_in_bucket", "execute_retention", "NO_TRASH"]

@@ -108,7 +108,7 @@ EXAMPLES = """Examples:
                    "scheduler, scaler, RNG); weights and configs stay.")
 @click.option("--delete", "action", flag_value="delete",
               help="Retention: move what no rule keeps into its run's trash, purged after "
-                   "--purge-after.")
+                   "--purge-after (in a bucket, which has no trash: deleted at once).")
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False), default=None,
               help="Retention policy file (TOML, docs/retention.md) instead of the flags.")
 @click.option("--purge-after", type=Duration(), default="7d", show_default=True,
@@ -141,13 +141,14 @@ def prune(ctx, roots, dry_run, yes, min_age, lock_path, lock_timeout, log_file, 
         def asked() -> _Retention:
             return _Retention(_policy(keep_last, keep_best, metric, higher_is_better, keep_every,
                                       keep_within, keep_steps, action, policy_file),
-                              purge_after, purge_now)
+                              purge_after, purge_now, purge_asked=purge_now or (
+                                  ctx.get_parameter_source("purge_after")
+                                  is not click.core.ParameterSource.DEFAULT))
 
         if any(map(is_url, roots)):
             from .bucket import open_bucket_roots
             retention = asked()
-            bucket = open_bucket_roots(roots, storage_options, lock_path=lock_path,
-                                       policy=retention.policy)
+            bucket = open_bucket_roots(roots, storage_options, lock_path=lock_path)
             roots = bucket.roots
         else:
             _check_roots(roots, storage_options)
@@ -204,10 +205,11 @@ def _log_end(log, roots, retention, policy_file, code, started, totals, out) -> 
 class _Retention:
     """The retention asked for: a policy (None: none), the trash's grace period, --purge-now."""
 
-    def __init__(self, policy, purge_after: float, purge_now: bool):
+    def __init__(self, policy, purge_after: float, purge_now: bool, purge_asked: bool = False):
         self.policy = policy
         self.purge_after = purge_after
         self.purge_now = purge_now
+        self.purge_asked = purge_asked   # --purge-after or --purge-now given
 
 
 def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_within, keep_steps,
@@ -237,6 +239,9 @@ def _policy(keep_last, keep_best, metric, higher_is_better, keep_every, keep_wit
 def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: _Retention,
            totals: RunTotals, walk, bucket=None) -> int:
     multi_root = len(roots) > 1
+    if bucket is not None and retention.purge_asked:
+        from .bucket import NO_TRASH
+        out.say(f"{roots[0]}: {NO_TRASH}")
     if bucket is not None:   # a killed run's intent first: the scan then sees what it left
         if dry_run or not yes:   # deleting a killed run's objects is not asked about
             for line in bucket.pending_note():
@@ -255,7 +260,13 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     from ..retention.plan import plan_retention
     now = time.time()
     kept = plan_retention(scan, retention.policy, now=now, min_age_s=min_age,
-                          purge_after_s=retention.purge_after, purge_now=retention.purge_now)
+                          purge_after_s=retention.purge_after, purge_now=retention.purge_now,
+                          storage=bucket.storage if bucket is not None else None)
+    in_bucket = None
+    if bucket is not None:   # no trash there: a delete frees its bytes now (or, versioned, none)
+        from .bucket import retention_in_bucket
+        in_bucket = retention_in_bucket(kept, bucket)
+        kept = in_bucket.plan
     for root, run, why in kept.refused_runs:
         out.say(f"skipped: {prune_where(root, run, multi_root)}: {why}")
     # a checkpoint the policy deletes whole loses its merged weights with it
@@ -267,7 +278,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     else:
         from .bucket import hidden_note, plan_in_bucket
         plan = plan_in_bucket(planned, bucket)
-        for line in hidden_note(plan, bucket):
+        for line in hidden_note(plan, bucket, in_bucket):
             out.say(line)
     totals.planned(plan, kept, skip_lines=log is not None and log.skip_lines)
     emit_plan(plan, log=log)
@@ -307,7 +318,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
                     "terminal; pass --yes to prune unattended (e.g. from cron)")
             return ExitCode.USAGE
         out.report(shown_plan, err=out.json)
-        if not out.ask(_question(plan, kept)):
+        if not out.ask(_question(plan, kept, trash=bucket is None)):
             out.say("Nothing deleted.")   # the user's answer, not a failure
             return ExitCode.OK
     else:
@@ -319,7 +330,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     elif out.stdout_closed():   # stopped at a checkpoint boundary: retention is not started
         done = None
     else:
-        done = _execute_retention(out, kept, min_age, log, multi_root, fs)
+        done = _execute_retention(out, kept, min_age, log, multi_root, fs, bucket, in_bucket)
     if out.json:
         out.document(result.to_dict(with_root=multi_root)
                      | {"retention": kept.to_dict() | ({} if done is None else done.to_dict())})
@@ -340,7 +351,7 @@ def _gap(lines: list[str]) -> list[str]:
     return [""] if lines and lines[-1] else []
 
 
-def _question(plan, kept) -> str:
+def _question(plan, kept, trash: bool = True) -> str:
     parts = []
     if plan.deletions:
         n = len(plan.deletions)
@@ -349,16 +360,18 @@ def _question(plan, kept) -> str:
     if counts["strip"]:
         parts.append(f"strip {counts['strip']} checkpoint{'s' if counts['strip'] != 1 else ''}")
     if counts["delete"]:
-        parts.append(f"move {counts['delete']} checkpoint{'s' if counts['delete'] != 1 else ''} "
-                     "to the trash")
+        parts.append(f"{'move' if trash else 'delete'} {counts['delete']} checkpoint"
+                     f"{'s' if counts['delete'] != 1 else ''}{' to the trash' if trash else ''}")
     if any(p.due for p in kept.purges):
         parts.append("purge the trash due")
     total = plan.freed_bytes + kept.freed_now
     return (", ".join(parts)).capitalize() + f", freeing {size_str(total)} now?"
 
 
-def _execute_retention(out: Output, kept, min_age, log, multi_root, fs):
-    """``execute_retention`` with each action logged, and a stderr line per skip or failure."""
+def _execute_retention(out: Output, kept, min_age, log, multi_root, fs, bucket=None,
+                       in_bucket=None):
+    """``execute_retention`` (in a bucket: ``in_bucket``, the plan made for it) with each
+    action logged, and a stderr line per skip or failure."""
     from ..retention.execute import execute_retention
 
     def emit(e: PruneEvent) -> None:
@@ -373,6 +386,9 @@ def _execute_retention(out: Output, kept, min_age, log, multi_root, fs):
         elif out.verbose:
             out.report([f"{e.action} {prune_where(e.root, e.path, multi_root)} ({size_str(e.bytes)})"])
 
+    if bucket is not None:
+        from .bucket import execute_retention as in_the_bucket
+        return in_the_bucket(bucket, in_bucket, min_age, time.time(), emit)
     return execute_retention(kept, revalidate=Revalidator(min_age_s=min_age, prove=False),
                              now=time.time(), fs=fs, emit=emit)
 

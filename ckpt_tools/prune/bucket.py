@@ -97,6 +97,13 @@ def hidden_bytes(plan: PrunePlan, bucket: Bucket, root: str) -> int:
     return sum(d.record.size for d in plan.deletions if d.root == root and root in bucket.hides)
 
 
+def record_path(bucket: Bucket, root: str, checkpoint: str) -> str:
+    """Where this run's intent record for ``checkpoint`` (under the root URL ``root``) lies:
+    one record per checkpoint, so one left behind (its delete failed) never blocks the next."""
+    return intent_path(bucket.storage.root_path(root),
+                       f"{bucket.run_id}-{hashlib.sha256(checkpoint.encode()).hexdigest()[:16]}")
+
+
 def execute_in_bucket(plan: PrunePlan, bucket: Bucket, *,
                       revalidate: Callable[[str, str], Checkpoint] | None = None,
                       log: ActionLog | None = None,
@@ -185,9 +192,7 @@ def _delete(fresh: Checkpoint, todo: list[PlannedDeletion], bucket: Bucket, out:
                     tuple((f"{prefix}/{d.relpath}", d.etag, d.record.size) for d in todo),
                     tuple((f"{prefix}/{f.relpath}", storage.etags.get(f"{prefix}/{f.relpath}", ""))
                           for f in fresh.dir.files if f.relpath not in going))
-    # one record per checkpoint: one left behind (its delete failed) never blocks the next
-    record = intent_path(storage.root_path(fresh.dir.root),
-                         f"{bucket.run_id}-{hashlib.sha256(fresh.path.encode()).hexdigest()[:16]}")
+    record = record_path(bucket, fresh.dir.root, fresh.path)
     try:
         record_etag = store.create(record, intent.to_json())
     except (PreconditionFailed, OSError) as exc:
@@ -223,4 +228,5 @@ def _delete(fresh: Checkpoint, todo: list[PlannedDeletion], bucket: Bucket, out:
 
 
 __all__ = ["Bucket", "BucketRevalidator", "execute_in_bucket", "with_etags", "hidden_bytes",
+           "record_path",
            "CHANGED_SINCE_PLAN"]

@@ -90,7 +90,8 @@ class RunTotals:
         if retention is not None:
             for action, rows in (("strip", retention.stripped), ("trash", retention.trashed),
                                  ("purge", retention.purged), ("skip", retention.skipped),
-                                 ("fail", retention.failed)):
+                                 ("fail", retention.failed),
+                                 ("delete", retention.deleted)):   # in a bucket: no trash
                 self.actions[action] += len(rows)
             self.freed_bytes += retention.freed_now
             self.freed_bytes_when_purged += retention.freed_when_purged

@@ -22,18 +22,21 @@ from .trash import MoveFailed, MoveSkipped, move_to_trash, purge
 
 @dataclass
 class RetentionResult:
-    """What was done: bytes freed now (strips, purges), bytes moved to the trash (freed when it
-    is purged), and what was skipped or failed, each (root, path, reason)."""
+    """What was done: bytes freed now (strips, purges, and deletes in a bucket, which has no
+    trash), bytes moved to the trash (freed when it is purged), and what was skipped or failed,
+    each (root, path, reason)."""
 
     stripped: list[tuple[str, str, int]] = field(default_factory=list)
     trashed: list[tuple[str, str, int]] = field(default_factory=list)
     purged: list[tuple[str, str, int]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
+    deleted: list[tuple[str, str, int]] = field(default_factory=list)   # in a bucket: no trash
 
     @property
     def freed_now(self) -> int:
-        return sum(b for *_, b in self.stripped) + sum(b for *_, b in self.purged)
+        return (sum(b for *_, b in self.stripped) + sum(b for *_, b in self.purged)
+                + sum(b for *_, b in self.deleted))
 
     @property
     def freed_when_purged(self) -> int:
@@ -49,7 +52,8 @@ class RetentionResult:
         return {"stripped": rows(self.stripped, "bytes"), "trashed": rows(self.trashed, "bytes"),
                 "purged": rows(self.purged, "bytes"), "skipped": rows(self.skipped, "reason"),
                 "failed": rows(self.failed, "reason"), "freed_bytes_now": self.freed_now,
-                "freed_bytes_when_purged": self.freed_when_purged}
+                "freed_bytes_when_purged": self.freed_when_purged} | (
+                    {"deleted": rows(self.deleted, "bytes")} if self.deleted else {})
 
 
 def execute_retention(plan: RetentionPlan, *, revalidate, now: float, fs: FileOps | None = None,

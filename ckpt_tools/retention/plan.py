@@ -110,24 +110,27 @@ class RetentionPlan:
 
 
 def plan_retention(scan: ScanResult, policy: Policy | None, *, now: float, min_age_s: float,
-                   purge_after_s: float, purge_now: bool = False) -> RetentionPlan:
+                   purge_after_s: float, purge_now: bool = False,
+                   storage=None) -> RetentionPlan:
     """Decide every checkpoint of every run of ``scan`` by ``policy`` (each run's own policy
     file may add keeps and pins), and find the trash due for purging (with or without a
-    policy: a later run purges what an earlier one deleted)."""
+    policy: a later run purges what an earlier one deleted). ``storage``: the scan's object
+    storage, where the runs are in a bucket (it has no trash: nothing to purge)."""
     items: list[RetentionItem] = []
     refused: list[tuple[str, str, str]] = []
     if policy is not None:
         links = link_index(scan.checkpoints)
         for run in scan.runs:
             try:
-                run_policy = policy_for_run(policy, run)
+                run_policy = policy_for_run(policy, run, storage)
             except RunPolicyRefused as exc:
                 refused.append((run.root, run.path, str(exc)))
                 continue
             by_path = {c.path: c for c in run.checkpoints}
             for d in decide(run, run_policy, now=now, min_age_s=min_age_s, links=links):
                 items.append(_item(d, by_path[d.path]))
-    return RetentionPlan(policy, tuple(items), _purges(scan, now, purge_after_s, purge_now),
+    purges = _purges(scan, now, purge_after_s, purge_now) if storage is None else ()
+    return RetentionPlan(policy, tuple(items), purges,
                          tuple(refused), purge_after_s, purge_now)
 
 

@@ -126,10 +126,13 @@ def merge_run_policy(base: Policy, run_file: Policy | RunPolicy | str | os.PathL
     return _with_pins(Policy(base.tiers + extra.tiers, rest), extra.keep_steps)
 
 
-def policy_for_run(base: Policy, run: Run) -> Policy:
+def policy_for_run(base: Policy, run: Run, storage=None) -> Policy:
     """The policy that applies to ``run``: ``base``, merged with the run's own policy file
     (``layout.RUN_POLICY`` in the run directory) where it has one. ``RunPolicyRefused`` as
-    ``merge_run_policy``."""
+    ``merge_run_policy``. ``storage``: the scan's object storage, where the run is in a bucket
+    (None: a local path)."""
+    if storage is not None:
+        return _policy_in_bucket(base, run, storage)
     path = os.path.join(run.root, run.path, layout.RUN_POLICY)
     try:
         os.lstat(path)
@@ -138,6 +141,24 @@ def policy_for_run(base: Policy, run: Run) -> Policy:
     except OSError as exc:
         raise RunPolicyRefused(path, None, f"cannot read it: {exc.strerror or exc}") from None
     return merge_run_policy(base, path)
+
+
+def _policy_in_bucket(base: Policy, run: Run, storage) -> Policy:
+    """``policy_for_run`` of a run in a bucket: its policy object found in the scan's listing,
+    read by ranged reads."""
+    run_path = storage.root_path(run.root) + ("" if run.path == "." else f"/{run.path}")
+    node = storage.directory(run_path)
+    if node is None or layout.RUN_POLICY not in node.files:
+        return base
+    shown = f"{run.root.rstrip('/')}/{'' if run.path == '.' else run.path + '/'}{layout.RUN_POLICY}"
+    try:
+        size, read_at = storage.reader(f"{run_path}/{layout.RUN_POLICY}", node.files[layout.RUN_POLICY][0])
+        extra = _parse(_loads(read_bounded(shown, MAX_POLICY_BYTES, size, read_at), shown), shown)
+    except OSError as exc:
+        raise RunPolicyRefused(shown, None, f"cannot read it: {exc.strerror or exc}") from None
+    except PolicyError as exc:
+        raise RunPolicyRefused(exc.path, exc.key, exc.cause) from None
+    return merge_run_policy(base, extra)
 
 
 def _with_pins(policy: Policy, keep_steps: frozenset[int]) -> Policy:
@@ -161,6 +182,10 @@ def _read_toml(path: str, *, follow_symlinks: bool) -> dict:
         raise
     except OSError as exc:   # NotRegularFile says what it is instead
         raise PolicyError(path, None, f"cannot read it: {exc.strerror or exc}") from None
+    return _loads(raw, path)
+
+
+def _loads(raw: bytes, path: str) -> dict:
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError(path, None, f"larger than {MAX_POLICY_BYTES} bytes: not a policy")
     try:

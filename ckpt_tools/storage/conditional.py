@@ -62,6 +62,11 @@ class ConditionalStore:
         """Overwrite the object at ``path`` only while its ETag is ``etag``; the new ETag."""
         return self._call("put_object", path, Body=body, IfMatch=etag)["ETag"]
 
+    def put(self, path: str, body: bytes) -> str:
+        """Write ``body`` at ``path`` whatever is there (a run's own object, such as a strip
+        marker); its ETag."""
+        return self._call("put_object", path, Body=body)["ETag"]
+
     def delete(self, path: str, etag: str) -> None:
         """Delete the object at ``path`` only while its ETag is ``etag``."""
         self._call("delete_object", path, IfMatch=etag)

@@ -237,6 +237,46 @@ def test_a_lock_refresh_names_its_own_etag_and_finds_a_takeover(s3_server):  # n
     assert not fs.exists(lock.path)
 
 
+class _IgnoringStore(ConditionalStore):
+    """The real server, asked as a store that ignores one kind of condition would be asked:
+    the condition is left off the request, so the server carries it out regardless."""
+
+    def __init__(self, fs, ignores: str):
+        super().__init__(fs)
+        self.ignores = ignores
+
+    def create(self, path, body):
+        if self.ignores == "create":
+            return self.put(path, body)
+        return super().create(path, body)
+
+    def delete(self, path, etag):
+        if self.ignores == "delete":
+            return self._call("delete_object", path)
+        return super().delete(path, etag)
+
+
+@pytest.mark.parametrize("ignores, says", [("create", "If-None-Match: * on PUT"),
+                                           ("delete", "If-Match on DELETE")])
+def test_a_store_that_ignores_conditions_is_refused_before_anything_is_done(s3_server, ignores, says):  # noqa: F811
+    from ckpt_tools.storage.conditional import ConditionsIgnored
+    fs = s3_server.filesystem()
+    name = new_bucket(fs)
+    lock = BucketLock(_IgnoringStore(fs, ignores), f"{name}/runs/{LOCK_FILE}", "mine", refresh_s=0)
+    with pytest.raises(ConditionsIgnored) as info:
+        lock.acquire()
+    assert info.value.exit_code == 2
+    assert str(info.value) == (f"{lock.url}: the store ignored a conditional request ({says}): "
+                               "prune cannot keep its promises here")
+    assert not fs.exists(lock.path)   # the lock it took is let go: the next run is not held
+    # the real store honours both: the same proof passes and the lock is held
+    honest = BucketLock(ConditionalStore(fs), lock.path, "mine", refresh_s=0)
+    honest.acquire()
+    assert json.loads(fs.cat_file(lock.path))["run_id"] == "mine"
+    honest.release()
+    assert not fs.exists(lock.path)
+
+
 def test_a_held_lock_is_refreshed_in_the_background_until_released(s3_server):  # noqa: F811
     import time
     fs = s3_server.filesystem()

@@ -17,6 +17,12 @@ and last refreshed), as restic's locks do:
   never deleted.
 
 A lock held by a live run: ``locking.LockHeld`` (exit 75), naming that run.
+
+Once taken, the lock object proves that the store honours conditions, at the cost of two
+requests a run: a second conditional create of it must be refused, and so must a delete of it
+naming an ETag it does not have. A store that carries out either (it ignores conditions, as
+older S3-compatible stores do) is refused with ``ConditionsIgnored`` (exit 2) before anything
+else is done: every other promise of prune in a bucket rests on those conditions.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from datetime import datetime, timezone
 
 from .. import layout
 from ..locking import LockHeld
-from .conditional import ConditionalStore, PreconditionFailed
+from .conditional import ConditionalStore, ConditionsIgnored, PreconditionFailed
 
 REFRESH_S = 300.0
 STALE_S = 1800.0
 _POLL_S = 1.0
+#: an ETag no object has: a delete naming it must be refused
+_NO_SUCH_ETAG = '"00000000000000000000000000000000"'
 
 
 class BucketLock:
@@ -80,10 +88,30 @@ class BucketLock:
             if time.monotonic() >= deadline:
                 raise LockHeld(f"{self.url} ({_holder(held)})", timeout)
             sleep(min(_POLL_S, max(deadline - time.monotonic(), 0)))
+        self._prove_conditions()
         if self.refresh_s > 0:
             self._thread = threading.Thread(target=self._refreshing, daemon=True,
                                             name="ckpt-tools lock refresh")
             self._thread.start()
+
+    def _prove_conditions(self) -> None:
+        """The store refuses a create where the lock is, and a delete of it naming an ETag it
+        does not have; else ``ConditionsIgnored`` (the lock let go first, where it still is)."""
+        ignored = None
+        try:
+            self.etag = self.store.create(self.path, self.body())   # overwrote its own lock
+            ignored = "If-None-Match: * on PUT"
+        except PreconditionFailed:
+            pass
+        try:
+            self.store.delete(self.path, _NO_SUCH_ETAG)
+            ignored, self.etag = "If-Match on DELETE", None           # its own lock is gone
+        except PreconditionFailed:
+            pass
+        if ignored is not None:
+            self.release()
+            raise ConditionsIgnored(f"{self.url}: the store ignored a conditional request "
+                                    f"({ignored}): prune cannot keep its promises here")
 
     def _take_over_if_stale(self) -> dict | None:
         """The lock found, when it is live; None when there is none now (it was stale and

@@ -20,6 +20,11 @@ _CHANGED_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "40
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
+class ConditionsIgnored(UsageError):
+    """The store carried out a request whose condition did not hold: it ignores conditions
+    (older MinIO and Ceph releases do), so prune cannot keep its promises there (exit 2)."""
+
+
 class PreconditionFailed(Exception):
     """The store refused a conditional request: the object is not the one named (its ETag
     differs: it changed), or one exists where a create wanted none."""

@@ -168,6 +168,19 @@ def test_a_huge_object_claiming_a_tiny_header_costs_a_bounded_read(s3_server, ho
     assert ckpt["storage"]["listings"] == 0
 
 
+def test_a_long_listing_counts_each_page_the_client_asks_for(s3_server):  # noqa: F811
+    """s3fs lists 1,000 keys a request: 1,500 keys are two listing requests, and the counts
+    say two, as a proxy between them would see."""
+    fs = s3_server.filesystem()
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.pipe({f"{bucket}/runs/notes/n{i:04d}.txt": b"x" for i in range(1500)})
+    code, doc = audit_json(*s3_server.cli_options(), f"s3://{bucket}/runs")
+    assert code == 0 and doc["checkpoints"] == []
+    assert doc["storage"]["listings"] == 2
+    assert doc["storage"]["requests"] == doc["storage"]["listings"] + doc["storage"]["reads"]
+
+
 def test_an_object_gone_between_listing_and_reading_is_missing(s3_server, hostile_bucket):  # noqa: F811
     roots, storage = open_storage(["s3://hostile/vanish"], s3_server.options)
     (ckpt,), _ = find_checkpoints(storage, roots[0])

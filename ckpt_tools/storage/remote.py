@@ -35,8 +35,9 @@ class ListingError(ScanError):
 @dataclass
 class StorageCounts:
     """Requests sent and bytes received by one scan (thread-safe: ``--jobs`` reads in threads).
-    ``requests`` counts listings (one per root: fsspec pages through a long one itself), ranged
-    reads and size lookups."""
+    ``requests`` counts listing requests, ranged reads and size lookups. ``listings`` counts
+    the listing requests: on S3 each page of 1,000 keys the client asks for (counted as the
+    client sends it), elsewhere one per listing."""
 
     requests: int = 0
     listings: int = 0
@@ -122,6 +123,20 @@ class ObjectStorage:
         #: object path → its ETag, as the latest listing of it gave it (prune's conditions)
         self.etags: dict[str, str] = {}
         self._next_ino = 0
+        self._pages = 0    # listing requests the client sent (S3: one per page)
+        self._pages_seen = _on_listing_pages(fs, self._page)
+
+    def _page(self, **_) -> None:
+        self._pages += 1
+
+    def _listed(self, find) -> dict:
+        """``find()``'s listing, its requests counted: the pages the client sent where it
+        says (S3), else one."""
+        before = self._pages
+        try:
+            return find()
+        finally:
+            self._count(listings=max(self._pages - before, 1) if self._pages_seen else 1)
 
     @classmethod
     def for_urls(cls, urls: list[str], options: dict) -> ObjectStorage:
@@ -137,8 +152,8 @@ class ObjectStorage:
             raise UsageError(f"{urls[-1]}: URLs of one protocol only in one run "
                              f"(found {', '.join(sorted(protocols))})")
         protocol = protocols.pop()
-        try:
-            fs = filesystem(protocol, **_fs_options(protocol, options))
+        try:   # a file system of its own: no listing or client shared with another scan
+            fs = filesystem(protocol, skip_instance_cache=True, **_fs_options(protocol, options))
         except ImportError as exc:
             raise UsageError(f"{urls[0]}: {protocol}:// needs a package that is not installed "
                              f"({exc.name or exc}; pip install 'ckpt-tools[s3]' for s3://)") from None
@@ -165,13 +180,11 @@ class ObjectStorage:
         ``ListingError`` when nothing can be listed there."""
         root = self.root_path(url)
         try:
-            found = self.fs.find(root, detail=True)
+            found = self._listed(lambda: self.fs.find(root, detail=True))
         except FileNotFoundError:
             found = {}
         except Exception as exc:   # the store's own errors (credentials, endpoint, bucket)
             raise ListingError(f"{url}: cannot list: {_cause(exc)}") from None
-        finally:
-            self._count(listings=1)
         if not found:
             raise ListingError(f"{url}: no such file or directory (no object under it)")
         if set(found) == {root} and found[root].get("type") != "directory":
@@ -214,13 +227,11 @@ class ObjectStorage:
         path = root if rel == "." else f"{root}/{rel}"
         self.fs.invalidate_cache(path)
         try:
-            found = self.fs.find(path, detail=True)
+            found = self._listed(lambda: self.fs.find(path, detail=True))
         except FileNotFoundError:
             found = {}
         except Exception as exc:   # the store's own errors
             raise OSError(errno.EIO, _cause(exc), path) from None
-        finally:
-            self._count(listings=1)
         if not found:
             raise FileNotFoundError(errno.ENOENT, "nothing is left under it", path)
         node, problems = self._tree(path, found)
@@ -364,6 +375,21 @@ def mtime_ns(info: dict) -> int:
         if isinstance(value, (int, float)) and math.isfinite(value):
             return int(value * 1e9)
     return 0
+
+
+def _on_listing_pages(fs, callback) -> bool:
+    """Have ``callback`` called on each listing request an S3 file system's client sends (s3fs
+    pages a long listing 1,000 keys a request); False where the file system has no such client
+    (then a listing counts as one request)."""
+    if not hasattr(fs, "set_session"):
+        return False
+    try:
+        from fsspec.asyn import sync
+        client = sync(fs.loop, fs.set_session)
+        client.meta.events.register("before-call.s3.ListObjectsV2", callback)
+    except Exception:  # noqa: BLE001 - no client yet (bad options): the listing says why
+        return False
+    return True
 
 
 def _fs_options(protocol: str, options: dict) -> dict:

@@ -81,8 +81,14 @@ def test_strip_in_a_bucket_removes_the_objects_it_removes_as_files(s3_server, bo
     before = files_under(disk)
     assert keys_under(s3_server, url) == before
     assert prune_cli("--yes", "--keep-last", "1", "--strip", disk)[0] == 0
-    code, _, err = prune_cli("--yes", "--keep-last", "1", "--strip", *s3_server.cli_options(), url)
+    fs = s3_server.filesystem()
+    sizes = {k: v["size"] for k, v in fs.find(url.removeprefix("s3://"), detail=True).items()}
+    code, out, err = prune_cli("--yes", "--json", "--keep-last", "1", "--strip",
+                               *s3_server.cli_options(), url)
     assert code == 0, err
+    # the bytes it says it freed are the bytes that left the bucket, the markers' counted
+    left = {k: v["size"] for k, v in fs.find(url.removeprefix("s3://"), detail=True).items()}
+    assert json.loads(out)["retention"]["freed_bytes_now"] == sum(sizes.values()) - sum(left.values()) > 0
     after = files_under(disk)
     assert any(layout.is_resume_only(p.split("/", 2)[2]) for p in before - after)
     assert keys_under(s3_server, url) == after   # the strip markers included, on both

@@ -215,9 +215,10 @@ class _Run:
         earlier = dict(previous.files) if previous else {}
         removing = earlier | {f.relpath: f.frees_bytes for f in item.strip.files}
         started = previous.started if previous and previous.started else self.when
+        before = fresh.dir.file(layout.STRIP_MARKER)
+        marker = StripMarker(STRIPPING, tuple(sorted(removing.items())), started, by=_BY).to_json()
         try:
-            self.store.put(marker_key, StripMarker(STRIPPING, tuple(sorted(removing.items())),
-                                                   started, by=_BY).to_json())
+            self.store.put(marker_key, marker)
         except OSError as exc:
             self.skip(root, path, f"the strip marker could not be written: {exc.strerror or exc}")
             return
@@ -225,13 +226,17 @@ class _Run:
         if not left:
             planned_now = {f.relpath for f in item.strip.files}
             done = {p: b for p, b in earlier.items() if p not in planned_now} | removed
+            stripped = StripMarker(STRIPPED, tuple(sorted(done.items())), started, self.when,
+                                   _BY).to_json()
             try:
-                self.store.put(marker_key, StripMarker(STRIPPED, tuple(sorted(done.items())),
-                                                       started, self.when, _BY).to_json())
+                self.store.put(marker_key, stripped)
+                marker = stripped
             except OSError as exc:
                 self.fail(root, f"{path}/{layout.STRIP_MARKER}", "stripped, but the marker could "
                           f"not be rewritten to say so: {exc.strerror or exc}")
-        freed = 0 if root in self.bucket.hides else sum(removed.values())
+        # the marker's bytes are new bytes in the bucket: what the strip frees is net of them
+        grown = max(0, len(marker) - (before.size if before is not None else 0))
+        freed = 0 if root in self.bucket.hides else sum(removed.values()) - grown
         self.result.stripped.append((root, path, freed))
         self.event(PruneAction.STRIP, root, path, freed, _reasons(item))
 

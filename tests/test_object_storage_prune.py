@@ -132,6 +132,15 @@ def test_prune_in_a_bucket_deletes_what_prune_deletes_on_disk(s3_server, results
     left_disk = _files(disk) - {LOCK_FILE} - set(left_out)
     assert keys_under(fs, url) == left_disk
     assert not planned_paths & left_disk
+    # what the run sent: a dry run writes nothing; the real run, per checkpoint pruned, one
+    # intent record PUT and DELETE and a DELETE per merged object, and the lock's own requests
+    # (its create and the two refused requests that prove the conditions hold; its release
+    # comes after the document is written)
+    assert plan_bucket["storage"]["writes"] == 0 and plan_bucket["storage"]["reads"] > 0
+    pruned = {p.rsplit("/", 1)[0] for p in planned_paths}
+    counts = done_bucket["storage"]
+    assert counts["writes"] == 2 * len(pruned) + len(planned_paths) + 3
+    assert counts["requests"] == counts["listings"] + counts["reads"] + counts["writes"]
 
 
 # --- conditional deletes ---------------------------------------------------------------------

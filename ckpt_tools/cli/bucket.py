@@ -53,7 +53,7 @@ class BucketSession:
     def __init__(self, roots: tuple[str, ...], storage):
         self.roots = roots
         self.storage = storage
-        self.store = ConditionalStore(storage.fs)
+        self.store = ConditionalStore(storage.fs, counted=storage.count_request)
         self.run_id = uuid.uuid4().hex
         self.locks: list[BucketLock] = []
         self._hides: dict[str, str] = {}   # bucket → why its deletes free nothing ("": they do)

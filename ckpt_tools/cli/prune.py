@@ -35,6 +35,12 @@ def _stdin_is_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
+def _storage_doc(bucket) -> dict:
+    """A bucket run's requests and bytes (the scan's, the re-checks' and the deletes'), as
+    audit's ``storage`` gives them; nothing for local roots."""
+    return {} if bucket is None else {"storage": bucket.storage.counts.to_dict()}
+
+
 def _check_roots(roots: tuple[str, ...], storage_options: dict) -> None:
     """Each root an existing directory, no root inside another (a file would be counted twice)."""
     from ..scanner import ScanError
@@ -294,7 +300,7 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
     if dry_run:
         if out.json:
             out.document(promised.to_dict(dry_run=True, with_root=multi_root)
-                         | {"retention": kept.to_dict()})
+                         | {"retention": kept.to_dict()} | _storage_doc(bucket))
         else:
             out.report(shown_plan + _gap(shown_plan)
                        + [render_prune_outcome(promised, dry_run=True)]
@@ -304,7 +310,8 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
         return ExitCode.OK
     if not plan.deletions and not kept.has_work:
         if out.json:
-            out.document(promised.to_dict(with_root=multi_root) | {"retention": kept.to_dict()})
+            out.document(promised.to_dict(with_root=multi_root) | {"retention": kept.to_dict()}
+                         | _storage_doc(bucket))
         else:
             n = len(scan.checkpoints)
             out.report(shown_plan + _gap(shown_plan)
@@ -333,7 +340,8 @@ def _prune(out: Output, roots, dry_run, yes, min_age, jobs, log, fs, retention: 
         done = _execute_retention(out, kept, min_age, log, multi_root, fs, bucket, in_bucket)
     if out.json:
         out.document(result.to_dict(with_root=multi_root)
-                     | {"retention": kept.to_dict() | ({} if done is None else done.to_dict())})
+                     | {"retention": kept.to_dict() | ({} if done is None else done.to_dict())}
+                     | _storage_doc(bucket))
     else:
         out.report(([render_prune_outcome(result, dry_run=False)] if plan.deletions else [])
                    + ([render_retention_outcome(done, dry_run=False)]

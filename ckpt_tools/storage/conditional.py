@@ -11,6 +11,7 @@ each request, checked by the store itself: a PUT that creates only where nothing
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from ..errors import UsageError
 
@@ -49,11 +50,14 @@ class ConditionalStore:
     not hold), ``FileNotFoundError`` (no such object), ``OSError`` (anything else, its cause
     in one line)."""
 
-    def __init__(self, fs):
+    def __init__(self, fs, counted: Callable[[str], None] | None = None):
         self.fs = fs
+        self.counted = counted   # called with the operation of each request sent (the run's counts)
 
     def _call(self, method: str, path: str, **kwargs) -> dict:
         bucket, key = split_key(path)
+        if self.counted is not None:
+            self.counted(method)
         try:
             return self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
         except Exception as exc:  # noqa: BLE001 - s3fs translates some errors, not all
@@ -89,6 +93,8 @@ class ConditionalStore:
 
     def versioning(self, bucket: str) -> str:
         """The bucket's versioning status: ``Enabled``, ``Suspended`` or "" (never enabled)."""
+        if self.counted is not None:
+            self.counted("get_bucket_versioning")
         try:
             answer = self.fs.call_s3("get_bucket_versioning", Bucket=bucket)
         except Exception as exc:  # noqa: BLE001

@@ -43,18 +43,20 @@ class StorageCounts:
     listings: int = 0
     reads: int = 0
     bytes_read: int = 0
+    writes: int = 0    # prune's conditional PUTs and DELETEs (lock, intent records, deletes)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, *, listings: int = 0, reads: int = 0, nbytes: int = 0) -> None:
+    def add(self, *, listings: int = 0, reads: int = 0, nbytes: int = 0, writes: int = 0) -> None:
         with self._lock:
-            self.requests += listings + reads
+            self.requests += listings + reads + writes
             self.listings += listings
             self.reads += reads
             self.bytes_read += nbytes
+            self.writes += writes
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "listings": self.listings, "reads": self.reads,
-                "bytes_read": self.bytes_read}
+                "bytes_read": self.bytes_read, "writes": self.writes}
 
 
 class Directory:
@@ -280,6 +282,14 @@ class ObjectStorage:
             yield counts
         finally:
             self._judging.counts = None
+
+    def count_request(self, operation: str) -> None:
+        """One request prune sent through ``ConditionalStore``: a PUT or DELETE is a write,
+        anything else (the lock's GET, the bucket's versioning) a read of no counted bytes."""
+        if operation in ("put_object", "delete_object"):
+            self.counts.add(writes=1)
+        else:
+            self.counts.add(reads=1)
 
     def _count(self, *, listings: int = 0, reads: int = 0, nbytes: int = 0) -> None:
         self.counts.add(listings=listings, reads=reads, nbytes=nbytes)

@@ -16,6 +16,7 @@ from .kinds import MigrateMethod
 from .names import json_text, shown
 from .problems import STRIP_INTERRUPTED
 from .records import BROKEN, HEALTHY, IN_PROGRESS, LEGACY, REDUNDANT, Run, ScanResult
+from .storage import is_url
 
 if TYPE_CHECKING:   # the plans' modules are imported by the commands that make plans
     from .migrate import MigratePlan, MigrateResult
@@ -215,7 +216,8 @@ def footer(result: ScanResult, *, every_status: bool = False) -> str:
     n = len(result.checkpoints)
     runs = len(result.runs)
     parts = [f"{n} checkpoint{'s' if n != 1 else ''} in {runs} run{'s' if runs != 1 else ''}",
-             f"{size_str(result.size_bytes)} on disk",
+             f"{size_str(result.size_bytes)} "
+             + ("stored" if any(is_url(r) for r in result.roots) else "on disk"),
              f"{size_str(result.reclaimable_bytes)} reclaimable by prune"]
     for status, label in ((BROKEN, "broken"), (LEGACY, "legacy"), (REDUNDANT, "redundant"),
                           (IN_PROGRESS, "in progress"), (HEALTHY, "healthy")):

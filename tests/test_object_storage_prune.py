@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -396,8 +398,23 @@ def test_a_bucket_that_does_not_exist_is_one_line(s3_server):  # noqa: F811
     code, out, err = prune_cli("--yes", *s3_server.cli_options(), "s3://no-such-bucket-here/runs")
     assert code == 2 and out == ""
     (line,) = err.splitlines()
-    assert line.startswith("ckpt-tools: error: s3://no-such-bucket-here/runs: cannot take the "
-                           "lock s3://no-such-bucket-here/runs/.ckpt-tools.lock: ")
+    assert line == ("ckpt-tools: error: s3://no-such-bucket-here/runs: cannot take the "
+                    "lock s3://no-such-bucket-here/runs/.ckpt-tools.lock: no such bucket")
+
+
+@pytest.mark.parametrize("args", [["--dry-run"], ["--yes"]])
+def test_a_store_that_refuses_the_credentials_is_one_line(s3_server, tmp_path, args):  # noqa: F811
+    """No credentials anywhere (environment, profile): one line naming the cause, exit 2,
+    before anything is planned; a dry run too (it looks for a killed run's intent records)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    done = subprocess.run([sys.executable, "-m", "ckpt_tools.cli", "prune", *args,
+                           "--storage-option", f"endpoint_url={s3_server.endpoint}",
+                           "s3://bucket/runs"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("ckpt-tools: error: s3://bucket/runs: ") and "credentials" in line, line
 
 
 # --- what is refused --------------------------------------------------------------------------------

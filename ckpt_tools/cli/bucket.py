@@ -22,6 +22,7 @@ from ..storage import is_url, open_storage
 from ..storage.bucket_lock import BucketLock, lock_path_of
 from ..storage.conditional import ConditionalStore, refuse_unless_conditional, split_key
 from ..storage.intent import finish, pending
+from ..storage.remote import cause_of
 from .output import Output
 
 _VERSIONED = ("Enabled", "Suspended")
@@ -110,7 +111,7 @@ class BucketSession:
         under the lock): a line for each, and a log line per object."""
         for root in self.roots:
             root_path = self.storage.root_path(root)
-            for record in pending(self.storage.fs, root_path):
+            for record in self._pending(root):
                 try:
                     done = finish(self.store, record)
                 except OSError as exc:   # the plan judges what is there now: safe to go on
@@ -119,12 +120,20 @@ class BucketSession:
                     continue
                 _report_finished(out, log, root, root_path, done, multi_root)
 
+    def _pending(self, root: str) -> list[str]:
+        """The intent records under ``root``; a store that cannot be listed (no bucket, no
+        credentials, no endpoint) is one line, exit 2, as the scan's listing says it."""
+        try:
+            return pending(self.storage.fs, self.storage.root_path(root))
+        except Exception as exc:  # noqa: BLE001 - the store's own errors, s3fs translates some
+            raise UsageError(f"{root}: cannot list: {cause_of(exc)}") from None
+
     def pending_note(self) -> list[str]:
         """For a dry run, or a run without --yes: the intent records a run with --yes
         finishes first."""
         notes = []
         for root in self.roots:
-            n = len(pending(self.storage.fs, self.storage.root_path(root)))
+            n = len(self._pending(root))
             if n:
                 notes.append(f"{root}: a killed prune left {n} intent record"
                              f"{'s' if n != 1 else ''}: a run with --yes finishes "

@@ -19,6 +19,7 @@ from ..errors import UsageError
 CONDITIONAL_PROTOCOLS = ("s3", "s3a")
 _CHANGED_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET = "NoSuchBucket"
 
 
 class ConditionsIgnored(UsageError):
@@ -111,7 +112,7 @@ def _code(exc: BaseException) -> str:
             error = response.get("Error") or {}
             status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
             code = str(error.get("Code") or "")
-            if code in _CHANGED_CODES or code in _MISSING_CODES:
+            if code in _CHANGED_CODES or code in _MISSING_CODES or code == _NO_BUCKET:
                 return code
             return str(status or code)
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
@@ -122,6 +123,8 @@ def _translated(exc: BaseException, path: str) -> Exception:
     code = _code(exc)
     if code in _CHANGED_CODES:
         return PreconditionFailed(f"{path}: changed (the store refused the condition)")
+    if code == _NO_BUCKET:
+        return FileNotFoundError(errno.ENOENT, "no such bucket", path)
     if code in _MISSING_CODES or isinstance(exc, FileNotFoundError):
         return FileNotFoundError(errno.ENOENT, "no such object", path)
     text = str(exc).strip().splitlines()

@@ -186,7 +186,7 @@ class ObjectStorage:
         except FileNotFoundError:
             found = {}
         except Exception as exc:   # the store's own errors (credentials, endpoint, bucket)
-            raise ListingError(f"{url}: cannot list: {_cause(exc)}") from None
+            raise ListingError(f"{url}: cannot list: {cause_of(exc)}") from None
         if not found:
             raise ListingError(f"{url}: no such file or directory (no object under it)")
         if set(found) == {root} and found[root].get("type") != "directory":
@@ -233,7 +233,7 @@ class ObjectStorage:
         except FileNotFoundError:
             found = {}
         except Exception as exc:   # the store's own errors
-            raise OSError(errno.EIO, _cause(exc), path) from None
+            raise OSError(errno.EIO, cause_of(exc), path) from None
         if not found:
             raise FileNotFoundError(errno.ENOENT, "nothing is left under it", path)
         node, problems = self._tree(path, found)
@@ -310,7 +310,7 @@ class ObjectStorage:
             raise
         except Exception as exc:   # the store's own errors: the file is unreadable, the scan goes on
             self._count(reads=1)
-            raise OSError(errno.EIO, _cause(exc), path) from None
+            raise OSError(errno.EIO, cause_of(exc), path) from None
         self._count(reads=1, nbytes=len(data))
         if len(data) > length:
             raise OSError(errno.EIO, f"the store answered {len(data)} bytes to a range of "
@@ -331,7 +331,7 @@ class ObjectStorage:
         except OSError:
             raise
         except Exception as exc:
-            raise OSError(errno.EIO, _cause(exc), path) from None
+            raise OSError(errno.EIO, cause_of(exc), path) from None
         finally:
             self._count(reads=1)
         if info.get("type") == "directory":
@@ -413,7 +413,8 @@ def _fs_options(protocol: str, options: dict) -> dict:
     return options
 
 
-def _cause(exc: BaseException) -> str:
+def cause_of(exc: BaseException) -> str:
+    """The first line of what ``exc`` says, else its type's name."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

@@ -135,8 +135,6 @@ def test_the_lora_alpha_guess_names_the_argument_and_the_command_line_the_flag(r
     """A legacy checkpoint records no lora_alpha: the loader's warning tells a Python caller to
     pass ``lora_alpha``; migrate on the command line tells the user to pass ``--lora-alpha``."""
     import json
-    import subprocess
-    import sys
 
     import ckpt_tools
     root, manifest, _ = results_tree
@@ -147,10 +145,13 @@ def test_the_lora_alpha_guess_names_the_argument_and_the_command_line_the_flag(r
     speaks_of_arguments(guess[0], "lora_alpha")
     assert "pass lora_alpha if training used another" in guess[0]
 
+    from click.testing import CliRunner
+
+    from ckpt_tools.cli import cli
     src = copy_tree(root / "legacy_v0", tmp_path / "src" / "legacy_v0")
-    out = subprocess.run([sys.executable, "-m", "ckpt_tools.cli", "migrate", "--json", "--no-progress",
-                          str(src.parent), str(tmp_path / "dst")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(cli, ["migrate", "--json", "--no-progress", str(src.parent),
+                                   str(tmp_path / "dst")])
+    assert out.exit_code == 0, out.output
     warnings = [w for o in json.loads(out.stdout)["migrated"] for w in o.get("warnings", ())]
     assert warnings and all("pass --lora-alpha if training used another" in w
                             for w in warnings if "guessed" in w)

@@ -260,9 +260,12 @@ def test_a_migrate_failure_names_its_flags_in_text_and_json(results_tree, tmp_pa
     src, _, _ = results_tree
     one = copy_tree(src, tmp_path / "src", only=("run_best/checkpoint-100",))
     want = "--verify needs --base-model here"
-    text = run_cli("migrate", "--verify", "--min-age", "0", one, tmp_path / "dst-text")
-    assert text.returncode == 1 and f"run_best/checkpoint-100: {want}" in text.stdout, text.stdout
-    doc = run_cli("migrate", "--verify", "--json", "--min-age", "0", one, tmp_path / "dst-json")
+    # in this process: torch and PEFT are imported once, not by two new processes
+    text = CliRunner().invoke(cli, ["migrate", "--verify", "--no-progress", "--min-age", "0",
+                                    str(one), str(tmp_path / "dst-text")])
+    assert text.exit_code == 1 and f"run_best/checkpoint-100: {want}" in text.stdout, text.output
+    doc = CliRunner().invoke(cli, ["migrate", "--verify", "--json", "--no-progress", "--min-age",
+                                   "0", str(one), str(tmp_path / "dst-json")])
     (failed,) = json.loads(doc.stdout)["failed"]
     assert failed["reason"].startswith(want)
 
